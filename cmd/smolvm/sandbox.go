@@ -1,0 +1,584 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/smolvm/smolvm/internal/api"
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+// timeoutExitCode is what `smolvm sandbox exec` exits with when the command
+// ran past its timeout, as timeout(1) does.
+const timeoutExitCode = 124
+
+// sandboxFlags are shared by every sandbox subcommand.
+type sandboxFlags struct {
+	url    string
+	token  string
+	asJSON bool
+}
+
+func newSandboxCmd() *cobra.Command {
+	var sf sandboxFlags
+	cmd := &cobra.Command{
+		Use:   "sandbox",
+		Short: "Create, list, inspect, run commands in and delete sandboxes",
+		Long: `Create, list, inspect, run commands in and delete sandboxes.
+
+With --url (or $SMOLVM_URL) the commands talk to a running "smolvm server";
+without, they work directly on the data directory, which a running server may
+share. --json prints {"ok": true, "data": ...} or {"ok": false, "error":
+{"code", "message", "field"}} for scripts; data has the shapes of the HTTP API.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+	}
+	pf := cmd.PersistentFlags()
+	pf.StringVar(&sf.url, "url", "", "base URL of a running smolvm server (default $SMOLVM_URL; none: use the data directory directly)")
+	pf.StringVar(&sf.token, "token", "", "bearer token for the server (default $SMOLVM_TOKEN)")
+	pf.BoolVar(&sf.asJSON, "json", false, "print JSON for scripts instead of tables")
+	cmd.AddCommand(
+		newSandboxCreateCmd(&sf),
+		newSandboxListCmd(&sf),
+		newSandboxGetCmd(&sf),
+		newSandboxExecCmd(&sf),
+		newSandboxDeleteCmd(&sf),
+	)
+	return cmd
+}
+
+func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
+	var req api.CreateSandboxRequest
+	cmd := &cobra.Command{
+		Use:   "create",
+		Short: "Create and boot a sandbox; returns once it runs commands",
+		Example: `  smolvm sandbox create
+  smolvm sandbox create --os ubuntu --memory 1024 --disk-size 2048 --json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
+				sb, err := c.Create(ctx, req)
+				if err != nil {
+					return err
+				}
+				return printResult(cmd, sf, sb, func(w io.Writer) { printSandbox(w, sb) })
+			})
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&req.OS, "os", "", "guest OS: alpine, ubuntu, debian or windows (default: the default Linux image)")
+	f.StringVar(&req.Image, "image", "", "image reference to boot (default: the OS's image)")
+	f.IntVar(&req.Memory, "memory", 0, fmt.Sprintf("guest memory in MiB, %d to %d (default %d)", sandbox.MinMemoryMiB, sandbox.MaxMemoryMiB, sandbox.DefaultMemoryMiB))
+	f.IntVar(&req.DiskSize, "disk-size", 0, fmt.Sprintf("guest disk size in MiB, %d to %d (default %d)", sandbox.MinDiskMiB, sandbox.MaxDiskMiB, sandbox.DefaultDiskMiB))
+	f.IntVar(&req.VCPUs, "vcpus", 0, fmt.Sprintf("virtual CPUs, %d to %d (default %d)", sandbox.MinVCPUs, sandbox.MaxVCPUs, sandbox.DefaultVCPUs))
+	f.StringVar(&req.Backend, "backend", "", "runtime backend: qemu, firecracker or libkrun (default "+sandbox.DefaultBackend+")")
+	return cmd
+}
+
+func newSandboxListCmd(sf *sandboxFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List sandboxes, oldest first",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
+				list, err := c.List(ctx)
+				if err != nil {
+					return err
+				}
+				return printResult(cmd, sf, list, func(w io.Writer) { printSandboxTable(w, list.Sandboxes) })
+			})
+		},
+	}
+}
+
+func newSandboxGetCmd(sf *sandboxFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:     "get ID",
+		Aliases: []string{"info"},
+		Short:   "Show one sandbox",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
+				sb, err := c.Get(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return printResult(cmd, sf, sb, func(w io.Writer) { printSandbox(w, sb) })
+			})
+		},
+	}
+}
+
+func newSandboxDeleteCmd(sf *sandboxFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:     "delete ID",
+		Aliases: []string{"rm"},
+		Short:   "Stop a sandbox and remove its files and record",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
+				if err := c.Delete(ctx, args[0]); err != nil {
+					return err
+				}
+				res := api.DeleteResult{ID: args[0], Deleted: true}
+				return printResult(cmd, sf, res, func(w io.Writer) { fmt.Fprintf(w, "deleted %s\n", args[0]) })
+			})
+		},
+	}
+}
+
+func newSandboxExecCmd(sf *sandboxFlags) *cobra.Command {
+	var timeout int
+	var shell string
+	cmd := &cobra.Command{
+		Use:   "exec ID -- COMMAND [ARG...]",
+		Short: "Run a command in a sandbox; exits with the command's status",
+		Long: `Run a command in a sandbox and exit with its exit status. Its stdout and
+stderr are printed to this program's stdout and stderr. A command that runs
+past --timeout is killed: what it wrote is printed and the exit status is 124.
+
+A single COMMAND argument is passed as written, so shell syntax works:
+  smolvm sandbox exec ID -- 'ls / | wc -l'
+Several arguments are quoted so that each stays one word.`,
+		Example: `  smolvm sandbox exec vm-a1b2c3d4 -- python3 --version
+  smolvm sandbox exec vm-a1b2c3d4 --timeout 300 -- 'apt-get update && apt-get install -y curl'`,
+		Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cmd.ArgsLenAtDash() != 1 {
+				return errors.New("usage: smolvm sandbox exec ID -- COMMAND [ARG...]")
+			}
+			if timeout < sandbox.MinTimeoutSec || timeout > sandbox.MaxTimeoutSec {
+				return fmt.Errorf("--timeout %d is out of range: %d to %d seconds", timeout, sandbox.MinTimeoutSec, sandbox.MaxTimeoutSec)
+			}
+			if shell != string(sandbox.ShellLogin) && shell != string(sandbox.ShellRaw) {
+				return fmt.Errorf("--shell %q: use login or raw", shell)
+			}
+			id, command := args[0], joinCommand(args[1:])
+			req := api.ExecRequest{Command: command, Timeout: timeout, Shell: shell}
+			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
+				res, err := c.Exec(ctx, id, req)
+				var to *timeoutError
+				if errors.As(err, &to) {
+					return reportTimeout(cmd, sf, to)
+				}
+				if err != nil {
+					return err
+				}
+				if sf.asJSON {
+					if err := writeJSON(cmd.OutOrStdout(), cliEnvelope{OK: true, Data: res}); err != nil {
+						return err
+					}
+				} else {
+					io.WriteString(cmd.OutOrStdout(), res.Stdout)
+					io.WriteString(cmd.ErrOrStderr(), res.Stderr)
+				}
+				if res.ExitCode != 0 {
+					return exitCode(res.ExitCode)
+				}
+				return nil
+			})
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&timeout, "timeout", int(sandbox.DefaultTimeout.Seconds()), "seconds to wait before the command is killed")
+	f.StringVar(&shell, "shell", string(sandbox.ShellLogin), "login: run through the guest's login shell; raw: split into words and run directly")
+	return cmd
+}
+
+func reportTimeout(cmd *cobra.Command, sf *sandboxFlags, to *timeoutError) error {
+	if sf.asJSON {
+		if err := writeJSON(cmd.OutOrStdout(), cliEnvelope{Error: &cliError{
+			Code: api.CodeCommandTimeout, Message: to.Error(), Field: "timeout",
+			Stdout: &to.stdout, Stderr: &to.stderr,
+		}}); err != nil {
+			return err
+		}
+		return exitCode(timeoutExitCode)
+	}
+	io.WriteString(cmd.OutOrStdout(), to.stdout)
+	io.WriteString(cmd.ErrOrStderr(), to.stderr)
+	if to.stderr != "" && !strings.HasSuffix(to.stderr, "\n") {
+		fmt.Fprintln(cmd.ErrOrStderr())
+	}
+	fmt.Fprintf(cmd.ErrOrStderr(), "smolvm: %s\n", to.Error())
+	return exitCode(timeoutExitCode)
+}
+
+// joinCommand makes one command string from argv: a single argument is taken
+// as written (it may use shell syntax); several are each quoted as needed, so
+// both the login shell and raw splitting see the same words.
+func joinCommand(argv []string) string {
+	if len(argv) == 1 {
+		return argv[0]
+	}
+	quoted := make([]string, len(argv))
+	for i, a := range argv {
+		quoted[i] = shellQuote(a)
+	}
+	return strings.Join(quoted, " ")
+}
+
+func shellQuote(s string) string {
+	if s == "" {
+		return "''"
+	}
+	safe := true
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=:,+@%", r)) {
+			safe = false
+			break
+		}
+	}
+	if safe {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// sandboxClient is what the subcommands need, served either by a running
+// server or by a Manager on the data directory.
+type sandboxClient interface {
+	Create(ctx context.Context, req api.CreateSandboxRequest) (api.Sandbox, error)
+	List(ctx context.Context) (api.SandboxList, error)
+	Get(ctx context.Context, id string) (api.Sandbox, error)
+	// Exec returns a *timeoutError when the command ran past its timeout.
+	Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error)
+	Delete(ctx context.Context, id string) error
+}
+
+// withSandboxClient runs fn against the server at --url/$SMOLVM_URL, or a
+// Manager on the data directory, and reports its error as text or JSON.
+func withSandboxClient(cmd *cobra.Command, sf *sandboxFlags, fn func(context.Context, sandboxClient) error) error {
+	ctx := cmd.Context()
+	base := sf.url
+	if base == "" {
+		base = os.Getenv("SMOLVM_URL")
+	}
+	token := sf.token
+	if token == "" {
+		token = os.Getenv("SMOLVM_TOKEN")
+	}
+
+	var err error
+	if base != "" {
+		var c *httpSandboxClient
+		c, err = newHTTPSandboxClient(base, token)
+		if err == nil {
+			err = fn(ctx, c)
+		}
+	} else {
+		err = withLocalClient(cmd, fn)
+	}
+	if err == nil {
+		return nil
+	}
+	var code exitCode
+	if errors.As(err, &code) {
+		return err
+	}
+	if sf.asJSON {
+		ce := cliErrorFrom(ctx, err)
+		if werr := writeJSON(cmd.OutOrStdout(), cliEnvelope{Error: ce}); werr != nil {
+			return werr
+		}
+		return exitCode(1)
+	}
+	return err
+}
+
+func withLocalClient(cmd *cobra.Command, fn func(context.Context, sandboxClient) error) error {
+	d, err := setupDataDir(cmd)
+	if err != nil {
+		return err
+	}
+	m, err := sandbox.Open(cmd.Context(), sandbox.Options{DataDir: d, Progress: cmd.ErrOrStderr()})
+	if err != nil {
+		return fmt.Errorf("open sandboxes in %s: %w", d.Path(), err)
+	}
+	ferr := fn(cmd.Context(), localSandboxClient{m})
+	if err := m.Close(); err != nil && ferr == nil {
+		return fmt.Errorf("close sandbox manager: %w", err)
+	}
+	return ferr
+}
+
+// localSandboxClient calls the Manager in this process.
+type localSandboxClient struct{ m *sandbox.Manager }
+
+func (c localSandboxClient) Create(ctx context.Context, req api.CreateSandboxRequest) (api.Sandbox, error) {
+	info, err := c.m.Create(ctx, sandbox.CreateRequest{
+		OS: req.OS, Image: req.Image, MemoryMiB: req.Memory, DiskSizeMiB: req.DiskSize,
+		VCPUs: req.VCPUs, Backend: req.Backend,
+	})
+	if err != nil {
+		return api.Sandbox{}, err
+	}
+	return api.SandboxFromInfo(info), nil
+}
+
+func (c localSandboxClient) List(ctx context.Context) (api.SandboxList, error) {
+	infos, err := c.m.List(ctx)
+	if err != nil {
+		return api.SandboxList{}, err
+	}
+	out := api.SandboxList{Sandboxes: make([]api.Sandbox, 0, len(infos))}
+	for _, info := range infos {
+		out.Sandboxes = append(out.Sandboxes, api.SandboxFromInfo(info))
+	}
+	return out, nil
+}
+
+func (c localSandboxClient) Get(ctx context.Context, id string) (api.Sandbox, error) {
+	info, err := c.m.Get(ctx, id)
+	if err != nil {
+		return api.Sandbox{}, err
+	}
+	return api.SandboxFromInfo(info), nil
+}
+
+func (c localSandboxClient) Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error) {
+	res, err := c.m.Exec(ctx, id, sandbox.ExecRequest{
+		Command: req.Command,
+		Timeout: time.Duration(req.Timeout) * time.Second,
+		Shell:   sandbox.Shell(req.Shell),
+	})
+	if err != nil {
+		return api.ExecResult{}, err
+	}
+	if res.TimedOut {
+		return api.ExecResult{}, &timeoutError{timeout: req.Timeout, stdout: string(res.Stdout), stderr: string(res.Stderr)}
+	}
+	return api.ExecResult{
+		ExitCode: res.ExitCode, Stdout: string(res.Stdout), Stderr: string(res.Stderr),
+		DurationMS: res.Duration.Milliseconds(),
+	}, nil
+}
+
+func (c localSandboxClient) Delete(ctx context.Context, id string) error {
+	return c.m.Delete(ctx, id)
+}
+
+// httpSandboxClient calls a running server with plain JSON requests.
+type httpSandboxClient struct {
+	base  *url.URL
+	token string
+	http  *http.Client
+}
+
+func newHTTPSandboxClient(base, token string) (*httpSandboxClient, error) {
+	u, err := url.Parse(strings.TrimRight(base, "/"))
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("server URL %q: want http://HOST:PORT (from --url or $SMOLVM_URL)", base)
+	}
+	// No overall client timeout: creating a sandbox and long commands take
+	// as long as they take; the command's context bounds them.
+	return &httpSandboxClient{base: u, token: token, http: &http.Client{}}, nil
+}
+
+// problemError is a problem response from the server.
+type problemError struct{ p api.Problem }
+
+func (e *problemError) Error() string {
+	return fmt.Sprintf("%s (%s)", e.p.Detail, e.p.Code)
+}
+
+// timeoutError is a command that ran past its timeout, with its output.
+type timeoutError struct {
+	timeout        int
+	stdout, stderr string
+}
+
+func (e *timeoutError) Error() string {
+	return fmt.Sprintf("command timed out after %ds and was killed", e.timeout)
+}
+
+func (c *httpSandboxClient) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return fmt.Errorf("encode request: %w", err)
+		}
+		body = bytes.NewReader(b)
+	}
+	u := c.base.JoinPath(path)
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", method, u.Path, err)
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json, application/problem+json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("reach smolvm server at %s: %w (is `smolvm server start` running?)", c.base, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("%s %s: read response: %w", method, u.Path, err)
+	}
+	if resp.StatusCode >= 300 {
+		var tp api.CommandTimeoutProblem
+		if err := json.Unmarshal(data, &tp); err != nil || tp.Code == "" {
+			return fmt.Errorf("%s %s: %s: %s", method, u.Path, resp.Status, strings.TrimSpace(string(data)))
+		}
+		if tp.Code == api.CodeCommandTimeout {
+			return &timeoutError{timeout: tp.Timeout, stdout: tp.Stdout, stderr: tp.Stderr}
+		}
+		return &problemError{p: tp.Problem}
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("%s %s: decode response: %w", method, u.Path, err)
+	}
+	return nil
+}
+
+func (c *httpSandboxClient) Create(ctx context.Context, req api.CreateSandboxRequest) (api.Sandbox, error) {
+	var sb api.Sandbox
+	err := c.do(ctx, http.MethodPost, "/sandboxes", req, &sb)
+	return sb, err
+}
+
+func (c *httpSandboxClient) List(ctx context.Context) (api.SandboxList, error) {
+	var list api.SandboxList
+	err := c.do(ctx, http.MethodGet, "/sandboxes", nil, &list)
+	return list, err
+}
+
+func (c *httpSandboxClient) Get(ctx context.Context, id string) (api.Sandbox, error) {
+	var sb api.Sandbox
+	err := c.do(ctx, http.MethodGet, "/sandboxes/"+url.PathEscape(id), nil, &sb)
+	return sb, err
+}
+
+func (c *httpSandboxClient) Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error) {
+	var res api.ExecResult
+	err := c.do(ctx, http.MethodPost, "/sandboxes/"+url.PathEscape(id)+"/exec", req, &res)
+	return res, err
+}
+
+func (c *httpSandboxClient) Delete(ctx context.Context, id string) error {
+	var res api.DeleteResult
+	return c.do(ctx, http.MethodDelete, "/sandboxes/"+url.PathEscape(id), nil, &res)
+}
+
+// cliEnvelope is the --json output: data on success, error on failure.
+type cliEnvelope struct {
+	OK    bool      `json:"ok"`
+	Data  any       `json:"data,omitempty"`
+	Error *cliError `json:"error,omitempty"`
+}
+
+type cliError struct {
+	Code    string  `json:"code"`
+	Message string  `json:"message"`
+	Field   string  `json:"field,omitempty"`
+	Stdout  *string `json:"stdout,omitempty"`
+	Stderr  *string `json:"stderr,omitempty"`
+}
+
+// cliErrorFrom gives any error the code it would have over HTTP.
+func cliErrorFrom(ctx context.Context, err error) *cliError {
+	var pe *problemError
+	if errors.As(err, &pe) {
+		return &cliError{Code: pe.p.Code, Message: pe.p.Detail, Field: pe.p.Field}
+	}
+	if _, ok := sandbox.AsError(err); ok {
+		p := api.ProblemFrom(ctx, err)
+		return &cliError{Code: p.Code, Message: p.Detail, Field: p.Field}
+	}
+	return &cliError{Code: api.CodeInternal, Message: err.Error()}
+}
+
+func printResult(cmd *cobra.Command, sf *sandboxFlags, data any, human func(io.Writer)) error {
+	if sf.asJSON {
+		return writeJSON(cmd.OutOrStdout(), cliEnvelope{OK: true, Data: data})
+	}
+	human(cmd.OutOrStdout())
+	return nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return fmt.Errorf("write JSON: %w", err)
+	}
+	return nil
+}
+
+func printSandboxTable(w io.Writer, list []api.Sandbox) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSTATUS\tOS\tBACKEND\tMEMORY\tDISK\tVCPUS\tCREATED")
+	for _, sb := range list {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d MiB\t%d\t%s\n",
+			sb.ID, sb.Status, orDash(sb.OS), orDash(sb.Backend), sb.Memory, sb.DiskSize, sb.VCPUs, ago(sb.CreatedAt))
+	}
+	tw.Flush()
+}
+
+func printSandbox(w io.Writer, sb api.Sandbox) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
+	row("ID", sb.ID)
+	row("Status", sb.Status)
+	if sb.Error != "" {
+		row("Error", sb.Error)
+	}
+	row("OS", orDash(sb.OS))
+	row("Image", orDash(sb.Image))
+	row("Backend", orDash(sb.Backend))
+	row("Memory", fmt.Sprintf("%d MiB", sb.Memory))
+	row("Disk", fmt.Sprintf("%d MiB", sb.DiskSize))
+	row("vCPUs", fmt.Sprint(sb.VCPUs))
+	if sb.PID != 0 {
+		row("PID", fmt.Sprint(sb.PID))
+	}
+	row("Created", sb.CreatedAt.Local().Format(time.RFC3339)+" ("+ago(sb.CreatedAt)+")")
+	tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// ago renders how long ago t was, coarsely, for tables.
+func ago(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := time.Since(t)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds ago", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm ago", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh ago", int(d.Hours()))
+	default:
+		return fmt.Sprintf("%dd ago", int(d.Hours()/24))
+	}
+}

@@ -1,0 +1,208 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/smolvm/smolvm/internal/api"
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+// shutdownGrace is how long requests in flight may run after a stop signal
+// before they are cancelled; a second signal cancels them at once.
+const shutdownGrace = 30 * time.Second
+
+// serverVersion is the module version the binary was built from, for the
+// Server header.
+func serverVersion() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "devel"
+}
+
+func newServerCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run the local HTTP API server",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return cmd.Help()
+		},
+	}
+	cmd.AddCommand(newServerStartCmd())
+	return cmd
+}
+
+type serverConfig struct {
+	host  string
+	port  int
+	token string
+	quiet bool
+}
+
+func newServerStartCmd() *cobra.Command {
+	var c serverConfig
+	cmd := &cobra.Command{
+		Use:   "start",
+		Short: "Serve the sandbox API over HTTP until interrupted",
+		Long: `Serve the sandbox API over HTTP (OpenAPI document at /openapi.json, docs at
+/docs) until SIGINT or SIGTERM. On a signal the server stops accepting
+connections, lets requests in flight finish (cancelling them after 30 s, or at
+once on a second signal) and exits 0. Sandboxes keep running; a server started
+later on the same data directory picks them up again.
+
+Keep the server on a loopback address: the API can create sandboxes and run
+commands on this machine. Binding any other address requires a token
+(--token or $SMOLVM_TOKEN), which clients then send as
+"Authorization: Bearer TOKEN".`,
+		Example: `  smolvm server start --host 127.0.0.1 --port 8000
+  SMOLVM_TOKEN=$(openssl rand -hex 16) smolvm server start --host 0.0.0.0`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if c.token == "" {
+				c.token = os.Getenv("SMOLVM_TOKEN")
+			}
+			return runServer(cmd, c)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&c.host, "host", "127.0.0.1", "address to listen on; anything but loopback requires a token")
+	f.IntVar(&c.port, "port", 8000, "TCP port to listen on")
+	f.StringVar(&c.token, "token", "", "require this bearer token on API requests (default $SMOLVM_TOKEN)")
+	f.BoolVar(&c.quiet, "quiet", false, "do not log each request to stderr")
+	return cmd
+}
+
+func runServer(cmd *cobra.Command, c serverConfig) error {
+	ctx := cmd.Context()
+	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
+
+	if c.port < 0 || c.port > 65535 {
+		return fmt.Errorf("--port %d is not a TCP port (0 to 65535)", c.port)
+	}
+	if !serverIsLoopback(c.host) && c.token == "" {
+		return fmt.Errorf("--host %s is reachable from other machines: set --token or $SMOLVM_TOKEN so that only holders of the token can create sandboxes and run commands, or use --host 127.0.0.1", c.host)
+	}
+
+	// Listen before anything else so a busy port fails fast, with nothing
+	// opened that would need undoing.
+	addr := net.JoinHostPort(c.host, strconv.Itoa(c.port))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("port %d is in use (try --port %d)", c.port, c.port+1)
+		}
+		return fmt.Errorf("listen on %s: %w (check --host and --port)", addr, err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	shown := net.JoinHostPort(c.host, strconv.Itoa(port))
+
+	d, err := setupDataDir(cmd)
+	if err != nil {
+		return err
+	}
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr})
+	if err != nil {
+		return fmt.Errorf("open sandboxes in %s: %w", d.Path(), err)
+	}
+	defer func() {
+		if m != nil {
+			m.Close()
+		}
+	}()
+
+	var logger *slog.Logger
+	if !c.quiet {
+		logger = slog.New(slog.NewTextHandler(stderr, nil))
+	}
+	handler := api.New(m, api.Options{
+		Token:   c.token,
+		Addr:    shown,
+		Version: serverVersion(),
+		Logger:  logger,
+	})
+
+	// Requests get a context of their own, not the signal context: a signal
+	// must let them finish, and only the grace period running out (or a
+	// second signal) cancels them.
+	base, cancelRequests := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelRequests()
+	srv := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		BaseContext:       func(net.Listener) context.Context { return base },
+		ErrorLog:          slog.NewLogLogger(slog.NewTextHandler(stderr, nil).WithAttrs([]slog.Attr{slog.String("source", "http")}), slog.LevelWarn),
+	}
+
+	fmt.Fprintf(stdout, "SmolVM HTTP API listening on http://%s\n", shown)
+	fmt.Fprintf(stdout, "OpenAPI spec: http://%s/openapi.json\n", shown)
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve on %s: %w", shown, err)
+	case <-ctx.Done():
+	}
+
+	// A second signal while draining cancels the requests in flight.
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(again)
+	fmt.Fprintf(stderr, "smolvm: shutting down; waiting up to %s for requests in flight (interrupt again to cancel them)\n", shutdownGrace)
+
+	grace, cancelGrace := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancelGrace()
+	go func() {
+		select {
+		case <-again:
+			cancelGrace()
+		case <-grace.Done():
+		}
+	}()
+	if err := srv.Shutdown(grace); err != nil {
+		// Out of patience: cancel what is still running, give handlers a
+		// moment to answer, then drop the connections.
+		cancelRequests()
+		drain, cancelDrain := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancelDrain()
+		if err := srv.Shutdown(drain); err != nil {
+			srv.Close()
+		}
+	}
+	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve on %s: %w", shown, err)
+	}
+	err = m.Close()
+	m = nil
+	if err != nil {
+		return fmt.Errorf("close sandbox manager: %w", err)
+	}
+	return nil
+}
+
+// serverIsLoopback reports whether host only accepts connections from this
+// machine.
+func serverIsLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

@@ -1,0 +1,175 @@
+// Package api serves the sandbox Manager over HTTP+JSON, as described by the
+// OpenAPI 3.1 document it generates from its own Go types. Handlers decode,
+// validate and map errors; every decision about VMs is the Manager's.
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+
+	"github.com/danielgtaylor/huma/v2"
+	"github.com/danielgtaylor/huma/v2/adapters/humago"
+
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+// APIVersion is the version of the HTTP interface (info.version in the
+// OpenAPI document). It changes when the interface does, not with every
+// build, so the committed document stays stable.
+const APIVersion = "1.0.0"
+
+// Options configure the HTTP server.
+type Options struct {
+	// Token, when set, is required as "Authorization: Bearer <Token>" on
+	// every route except the OpenAPI document and the docs page.
+	Token string
+	// Addr is the host:port the server listens on. When its host is a
+	// loopback address, only Host headers naming that port on a loopback
+	// name are accepted (a defence against DNS rebinding). When empty, any
+	// port on a loopback name is accepted. When its host is not loopback,
+	// Host is not checked (a token is required there instead) unless
+	// AllowedHosts is set.
+	Addr string
+	// AllowedHosts are further Host header values (host or host:port) to
+	// accept, e.g. a name the server is reached by through a proxy.
+	AllowedHosts []string
+	// Version is the program's version, sent in the Server header.
+	Version string
+	// Logger receives one line per request; nil logs nothing.
+	Logger *slog.Logger
+}
+
+func init() {
+	// huma builds every error it produces itself through these package
+	// variables (there is no per-API hook), and learns the error schema of
+	// the OpenAPI document from them; they must be replaced before any API
+	// is built.
+	huma.NewError = newHumaError
+	huma.NewErrorWithContext = func(hctx huma.Context, status int, msg string, errs ...error) huma.StatusError {
+		se := newHumaError(status, msg, errs...)
+		if p, ok := se.(*Problem); ok && p.Instance == "" && hctx != nil && status != 0 {
+			u := hctx.URL()
+			p.Instance = u.Path
+		}
+		return se
+	}
+}
+
+// New returns the HTTP handler serving m. m may be nil only to render the
+// OpenAPI document.
+func New(m *sandbox.Manager, opts Options) http.Handler {
+	mux := http.NewServeMux()
+	hapi := newAPI(mux, m)
+
+	doc := hapi.OpenAPI()
+	specJSON, err := json.Marshal(doc)
+	if err != nil {
+		// The document is built from our own static types: failing to
+		// marshal it is a programming error caught by every test.
+		panic(fmt.Sprintf("marshal OpenAPI document: %v", err))
+	}
+	specYAML, err := doc.YAML()
+	if err != nil {
+		panic(fmt.Sprintf("marshal OpenAPI document as YAML: %v", err))
+	}
+	serveStatic(mux, "GET /openapi.json", "application/openapi+json", specJSON)
+	serveStatic(mux, "GET /openapi.yaml", "application/openapi+yaml", specYAML)
+	mux.HandleFunc("GET /docs", serveDocs)
+	mux.HandleFunc("/", fallback(mux))
+
+	g := newGuard(opts)
+	var h http.Handler = g.wrap(mux)
+	h = recoverer(h, opts.Logger)
+	if opts.Logger != nil {
+		h = logRequests(h, opts.Logger)
+	}
+	if opts.Version != "" {
+		h = withServerHeader(h, "smolvm/"+opts.Version)
+	}
+	return h
+}
+
+// OpenAPIDocument returns the OpenAPI document, indented, exactly as it is
+// committed in api/openapi.json.
+func OpenAPIDocument() ([]byte, error) {
+	hapi := newAPI(http.NewServeMux(), nil)
+	b, err := json.Marshal(hapi.OpenAPI())
+	if err != nil {
+		return nil, fmt.Errorf("marshal OpenAPI document: %w", err)
+	}
+	return indent(b)
+}
+
+func indent(b []byte) ([]byte, error) {
+	var out bytes.Buffer
+	if err := json.Indent(&out, b, "", "  "); err != nil {
+		return nil, fmt.Errorf("indent OpenAPI document: %w", err)
+	}
+	out.WriteByte('\n')
+	return out.Bytes(), nil
+}
+
+func newAPI(mux *http.ServeMux, m *sandbox.Manager) huma.API {
+	config := huma.DefaultConfig("SmolVM HTTP API", APIVersion)
+	// No $schema links in bodies: responses keep exactly the shape the
+	// specification shows.
+	config.CreateHooks = nil
+	// The document and docs page are served by this package, from bytes
+	// rendered once, rather than lazily by huma.
+	config.OpenAPIPath = ""
+	config.DocsPath = ""
+	config.SchemasPath = ""
+	config.Info.Description = description
+	config.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
+		"bearerAuth": {
+			Type:        "http",
+			Scheme:      "bearer",
+			Description: "Required only when the server was started with a token (--token or $SMOLVM_TOKEN), and always when it listens on a non-loopback address.",
+		},
+	}
+	// Either the bearer token or nothing: the token is optional.
+	config.Security = []map[string][]string{{"bearerAuth": {}}, {}}
+	config.Tags = []*huma.Tag{{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."}}
+
+	hapi := humago.New(mux, config)
+	registerSandboxes(hapi, &handlers{m: m})
+	return hapi
+}
+
+func serveStatic(mux *http.ServeMux, pattern, contentType string, body []byte) {
+	mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		w.Write(body)
+	})
+}
+
+const description = `Create Linux sandboxes (real virtual machines) on this host and run commands in them.
+
+A command that runs and exits with a non-zero status is still a successful (200) exec response: check exit_code, stdout and stderr. A command that runs past its timeout is killed and answered with 408 and code command_timeout, carrying the output it wrote before that; the sandbox keeps running.
+
+Errors are RFC 9457 problem details (application/problem+json) with a stable snake_case code and, when one is at fault, the request field:
+
+| Status | Code | When |
+|---|---|---|
+| 400 | malformed_json | the body is not valid JSON |
+| 400 | body_required | an operation that needs a body got none |
+| 401 | unauthorized | the server has a token and the request did not carry it |
+| 403 | forbidden_origin | a browser request from another origin (Origin or Sec-Fetch-Site) |
+| 403 | forbidden_host | the Host header is not this server's (DNS rebinding) |
+| 404 | sandbox_not_found | no sandbox has this id |
+| 404 | not_found | no such route |
+| 405 | method_not_allowed | the route exists, but not with this method |
+| 408 | command_timeout | the command ran past its timeout (exec only) |
+| 409 | sandbox_not_running | the sandbox is not in a state to run commands |
+| 413 | body_too_large | the body is over 1 MiB |
+| 415 | unsupported_media_type | a body was sent without Content-Type: application/json |
+| 422 | validation_failed | a field is of the wrong type, out of range, not one of its values, unknown, or missing |
+| 422 | unsupported_os | the OS is valid but cannot run on this host |
+| 422 | backend_unavailable | the backend is valid but not available on this host; the detail names what is missing |
+| 500 | internal_error | a failure on the server's side; the detail says what failed |
+| 503 | shutting_down | the server stopped before the request finished |
+
+The server accepts only requests addressed to it by its own host name (Host header) and refuses requests made by web pages from other origins. Request bodies must be sent as application/json.`

@@ -1,0 +1,299 @@
+package api
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"fmt"
+	"log/slog"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// guard refuses requests that a web page or a DNS-rebinding attacker could
+// make, and requests without the token when one is configured. The server
+// can run commands on the user's machine, so these run before any route.
+type guard struct {
+	tokenSum [sha256.Size]byte
+	hasToken bool
+	// hosts are the accepted Host values, lower case; nil accepts any.
+	hosts map[string]bool
+	// anyLoopbackPort accepts a loopback name on any port (Addr unknown).
+	anyLoopbackPort bool
+}
+
+// public routes stay open without a token: they describe the API and reveal
+// nothing about sandboxes.
+var publicPaths = map[string]bool{
+	"/openapi.json": true,
+	"/openapi.yaml": true,
+	"/docs":         true,
+}
+
+var loopbackNames = []string{"localhost", "127.0.0.1", "[::1]"}
+
+func newGuard(opts Options) *guard {
+	g := &guard{}
+	if opts.Token != "" {
+		g.hasToken = true
+		g.tokenSum = sha256.Sum256([]byte(opts.Token))
+	}
+	extra := func() {
+		for _, h := range opts.AllowedHosts {
+			g.hosts[strings.ToLower(h)] = true
+		}
+	}
+	host, port, err := net.SplitHostPort(opts.Addr)
+	switch {
+	case opts.Addr == "" || err != nil:
+		g.hosts = map[string]bool{}
+		g.anyLoopbackPort = true
+		extra()
+	case isLoopback(host):
+		g.hosts = map[string]bool{}
+		names := append([]string{hostForURL(host)}, loopbackNames...)
+		for _, n := range names {
+			g.hosts[strings.ToLower(n)+":"+port] = true
+			if port == "80" {
+				g.hosts[strings.ToLower(n)] = true
+			}
+		}
+		extra()
+	case len(opts.AllowedHosts) > 0:
+		g.hosts = map[string]bool{}
+		for _, n := range loopbackNames {
+			g.hosts[n+":"+port] = true
+		}
+		extra()
+	}
+	return g
+}
+
+// isLoopback reports whether host (a name or an IP) can only be reached from
+// this machine.
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(strings.Trim(host, "[]"))
+	return ip != nil && ip.IsLoopback()
+}
+
+// hostForURL brackets IPv6 literals as they appear in a Host header.
+func hostForURL(host string) string {
+	if strings.Contains(host, ":") && !strings.HasPrefix(host, "[") {
+		return "[" + host + "]"
+	}
+	return host
+}
+
+func (g *guard) hostAllowed(hostHeader string) bool {
+	h := strings.ToLower(hostHeader)
+	if g.hosts == nil || g.hosts[h] {
+		return true
+	}
+	if g.anyLoopbackPort {
+		name := h
+		if n, _, err := net.SplitHostPort(h); err == nil {
+			name = hostForURL(n)
+		}
+		for _, l := range loopbackNames {
+			if name == l {
+				return true
+			}
+		}
+		// A bare IPv6 literal such as [::1] without a port.
+		if strings.Trim(name, "[]") == "::1" {
+			return true
+		}
+	}
+	return false
+}
+
+func (g *guard) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !g.hostAllowed(r.Host) {
+			writeProblem(w, r, newProblem(http.StatusForbidden, CodeForbiddenHost,
+				fmt.Sprintf("Host %q is not this server; use the address it listens on (e.g. http://127.0.0.1:PORT)", r.Host)))
+			return
+		}
+		if reason := crossOrigin(r); reason != "" {
+			writeProblem(w, r, newProblem(http.StatusForbidden, CodeForbiddenOrigin,
+				reason+"; the API refuses requests made by web pages from other origins"))
+			return
+		}
+		if g.hasToken && !publicPaths[r.URL.Path] && !g.tokenOK(r) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="smolvm"`)
+			writeProblem(w, r, newProblem(http.StatusUnauthorized, CodeUnauthorized,
+				"this server requires a token: send the header \"Authorization: Bearer <token>\" with the token the server was started with"))
+			return
+		}
+		if hasBody(r) && !isJSON(r.Header.Get("Content-Type")) {
+			p := newProblem(http.StatusUnsupportedMediaType, CodeUnsupportedMediaType,
+				fmt.Sprintf("request bodies must be sent with Content-Type: application/json (got %q)", r.Header.Get("Content-Type")))
+			p.Field = "Content-Type"
+			w.Header().Set("Accept-Post", "application/json")
+			writeProblem(w, r, p)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// crossOrigin returns why r comes from a web page of another origin, or "".
+// Browsers send Origin on cross-origin and on all non-GET requests, and
+// Sec-Fetch-Site on every request; other clients (curl, SDKs) send neither.
+func crossOrigin(r *http.Request) string {
+	if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" && site != "none" {
+		return fmt.Sprintf("Sec-Fetch-Site is %q", site)
+	}
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return ""
+	}
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" {
+		return fmt.Sprintf("Origin %q is not this server", origin)
+	}
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	if !strings.EqualFold(u.Scheme, scheme) || !sameHost(u.Host, r.Host, scheme) {
+		return fmt.Sprintf("Origin %q is not this server", origin)
+	}
+	return ""
+}
+
+// sameHost compares two host[:port] values, filling in the scheme's default
+// port.
+func sameHost(a, b, scheme string) bool {
+	def := "80"
+	if scheme == "https" {
+		def = "443"
+	}
+	norm := func(h string) string {
+		h = strings.ToLower(h)
+		if _, _, err := net.SplitHostPort(h); err != nil {
+			return hostForURL(h) + ":" + def
+		}
+		return h
+	}
+	return norm(a) == norm(b)
+}
+
+func (g *guard) tokenOK(r *http.Request) bool {
+	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return false
+	}
+	// Comparing digests keeps the comparison constant-time whatever the
+	// lengths.
+	sum := sha256.Sum256([]byte(strings.TrimSpace(token)))
+	return subtle.ConstantTimeCompare(sum[:], g.tokenSum[:]) == 1
+}
+
+func hasBody(r *http.Request) bool {
+	return r.ContentLength > 0 || (r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody)
+}
+
+func isJSON(contentType string) bool {
+	mt, _, err := mime.ParseMediaType(contentType)
+	return err == nil && mt == "application/json"
+}
+
+// fallback answers requests no route matched with a problem rather than
+// net/http's plain text: 405 when the path exists under another method, else
+// 404.
+func fallback(mux *http.ServeMux) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var allow []string
+		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete} {
+			probe := r.Clone(r.Context())
+			probe.Method = m
+			if _, pattern := mux.Handler(probe); pattern != "" && pattern != "/" {
+				allow = append(allow, m)
+			}
+		}
+		if len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			writeProblem(w, r, newProblem(http.StatusMethodNotAllowed, CodeMethodNotAllowed,
+				fmt.Sprintf("%s is not supported on %s; allowed: %s", r.Method, r.URL.Path, strings.Join(allow, ", "))))
+			return
+		}
+		writeProblem(w, r, newProblem(http.StatusNotFound, CodeNotFound,
+			fmt.Sprintf("no route %s %s; see /openapi.json for the API", r.Method, r.URL.Path)))
+	}
+}
+
+// statusWriter remembers the status a handler wrote, for logging and to know
+// whether a problem can still be sent after a panic.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection (huma uses it
+// to set read deadlines).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// recoverer turns a panic in a handler into a 500 problem instead of a
+// dropped connection.
+func recoverer(next http.Handler, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sw, ok := w.(*statusWriter)
+		if !ok {
+			sw = &statusWriter{ResponseWriter: w}
+		}
+		defer func() {
+			v := recover()
+			if v == nil {
+				return
+			}
+			if v == http.ErrAbortHandler {
+				panic(v)
+			}
+			if log != nil {
+				log.Error("handler panic", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(v))
+			}
+			if sw.status == 0 {
+				writeProblem(sw, r, newProblem(http.StatusInternalServerError, CodeInternal, fmt.Sprintf("internal error: %v", v)))
+			}
+		}()
+		next.ServeHTTP(sw, r)
+	})
+}
+
+func logRequests(next http.Handler, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		next.ServeHTTP(sw, r)
+		log.Info("request", "method", r.Method, "path", r.URL.Path, "status", sw.status,
+			"duration", time.Since(start).Round(time.Microsecond).String())
+	})
+}
+
+func withServerHeader(next http.Handler, value string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Server", value)
+		next.ServeHTTP(w, r)
+	})
+}

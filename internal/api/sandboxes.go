@@ -1,0 +1,302 @@
+package api
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"reflect"
+	"regexp"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
+
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+// CreateSandboxRequest is the body of POST /sandboxes. It mirrors the
+// library's auto-configuration options; every field is optional.
+type CreateSandboxRequest struct {
+	_        struct{} `json:"-" additionalProperties:"false"`
+	OS       string   `json:"os,omitempty" enum:"alpine,ubuntu,debian,windows" example:"ubuntu" doc:"Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run."`
+	Image    string   `json:"image,omitempty" maxLength:"4096" example:"docker.io/library/python:3.11-slim" doc:"Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image."`
+	Memory   int      `json:"memory,omitempty" minimum:"128" maximum:"16384" default:"512" example:"512" doc:"Guest memory in MiB."`
+	DiskSize int      `json:"disk_size,omitempty" minimum:"256" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
+	Backend  string   `json:"backend,omitempty" enum:"firecracker,qemu,libkrun" default:"qemu" example:"qemu" doc:"Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing."`
+	VCPUs    int      `json:"vcpus,omitempty" minimum:"1" maximum:"32" default:"1" example:"2" doc:"Number of virtual CPUs."`
+}
+
+// Sandbox is one sandbox's state.
+type Sandbox struct {
+	ID        string    `json:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, used in the other routes."`
+	Status    string    `json:"status" enum:"creating,running,stopped,error" example:"running" doc:"Lifecycle state. A sandbox whose VM died is reported as stopped or error, never running."`
+	OS        string    `json:"os" example:"ubuntu" doc:"Guest operating system."`
+	Image     string    `json:"image" example:"docker.io/library/ubuntu:24.04" doc:"Image the sandbox booted from."`
+	Backend   string    `json:"backend" example:"qemu" doc:"Runtime backend running the VM."`
+	Memory    int       `json:"memory" minimum:"0" example:"512" doc:"Guest memory in MiB."`
+	DiskSize  int       `json:"disk_size" minimum:"0" example:"1024" doc:"Guest disk size in MiB."`
+	VCPUs     int       `json:"vcpus" minimum:"0" example:"1" doc:"Number of virtual CPUs."`
+	PID       int       `json:"pid,omitempty" minimum:"0" example:"12345" doc:"Host process id of the VM, while it runs."`
+	CreatedAt time.Time `json:"created_at" example:"2026-06-24T10:00:00Z" doc:"When the sandbox was created (RFC 3339)."`
+	Error     string    `json:"error,omitempty" example:"VM process exited unexpectedly" doc:"Why the sandbox is in the error state."`
+}
+
+// SandboxList is the body of GET /sandboxes. An object rather than a bare
+// array so fields can be added without breaking clients.
+type SandboxList struct {
+	Sandboxes []Sandbox `json:"sandboxes" nullable:"false" doc:"Every sandbox on the host, oldest first."`
+}
+
+// DeleteResult is the body of DELETE /sandboxes/{id}.
+type DeleteResult struct {
+	ID      string `json:"id" example:"vm-a1b2c3d4" doc:"Id of the deleted sandbox."`
+	Deleted bool   `json:"deleted" example:"true" doc:"Always true: the VM is stopped and its files and record are gone."`
+}
+
+// ExecRequest is the body of POST /sandboxes/{id}/exec.
+type ExecRequest struct {
+	_       struct{} `json:"-" additionalProperties:"false"`
+	Command string   `json:"command" minLength:"1" maxLength:"131072" pattern:"\\S" example:"python3 --version" doc:"Command to run inside the sandbox."`
+	Timeout int      `json:"timeout,omitempty" minimum:"1" maximum:"3600" default:"30" example:"30" doc:"Maximum seconds to wait for the command. Past it the command is killed and the response is 408 command_timeout with the output so far."`
+	Shell   string   `json:"shell,omitempty" enum:"login,raw" default:"login" example:"login" doc:"Use login for the guest login shell, or raw to run the command without shell wrapping (split into words like a POSIX shell would, then run directly)."`
+}
+
+// ExecResult is the 200 body of exec, whatever the command's exit code.
+type ExecResult struct {
+	ExitCode   int    `json:"exit_code" example:"0" doc:"The command's exit status; non-zero is still a 200 response."`
+	Stdout     string `json:"stdout" example:"Python 3.12.3\n" doc:"Everything the command wrote to standard output (invalid UTF-8 is replaced with U+FFFD)."`
+	Stderr     string `json:"stderr" example:"" doc:"Everything the command wrote to standard error (invalid UTF-8 is replaced with U+FFFD)."`
+	DurationMS int64  `json:"duration_ms" minimum:"0" example:"12" doc:"How long the command ran, in milliseconds."`
+}
+
+type sandboxID struct {
+	ID string `path:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, as returned by create."`
+}
+
+type createInput struct {
+	Body *CreateSandboxRequest
+}
+
+type execInput struct {
+	ID   string `path:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, as returned by create."`
+	Body ExecRequest
+}
+
+type sandboxOutput struct{ Body Sandbox }
+type listOutput struct{ Body SandboxList }
+type deleteOutput struct{ Body DeleteResult }
+type execOutput struct{ Body ExecResult }
+
+type handlers struct {
+	m *sandbox.Manager
+}
+
+func registerSandboxes(hapi huma.API, h *handlers) {
+	common := []int{http.StatusUnauthorized, http.StatusForbidden, http.StatusInternalServerError}
+	withBody := []int{http.StatusBadRequest, http.StatusUnsupportedMediaType, http.StatusRequestEntityTooLarge, http.StatusUnprocessableEntity}
+	errs := func(codes ...[]int) []int {
+		var out []int
+		for _, c := range codes {
+			out = append(out, c...)
+		}
+		return out
+	}
+	notFound := []int{http.StatusNotFound}
+
+	huma.Register(hapi, huma.Operation{
+		OperationID: "createSandbox",
+		Method:      http.MethodPost,
+		Path:        "/sandboxes",
+		Summary:     "Create a sandbox",
+		Description: "Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults.",
+		Tags:        []string{"sandboxes"},
+		Errors:      errs(withBody, common),
+	}, h.create)
+
+	huma.Register(hapi, huma.Operation{
+		OperationID: "listSandboxes",
+		Method:      http.MethodGet,
+		Path:        "/sandboxes",
+		Summary:     "List sandboxes",
+		Description: "Lists every sandbox on the host, oldest first, including those created by other processes.",
+		Tags:        []string{"sandboxes"},
+		Errors:      common,
+	}, h.list)
+
+	huma.Register(hapi, huma.Operation{
+		OperationID: "getSandbox",
+		Method:      http.MethodGet,
+		Path:        "/sandboxes/{id}",
+		Summary:     "Get a sandbox",
+		Description: "Returns one sandbox's state.",
+		Tags:        []string{"sandboxes"},
+		Errors:      errs(notFound, common),
+	}, h.get)
+
+	registry := hapi.OpenAPI().Components.Schemas
+	timeoutSchema := registry.Schema(reflect.TypeFor[CommandTimeoutProblem](), true, "CommandTimeoutProblem")
+	huma.Register(hapi, huma.Operation{
+		OperationID: "execSandbox",
+		Method:      http.MethodPost,
+		Path:        "/sandboxes/{id}/exec",
+		Summary:     "Run a command in a sandbox",
+		Description: "Runs a command to completion and returns its exit code and output. A non-zero exit code is a 200 response. A command that runs past its timeout is killed and answered with 408 (code command_timeout) carrying its partial output; the sandbox keeps running.",
+		Tags:        []string{"sandboxes"},
+		Errors:      errs(withBody, notFound, []int{http.StatusConflict}, common),
+		Responses: map[string]*huma.Response{
+			"408": {
+				Description: "The command ran past its timeout and was killed. The body carries what it wrote before that; the sandbox keeps running.",
+				Content: map[string]*huma.MediaType{
+					"application/problem+json": {Schema: timeoutSchema},
+				},
+			},
+		},
+	}, h.exec)
+
+	huma.Register(hapi, huma.Operation{
+		OperationID: "deleteSandbox",
+		Method:      http.MethodDelete,
+		Path:        "/sandboxes/{id}",
+		Summary:     "Delete a sandbox",
+		Description: "Stops the sandbox's VM and removes its disk, files and record. Works on stopped and failed sandboxes too.",
+		Tags:        []string{"sandboxes"},
+		Errors:      errs(notFound, []int{http.StatusConflict}, common),
+	}, h.delete)
+}
+
+// plausibleID rejects ids that no sandbox can have before they reach the
+// Manager (which builds paths from ids), without assuming the exact id
+// format.
+var plausibleID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+func (h *handlers) manager(id string) (*sandbox.Manager, error) {
+	if id != "" && !plausibleID.MatchString(id) {
+		p := newProblem(http.StatusNotFound, CodeSandboxNotFound, "no sandbox with id "+quoteID(id))
+		p.Field = "id"
+		return nil, p
+	}
+	if h.m == nil {
+		return nil, newProblem(http.StatusServiceUnavailable, CodeInternal, "no sandbox manager is configured")
+	}
+	return h.m, nil
+}
+
+func quoteID(id string) string {
+	if len(id) > 80 {
+		id = id[:80] + "..."
+	}
+	return `"` + id + `"`
+}
+
+func (h *handlers) create(ctx context.Context, in *createInput) (*sandboxOutput, error) {
+	m, err := h.manager("")
+	if err != nil {
+		return nil, err
+	}
+	var body CreateSandboxRequest
+	if in.Body != nil {
+		body = *in.Body
+	}
+	info, err := m.Create(ctx, sandbox.CreateRequest{
+		OS:          body.OS,
+		Image:       body.Image,
+		MemoryMiB:   body.Memory,
+		DiskSizeMiB: body.DiskSize,
+		VCPUs:       body.VCPUs,
+		Backend:     body.Backend,
+	})
+	if err != nil {
+		return nil, ProblemFrom(ctx, err)
+	}
+	return &sandboxOutput{Body: SandboxFromInfo(info)}, nil
+}
+
+func (h *handlers) list(ctx context.Context, _ *struct{}) (*listOutput, error) {
+	m, err := h.manager("")
+	if err != nil {
+		return nil, err
+	}
+	infos, err := m.List(ctx)
+	if err != nil {
+		return nil, ProblemFrom(ctx, err)
+	}
+	out := SandboxList{Sandboxes: make([]Sandbox, 0, len(infos))}
+	for _, info := range infos {
+		out.Sandboxes = append(out.Sandboxes, SandboxFromInfo(info))
+	}
+	return &listOutput{Body: out}, nil
+}
+
+func (h *handlers) get(ctx context.Context, in *sandboxID) (*sandboxOutput, error) {
+	m, err := h.manager(in.ID)
+	if err != nil {
+		return nil, err
+	}
+	info, err := m.Get(ctx, in.ID)
+	if err != nil {
+		return nil, ProblemFrom(ctx, err)
+	}
+	return &sandboxOutput{Body: SandboxFromInfo(info)}, nil
+}
+
+func (h *handlers) delete(ctx context.Context, in *sandboxID) (*deleteOutput, error) {
+	m, err := h.manager(in.ID)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Delete(ctx, in.ID); err != nil {
+		return nil, ProblemFrom(ctx, err)
+	}
+	return &deleteOutput{Body: DeleteResult{ID: in.ID, Deleted: true}}, nil
+}
+
+func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error) {
+	m, err := h.manager(in.ID)
+	if err != nil {
+		return nil, err
+	}
+	res, err := m.Exec(ctx, in.ID, sandbox.ExecRequest{
+		Command: in.Body.Command,
+		Timeout: time.Duration(in.Body.Timeout) * time.Second,
+		Shell:   sandbox.Shell(in.Body.Shell),
+	})
+	if err != nil {
+		return nil, ProblemFrom(ctx, err)
+	}
+	if res.TimedOut {
+		p := &CommandTimeoutProblem{
+			Problem: *newProblem(http.StatusRequestTimeout, CodeCommandTimeout,
+				fmt.Sprintf("the command did not finish within its timeout of %ds and was killed; stdout and stderr hold its output until then. Raise timeout (up to 3600) for longer commands.", in.Body.Timeout)),
+			Timeout:    in.Body.Timeout,
+			Stdout:     string(res.Stdout),
+			Stderr:     string(res.Stderr),
+			DurationMS: res.Duration.Milliseconds(),
+		}
+		p.Field = "timeout"
+		p.Instance = "/sandboxes/" + in.ID + "/exec"
+		return nil, p
+	}
+	return &execOutput{Body: ExecResult{
+		ExitCode:   res.ExitCode,
+		Stdout:     string(res.Stdout),
+		Stderr:     string(res.Stderr),
+		DurationMS: res.Duration.Milliseconds(),
+	}}, nil
+}
+
+// SandboxFromInfo is the API representation of a sandbox, shared with the
+// CLI so that both print the same JSON.
+func SandboxFromInfo(info sandbox.Info) Sandbox {
+	return Sandbox{
+		ID:        info.ID,
+		Status:    string(info.Status),
+		OS:        info.OS,
+		Image:     info.Image,
+		Backend:   info.Backend,
+		Memory:    info.MemoryMiB,
+		DiskSize:  info.DiskSizeMiB,
+		VCPUs:     info.VCPUs,
+		PID:       info.PID,
+		CreatedAt: info.CreatedAt.UTC(),
+		Error:     info.Error,
+	}
+}

@@ -1,0 +1,676 @@
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/doctor"
+	"github.com/smolvm/smolvm/internal/guest"
+	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/kernel"
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/vmm"
+	"github.com/smolvm/smolvm/internal/vmm/qemu"
+)
+
+// Options configure a Manager.
+type Options struct {
+	// DataDir is where kernels, images, sandboxes and the database live.
+	DataDir datadir.Dir
+	// AgentPath is the guest agent binary; "" locates it ($SMOLVM_AGENT, then
+	// next to the running executable).
+	AgentPath string
+	// Accel forces an accelerator ("kvm" or "tcg"); "" picks KVM only where
+	// it really works ($SMOLVM_ACCEL overrides).
+	Accel string
+	// Progress receives human-readable lines about long work (image builds).
+	Progress io.Writer
+	// BootTimeout bounds how long a new VM may take to answer; 0 means
+	// DefaultBootTimeout.
+	BootTimeout time.Duration
+}
+
+// DefaultBootTimeout is generous because software emulation on a loaded
+// host can take many times its usual few seconds.
+const DefaultBootTimeout = 120 * time.Second
+
+// connectTimeout bounds reconnecting to an already running agent.
+const connectTimeout = 15 * time.Second
+
+// Manager creates, tracks and removes sandboxes. It is the one door that the
+// HTTP API, the CLI and the Go library all go through. It is safe for
+// concurrent use, and several Managers (in several processes) may share one
+// data directory.
+type Manager struct {
+	opts    Options
+	store   *store.Store
+	drivers map[string]vmm.Driver
+
+	mu      sync.Mutex
+	clients map[string]*guest.Client
+	locks   map[string]*sync.Mutex
+}
+
+// Open opens the store under opts.DataDir and reconciles recorded sandboxes
+// with the processes that are really running.
+func Open(ctx context.Context, opts Options) (*Manager, error) {
+	if opts.DataDir == "" {
+		d, err := datadir.Default()
+		if err != nil {
+			return nil, err
+		}
+		opts.DataDir = d
+	}
+	if opts.Progress == nil {
+		opts.Progress = io.Discard
+	}
+	if opts.BootTimeout == 0 {
+		opts.BootTimeout = DefaultBootTimeout
+	}
+	if err := os.MkdirAll(opts.DataDir.Sandboxes(), 0o755); err != nil {
+		return nil, fmt.Errorf("create data directory: %w", err)
+	}
+	st, err := store.Open(ctx, opts.DataDir.Database())
+	if err != nil {
+		return nil, err
+	}
+	q := qemu.New()
+	m := &Manager{
+		opts:    opts,
+		store:   st,
+		drivers: map[string]vmm.Driver{q.Name(): q},
+		clients: make(map[string]*guest.Client),
+		locks:   make(map[string]*sync.Mutex),
+	}
+	if _, err := m.List(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// Close releases connections and the store. Sandboxes keep running.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	for id, c := range m.clients {
+		c.Close()
+		delete(m.clients, id)
+	}
+	m.mu.Unlock()
+	return m.store.Close()
+}
+
+// lock serialises lifecycle changes to one sandbox within this process.
+func (m *Manager) lock(id string) func() {
+	m.mu.Lock()
+	l, ok := m.locks[id]
+	if !ok {
+		l = &sync.Mutex{}
+		m.locks[id] = l
+	}
+	m.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+func invalid(code, field, format string, args ...any) error {
+	return &Error{Kind: KindInvalid, Code: code, Field: field, Message: fmt.Sprintf(format, args...)}
+}
+
+// normalize applies defaults and checks bounds, before anything is started.
+func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
+	if req.MemoryMiB == 0 {
+		req.MemoryMiB = DefaultMemoryMiB
+	}
+	if req.DiskSizeMiB == 0 {
+		req.DiskSizeMiB = DefaultDiskMiB
+	}
+	if req.VCPUs == 0 {
+		req.VCPUs = DefaultVCPUs
+	}
+	if req.Backend == "" {
+		req.Backend = DefaultBackend
+	}
+	if req.MemoryMiB < MinMemoryMiB || req.MemoryMiB > MaxMemoryMiB {
+		return nil, invalid("invalid_memory", "memory", "memory must be between %d and %d MiB, got %d", MinMemoryMiB, MaxMemoryMiB, req.MemoryMiB)
+	}
+	if req.VCPUs < MinVCPUs || req.VCPUs > MaxVCPUs {
+		return nil, invalid("invalid_vcpus", "vcpus", "vcpus must be between %d and %d, got %d", MinVCPUs, MaxVCPUs, req.VCPUs)
+	}
+	if req.DiskSizeMiB < MinDiskMiB || req.DiskSizeMiB > MaxDiskMiB {
+		return nil, invalid("invalid_disk_size", "disk_size", "disk_size must be between %d and %d MiB, got %d", MinDiskMiB, MaxDiskMiB, req.DiskSizeMiB)
+	}
+	switch req.OS {
+	case "", "debian":
+	case "alpine", "ubuntu":
+		return nil, &Error{Kind: KindUnavailable, Code: "unsupported_os", Field: "os",
+			Message: fmt.Sprintf("os %q needs OCI image support, which this build does not have yet; omit os (or use \"debian\") for the default Debian sandbox", req.OS)}
+	case "windows":
+		return nil, &Error{Kind: KindUnavailable, Code: "unsupported_os", Field: "os",
+			Message: fmt.Sprintf("os \"windows\" is not supported yet by backend %s", req.Backend)}
+	default:
+		return nil, invalid("unknown_os", "os", "unknown os %q: use alpine, ubuntu, debian or windows, or omit it", req.OS)
+	}
+	if req.Image != "" {
+		return nil, &Error{Kind: KindUnavailable, Code: "unsupported_image", Field: "image",
+			Message: "custom images are not supported by this build yet; omit image for the default Debian sandbox"}
+	}
+	switch req.Backend {
+	case "qemu":
+	case "firecracker", "libkrun":
+		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend",
+			Message: fmt.Sprintf("backend %s is not available on this host: this build runs sandboxes with qemu only", req.Backend)}
+	default:
+		return nil, invalid("unknown_backend", "backend", "unknown backend %q: use qemu, firecracker or libkrun", req.Backend)
+	}
+	drv := m.drivers[req.Backend]
+	if err := drv.Available(); err != nil {
+		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend", Message: err.Error()}
+	}
+	return drv, nil
+}
+
+// assets are the host files a boot needs, resolved before a record exists.
+type assets struct {
+	kernel *kernel.Kernel
+	initrd string
+	base   *image.Base
+	accel  string
+}
+
+func (m *Manager) assets(ctx context.Context, diskMiB int) (assets, error) {
+	var a assets
+	k, err := kernel.Default(m.opts.DataDir)
+	if err != nil {
+		return a, &Error{Kind: KindUnavailable, Code: "kernel_missing", Message: "no guest kernel is installed: run `smolvm setup`", Err: err}
+	}
+	agent, err := m.agentPath()
+	if err != nil {
+		return a, err
+	}
+	initrd, err := kernel.BuildInitramfs(ctx, m.opts.DataDir, k, agent)
+	if err != nil {
+		return a, fmt.Errorf("build initramfs: %w", err)
+	}
+	base, err := image.Default(ctx, m.opts.DataDir, m.opts.Progress)
+	if err != nil {
+		return a, &Error{Kind: KindUnavailable, Code: "image_unavailable", Field: "image", Message: "the default image could not be built", Err: err}
+	}
+	imageMiB := int((base.SizeBytes + 1<<20 - 1) >> 20)
+	if diskMiB < imageMiB {
+		return a, invalid("invalid_disk_size", "disk_size", "disk_size %d MiB is smaller than the image (%d MiB): ask for at least %d", diskMiB, imageMiB, imageMiB)
+	}
+	a.kernel, a.initrd, a.base = k, initrd, base
+	a.accel = m.opts.Accel
+	if a.accel == "" {
+		a.accel, _ = doctor.Accelerator()
+	}
+	return a, nil
+}
+
+func (m *Manager) agentPath() (string, error) {
+	candidates := []string{m.opts.AgentPath, os.Getenv("SMOLVM_AGENT")}
+	if exe, err := os.Executable(); err == nil {
+		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "smolvm-agent"))
+	}
+	for _, p := range candidates {
+		if p == "" {
+			continue
+		}
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	return "", &Error{Kind: KindUnavailable, Code: "agent_missing",
+		Message: "guest agent binary smolvm-agent not found next to smolvm: build it with `make build` (or set SMOLVM_AGENT)"}
+}
+
+func newID() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	return "vm-" + hex.EncodeToString(b)
+}
+
+// Create boots a sandbox and returns once its agent answers. On failure
+// nothing is left behind: no process, no files, no record.
+func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
+	drv, err := m.normalize(&req)
+	if err != nil {
+		return Info{}, err
+	}
+	a, err := m.assets(ctx, req.DiskSizeMiB)
+	if err != nil {
+		return Info{}, err
+	}
+	rec := store.Record{
+		Status: string(StatusCreating), OS: req.OS, Image: a.base.Name, Backend: drv.Name(),
+		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
+	}
+	if rec.OS == "" {
+		rec.OS = "debian"
+	}
+	for range 5 {
+		rec.ID = newID()
+		rec.Dir = m.opts.DataDir.Sandbox(rec.ID)
+		err = m.store.Insert(ctx, rec)
+		if !errors.Is(err, store.ErrExists) {
+			break
+		}
+	}
+	if err != nil {
+		return Info{}, fmt.Errorf("record sandbox: %w", err)
+	}
+	unlock := m.lock(rec.ID)
+	defer unlock()
+
+	info, err := m.boot(ctx, drv, a, &rec, true)
+	if err != nil {
+		// Cleanup must run even when ctx was what failed.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		m.destroy(cctx, drv, rec)
+		return Info{}, err
+	}
+	return info, nil
+}
+
+// boot starts the VM for rec (making its disk first when fresh) and waits
+// for the agent.
+func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool) (Info, error) {
+	spec := vmm.Spec{
+		ID: rec.ID, Dir: rec.Dir,
+		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
+		Cmdline:   bootCmdline(rec.ID),
+		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
+		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs, Accel: a.accel,
+	}
+	if fresh {
+		if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
+			return Info{}, fmt.Errorf("create sandbox directory: %w", err)
+		}
+		if err := drv.CreateDisk(ctx, spec); err != nil {
+			return Info{}, err
+		}
+	}
+	inst, err := drv.Boot(ctx, spec)
+	if err != nil {
+		return Info{}, err
+	}
+	rt, _ := json.Marshal(inst)
+	rec.PID, rec.Runtime = inst.PID, string(rt)
+	if err := m.store.Update(ctx, *rec); err != nil {
+		drv.Kill(context.WithoutCancel(ctx), inst)
+		return Info{}, fmt.Errorf("record sandbox: %w", err)
+	}
+
+	// Wait for the agent, but stop early if the VM process dies.
+	bctx, cancel := context.WithTimeout(ctx, m.opts.BootTimeout)
+	defer cancel()
+	died := make(chan struct{})
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-bctx.Done():
+				return
+			case <-t.C:
+				if !drv.Alive(inst) {
+					close(died)
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	c, err := guest.Dial(bctx, inst.AgentSocket)
+	if err != nil {
+		select {
+		case <-died:
+			return Info{}, fmt.Errorf("the VM exited during boot; console output:\n%s", consoleTail(inst.Console))
+		default:
+		}
+		if ctx.Err() != nil {
+			return Info{}, ctx.Err()
+		}
+		return Info{}, fmt.Errorf("the guest did not answer within %s: %w; console output:\n%s", m.opts.BootTimeout, err, consoleTail(inst.Console))
+	}
+	rec.Status, rec.Error = string(StatusRunning), ""
+	if err := m.store.Update(ctx, *rec); err != nil {
+		c.Close()
+		return Info{}, fmt.Errorf("record sandbox: %w", err)
+	}
+	m.setClient(rec.ID, c)
+	return toInfo(*rec), nil
+}
+
+func bootCmdline(id string) string {
+	return strings.Join([]string{
+		"console=ttyS0", "quiet", "loglevel=3", "panic=-1",
+		// No keyboard or mouse is attached; probing for them costs time.
+		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
+		"smolvm.hostname=" + id,
+	}, " ")
+}
+
+func consoleTail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "(no console output)"
+	}
+	if len(b) > 4096 {
+		b = b[len(b)-4096:]
+	}
+	return string(b)
+}
+
+func (m *Manager) setClient(id string, c *guest.Client) {
+	m.mu.Lock()
+	old := m.clients[id]
+	m.clients[id] = c
+	m.mu.Unlock()
+	if old != nil && old != c {
+		old.Close()
+	}
+}
+
+func (m *Manager) dropClient(id string) {
+	m.mu.Lock()
+	c := m.clients[id]
+	delete(m.clients, id)
+	m.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// client returns a live session with the sandbox's agent, connecting (or
+// reconnecting, after another process or a restart) when needed.
+func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, error) {
+	m.mu.Lock()
+	c := m.clients[rec.ID]
+	m.mu.Unlock()
+	if c != nil && !c.Closed() {
+		return c, nil
+	}
+	unlock := m.lock(rec.ID)
+	defer unlock()
+	m.mu.Lock()
+	c = m.clients[rec.ID]
+	m.mu.Unlock()
+	if c != nil && !c.Closed() {
+		return c, nil
+	}
+	inst, err := instance(rec)
+	if err != nil {
+		return nil, err
+	}
+	dctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	c, err = guest.Dial(dctx, inst.AgentSocket)
+	if err != nil {
+		return nil, &Error{Kind: KindConflict, Code: "agent_unreachable",
+			Message: fmt.Sprintf("sandbox %s did not answer; if another smolvm process (a server) is using it, go through that process (--url)", rec.ID), Err: err}
+	}
+	m.setClient(rec.ID, c)
+	return c, nil
+}
+
+func instance(rec store.Record) (vmm.Instance, error) {
+	var inst vmm.Instance
+	if rec.Runtime == "" {
+		return inst, fmt.Errorf("sandbox %s has no runtime record", rec.ID)
+	}
+	if err := json.Unmarshal([]byte(rec.Runtime), &inst); err != nil {
+		return inst, fmt.Errorf("sandbox %s: bad runtime record: %w", rec.ID, err)
+	}
+	return inst, nil
+}
+
+func toInfo(r store.Record) Info {
+	return Info{
+		ID: r.ID, Status: Status(r.Status), OS: r.OS, Image: r.Image, Backend: r.Backend,
+		MemoryMiB: r.MemoryMiB, DiskSizeMiB: r.DiskSizeMiB, VCPUs: r.VCPUs, PID: r.PID,
+		CreatedAt: r.CreatedAt, Error: r.Error,
+	}
+}
+
+func notFound(id string) error {
+	return &Error{Kind: KindNotFound, Code: "sandbox_not_found", Message: fmt.Sprintf("no sandbox with id %q", id)}
+}
+
+func (m *Manager) get(ctx context.Context, id string) (store.Record, error) {
+	rec, err := m.store.Get(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return rec, notFound(id)
+	}
+	if err != nil {
+		return rec, err
+	}
+	return m.reconcile(ctx, rec), nil
+}
+
+// reconcile marks a running sandbox whose VM process is gone as stopped.
+func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record {
+	if rec.Status != string(StatusRunning) {
+		return rec
+	}
+	drv, ok := m.drivers[rec.Backend]
+	inst, err := instance(rec)
+	if !ok || err != nil || drv.Alive(inst) {
+		return rec
+	}
+	m.dropClient(rec.ID)
+	rec.Status = string(StatusStopped)
+	rec.Error = fmt.Sprintf("the VM process (pid %d) exited unexpectedly", rec.PID)
+	rec.PID = 0
+	if err := m.store.Update(ctx, rec); err != nil && !errors.Is(err, store.ErrNotFound) {
+		rec.Error += "; recording that failed: " + err.Error()
+	}
+	return rec
+}
+
+// List returns every recorded sandbox, oldest first.
+func (m *Manager) List(ctx context.Context) ([]Info, error) {
+	recs, err := m.store.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Info, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, toInfo(m.reconcile(ctx, r)))
+	}
+	return out, nil
+}
+
+// Get returns one sandbox; a *Error of KindNotFound if there is none.
+func (m *Manager) Get(ctx context.Context, id string) (Info, error) {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return Info{}, err
+	}
+	return toInfo(rec), nil
+}
+
+// Exec runs a command to completion or timeout. A timeout is a result
+// (ExecResult.TimedOut), not an error.
+func (m *Manager) Exec(ctx context.Context, id string, req ExecRequest) (ExecResult, error) {
+	var stdout, stderr limitedBuffer
+	res, err := m.Stream(ctx, id, req, &stdout, &stderr)
+	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
+	return res, err
+}
+
+// Stream runs a command like Exec but writes its output to stdout and
+// stderr as it arrives instead of collecting it.
+func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout, stderr io.Writer) (ExecResult, error) {
+	wreq, err := execRequest(req)
+	if err != nil {
+		return ExecResult{}, err
+	}
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return ExecResult{}, err
+	}
+	if rec.Status != string(StatusRunning) {
+		return ExecResult{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
+			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
+	}
+	c, err := m.client(ctx, rec)
+	if err != nil {
+		return ExecResult{}, err
+	}
+	// The agent enforces the timeout; this one only guards against an
+	// agent that stopped answering.
+	timeout := time.Duration(wreq.TimeoutMS) * time.Millisecond
+	rctx, cancel := context.WithTimeout(ctx, timeout+30*time.Second)
+	defer cancel()
+	start := time.Now()
+	exit, err := c.Do(rctx, wreq, stdout, stderr)
+	res := ExecResult{ExitCode: exit.ExitCode, TimedOut: exit.TimedOut, Duration: time.Since(start)}
+	if err != nil {
+		if errors.Is(err, guest.ErrSessionClosed) {
+			m.dropClient(id)
+			if r := m.reconcile(ctx, rec); r.Status != string(StatusRunning) {
+				return res, &Error{Kind: KindConflict, Code: "sandbox_not_running",
+					Message: fmt.Sprintf("sandbox %s stopped while the command ran", id), Err: err}
+			}
+		}
+		if ctx.Err() != nil {
+			return res, ctx.Err()
+		}
+		if exit.Error != "" {
+			return res, &Error{Kind: KindInvalid, Code: "invalid_command", Field: "command", Message: exit.Error}
+		}
+		return res, fmt.Errorf("run command in %s: %w", id, err)
+	}
+	return res, nil
+}
+
+// Stop shuts the VM down cleanly (falling back to killing it) and keeps
+// its disk, so Start can boot it again.
+func (m *Manager) Stop(ctx context.Context, id string) error {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return err
+	}
+	unlock := m.lock(id)
+	defer unlock()
+	if rec.Status == string(StatusStopped) {
+		return nil
+	}
+	drv, inst, err := m.driverFor(rec)
+	if err != nil {
+		return err
+	}
+	if c, err := m.client(ctx, rec); err == nil {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c.Shutdown(sctx)
+		cancel()
+	}
+	m.dropClient(id)
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := drv.Wait(wctx, inst); err != nil {
+		if err := drv.Kill(ctx, inst); err != nil {
+			return err
+		}
+	}
+	rec.Status, rec.PID, rec.Error = string(StatusStopped), 0, ""
+	return m.store.Update(ctx, rec)
+}
+
+// Start boots a stopped sandbox again from its own disk.
+func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return Info{}, err
+	}
+	unlock := m.lock(id)
+	defer unlock()
+	if rec.Status == string(StatusRunning) {
+		return toInfo(rec), nil
+	}
+	drv, ok := m.drivers[rec.Backend]
+	if !ok {
+		return Info{}, fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
+	}
+	a, err := m.assets(ctx, rec.DiskSizeMiB)
+	if err != nil {
+		return Info{}, err
+	}
+	info, err := m.boot(ctx, drv, a, &rec, false)
+	if err != nil {
+		if inst, ierr := instance(rec); ierr == nil {
+			drv.Kill(context.WithoutCancel(ctx), inst)
+		}
+		rec.Status, rec.PID, rec.Error = string(StatusError), 0, err.Error()
+		m.store.Update(context.WithoutCancel(ctx), rec)
+		return Info{}, err
+	}
+	return info, nil
+}
+
+func (m *Manager) driverFor(rec store.Record) (vmm.Driver, vmm.Instance, error) {
+	drv, ok := m.drivers[rec.Backend]
+	if !ok {
+		return nil, vmm.Instance{}, fmt.Errorf("sandbox %s uses unknown backend %q", rec.ID, rec.Backend)
+	}
+	inst, err := instance(rec)
+	return drv, inst, err
+}
+
+// Delete stops the VM and removes every file it made, and its record.
+func (m *Manager) Delete(ctx context.Context, id string) error {
+	rec, err := m.store.Get(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound(id)
+	}
+	if err != nil {
+		return err
+	}
+	unlock := m.lock(id)
+	defer unlock()
+	drv, ok := m.drivers[rec.Backend]
+	if !ok {
+		return fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
+	}
+	if err := m.destroy(ctx, drv, rec); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	delete(m.locks, id)
+	m.mu.Unlock()
+	return nil
+}
+
+// destroy kills the VM, removes its directory, then its record, in that
+// order, so a failure part-way leaves a record that Delete can retry.
+func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record) error {
+	m.dropClient(rec.ID)
+	if inst, err := instance(rec); err == nil {
+		if err := drv.Kill(ctx, inst); err != nil {
+			return fmt.Errorf("stop sandbox %s: %w", rec.ID, err)
+		}
+	}
+	if rec.Dir != "" {
+		if err := os.RemoveAll(rec.Dir); err != nil {
+			return fmt.Errorf("remove sandbox %s files: %w", rec.ID, err)
+		}
+	}
+	if err := m.store.Delete(ctx, rec.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("remove sandbox %s record: %w", rec.ID, err)
+	}
+	return nil
+}

@@ -1,0 +1,40 @@
+package sandbox_test
+
+import (
+	"context"
+	"os"
+	"testing"
+
+	"github.com/smolvm/smolvm/internal/sandbox"
+	"github.com/smolvm/smolvm/internal/testenv"
+)
+
+// A sandbox must keep answering as processes come and go: each new Manager
+// opens a fresh session with the agent after the last one disconnected.
+func TestReconnect(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	m := testenv.ManagerAt(t, d)
+	info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	for i := range 8 {
+		m2, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := m2.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "echo round"})
+		if err != nil || string(res.Stdout) != "round\n" {
+			b, _ := os.ReadFile(d.Sandbox(info.ID) + "/console.log")
+			t.Fatalf("round %d: %v %q\nconsole:\n%s", i, err, res.Stdout, b)
+		}
+		m2.Close()
+	}
+	m3 := testenv.ManagerAt(t, d)
+	if err := m3.Delete(ctx, info.ID); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,131 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Status is a sandbox's lifecycle state.
+type Status string
+
+const (
+	StatusCreating Status = "creating"
+	StatusRunning  Status = "running"
+	StatusStopped  Status = "stopped"
+	StatusError    Status = "error"
+)
+
+// Shell selects how a command string is run in the guest.
+type Shell string
+
+const (
+	// ShellLogin runs the command through the image's login shell (bash, else
+	// sh) so /etc/profile applies.
+	ShellLogin Shell = "login"
+	// ShellRaw splits the command like a POSIX shell would and runs the argv
+	// directly, with no shell in between.
+	ShellRaw Shell = "raw"
+)
+
+// Limits enforced on create and exec requests.
+const (
+	MinMemoryMiB   = 128
+	MaxMemoryMiB   = 16384
+	MinVCPUs       = 1
+	MaxVCPUs       = 32
+	MinDiskMiB     = 128
+	MaxDiskMiB     = 1 << 20 // 1 TiB; the overlay is sparse
+	MinTimeoutSec  = 1
+	MaxTimeoutSec  = 3600
+	DefaultTimeout = 30 * time.Second
+)
+
+// Defaults applied when a create request leaves a field out.
+const (
+	DefaultMemoryMiB = 512
+	DefaultDiskMiB   = 1024
+	DefaultVCPUs     = 1
+	DefaultBackend   = "qemu"
+)
+
+// CreateRequest describes a sandbox to create. Zero values take defaults.
+type CreateRequest struct {
+	OS          string // "" (default Linux), "alpine", "ubuntu", "debian", "windows"
+	Image       string // image reference; "" for the OS default
+	MemoryMiB   int
+	DiskSizeMiB int
+	VCPUs       int
+	Backend     string // "" (default), "qemu", "firecracker", "libkrun"
+}
+
+// Info is what is known about one sandbox.
+type Info struct {
+	ID          string
+	Status      Status
+	OS          string
+	Image       string
+	Backend     string
+	MemoryMiB   int
+	DiskSizeMiB int
+	VCPUs       int
+	PID         int
+	CreatedAt   time.Time
+	// Error explains StatusError.
+	Error string
+}
+
+// ExecRequest is one command to run in a sandbox.
+type ExecRequest struct {
+	Command string
+	Timeout time.Duration // 0 means DefaultTimeout
+	Shell   Shell         // "" means ShellLogin
+}
+
+// ExecResult is the outcome of a command. A non-zero ExitCode is a normal
+// result, not an error.
+type ExecResult struct {
+	ExitCode int
+	Stdout   []byte
+	Stderr   []byte
+	// TimedOut is set when the command ran past its timeout and was killed;
+	// Stdout and Stderr then hold what it wrote before that.
+	TimedOut bool
+	Duration time.Duration
+}
+
+// Kind classifies an Error so each door (HTTP, CLI, library) can map it.
+type Kind int
+
+const (
+	KindInvalid     Kind = iota + 1 // bad input: 400/422
+	KindNotFound                    // unknown sandbox: 404
+	KindConflict                    // wrong state for the operation: 409
+	KindUnavailable                 // valid request, but this host lacks something: 4xx naming it
+	KindInternal                    // our fault or the VM's: 500
+)
+
+// Error is a failure with a stable machine-readable code.
+type Error struct {
+	Kind    Kind
+	Code    string // stable, snake_case, e.g. "invalid_memory", "sandbox_not_found"
+	Field   string // the request field at fault, if any
+	Message string // what happened and what to do, for a person
+	Err     error  // underlying cause, if any
+}
+
+func (e *Error) Error() string {
+	if e.Err != nil {
+		return fmt.Sprintf("%s: %v", e.Message, e.Err)
+	}
+	return e.Message
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// AsError returns the *Error in err's chain, if any.
+func AsError(err error) (*Error, bool) {
+	var e *Error
+	ok := errors.As(err, &e)
+	return e, ok
+}

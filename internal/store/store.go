@@ -1,0 +1,286 @@
+// Package store records sandboxes in a SQLite file so that they outlive the
+// process that created them: a restarted server, or the CLI running beside it,
+// sees the same sandboxes.
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	sqlite "modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+// ErrNotFound is returned when no sandbox has the requested id.
+var ErrNotFound = errors.New("sandbox not found")
+
+// ErrExists is returned by Insert when a sandbox with the same id is recorded.
+var ErrExists = errors.New("sandbox already exists")
+
+// Record is one sandbox as stored.
+type Record struct {
+	ID          string
+	Status      string
+	OS          string
+	Image       string
+	Backend     string
+	MemoryMiB   int
+	DiskSizeMiB int
+	VCPUs       int
+	PID         int
+	// Dir is the sandbox's directory.
+	Dir string
+	// Runtime is backend-specific JSON (sockets, paths) owned by the VM
+	// layer; the store keeps it verbatim.
+	Runtime   string
+	Error     string
+	CreatedAt time.Time
+	UpdatedAt time.Time
+}
+
+// Store is a handle on the database file. It is safe for concurrent use, and
+// several Stores (in one process or several) may share one file.
+type Store struct {
+	db *sql.DB
+}
+
+// busyTimeout is how long a connection waits for another writer (possibly in
+// another process) before giving up with SQLITE_BUSY. Writes are single small
+// rows, so waiting this long means something is badly stuck.
+const busyTimeout = 10 * time.Second
+
+// migrations are applied in order; PRAGMA user_version records how many have
+// run. Append only: never edit a migration that has shipped.
+var migrations = []string{
+	`CREATE TABLE sandboxes (
+		id            TEXT PRIMARY KEY NOT NULL,
+		status        TEXT NOT NULL,
+		os            TEXT NOT NULL DEFAULT '',
+		image         TEXT NOT NULL DEFAULT '',
+		backend       TEXT NOT NULL DEFAULT '',
+		memory_mib    INTEGER NOT NULL DEFAULT 0,
+		disk_size_mib INTEGER NOT NULL DEFAULT 0,
+		vcpus         INTEGER NOT NULL DEFAULT 0,
+		pid           INTEGER NOT NULL DEFAULT 0,
+		dir           TEXT NOT NULL DEFAULT '',
+		runtime       TEXT NOT NULL DEFAULT '',
+		error         TEXT NOT NULL DEFAULT '',
+		created_at    INTEGER NOT NULL, -- Unix nanoseconds
+		updated_at    INTEGER NOT NULL  -- Unix nanoseconds
+	) STRICT`,
+	`CREATE INDEX sandboxes_created ON sandboxes (created_at, id)`,
+}
+
+// Open opens (creating if needed) the database at path and brings its schema
+// up to date.
+func Open(ctx context.Context, path string) (*Store, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(abs), 0o700); err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	// A file: URI so that any character in the path is escaped rather than
+	// read as the start of the parameters. WAL lets readers proceed while one
+	// writer writes; busy_timeout makes writers from other connections and
+	// processes wait their turn instead of failing; BEGIN IMMEDIATE takes the
+	// write lock up front so a read-then-write transaction cannot deadlock
+	// with another one.
+	u := url.URL{Scheme: "file", Path: filepath.ToSlash(abs)}
+	q := url.Values{}
+	q.Set("_busy_timeout", fmt.Sprint(busyTimeout.Milliseconds()))
+	q.Set("_journal_mode", "WAL")
+	q.Set("_synchronous", "NORMAL")
+	q.Set("_txlock", "immediate")
+	dsn := u.String() + "?" + q.Encode()
+
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", abs, err)
+	}
+	s := &Store{db: db}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", abs, err)
+	}
+	return s, nil
+}
+
+// migrate applies the migrations the file has not seen yet, in one
+// transaction so that two processes opening a new file at once cannot both
+// create the schema.
+func (s *Store) migrate(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin migration: %w", err)
+	}
+	defer tx.Rollback()
+
+	var version int
+	if err := tx.QueryRowContext(ctx, `PRAGMA user_version`).Scan(&version); err != nil {
+		return fmt.Errorf("read schema version: %w", err)
+	}
+	if version > len(migrations) {
+		return fmt.Errorf("schema version %d is newer than this program knows (%d); upgrade smolvm", version, len(migrations))
+	}
+	for i := version; i < len(migrations); i++ {
+		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+			return fmt.Errorf("apply migration %d: %w", i+1, err)
+		}
+	}
+	if version == len(migrations) {
+		return nil
+	}
+	// PRAGMA does not take bound parameters; the value is our own integer.
+	if _, err := tx.ExecContext(ctx, fmt.Sprintf(`PRAGMA user_version = %d`, len(migrations))); err != nil {
+		return fmt.Errorf("record schema version: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit migration: %w", err)
+	}
+	return nil
+}
+
+// Close closes the database.
+func (s *Store) Close() error {
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("close store: %w", err)
+	}
+	return nil
+}
+
+const columns = `id, status, os, image, backend, memory_mib, disk_size_mib, vcpus, pid, dir, runtime, error, created_at, updated_at`
+
+// Insert records a new sandbox. CreatedAt and UpdatedAt default to now. It
+// returns an error wrapping ErrExists if the id is taken.
+func (s *Store) Insert(ctx context.Context, r Record) error {
+	if r.ID == "" {
+		return errors.New("insert sandbox: empty id")
+	}
+	now := time.Now()
+	if r.CreatedAt.IsZero() {
+		r.CreatedAt = now
+	}
+	if r.UpdatedAt.IsZero() {
+		r.UpdatedAt = r.CreatedAt
+	}
+	_, err := s.db.ExecContext(ctx,
+		`INSERT INTO sandboxes (`+columns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		r.ID, r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
+		r.Dir, r.Runtime, r.Error, r.CreatedAt.UnixNano(), r.UpdatedAt.UnixNano())
+	if err != nil {
+		if isConstraint(err) {
+			return fmt.Errorf("insert sandbox %s: %w", r.ID, ErrExists)
+		}
+		return fmt.Errorf("insert sandbox %s: %w", r.ID, err)
+	}
+	return nil
+}
+
+// Update replaces every field of the recorded sandbox r.ID except CreatedAt,
+// and sets UpdatedAt to now. It returns an error wrapping ErrNotFound if
+// there is no such sandbox.
+func (s *Store) Update(ctx context.Context, r Record) error {
+	res, err := s.db.ExecContext(ctx,
+		`UPDATE sandboxes SET status = ?, os = ?, image = ?, backend = ?, memory_mib = ?,
+			disk_size_mib = ?, vcpus = ?, pid = ?, dir = ?, runtime = ?, error = ?, updated_at = ?
+		WHERE id = ?`,
+		r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
+		r.Dir, r.Runtime, r.Error, time.Now().UnixNano(), r.ID)
+	if err != nil {
+		return fmt.Errorf("update sandbox %s: %w", r.ID, err)
+	}
+	return affectedOne(res, "update", r.ID)
+}
+
+// Get returns the sandbox with the given id, or an error wrapping
+// ErrNotFound.
+func (s *Store) Get(ctx context.Context, id string) (Record, error) {
+	row := s.db.QueryRowContext(ctx, `SELECT `+columns+` FROM sandboxes WHERE id = ?`, id)
+	r, err := scan(row)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Record{}, fmt.Errorf("get sandbox %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("get sandbox %s: %w", id, err)
+	}
+	return r, nil
+}
+
+// List returns every recorded sandbox, oldest first.
+func (s *Store) List(ctx context.Context) ([]Record, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+columns+` FROM sandboxes ORDER BY created_at, id`)
+	if err != nil {
+		return nil, fmt.Errorf("list sandboxes: %w", err)
+	}
+	defer rows.Close()
+	out := []Record{}
+	for rows.Next() {
+		r, err := scan(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list sandboxes: %w", err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list sandboxes: %w", err)
+	}
+	return out, nil
+}
+
+// Delete removes the sandbox's record. It returns an error wrapping
+// ErrNotFound if there is none, so that two concurrent deletes can tell
+// which one won.
+func (s *Store) Delete(ctx context.Context, id string) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM sandboxes WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("delete sandbox %s: %w", id, err)
+	}
+	return affectedOne(res, "delete", id)
+}
+
+func affectedOne(res sql.Result, op, id string) error {
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("%s sandbox %s: %w", op, id, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("%s sandbox %s: %w", op, id, ErrNotFound)
+	}
+	return nil
+}
+
+type scanner interface {
+	Scan(dest ...any) error
+}
+
+func scan(sc scanner) (Record, error) {
+	var r Record
+	var created, updated int64
+	err := sc.Scan(&r.ID, &r.Status, &r.OS, &r.Image, &r.Backend, &r.MemoryMiB, &r.DiskSizeMiB,
+		&r.VCPUs, &r.PID, &r.Dir, &r.Runtime, &r.Error, &created, &updated)
+	if err != nil {
+		return Record{}, err
+	}
+	r.CreatedAt = time.Unix(0, created).UTC()
+	r.UpdatedAt = time.Unix(0, updated).UTC()
+	return r, nil
+}
+
+// isConstraint reports whether err is a uniqueness (or other constraint)
+// violation.
+func isConstraint(err error) bool {
+	var se *sqlite.Error
+	if errors.As(err, &se) {
+		return se.Code()&0xff == sqlite3.SQLITE_CONSTRAINT
+	}
+	return strings.Contains(err.Error(), "constraint failed")
+}

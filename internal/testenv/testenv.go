@@ -1,0 +1,151 @@
+// Package testenv gives tests a private data directory that reuses the
+// machine's prepared guest kernel and base image, and a freshly built guest
+// agent, so every test boots real VMs without rebuilding what setup made.
+package testenv
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/kernel"
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+// agentBuild holds the one agent binary a test process builds.
+var agentBuild struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// RepoRoot is the module's root directory.
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// AgentPath builds cmd/smolvm-agent once per test process.
+func AgentPath(t testing.TB) string {
+	t.Helper()
+	agentBuild.once.Do(func() {
+		dir, err := os.MkdirTemp("", "smolvm-agent-")
+		if err != nil {
+			agentBuild.err = err
+			return
+		}
+		agentBuild.path = filepath.Join(dir, "smolvm-agent")
+		cmd := exec.Command("go", "build", "-o", agentBuild.path, "./cmd/smolvm-agent")
+		cmd.Dir = RepoRoot()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			agentBuild.err = &buildError{out: string(out), err: err}
+		}
+	})
+	if agentBuild.err != nil {
+		t.Fatalf("build guest agent: %v", agentBuild.err)
+	}
+	return agentBuild.path
+}
+
+type buildError struct {
+	out string
+	err error
+}
+
+func (e *buildError) Error() string { return e.err.Error() + ": " + e.out }
+
+// Shared is the prepared data directory whose kernel and image tests reuse:
+// $SMOLVM_DATA_DIR or the user's default.
+func Shared(t testing.TB) datadir.Dir {
+	t.Helper()
+	d, err := datadir.Default()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// Require skips the test when the machine is not set up to boot guests,
+// naming the command that fixes it. Under CI ($CI set) it fails instead,
+// since CI must have run setup.
+func Require(t testing.TB) datadir.Dir {
+	t.Helper()
+	shared := Shared(t)
+	missing := ""
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		missing = "qemu-system-x86_64 is not installed"
+	} else if _, err := kernel.Default(shared); err != nil {
+		missing = "no guest kernel in " + shared.Path()
+	} else if _, err := image.Cached(shared); err != nil {
+		missing = "the default image is not built in " + shared.Path()
+	}
+	if missing != "" {
+		msg := missing + ": run `scripts/setup.sh` (or `smolvm setup`) first"
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	return shared
+}
+
+// DataDir returns a private data directory for one test whose kernels,
+// images and initramfs caches are the shared, read-mostly ones.
+func DataDir(t testing.TB) datadir.Dir {
+	t.Helper()
+	shared := Require(t)
+	// Sockets live under the data directory and their paths are limited
+	// to 107 bytes, so keep this short rather than under t.TempDir().
+	dir, err := os.MkdirTemp("", "smolvm-t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	d := datadir.Dir(dir)
+	for _, sub := range []struct{ from, to string }{
+		{shared.Kernels(), d.Kernels()},
+		{shared.Images(), d.Images()},
+		{shared.Initramfs(), d.Initramfs()},
+	} {
+		if err := os.MkdirAll(sub.from, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(sub.from, sub.to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return d
+}
+
+// Manager opens a Manager on a fresh DataDir and, when the test ends,
+// deletes every sandbox it still has and closes it.
+func Manager(t testing.TB) *sandbox.Manager {
+	t.Helper()
+	return ManagerAt(t, DataDir(t))
+}
+
+// ManagerAt opens a Manager on d with the test agent; cleanup as Manager.
+func ManagerAt(t testing.TB, d datadir.Dir) *sandbox.Manager {
+	t.Helper()
+	ctx := context.Background()
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: AgentPath(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if list, err := m.List(ctx); err == nil {
+			for _, s := range list {
+				m.Delete(ctx, s.ID)
+			}
+		}
+		m.Close()
+	})
+	return m
+}

@@ -1,0 +1,175 @@
+// Package smolvm creates isolated Linux sandboxes, each a real virtual
+// machine with its own kernel, and runs commands in them.
+//
+//	sb, err := smolvm.New(ctx, smolvm.Config{Memory: 512, DiskSize: 1024})
+//	if err != nil { ... }
+//	defer sb.Delete(ctx)
+//	res, err := sb.Run(ctx, "python3 --version", smolvm.RunOptions{Timeout: 30 * time.Second})
+//	fmt.Print(res.ExitCode, res.Stdout, res.Stderr)
+//
+// Sandboxes outlive the process that created them: Attach finds one again
+// by its id from any later process.
+package smolvm
+
+import (
+	"context"
+	"io"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+// Config describes a sandbox. Zero values take the defaults: the Debian
+// image, 512 MiB of memory, a 1024 MiB disk, 1 vCPU, the qemu backend.
+type Config struct {
+	OS       string // "" or "debian"; "alpine", "ubuntu", "windows" are not supported yet
+	Image    string // image reference; "" for the OS default
+	Memory   int    // MiB, 128..16384
+	DiskSize int    // MiB
+	VCPUs    int    // 1..32
+	Backend  string // "qemu" (default); "firecracker", "libkrun" are not available yet
+	Host     Options
+}
+
+// Options say where smolvm keeps its state and how it runs VMs.
+type Options struct {
+	DataDir   string    // "" for $SMOLVM_DATA_DIR or ~/.local/share/smolvm
+	AgentPath string    // the guest agent binary; "" to find it next to the executable
+	Accel     string    // "kvm" or "tcg"; "" picks KVM only where it really works
+	Progress  io.Writer // human-readable lines about long work, such as a first image build
+}
+
+// Shell selects how Run passes a command to the guest.
+type Shell = sandbox.Shell
+
+const (
+	// ShellLogin runs the command through the image's login shell (bash,
+	// else sh), so /etc/profile applies. The default.
+	ShellLogin = sandbox.ShellLogin
+	// ShellRaw splits the command like a POSIX shell would and runs it
+	// without a shell.
+	ShellRaw = sandbox.ShellRaw
+)
+
+// Status is a sandbox's state: "creating", "running", "stopped", "error".
+type Status = sandbox.Status
+
+// Error is a failure with a stable machine-readable Code.
+type Error = sandbox.Error
+
+// RunOptions tune one command.
+type RunOptions struct {
+	Timeout time.Duration // 0 means 30 s
+	Shell   Shell         // "" means ShellLogin
+	// Stdout and Stderr, when set, receive output as it arrives and the
+	// Result's fields stay empty: for output too large to hold.
+	Stdout, Stderr io.Writer
+}
+
+// Result is a finished command. A non-zero ExitCode is a normal result; a
+// process killed by a signal reports 128+signal.
+type Result struct {
+	ExitCode int
+	Stdout   string
+	Stderr   string
+	// TimedOut is set when the command was killed at its timeout; Stdout
+	// and Stderr hold what it wrote before that.
+	TimedOut bool
+	Duration time.Duration
+}
+
+// Sandbox is a handle on one sandbox VM.
+type Sandbox struct {
+	m  *sandbox.Manager
+	id string
+}
+
+func open(ctx context.Context, o Options) (*sandbox.Manager, error) {
+	return sandbox.Open(ctx, sandbox.Options{
+		DataDir: datadir.Dir(o.DataDir), AgentPath: o.AgentPath, Accel: o.Accel, Progress: o.Progress,
+	})
+}
+
+// New creates a sandbox, boots it, and returns once it answers commands.
+func New(ctx context.Context, cfg Config) (*Sandbox, error) {
+	m, err := open(ctx, cfg.Host)
+	if err != nil {
+		return nil, err
+	}
+	info, err := m.Create(ctx, sandbox.CreateRequest{
+		OS: cfg.OS, Image: cfg.Image, MemoryMiB: cfg.Memory, DiskSizeMiB: cfg.DiskSize,
+		VCPUs: cfg.VCPUs, Backend: cfg.Backend,
+	})
+	if err != nil {
+		m.Close()
+		return nil, err
+	}
+	return &Sandbox{m: m, id: info.ID}, nil
+}
+
+// Attach returns a handle on an existing sandbox, possibly created by
+// another process.
+func Attach(ctx context.Context, id string, o Options) (*Sandbox, error) {
+	m, err := open(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := m.Get(ctx, id); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return &Sandbox{m: m, id: id}, nil
+}
+
+// ID is the sandbox's id, "vm-" and 8 hex digits.
+func (s *Sandbox) ID() string { return s.id }
+
+// Status reports the sandbox's current state.
+func (s *Sandbox) Status(ctx context.Context) (Status, error) {
+	info, err := s.m.Get(ctx, s.id)
+	return info.Status, err
+}
+
+// Run runs command and waits for it to finish or time out.
+func (s *Sandbox) Run(ctx context.Context, command string, o RunOptions) (*Result, error) {
+	req := sandbox.ExecRequest{Command: command, Timeout: o.Timeout, Shell: o.Shell}
+	var res sandbox.ExecResult
+	var err error
+	if o.Stdout != nil || o.Stderr != nil {
+		res, err = s.m.Stream(ctx, s.id, req, orDiscard(o.Stdout), orDiscard(o.Stderr))
+	} else {
+		res, err = s.m.Exec(ctx, s.id, req)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &Result{ExitCode: res.ExitCode, Stdout: string(res.Stdout), Stderr: string(res.Stderr),
+		TimedOut: res.TimedOut, Duration: res.Duration}, nil
+}
+
+func orDiscard(w io.Writer) io.Writer {
+	if w == nil {
+		return io.Discard
+	}
+	return w
+}
+
+// Stop shuts the VM down and keeps its disk.
+func (s *Sandbox) Stop(ctx context.Context) error { return s.m.Stop(ctx, s.id) }
+
+// Start boots a stopped sandbox again.
+func (s *Sandbox) Start(ctx context.Context) error {
+	_, err := s.m.Start(ctx, s.id)
+	return err
+}
+
+// Delete stops the VM, removes everything it made, and releases the handle.
+func (s *Sandbox) Delete(ctx context.Context) error {
+	err := s.m.Delete(ctx, s.id)
+	s.m.Close()
+	return err
+}
+
+// Close releases the handle; the sandbox keeps running.
+func (s *Sandbox) Close() error { return s.m.Close() }

@@ -1,0 +1,344 @@
+package smolvm_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm"
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/kernel"
+	"github.com/smolvm/smolvm/internal/testenv"
+)
+
+func hostOptions(t *testing.T, d datadir.Dir) smolvm.Options {
+	return smolvm.Options{DataDir: d.Path(), AgentPath: testenv.AgentPath(t)}
+}
+
+// newSandbox boots a sandbox in its own data directory and deletes it when
+// the test ends.
+func newSandbox(t *testing.T) (*smolvm.Sandbox, datadir.Dir) {
+	t.Helper()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	sb, err := smolvm.New(ctx, smolvm.Config{Memory: 512, DiskSize: 1024, Host: hostOptions(t, d)})
+	if err != nil {
+		t.Fatalf("create sandbox: %v", err)
+	}
+	t.Cleanup(func() { sb.Delete(ctx) })
+	return sb, d
+}
+
+func run(t *testing.T, sb *smolvm.Sandbox, cmd string, o smolvm.RunOptions) *smolvm.Result {
+	t.Helper()
+	res, err := sb.Run(context.Background(), cmd, o)
+	if err != nil {
+		t.Fatalf("run %q: %v", cmd, err)
+	}
+	return res
+}
+
+func TestRun(t *testing.T) {
+	t.Parallel()
+	sb, d := newSandbox(t)
+	if !strings.HasPrefix(sb.ID(), "vm-") || len(sb.ID()) != 11 || strings.Trim(sb.ID()[3:], "0123456789abcdef") != "" {
+		t.Errorf("id %q is not vm- and 8 lower-case hex digits", sb.ID())
+	}
+
+	t.Run("echo", func(t *testing.T) {
+		res := run(t, sb, "echo hello", smolvm.RunOptions{})
+		if res.ExitCode != 0 || res.Stdout != "hello\n" || res.Stderr != "" {
+			t.Errorf("got exit %d stdout %q stderr %q", res.ExitCode, res.Stdout, res.Stderr)
+		}
+	})
+	t.Run("separate streams and exit code", func(t *testing.T) {
+		res := run(t, sb, `sh -c 'echo out; echo err >&2; exit 3'`, smolvm.RunOptions{})
+		if res.ExitCode != 3 || res.Stdout != "out\n" || res.Stderr != "err\n" {
+			t.Errorf("got exit %d stdout %q stderr %q", res.ExitCode, res.Stdout, res.Stderr)
+		}
+	})
+	t.Run("guest kernel", func(t *testing.T) {
+		k, err := kernel.Default(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var host unix.Utsname
+		unix.Uname(&host)
+		res := run(t, sb, "uname -r", smolvm.RunOptions{})
+		got := strings.TrimSpace(res.Stdout)
+		if got != k.Version {
+			t.Errorf("uname -r = %q, want the guest kernel %q", got, k.Version)
+		}
+		if got == unix.ByteSliceToString(host.Release[:]) {
+			t.Errorf("uname -r = %q is the host's kernel", got)
+		}
+	})
+	t.Run("signal exit code", func(t *testing.T) {
+		res := run(t, sb, "kill -9 $$", smolvm.RunOptions{})
+		if res.ExitCode != 137 {
+			t.Errorf("exit code %d, want 137 (128+SIGKILL)", res.ExitCode)
+		}
+	})
+	t.Run("command not found", func(t *testing.T) {
+		res := run(t, sb, "no-such-command", smolvm.RunOptions{Shell: smolvm.ShellRaw})
+		if res.ExitCode != 127 || !strings.Contains(res.Stderr, "not found") {
+			t.Errorf("got exit %d stderr %q", res.ExitCode, res.Stderr)
+		}
+	})
+	t.Run("hostname", func(t *testing.T) {
+		res := run(t, sb, "hostname", smolvm.RunOptions{})
+		if strings.TrimSpace(res.Stdout) != sb.ID() {
+			t.Errorf("hostname %q, want %q", res.Stdout, sb.ID())
+		}
+	})
+	t.Run("disk grown to disk_size", func(t *testing.T) {
+		res := run(t, sb, "df -m / | tail -1 | awk '{print $2}'", smolvm.RunOptions{})
+		var mib int
+		fmt.Sscan(res.Stdout, &mib)
+		if mib < 900 {
+			t.Errorf("root filesystem is %d MiB, want about 1024", mib)
+		}
+	})
+}
+
+func TestShells(t *testing.T) {
+	t.Parallel()
+	sb, _ := newSandbox(t)
+	run(t, sb, "echo 'export SMOLVM_PROFILE_VAR=from-profile' > /etc/profile.d/smolvm-test.sh", smolvm.RunOptions{})
+
+	login := run(t, sb, "echo $SMOLVM_PROFILE_VAR", smolvm.RunOptions{Shell: smolvm.ShellLogin})
+	if login.Stdout != "from-profile\n" {
+		t.Errorf("login shell: got %q, want the variable from /etc/profile.d", login.Stdout)
+	}
+	raw := run(t, sb, "printenv SMOLVM_PROFILE_VAR", smolvm.RunOptions{Shell: smolvm.ShellRaw})
+	if raw.ExitCode == 0 || raw.Stdout != "" {
+		t.Errorf("raw: got exit %d stdout %q, want the variable unset", raw.ExitCode, raw.Stdout)
+	}
+	argv := run(t, sb, `printf %s "a b"`, smolvm.RunOptions{Shell: smolvm.ShellRaw})
+	if argv.Stdout != "a b" {
+		t.Errorf(`raw printf %%s "a b": got %q, want "a b"`, argv.Stdout)
+	}
+	// No shell means no expansion either.
+	lit := run(t, sb, `echo $HOME`, smolvm.RunOptions{Shell: smolvm.ShellRaw})
+	if lit.Stdout != "$HOME\n" {
+		t.Errorf("raw echo $HOME: got %q, want it unexpanded", lit.Stdout)
+	}
+}
+
+func TestTimeoutAndOutput(t *testing.T) {
+	t.Parallel()
+	sb, _ := newSandbox(t)
+
+	t.Run("timeout kills the process group", func(t *testing.T) {
+		start := time.Now()
+		res := run(t, sb, "echo started; sleep 60 & sleep 60", smolvm.RunOptions{Timeout: 2 * time.Second})
+		took := time.Since(start)
+		if !res.TimedOut {
+			t.Errorf("not marked as timed out: %+v", res)
+		}
+		if res.Stdout != "started\n" {
+			t.Errorf("partial stdout %q, want %q", res.Stdout, "started\n")
+		}
+		// Far below the 60 s the command asked for: it was killed, not
+		// waited for.
+		if took > 30*time.Second {
+			t.Errorf("took %s for a 2 s timeout", took)
+		}
+		ps := run(t, sb, "ps -eo comm | grep -c '^sleep$' || true", smolvm.RunOptions{})
+		if strings.TrimSpace(ps.Stdout) != "0" {
+			t.Errorf("%s sleep processes survived the timeout", strings.TrimSpace(ps.Stdout))
+		}
+		next := run(t, sb, "echo again", smolvm.RunOptions{})
+		if next.ExitCode != 0 || next.Stdout != "again\n" {
+			t.Errorf("next command: %+v", next)
+		}
+	})
+
+	t.Run("4 MiB of output intact", func(t *testing.T) {
+		res := run(t, sb, "head -c 4194304 /dev/urandom > /tmp/blob && sha256sum /tmp/blob | cut -d' ' -f1", smolvm.RunOptions{})
+		want := strings.TrimSpace(res.Stdout)
+		out := run(t, sb, "cat /tmp/blob", smolvm.RunOptions{Timeout: 120 * time.Second})
+		sum := sha256.Sum256([]byte(out.Stdout))
+		if len(out.Stdout) != 4<<20 || hex.EncodeToString(sum[:]) != want {
+			t.Errorf("got %d bytes with sha256 %x, want 4194304 bytes with %s", len(out.Stdout), sum, want)
+		}
+	})
+
+	t.Run("streamed output", func(t *testing.T) {
+		var stdout, stderr strings.Builder
+		res := run(t, sb, "seq 1 3; echo e >&2", smolvm.RunOptions{Stdout: &stdout, Stderr: &stderr})
+		if stdout.String() != "1\n2\n3\n" || stderr.String() != "e\n" || res.ExitCode != 0 {
+			t.Errorf("streamed stdout %q stderr %q exit %d", stdout.String(), stderr.String(), res.ExitCode)
+		}
+	})
+
+	t.Run("20 concurrent commands", func(t *testing.T) {
+		var wg sync.WaitGroup
+		errs := make(chan error, 20)
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, err := sb.Run(context.Background(), fmt.Sprintf("sleep 0.5; echo %d; echo e%d >&2; exit %d", i, i, i%7), smolvm.RunOptions{Timeout: 60 * time.Second})
+				switch {
+				case err != nil:
+					errs <- err
+				case res.Stdout != fmt.Sprintf("%d\n", i) || res.Stderr != fmt.Sprintf("e%d\n", i) || res.ExitCode != i%7:
+					errs <- fmt.Errorf("command %d: got %+v", i, res)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+}
+
+func TestLifecycle(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	sb, err := smolvm.New(ctx, smolvm.Config{Memory: 256, DiskSize: 1024, Host: hostOptions(t, d)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Delete(ctx) })
+	id := sb.ID()
+	dir := d.Sandbox(id)
+	pidBytes, err := os.ReadFile(filepath.Join(dir, "qemu.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := strings.TrimSpace(string(pidBytes))
+
+	t.Run("another process finds and uses it", func(t *testing.T) {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestAttachHelper$", "-test.v")
+		cmd.Env = append(os.Environ(), "SMOLVM_ATTACH_ID="+id, "SMOLVM_ATTACH_DATA="+d.Path(), "SMOLVM_AGENT="+testenv.AgentPath(t))
+		// This process holds the agent's only connection; release it.
+		sb.Close()
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "attached-ok") {
+			t.Fatalf("helper process: %v\n%s", err, out)
+		}
+		sb, err = smolvm.Attach(ctx, id, hostOptions(t, d))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := run(t, sb, "cat /root/from-other-process", smolvm.RunOptions{})
+		if res.Stdout != "hello from another process\n" {
+			t.Errorf("file written by the other process: %q", res.Stdout)
+		}
+	})
+
+	t.Run("stop and start keep the disk", func(t *testing.T) {
+		if err := sb.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := sb.Status(ctx); st != "stopped" {
+			t.Errorf("status after stop: %q", st)
+		}
+		if _, err := sb.Run(ctx, "true", smolvm.RunOptions{}); err == nil {
+			t.Error("run on a stopped sandbox succeeded")
+		} else if e, ok := err.(*smolvm.Error); !ok || e.Code != "sandbox_not_running" {
+			t.Errorf("run on a stopped sandbox: %v", err)
+		}
+		if err := sb.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		res := run(t, sb, "cat /root/from-other-process", smolvm.RunOptions{})
+		if res.Stdout != "hello from another process\n" {
+			t.Errorf("after restart: %q", res.Stdout)
+		}
+		b, _ := os.ReadFile(filepath.Join(dir, "qemu.pid"))
+		pid = strings.TrimSpace(string(b))
+	})
+
+	t.Run("delete leaves nothing", func(t *testing.T) {
+		if err := sb.Delete(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			entries, _ := os.ReadDir(dir)
+			t.Errorf("sandbox directory remains: %v", entries)
+		}
+		if cmdline, err := os.ReadFile("/proc/" + pid + "/cmdline"); err == nil && strings.Contains(string(cmdline), id) {
+			t.Errorf("qemu process %s still runs", pid)
+		}
+		if _, err := smolvm.Attach(ctx, id, hostOptions(t, d)); err == nil {
+			t.Error("attach after delete succeeded")
+		}
+	})
+}
+
+// TestAttachHelper runs in a child process started by TestLifecycle.
+func TestAttachHelper(t *testing.T) {
+	id := os.Getenv("SMOLVM_ATTACH_ID")
+	if id == "" {
+		t.Skip("runs only as the child process of TestLifecycle")
+	}
+	ctx := context.Background()
+	sb, err := smolvm.Attach(ctx, id, smolvm.Options{DataDir: os.Getenv("SMOLVM_ATTACH_DATA")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sb.Close()
+	res, err := sb.Run(ctx, "echo hello from another process > /root/from-other-process && echo attached-ok", smolvm.RunOptions{})
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("run: %v %+v", err, res)
+	}
+	fmt.Print(res.Stdout)
+}
+
+func TestBadConfig(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	cases := []struct {
+		name string
+		cfg  smolvm.Config
+		code string
+	}{
+		{"memory too small", smolvm.Config{Memory: 64}, "invalid_memory"},
+		{"memory too large", smolvm.Config{Memory: 1 << 20}, "invalid_memory"},
+		{"vcpus", smolvm.Config{VCPUs: 64}, "invalid_vcpus"},
+		{"disk smaller than the image", smolvm.Config{DiskSize: 128}, "invalid_disk_size"},
+		{"unknown backend", smolvm.Config{Backend: "bochs"}, "unknown_backend"},
+		{"unavailable backend", smolvm.Config{Backend: "firecracker"}, "backend_unavailable"},
+		{"unknown os", smolvm.Config{OS: "plan9"}, "unknown_os"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			c.cfg.Host = hostOptions(t, d)
+			_, err := smolvm.New(ctx, c.cfg)
+			var e *smolvm.Error
+			if !errors.As(err, &e) || e.Code != c.code || e.Message == "" {
+				t.Fatalf("got %v, want an error with code %s", err, c.code)
+			}
+		})
+	}
+	t.Run("missing kernel", func(t *testing.T) {
+		empty := t.TempDir()
+		_, err := smolvm.New(ctx, smolvm.Config{Host: smolvm.Options{DataDir: empty, AgentPath: testenv.AgentPath(t)}})
+		var e *smolvm.Error
+		if !errors.As(err, &e) || e.Code != "kernel_missing" || !strings.Contains(e.Error(), "smolvm setup") {
+			t.Fatalf("got %v, want kernel_missing naming `smolvm setup`", err)
+		}
+	})
+	entries, _ := os.ReadDir(d.Sandboxes())
+	if len(entries) != 0 {
+		t.Errorf("rejected configs left %d sandbox directories", len(entries))
+	}
+}
