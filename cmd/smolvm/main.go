@@ -28,6 +28,7 @@ func main() {
 		newSetupCmd(),
 		newDoctorCmd(),
 		newKernelCmd(),
+		newBenchCmd(),
 	)
 	if err := root.ExecuteContext(ctx); err != nil {
 		if code, ok := err.(exitCode); ok {

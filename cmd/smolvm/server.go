@@ -179,6 +179,7 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if err := srv.Shutdown(grace); err != nil {
 		// Out of patience: cancel what is still running, give handlers a
 		// moment to answer, then drop the connections.
+		fmt.Fprintln(stderr, "smolvm: cancelling requests still in flight")
 		cancelRequests()
 		drain, cancelDrain := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancelDrain()

@@ -23,6 +23,7 @@ const (
 type bootParams struct {
 	hostname string
 	rootFS   string
+	probe    string
 }
 
 func readBootParams() bootParams {
@@ -41,6 +42,8 @@ func readBootParams() bootParams {
 			p.hostname = v
 		case "smolvm.rootfs":
 			p.rootFS = v
+		case "smolvm.probe":
+			p.probe = v
 		}
 	}
 	return p

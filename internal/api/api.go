@@ -48,14 +48,25 @@ func init() {
 	// the OpenAPI document from them; they must be replaced before any API
 	// is built.
 	huma.NewError = newHumaError
-	huma.NewErrorWithContext = func(hctx huma.Context, status int, msg string, errs ...error) huma.StatusError {
-		se := newHumaError(status, msg, errs...)
-		if p, ok := se.(*Problem); ok && p.Instance == "" && hctx != nil && status != 0 {
-			u := hctx.URL()
-			p.Instance = u.Path
-		}
-		return se
+	huma.NewErrorWithContext = func(_ huma.Context, status int, msg string, errs ...error) huma.StatusError {
+		return newHumaError(status, msg, errs...)
 	}
+}
+
+// setInstance fills in the request path of every problem huma writes, so
+// handlers need not know it.
+func setInstance(hctx huma.Context, _ string, v any) (any, error) {
+	var p *Problem
+	switch e := v.(type) {
+	case *Problem:
+		p = e
+	case *CommandTimeoutProblem:
+		p = &e.Problem
+	}
+	if p != nil && p.Instance == "" {
+		p.Instance = hctx.URL().Path
+	}
+	return v, nil
 }
 
 // New returns the HTTP handler serving m. m may be nil only to render the
@@ -132,6 +143,7 @@ func newAPI(mux *http.ServeMux, m *sandbox.Manager) huma.API {
 	}
 	// Either the bearer token or nothing: the token is optional.
 	config.Security = []map[string][]string{{"bearerAuth": {}}, {}}
+	config.Transformers = []huma.Transformer{setInstance}
 	config.Tags = []*huma.Tag{{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."}}
 
 	hapi := humago.New(mux, config)

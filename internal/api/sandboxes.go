@@ -20,7 +20,7 @@ type CreateSandboxRequest struct {
 	OS       string   `json:"os,omitempty" enum:"alpine,ubuntu,debian,windows" example:"ubuntu" doc:"Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run."`
 	Image    string   `json:"image,omitempty" maxLength:"4096" example:"docker.io/library/python:3.11-slim" doc:"Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image."`
 	Memory   int      `json:"memory,omitempty" minimum:"128" maximum:"16384" default:"512" example:"512" doc:"Guest memory in MiB."`
-	DiskSize int      `json:"disk_size,omitempty" minimum:"256" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
+	DiskSize int      `json:"disk_size,omitempty" minimum:"128" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
 	Backend  string   `json:"backend,omitempty" enum:"firecracker,qemu,libkrun" default:"qemu" example:"qemu" doc:"Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing."`
 	VCPUs    int      `json:"vcpus,omitempty" minimum:"1" maximum:"32" default:"1" example:"2" doc:"Number of virtual CPUs."`
 }
@@ -91,7 +91,7 @@ type handlers struct {
 }
 
 func registerSandboxes(hapi huma.API, h *handlers) {
-	common := []int{http.StatusUnauthorized, http.StatusForbidden, http.StatusInternalServerError}
+	common := []int{http.StatusUnauthorized, http.StatusForbidden, http.StatusInternalServerError, http.StatusServiceUnavailable}
 	withBody := []int{http.StatusBadRequest, http.StatusUnsupportedMediaType, http.StatusRequestEntityTooLarge, http.StatusUnprocessableEntity}
 	errs := func(codes ...[]int) []int {
 		var out []int
@@ -262,6 +262,13 @@ func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error)
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
+	if ctx.Err() != nil && !res.TimedOut {
+		// The command was killed because this request was cancelled (the
+		// server is shutting down, or the client left): its exit status
+		// is not the command's own.
+		return nil, newProblem(http.StatusServiceUnavailable, CodeShuttingDown,
+			"the command was killed because the request was cancelled before it finished (the server is shutting down)")
+	}
 	if res.TimedOut {
 		p := &CommandTimeoutProblem{
 			Problem: *newProblem(http.StatusRequestTimeout, CodeCommandTimeout,
@@ -272,7 +279,6 @@ func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error)
 			DurationMS: res.Duration.Milliseconds(),
 		}
 		p.Field = "timeout"
-		p.Instance = "/sandboxes/" + in.ID + "/exec"
 		return nil, p
 	}
 	return &execOutput{Body: ExecResult{

@@ -674,3 +674,17 @@ func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record)
 	}
 	return nil
 }
+
+// BootSpec returns the kernel, initramfs, command line and accelerator a
+// new sandbox of memMiB would boot with, without starting anything. The
+// benchmark boots it bare as its baseline.
+func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Spec, error) {
+	a, err := m.assets(ctx, MaxDiskMiB)
+	if err != nil {
+		return vmm.Spec{}, err
+	}
+	return vmm.Spec{
+		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("probe"),
+		BaseImage: a.base.Path, MemoryMiB: memMiB, VCPUs: DefaultVCPUs, Accel: a.accel,
+	}, nil
+}

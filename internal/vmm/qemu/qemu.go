@@ -71,11 +71,11 @@ func (d *Driver) CreateDisk(ctx context.Context, spec vmm.Spec) error {
 	return nil
 }
 
-// Args builds the QEMU command line for spec.
-func Args(spec vmm.Spec) []string {
-	p := paths(spec.Dir)
+// machineArgs is the VM itself: machine, accelerator, CPU, memory, firmware
+// and kernel. Args and ProbeArgs share it so the baseline boots exactly the
+// VM that sandboxes do.
+func machineArgs(spec vmm.Spec) []string {
 	args := []string{
-		"-name", spec.ID + ",process=smolvm-" + spec.ID,
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-m", strconv.Itoa(spec.MemoryMiB),
 		"-smp", strconv.Itoa(spec.VCPUs),
@@ -89,13 +89,25 @@ func Args(spec vmm.Spec) []string {
 		}
 		args = append(args, "-machine", "q35", "-accel", tcg, "-cpu", "max")
 	}
+	// vmgenid would be wanted for clones, but qboot hangs with it.
 	if _, err := os.Stat(qbootROM); err == nil {
 		args = append(args, "-bios", qbootROM)
 	}
-	args = append(args,
+	return append(args,
 		"-kernel", spec.Kernel,
 		"-initrd", spec.Initrd,
 		"-append", spec.Cmdline,
+		// A guest that powers off or panics ends the process, so a dead
+		// guest is never mistaken for a running one.
+		"-no-reboot",
+	)
+}
+
+// Args builds the QEMU command line for a sandbox.
+func Args(spec vmm.Spec) []string {
+	p := paths(spec.Dir)
+	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec)...)
+	return append(args,
 		"-drive", "file="+p.Disk+",if=none,id=root,format=qcow2,discard=unmap",
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-serial-pci,id=vser",
@@ -103,13 +115,20 @@ func Args(spec vmm.Spec) []string {
 		"-device", "virtserialport,bus=vser.0,chardev=agent,name="+wire.PortName,
 		"-qmp", "unix:"+p.QMPSocket+",server=on,wait=off",
 		"-serial", "file:"+p.Console,
-		// A guest that powers off or panics ends the process, so a dead
-		// guest is never mistaken for a running one.
-		"-no-reboot",
 		"-daemonize", "-pidfile", filepath.Join(spec.Dir, "qemu.pid"),
 	)
-	return args
 }
+
+// ProbeArgs boots spec's kernel and initramfs with no devices; with
+// "smolvm.probe=poweroff" on the command line the agent powers off the
+// moment it starts as /init, so the process's run time is the raw cost of
+// booting this kernel to /init.
+func ProbeArgs(spec vmm.Spec) []string {
+	return append(machineArgs(spec), "-serial", "none")
+}
+
+// Binary is the QEMU system emulator the driver runs.
+func Binary() string { return qemuBinary }
 
 func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
 	inst := paths(spec.Dir)

@@ -1,0 +1,51 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/smolvm/smolvm/internal/bench"
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/sandbox"
+)
+
+func newBenchCmd() *cobra.Command {
+	o := bench.Options{}
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure sandbox creation and command latency against a raw QEMU boot",
+		Long: `Boots the guest kernel bare (the baseline), then creates sandboxes and runs
+commands through the library and the HTTP API, and prints medians and p95s
+with each figure's ratio to its baseline. Machines are noisy: compare
+medians from one run, not figures from different runs.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			d, err := datadir.Default()
+			if err != nil {
+				return err
+			}
+			m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: os.Stderr})
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			r, err := bench.Run(ctx, m, o, os.Stderr)
+			if err != nil {
+				return err
+			}
+			host, _ := os.Hostname()
+			fmt.Printf("smolvm bench, %s, %s, %d CPUs, %s/%s\n\n", time.Now().UTC().Format("2006-01-02"), host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH)
+			r.Print(os.Stdout)
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&o.Boots, "boots", 5, "cold boots and creates to time")
+	cmd.Flags().IntVar(&o.RoundTrip, "round-trips", 50, "commands to time for each round-trip figure")
+	cmd.Flags().IntVar(&o.MemoryMiB, "memory", 512, "guest memory in MiB")
+	return cmd
+}

@@ -1,0 +1,194 @@
+// Package bench measures what users of smolvm wait for — creating a sandbox
+// and running a command in it — beside a baseline measured in the same run:
+// QEMU booting the same kernel to /init with nothing else.
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os/exec"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/api"
+	"github.com/smolvm/smolvm/internal/sandbox"
+	"github.com/smolvm/smolvm/internal/vmm/qemu"
+)
+
+// Options size a run.
+type Options struct {
+	Boots     int // cold boots and creates to time (median of these)
+	RoundTrip int // commands to time for round trips
+	MemoryMiB int
+}
+
+// Figure is one measured quantity.
+type Figure struct {
+	Name    string
+	Samples []time.Duration
+}
+
+// Median of the samples.
+func (f Figure) Median() time.Duration { return percentile(f.Samples, 50) }
+
+// P95 of the samples.
+func (f Figure) P95() time.Duration { return percentile(f.Samples, 95) }
+
+func percentile(s []time.Duration, p int) time.Duration {
+	if len(s) == 0 {
+		return 0
+	}
+	c := slices.Clone(s)
+	slices.Sort(c)
+	i := (len(c)*p + 99) / 100
+	return c[max(0, min(len(c)-1, i-1))]
+}
+
+// Result is a whole run.
+type Result struct {
+	Baseline      Figure // raw QEMU boot to /init
+	Create        Figure // library: create to first command answered
+	RoundTrip     Figure // library: run `true`
+	HTTPRoundTrip Figure // HTTP: POST /sandboxes/{id}/exec `true`
+	List          Figure // library: List
+	HTTPList      Figure // HTTP: GET /sandboxes
+}
+
+// Run measures, printing progress lines to log.
+func Run(ctx context.Context, m *sandbox.Manager, o Options, log io.Writer) (*Result, error) {
+	r := &Result{
+		Baseline:      Figure{Name: "raw QEMU boot to /init (baseline)"},
+		Create:        Figure{Name: "create to first command (library)"},
+		RoundTrip:     Figure{Name: "command round trip `true` (library)"},
+		HTTPRoundTrip: Figure{Name: "command round trip `true` (HTTP)"},
+		List:          Figure{Name: "list sandboxes (library)"},
+		HTTPList:      Figure{Name: "GET /sandboxes (HTTP)"},
+	}
+	spec, err := m.BootSpec(ctx, o.MemoryMiB)
+	if err != nil {
+		return nil, err
+	}
+	spec.Cmdline += " smolvm.probe=poweroff"
+	fmt.Fprintf(log, "baseline: %d raw boots of %s...\n", o.Boots, spec.Kernel)
+	for range o.Boots {
+		start := time.Now()
+		bctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+		out, err := exec.CommandContext(bctx, qemu.Binary(), qemu.ProbeArgs(spec)...).CombinedOutput()
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("baseline boot: %v: %s", err, out)
+		}
+		r.Baseline.Samples = append(r.Baseline.Samples, time.Since(start))
+	}
+
+	fmt.Fprintf(log, "cold creates: %d sandboxes of %d MiB...\n", o.Boots, o.MemoryMiB)
+	var keep string
+	for i := range o.Boots {
+		start := time.Now()
+		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: o.MemoryMiB})
+		if err != nil {
+			return nil, err
+		}
+		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+		if err != nil {
+			m.Delete(ctx, info.ID)
+			return nil, err
+		}
+		r.Create.Samples = append(r.Create.Samples, time.Since(start))
+		if i == 0 {
+			keep = info.ID
+			continue
+		}
+		if err := m.Delete(ctx, info.ID); err != nil {
+			return nil, err
+		}
+	}
+	defer m.Delete(context.WithoutCancel(ctx), keep)
+
+	fmt.Fprintf(log, "round trips: %d commands...\n", o.RoundTrip)
+	for range o.RoundTrip {
+		start := time.Now()
+		if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw}); err != nil {
+			return nil, err
+		}
+		r.RoundTrip.Samples = append(r.RoundTrip.Samples, time.Since(start))
+		start = time.Now()
+		if _, err := m.List(ctx); err != nil {
+			return nil, err
+		}
+		r.List.Samples = append(r.List.Samples, time.Since(start))
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	srv := &http.Server{Handler: api.New(m, api.Options{Addr: ln.Addr().String()})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	base := "http://" + ln.Addr().String()
+	client := &http.Client{Timeout: time.Minute}
+	body, _ := json.Marshal(map[string]any{"command": "true", "shell": "raw"})
+	for range o.RoundTrip {
+		start := time.Now()
+		if err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+keep+"/exec", body); err != nil {
+			return nil, err
+		}
+		r.HTTPRoundTrip.Samples = append(r.HTTPRoundTrip.Samples, time.Since(start))
+		start = time.Now()
+		if err := call(ctx, client, http.MethodGet, base+"/sandboxes", nil); err != nil {
+			return nil, err
+		}
+		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
+	}
+	return r, nil
+}
+
+func call(ctx context.Context, c *http.Client, method, url string, body []byte) error {
+	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s %s: %s: %s", method, url, resp.Status, strings.TrimSpace(string(b)))
+	}
+	return nil
+}
+
+// Print writes the figures as a table, each against its baseline.
+func (r *Result) Print(w io.Writer) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "measure\tn\tmedian\tp95\tratio")
+	row := func(f Figure, base Figure, what string) {
+		ratio := ""
+		if base.Median() > 0 && what != "" {
+			ratio = fmt.Sprintf("%.2fx %s", float64(f.Median())/float64(base.Median()), what)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", f.Name, len(f.Samples), ms(f.Median()), ms(f.P95()), ratio)
+	}
+	row(r.Baseline, Figure{}, "")
+	row(r.Create, r.Baseline, "of raw boot")
+	row(r.RoundTrip, Figure{}, "")
+	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
+	row(r.List, Figure{}, "")
+	row(r.HTTPList, r.List, "of library")
+	tw.Flush()
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000) }
