@@ -158,7 +158,9 @@ Several arguments are quoted so that each stays one word.`,
   smolvm sandbox exec vm-a1b2c3d4 --timeout 300 -- 'apt-get update && apt-get install -y curl'`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if cmd.ArgsLenAtDash() != 1 {
+			// "--" is needed only when the command has arguments that look
+			// like flags; it must come right after the id.
+			if dash := cmd.ArgsLenAtDash(); dash != -1 && dash != 1 {
 				return errors.New("usage: smolvm sandbox exec ID -- COMMAND [ARG...]")
 			}
 			if timeout < sandbox.MinTimeoutSec || timeout > sandbox.MaxTimeoutSec {

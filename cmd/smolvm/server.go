@@ -93,7 +93,7 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if c.port < 0 || c.port > 65535 {
 		return fmt.Errorf("--port %d is not a TCP port (0 to 65535)", c.port)
 	}
-	if !serverIsLoopback(c.host) && c.token == "" {
+	if !api.IsLoopback(c.host) && c.token == "" {
 		return fmt.Errorf("--host %s is reachable from other machines: set --token or $SMOLVM_TOKEN so that only holders of the token can create sandboxes and run commands, or use --host 127.0.0.1", c.host)
 	}
 
@@ -196,14 +196,4 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 		return fmt.Errorf("close sandbox manager: %w", err)
 	}
 	return nil
-}
-
-// serverIsLoopback reports whether host only accepts connections from this
-// machine.
-func serverIsLoopback(host string) bool {
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

@@ -9,6 +9,9 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
 
 	"github.com/smolvm/smolvm/internal/sandbox"
 )
@@ -418,5 +421,27 @@ func TestSnake(t *testing.T) {
 		if got := snake(in); got != want {
 			t.Errorf("snake(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// A request without a body must keep its context however long the handler
+// runs, even though huma sets a read deadline for operations that accept an
+// optional body (POST /sandboxes without one).
+func TestNoBodyRequestNotCancelledByReadDeadline(t *testing.T) {
+	t.Parallel()
+	for _, body := range []any{nil, `{}`} {
+		errs := make(chan error, 1)
+		h := newGuard(Options{}).wrap(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			huma.SetReadDeadline(w, time.Now().Add(20*time.Millisecond))
+			io.Copy(io.Discard, r.Body)
+			time.Sleep(300 * time.Millisecond)
+			errs <- r.Context().Err()
+		}))
+		srv := httptest.NewServer(h)
+		r := do(t, http.MethodPost, srv.URL+"/sandboxes", body, nil)
+		if err := <-errs; err != nil {
+			t.Errorf("body %v: request context ended while the handler ran: %v (status %d)", body, err, r.Status)
+		}
+		srv.Close()
 	}
 }

@@ -25,15 +25,18 @@ type guard struct {
 	anyLoopbackPort bool
 }
 
-// public routes stay open without a token: they describe the API and reveal
-// nothing about sandboxes.
-var publicPaths = map[string]bool{
-	"/openapi.json": true,
-	"/openapi.yaml": true,
-	"/docs":         true,
+// isPublic reports the routes that stay open without a token: they describe
+// the API and reveal nothing about sandboxes.
+func isPublic(path string) bool {
+	switch path {
+	case "/openapi.json", "/openapi.yaml", "/docs":
+		return true
+	}
+	return false
 }
 
-var loopbackNames = []string{"localhost", "127.0.0.1", "[::1]"}
+// loopbackNames are the Host names by which a loopback server is reached.
+func loopbackNames() []string { return []string{"localhost", "127.0.0.1", "[::1]"} }
 
 func newGuard(opts Options) *guard {
 	g := &guard{}
@@ -52,9 +55,9 @@ func newGuard(opts Options) *guard {
 		g.hosts = map[string]bool{}
 		g.anyLoopbackPort = true
 		extra()
-	case isLoopback(host):
+	case IsLoopback(host):
 		g.hosts = map[string]bool{}
-		names := append([]string{hostForURL(host)}, loopbackNames...)
+		names := append([]string{hostForURL(host)}, loopbackNames()...)
 		for _, n := range names {
 			g.hosts[strings.ToLower(n)+":"+port] = true
 			if port == "80" {
@@ -64,7 +67,7 @@ func newGuard(opts Options) *guard {
 		extra()
 	case len(opts.AllowedHosts) > 0:
 		g.hosts = map[string]bool{}
-		for _, n := range loopbackNames {
+		for _, n := range loopbackNames() {
 			g.hosts[n+":"+port] = true
 		}
 		extra()
@@ -72,9 +75,9 @@ func newGuard(opts Options) *guard {
 	return g
 }
 
-// isLoopback reports whether host (a name or an IP) can only be reached from
-// this machine.
-func isLoopback(host string) bool {
+// IsLoopback reports whether host (a name or an IP, IPv6 with or without
+// brackets) can only be reached from this machine.
+func IsLoopback(host string) bool {
 	if strings.EqualFold(host, "localhost") {
 		return true
 	}
@@ -100,7 +103,7 @@ func (g *guard) hostAllowed(hostHeader string) bool {
 		if n, _, err := net.SplitHostPort(h); err == nil {
 			name = hostForURL(n)
 		}
-		for _, l := range loopbackNames {
+		for _, l := range loopbackNames() {
 			if name == l {
 				return true
 			}
@@ -125,7 +128,7 @@ func (g *guard) wrap(next http.Handler) http.Handler {
 				reason+"; the API refuses requests made by web pages from other origins"))
 			return
 		}
-		if g.hasToken && !publicPaths[r.URL.Path] && !g.tokenOK(r) {
+		if g.hasToken && !isPublic(r.URL.Path) && !g.tokenOK(r) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="smolvm"`)
 			writeProblem(w, r, newProblem(http.StatusUnauthorized, CodeUnauthorized,
 				"this server requires a token: send the header \"Authorization: Bearer <token>\" with the token the server was started with"))
@@ -139,9 +142,24 @@ func (g *guard) wrap(next http.Handler) http.Handler {
 			writeProblem(w, r, p)
 			return
 		}
+		if !hasBody(r) {
+			w = keepReadDeadline{w}
+		}
 		next.ServeHTTP(w, r)
 	})
 }
+
+// keepReadDeadline ignores read deadlines for requests without a body. huma
+// sets one on every operation that accepts a body (POST /sandboxes takes an
+// optional one) so a slow body cannot hold a connection; net/http clears it
+// once a body is read. With no body, net/http is already blocked reading the
+// connection to notice the client leaving, and a deadline there would cancel
+// the request's context seconds into a sandbox boot.
+type keepReadDeadline struct{ http.ResponseWriter }
+
+func (keepReadDeadline) SetReadDeadline(time.Time) error { return nil }
+
+func (w keepReadDeadline) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // crossOrigin returns why r comes from a web page of another origin, or "".
 // Browsers send Origin on cross-origin and on all non-GET requests, and

@@ -40,29 +40,52 @@ const (
 	CodeInternal             = "internal_error"
 )
 
-// titles are the fixed, per-type summaries RFC 9457 asks for; an unknown
-// code falls back to the HTTP status text.
-var titles = map[string]string{
-	CodeValidationFailed:     "Invalid request",
-	CodeMalformedJSON:        "Malformed JSON body",
-	CodeBodyRequired:         "Request body required",
-	CodeBodyTooLarge:         "Request body too large",
-	CodeUnsupportedMediaType: "Unsupported media type",
-	CodeNotAcceptable:        "Not acceptable",
-	CodeUnauthorized:         "Unauthorized",
-	CodeForbiddenOrigin:      "Cross-origin request refused",
-	CodeForbiddenHost:        "Host not allowed",
-	CodeNotFound:             "Not found",
-	CodeMethodNotAllowed:     "Method not allowed",
-	CodeRequestTimeout:       "Request timeout",
-	CodeSandboxNotFound:      "Sandbox not found",
-	CodeSandboxNotRunning:    "Sandbox not running",
-	CodeConflict:             "Conflict",
-	CodeCommandTimeout:       "Command timed out",
-	CodeBackendUnavailable:   "Backend unavailable",
-	CodeUnsupportedOS:        "Unsupported operating system",
-	CodeShuttingDown:         "Server shutting down",
-	CodeInternal:             "Internal error",
+// title is the fixed, per-type summary RFC 9457 asks for; an unknown code
+// falls back to the HTTP status text.
+func title(status int, code string) string {
+	switch code {
+	case CodeValidationFailed:
+		return "Invalid request"
+	case CodeMalformedJSON:
+		return "Malformed JSON body"
+	case CodeBodyRequired:
+		return "Request body required"
+	case CodeBodyTooLarge:
+		return "Request body too large"
+	case CodeUnsupportedMediaType:
+		return "Unsupported media type"
+	case CodeNotAcceptable:
+		return "Not acceptable"
+	case CodeUnauthorized:
+		return "Unauthorized"
+	case CodeForbiddenOrigin:
+		return "Cross-origin request refused"
+	case CodeForbiddenHost:
+		return "Host not allowed"
+	case CodeNotFound:
+		return "Not found"
+	case CodeMethodNotAllowed:
+		return "Method not allowed"
+	case CodeRequestTimeout:
+		return "Request timeout"
+	case CodeSandboxNotFound:
+		return "Sandbox not found"
+	case CodeSandboxNotRunning:
+		return "Sandbox not running"
+	case CodeConflict:
+		return "Conflict"
+	case CodeCommandTimeout:
+		return "Command timed out"
+	case CodeBackendUnavailable:
+		return "Backend unavailable"
+	case CodeUnsupportedOS:
+		return "Unsupported operating system"
+	case CodeShuttingDown:
+		return "Server shutting down"
+	case CodeInternal:
+		return "Internal error"
+	}
+	return http.StatusText(status)
 }
 
 // problemTypePrefix makes each code a distinct RFC 9457 problem type. A URN
@@ -76,7 +99,7 @@ type Problem struct {
 	Title    string              `json:"title" example:"Sandbox not found" doc:"A short summary of the problem type; the same for every occurrence of a code."`
 	Status   int                 `json:"status" minimum:"400" maximum:"599" example:"404" doc:"The HTTP status code of this response."`
 	Detail   string              `json:"detail" example:"no sandbox with id vm-a1b2c3d4" doc:"What happened in this occurrence and, where possible, what to do about it."`
-	Code     string              `json:"code" pattern:"^[a-z][a-z0-9_]*$" example:"sandbox_not_found" doc:"Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error. New codes may be added."`
+	Code     string              `json:"code" pattern:"^[a-z][a-z0-9_]*$" example:"sandbox_not_found" doc:"Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable). New codes may be added."`
 	Field    string              `json:"field,omitempty" example:"memory" doc:"The request field at fault (a body property such as memory, or a path parameter such as id), when one is."`
 	Instance string              `json:"instance,omitempty" format:"uri-reference" example:"/sandboxes/vm-a1b2c3d4" doc:"The request path this problem occurred on."`
 	Errors   []*huma.ErrorDetail `json:"errors,omitempty" nullable:"false" doc:"Every individual validation failure, when there are several."`
@@ -109,13 +132,9 @@ type CommandTimeoutProblem struct {
 }
 
 func newProblem(status int, code, detail string) *Problem {
-	title, ok := titles[code]
-	if !ok {
-		title = http.StatusText(status)
-	}
 	return &Problem{
 		Type:   problemTypePrefix + code,
-		Title:  title,
+		Title:  title(status, code),
 		Status: status,
 		Detail: detail,
 		Code:   code,

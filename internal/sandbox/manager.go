@@ -256,6 +256,7 @@ func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
 	rec := store.Record{
 		Status: string(StatusCreating), OS: req.OS, Image: a.base.Name, Backend: drv.Name(),
 		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
+		CreatedAt: time.Now().UTC(),
 	}
 	if rec.OS == "" {
 		rec.OS = "debian"

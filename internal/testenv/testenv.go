@@ -9,7 +9,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/smolvm/smolvm/internal/datadir"
@@ -107,7 +110,10 @@ func DataDir(t testing.TB) datadir.Dir {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() {
+		killUnder(dir)
+		os.RemoveAll(dir)
+	})
 	d := datadir.Dir(dir)
 	for _, sub := range []struct{ from, to string }{
 		{shared.Kernels(), d.Kernels()},
@@ -148,4 +154,19 @@ func ManagerAt(t testing.TB, d datadir.Dir) *sandbox.Manager {
 		m.Close()
 	})
 	return m
+}
+
+// killUnder kills any process whose command line names dir: a VM that a
+// failed test could not delete must not outlive the test run.
+func killUnder(dir string) {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), dir+"/") {
+			continue
+		}
+		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil && pid != os.Getpid() {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 }
