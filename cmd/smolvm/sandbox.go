@@ -275,6 +275,19 @@ func withSandboxClient(cmd *cobra.Command, sf *sandboxFlags, fn func(context.Con
 		token = os.Getenv("SMOLVM_TOKEN")
 	}
 
+	if base == "" {
+		// A server on this data directory owns its sandboxes' agent
+		// connections; go through it rather than wait on them.
+		if d, err := setupDataDir(cmd); err == nil {
+			if r, ok := runningServer(d); ok {
+				base = r.URL
+				if token == "" {
+					token = r.Token
+				}
+			}
+		}
+	}
+
 	var err error
 	if base != "" {
 		var c *httpSandboxClient

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm/internal/api"
+	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/sandbox"
 )
 
@@ -149,6 +151,11 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 		ErrorLog:          slog.NewLogLogger(slog.NewTextHandler(stderr, nil).WithAttrs([]slog.Attr{slog.String("source", "http")}), slog.LevelWarn),
 	}
 
+	if err := writeServerRecord(d, "http://"+shown, c.token); err != nil {
+		fmt.Fprintf(stderr, "smolvm: %v (the CLI will not find this server by itself; use --url)\n", err)
+	}
+	defer os.Remove(d.Server())
+
 	fmt.Fprintf(stdout, "SmolVM HTTP API listening on http://%s\n", shown)
 	fmt.Fprintf(stdout, "OpenAPI spec: http://%s/openapi.json\n", shown)
 
@@ -196,4 +203,39 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 		return fmt.Errorf("close sandbox manager: %w", err)
 	}
 	return nil
+}
+
+// serverRecord is what a running server leaves in the data directory.
+type serverRecord struct {
+	URL   string `json:"url"`
+	PID   int    `json:"pid"`
+	Token string `json:"token,omitempty"`
+}
+
+func writeServerRecord(d datadir.Dir, url, token string) error {
+	b, err := json.Marshal(serverRecord{URL: url, PID: os.Getpid(), Token: token})
+	if err != nil {
+		return err
+	}
+	tmp := d.Server() + ".tmp"
+	// It may hold the token: readable by this user only.
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("record server: %w", err)
+	}
+	return os.Rename(tmp, d.Server())
+}
+
+// runningServer returns the server recorded in d if its process still runs.
+// The VM's agent connection belongs to that server while it runs, so the
+// CLI must go through it.
+func runningServer(d datadir.Dir) (serverRecord, bool) {
+	var r serverRecord
+	b, err := os.ReadFile(d.Server())
+	if err != nil || json.Unmarshal(b, &r) != nil || r.URL == "" || r.PID <= 0 {
+		return r, false
+	}
+	if err := syscall.Kill(r.PID, 0); err != nil && !errors.Is(err, syscall.EPERM) {
+		return r, false
+	}
+	return r, true
 }

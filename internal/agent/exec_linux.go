@@ -50,7 +50,12 @@ func (a *agent) run(stream io.Reader, fw *frameWriter, req *wire.Request) wire.E
 	if err != nil {
 		return wire.Exit{Error: err.Error()}
 	}
-	env := a.env(req.Env)
+	acc, err := lookupUser(req.User)
+	if err != nil {
+		fw.frame(wire.FrameStderr, []byte("smolvm: "+err.Error()+"\n"))
+		return wire.Exit{ExitCode: 126}
+	}
+	env := a.env(acc, req.Env)
 	path, code, msg := lookPath(argv[0], env)
 	if code != 0 {
 		fw.frame(wire.FrameStderr, []byte(msg))
@@ -58,10 +63,10 @@ func (a *agent) run(stream io.Reader, fw *frameWriter, req *wire.Request) wire.E
 	}
 	dir := req.Dir
 	if dir == "" {
-		dir = "/root"
-		if _, err := os.Stat(dir); err != nil {
-			dir = "/"
-		}
+		dir = acc.home
+	}
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		dir = "/"
 	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
@@ -84,6 +89,9 @@ func (a *agent) run(stream io.Reader, fw *frameWriter, req *wire.Request) wire.E
 		// Its own session makes the pid a process group id, so a timeout
 		// can kill everything the command started.
 		Sys: &syscall.SysProcAttr{Setsid: true},
+	}
+	if acc.uid != 0 || acc.gid != 0 {
+		attr.Sys.Credential = &syscall.Credential{Uid: acc.uid, Gid: acc.gid, NoSetGroups: true}
 	}
 	pid, done, err := a.reaper.start(path, argv, attr)
 	devNull.Close()
@@ -185,18 +193,38 @@ func (a *agent) argv(req *wire.Request) ([]string, error) {
 	return req.Argv, nil
 }
 
-func (a *agent) env(extra []string) []string {
+// env is the command's environment: defaults for the account, then extra
+// (the image's and the request's, in that order), a later KEY replacing an
+// earlier one, since C's getenv would return the first.
+func (a *agent) env(acc account, extra []string) []string {
 	env := []string{
 		"PATH=" + defaultPath,
-		"HOME=/root",
-		"USER=root",
-		"LOGNAME=root",
-		"SHELL=/bin/sh",
+		"HOME=" + acc.home,
+		"USER=" + acc.name,
+		"LOGNAME=" + acc.name,
+		"SHELL=" + acc.shell,
 		"TERM=xterm",
 		"LANG=C.UTF-8",
 		"HOSTNAME=" + a.params.hostname,
 	}
-	return append(env, extra...)
+	index := make(map[string]int, len(env)+len(extra))
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		index[k] = i
+	}
+	for _, kv := range extra {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			continue
+		}
+		if i, seen := index[k]; seen {
+			env[i] = kv
+			continue
+		}
+		index[k] = len(env)
+		env = append(env, kv)
+	}
+	return env
 }
 
 // lookPath resolves a command name as a shell would, and returns the

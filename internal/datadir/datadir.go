@@ -51,3 +51,7 @@ func (d Dir) Database() string { return filepath.Join(string(d), "smolvm.db") }
 // Tmp is scratch space on the same filesystem as the caches, so finished
 // files can be renamed into place atomically.
 func (d Dir) Tmp() string { return filepath.Join(string(d), "tmp") }
+
+// Server records the running API server (its URL), so the CLI can go through
+// it instead of competing for the sandboxes' agent connections.
+func (d Dir) Server() string { return filepath.Join(string(d), "server.json") }

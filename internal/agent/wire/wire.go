@@ -55,6 +55,9 @@ type Request struct {
 	Env []string `json:"env,omitempty"`
 	// Dir is the working directory; "" means the user's home.
 	Dir string `json:"dir,omitempty"`
+	// User runs the command as this user, in the forms an OCI image config
+	// uses: "name", "uid", "uid:gid", "name:group"; "" means root.
+	User string `json:"user,omitempty"`
 	// TimeoutMS kills the command's process group after this long; 0 means never.
 	TimeoutMS int64 `json:"timeout_ms,omitempty"`
 }

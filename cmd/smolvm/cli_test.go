@@ -1,0 +1,201 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/testenv"
+)
+
+// cli builds the smolvm binary once per test and runs it as a user would,
+// on the test's own data directory.
+type cli struct {
+	t   *testing.T
+	bin string
+	d   datadir.Dir
+	env []string
+}
+
+func newCLI(t *testing.T) *cli {
+	t.Helper()
+	d := testenv.DataDir(t)
+	bin := filepath.Join(t.TempDir(), "smolvm")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build smolvm: %v\n%s", err, out)
+	}
+	env := append(os.Environ(), "SMOLVM_DATA_DIR="+d.Path(), "SMOLVM_AGENT="+testenv.AgentPath(t), "SMOLVM_URL=", "SMOLVM_TOKEN=")
+	return &cli{t: t, bin: bin, d: d, env: env}
+}
+
+func (c *cli) cmd(args ...string) *exec.Cmd {
+	cmd := exec.Command(c.bin, args...)
+	cmd.Env = c.env
+	return cmd
+}
+
+// run returns stdout, stderr and the exit status.
+func (c *cli) run(args ...string) (string, string, int) {
+	c.t.Helper()
+	cmd := c.cmd(args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("run smolvm %v: %v", args, err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+func freePort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func TestCLI(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+
+	out, errOut, code := c.run("sandbox", "create", "--memory", "256", "--json")
+	if code != 0 {
+		t.Fatalf("create: exit %d: %s", code, errOut)
+	}
+	var created struct {
+		OK   bool `json:"ok"`
+		Data struct {
+			ID     string `json:"id"`
+			Status string `json:"status"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal([]byte(out), &created); err != nil || !created.OK || created.Data.Status != "running" {
+		t.Fatalf("create --json printed %q (%v)", out, err)
+	}
+	id := created.Data.ID
+	t.Cleanup(func() { c.run("sandbox", "delete", id) })
+
+	t.Run("exec passes output and exit status", func(t *testing.T) {
+		out, errOut, code := c.run("sandbox", "exec", id, "--", "echo out; echo err >&2; exit 3")
+		if code != 3 || out != "out\n" || errOut != "err\n" {
+			t.Errorf("exit %d stdout %q stderr %q", code, out, errOut)
+		}
+	})
+	t.Run("exec timeout exits 124", func(t *testing.T) {
+		out, _, code := c.run("sandbox", "exec", id, "--timeout", "1", "--", "echo before; sleep 30")
+		if code != 124 || out != "before\n" {
+			t.Errorf("exit %d stdout %q", code, out)
+		}
+	})
+	t.Run("list and get", func(t *testing.T) {
+		out, _, code := c.run("sandbox", "list")
+		if code != 0 || !strings.Contains(out, id) || !strings.Contains(out, "running") {
+			t.Errorf("list: exit %d\n%s", code, out)
+		}
+		out, _, code = c.run("sandbox", "get", id)
+		if code != 0 || !strings.Contains(out, id) {
+			t.Errorf("get: exit %d\n%s", code, out)
+		}
+		_, errOut, code := c.run("sandbox", "get", "vm-00000000")
+		if code == 0 || !strings.Contains(errOut, "vm-00000000") {
+			t.Errorf("get of an unknown id: exit %d stderr %q", code, errOut)
+		}
+	})
+
+	t.Run("server", func(t *testing.T) {
+		port := freePort(t)
+		srv := c.cmd("server", "start", "--host", "127.0.0.1", "--port", strconv.Itoa(port), "--quiet")
+		stdout, err := srv.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stderr bytes.Buffer
+		srv.Stderr = &stderr
+		if err := srv.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Process.Kill()
+		lines := make(chan string, 2)
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				lines <- sc.Text()
+			}
+			close(lines)
+		}()
+		want := []string{
+			"SmolVM HTTP API listening on http://127.0.0.1:" + strconv.Itoa(port),
+			"OpenAPI spec: http://127.0.0.1:" + strconv.Itoa(port) + "/openapi.json",
+		}
+		for _, w := range want {
+			select {
+			case got := <-lines:
+				if got != w {
+					t.Fatalf("server printed %q, want %q", got, w)
+				}
+			case <-time.After(60 * time.Second):
+				t.Fatalf("server printed nothing; stderr: %s", stderr.String())
+			}
+		}
+
+		// A second server on the same port fails at once, naming --port.
+		_, errOut, code := c.run("server", "start", "--port", strconv.Itoa(port))
+		if code == 0 || !strings.Contains(errOut, "--port") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+			t.Errorf("busy port: exit %d stderr %q", code, errOut)
+		}
+
+		// The CLI finds the running server and goes through it, rather
+		// than waiting on the agent connection the server holds.
+		start := time.Now()
+		out, errOut, code := c.run("sandbox", "exec", id, "--", "echo via-server")
+		if code != 0 || out != "via-server\n" {
+			t.Errorf("exec while the server runs: exit %d stdout %q stderr %q after %s", code, out, errOut, time.Since(start))
+		}
+
+		if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- srv.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("server exit after SIGTERM: %v; stderr: %s", err, stderr.String())
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("server did not exit after SIGTERM")
+		}
+		// Sandboxes are the user's data: they outlive the server.
+		out, _, code = c.run("sandbox", "exec", id, "--", "echo still-here")
+		if code != 0 || out != "still-here\n" {
+			t.Errorf("after the server stopped: exit %d stdout %q", code, out)
+		}
+	})
+
+	t.Run("delete", func(t *testing.T) {
+		_, errOut, code := c.run("sandbox", "delete", id)
+		if code != 0 {
+			t.Fatalf("delete: exit %d: %s", code, errOut)
+		}
+		if _, err := os.Stat(c.d.Sandbox(id)); !os.IsNotExist(err) {
+			t.Errorf("sandbox directory remains after delete")
+		}
+	})
+}
