@@ -20,3 +20,6 @@ CGO_ENABLED=0 go vet ./...
 
 echo "== go test"
 CGO_ENABLED=0 go test -count=1 -timeout 20m ./...
+
+echo "== TypeScript client"
+(cd ts && npm ci --no-audit --no-fund && npm test)

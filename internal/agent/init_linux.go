@@ -158,15 +158,9 @@ func switchRoot(fs string) error {
 // growRootFS grows the mounted ext4 filesystem online to fill its device,
 // which the host made as large as the sandbox's disk_size.
 func growRootFS(mnt, dev string) error {
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	size, err := deviceSize(dev)
 	if err != nil {
 		return err
-	}
-	var size uint64
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size)))
-	unix.Close(fd)
-	if errno != 0 {
-		return fmt.Errorf("device size: %w", errno)
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(mnt, &st); err != nil {
@@ -186,6 +180,19 @@ func growRootFS(mnt, dev string) error {
 		return fmt.Errorf("EXT4_IOC_RESIZE_FS to %d blocks: %w", blocks, errno)
 	}
 	return nil
+}
+
+func deviceSize(dev string) (uint64, error) {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	var size uint64
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size))); errno != 0 {
+		return 0, fmt.Errorf("size of %s: %w", dev, errno)
+	}
+	return size, nil
 }
 
 // prepareRoot sets up what programs expect of a running Linux system.
@@ -230,7 +237,7 @@ func prepareRoot(p bootParams) {
 		logf("sethostname: %v", err)
 	}
 	writeIfChanged("/etc/hostname", p.hostname+"\n")
-	writeIfChanged("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t"+p.hostname+"\n")
+	writeIfChanged("/etc/hosts", hostsFile(p.hostname))
 	if _, err := os.Stat("/etc/resolv.conf"); err != nil {
 		// No network yet: an empty resolver config keeps lookups failing
 		// fast instead of timing out on a nameserver nobody runs.
@@ -240,6 +247,10 @@ func prepareRoot(p bootParams) {
 	if err := loopbackUp(); err != nil {
 		logf("bring up lo: %v", err)
 	}
+}
+
+func hostsFile(hostname string) string {
+	return "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t" + hostname + "\n"
 }
 
 func writeIfChanged(path, content string) {

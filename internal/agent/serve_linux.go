@@ -286,6 +286,12 @@ func (a *agent) handle(st net.Conn) {
 		a.exec(rw, &req)
 	case wire.OpPing:
 		a.reply(st, wire.Exit{Info: a.info()})
+	case wire.OpIdentity:
+		if err := a.applyIdentity(req.Identity); err != nil {
+			a.reply(st, wire.Exit{Error: err.Error()})
+			return
+		}
+		a.reply(st, wire.Exit{Info: a.info()})
 	case wire.OpShutdown:
 		a.reply(st, wire.Exit{})
 		time.Sleep(50 * time.Millisecond)

@@ -55,3 +55,6 @@ func (d Dir) Tmp() string { return filepath.Join(string(d), "tmp") }
 // Server records the running API server (its URL), so the CLI can go through
 // it instead of competing for the sandboxes' agent connections.
 func (d Dir) Server() string { return filepath.Join(string(d), "server.json") }
+
+// Templates holds saved, booted VMs that new sandboxes are restored from.
+func (d Dir) Templates() string { return filepath.Join(string(d), "templates") }

@@ -184,3 +184,13 @@ func (c *Client) Shutdown(ctx context.Context) error {
 	_, err := c.Do(ctx, wire.Request{Op: wire.OpShutdown}, nil, nil)
 	return err
 }
+
+// Identity gives the guest its own name, machine id, clock, random state
+// and disk size.
+func (c *Client) Identity(ctx context.Context, id wire.Identity) (*wire.Info, error) {
+	e, err := c.Do(ctx, wire.Request{Op: wire.OpIdentity, Identity: &id}, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	return e.Info, nil
+}

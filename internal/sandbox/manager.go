@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"crypto/rand"
+	"debug/elf"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
@@ -39,6 +41,9 @@ type Options struct {
 	// BootTimeout bounds how long a new VM may take to answer; 0 means
 	// DefaultBootTimeout.
 	BootTimeout time.Duration
+	// NoTemplates boots every sandbox cold instead of restoring it from a
+	// template ($SMOLVM_TEMPLATES=off does the same).
+	NoTemplates bool
 }
 
 // DefaultBootTimeout is generous because software emulation on a loaded
@@ -57,9 +62,10 @@ type Manager struct {
 	store   *store.Store
 	drivers map[string]vmm.Driver
 
-	mu      sync.Mutex
-	clients map[string]*guest.Client
-	locks   map[string]*sync.Mutex
+	mu          sync.Mutex
+	clients     map[string]*guest.Client
+	locks       map[string]*sync.Mutex
+	vmmVersions map[vmm.Versioner]string
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -77,6 +83,9 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	if opts.BootTimeout == 0 {
 		opts.BootTimeout = DefaultBootTimeout
+	}
+	if os.Getenv("SMOLVM_TEMPLATES") == "off" {
+		opts.NoTemplates = true
 	}
 	if err := os.MkdirAll(opts.DataDir.Sandboxes(), 0o755); err != nil {
 		return nil, fmt.Errorf("create data directory: %w", err)
@@ -229,18 +238,32 @@ func (m *Manager) agentPath() (string, error) {
 			continue
 		}
 		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
-			return p, nil
+			return p, checkStatic(p)
 		}
 	}
 	return "", &Error{Kind: KindUnavailable, Code: "agent_missing",
 		Message: "guest agent binary smolvm-agent not found next to smolvm: build it with `make build` (or set SMOLVM_AGENT)"}
 }
 
-func newID() string {
-	b := make([]byte, 4)
-	rand.Read(b)
-	return "vm-" + hex.EncodeToString(b)
+// checkStatic refuses a dynamically linked agent: it runs as /init before
+// any root filesystem, with no loader or libc to find, and the kernel
+// would only say "No working init found".
+func checkStatic(path string) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return &Error{Kind: KindUnavailable, Code: "agent_invalid", Message: fmt.Sprintf("guest agent %s is not an ELF binary", path), Err: err}
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return &Error{Kind: KindUnavailable, Code: "agent_invalid",
+				Message: fmt.Sprintf("guest agent %s is dynamically linked: rebuild it with CGO_ENABLED=0 (scripts/setup.sh does)", path)}
+		}
+	}
+	return nil
 }
+
+func newID() string { return "vm-" + randomHex(4) }
 
 // Create boots a sandbox and returns once its agent answers. On failure
 // nothing is left behind: no process, no files, no record.
@@ -275,7 +298,7 @@ func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
 	unlock := m.lock(rec.ID)
 	defer unlock()
 
-	info, err := m.boot(ctx, drv, a, &rec, true)
+	info, err := m.launch(ctx, drv, a, &rec)
 	if err != nil {
 		// Cleanup must run even when ctx was what failed.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -286,16 +309,10 @@ func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
 	return info, nil
 }
 
-// boot starts the VM for rec (making its disk first when fresh) and waits
-// for the agent.
+// boot starts the VM for rec cold (making its disk first when fresh) and
+// waits for the agent.
 func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool) (Info, error) {
-	spec := vmm.Spec{
-		ID: rec.ID, Dir: rec.Dir,
-		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
-		Cmdline:   bootCmdline(rec.ID),
-		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
-		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs, Accel: a.accel,
-	}
+	spec := m.spec(a, rec)
 	if fresh {
 		if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
 			return Info{}, fmt.Errorf("create sandbox directory: %w", err)
@@ -308,19 +325,49 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 	if err != nil {
 		return Info{}, err
 	}
+	c, err := m.waitAgent(ctx, drv, inst, rec)
+	if err != nil {
+		return Info{}, err
+	}
+	return m.finish(ctx, c, rec, 0, BootCold)
+}
+
+func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
+	return vmm.Spec{
+		ID: rec.ID, Dir: rec.Dir,
+		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
+		Cmdline:   bootCmdline(rec.ID),
+		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
+		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs, Accel: a.accel,
+	}
+}
+
+// waitAgent records inst on rec and waits for the agent to answer, giving
+// up early if the VM process dies.
+func (m *Manager) waitAgent(ctx context.Context, drv vmm.Driver, inst vmm.Instance, rec *store.Record) (*guest.Client, error) {
 	rt, _ := json.Marshal(inst)
 	rec.PID, rec.Runtime = inst.PID, string(rt)
 	if err := m.store.Update(ctx, *rec); err != nil {
 		drv.Kill(context.WithoutCancel(ctx), inst)
-		return Info{}, fmt.Errorf("record sandbox: %w", err)
+		return nil, fmt.Errorf("record sandbox: %w", err)
 	}
+	c, err := dialWhileAlive(ctx, drv, inst, m.opts.BootTimeout)
+	if err != nil {
+		drv.Kill(context.WithoutCancel(ctx), inst)
+		return nil, err
+	}
+	return c, nil
+}
 
-	// Wait for the agent, but stop early if the VM process dies.
-	bctx, cancel := context.WithTimeout(ctx, m.opts.BootTimeout)
+// errVMExited means the VM process ended before its agent answered.
+var errVMExited = errors.New("the VM exited before its agent answered")
+
+func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, timeout time.Duration) (*guest.Client, error) {
+	bctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	died := make(chan struct{})
 	go func() {
-		t := time.NewTicker(100 * time.Millisecond)
+		t := time.NewTicker(50 * time.Millisecond)
 		defer t.Stop()
 		for {
 			select {
@@ -336,16 +383,34 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 		}
 	}()
 	c, err := guest.Dial(bctx, inst.AgentSocket)
-	if err != nil {
-		select {
-		case <-died:
-			return Info{}, fmt.Errorf("the VM exited during boot; console output:\n%s", consoleTail(inst.Console))
-		default:
-		}
-		if ctx.Err() != nil {
-			return Info{}, ctx.Err()
-		}
-		return Info{}, fmt.Errorf("the guest did not answer within %s: %w; console output:\n%s", m.opts.BootTimeout, err, consoleTail(inst.Console))
+	if err == nil {
+		return c, nil
+	}
+	select {
+	case <-died:
+		return nil, fmt.Errorf("%w; console output:\n%s", errVMExited, consoleTail(inst.Console))
+	default:
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	return nil, fmt.Errorf("the guest did not answer within %s: %w; console output:\n%s", timeout, err, consoleTail(inst.Console))
+}
+
+// finish gives the guest its identity and marks the sandbox running.
+func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind) (Info, error) {
+	id := wire.Identity{
+		Hostname:  rec.ID,
+		MachineID: randomHex(16),
+		UnixNano:  time.Now().UnixNano(),
+		Seed:      randomBytes(64),
+		DiskBytes: diskBytes,
+	}
+	ictx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if _, err := c.Identity(ictx, id); err != nil {
+		c.Close()
+		return Info{}, fmt.Errorf("give the guest its identity: %w", err)
 	}
 	rec.Status, rec.Error = string(StatusRunning), ""
 	if err := m.store.Update(ctx, *rec); err != nil {
@@ -353,8 +418,18 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 		return Info{}, fmt.Errorf("record sandbox: %w", err)
 	}
 	m.setClient(rec.ID, c)
-	return toInfo(*rec), nil
+	info := toInfo(*rec)
+	info.Boot = how
+	return info, nil
 }
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b
+}
+
+func randomHex(n int) string { return hex.EncodeToString(randomBytes(n)) }
 
 func bootCmdline(id string) string {
 	return strings.Join([]string{

@@ -73,7 +73,21 @@ type Info struct {
 	CreatedAt   time.Time
 	// Error explains StatusError.
 	Error string
+	// Boot says how Create or Start brought the VM up; empty elsewhere.
+	Boot BootKind
 }
+
+// BootKind is how a sandbox's VM was brought up.
+type BootKind string
+
+const (
+	// BootCold booted the kernel from scratch.
+	BootCold BootKind = "cold"
+	// BootTemplate restored a saved, booted VM and gave it a new identity.
+	BootTemplate BootKind = "template"
+	// BootPool handed out a sandbox restored ahead of time.
+	BootPool BootKind = "pool"
+)
 
 // ExecRequest is one command to run in a sandbox.
 type ExecRequest struct {

@@ -141,7 +141,7 @@ func Manager(t testing.TB) *sandbox.Manager {
 func ManagerAt(t testing.TB, d datadir.Dir) *sandbox.Manager {
 	t.Helper()
 	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: AgentPath(t)})
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: AgentPath(t), Progress: logWriter{t}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,4 +169,12 @@ func killUnder(dir string) {
 			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
+}
+
+// logWriter sends progress lines to the test log.
+type logWriter struct{ t testing.TB }
+
+func (w logWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }

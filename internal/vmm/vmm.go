@@ -57,3 +57,22 @@ type Driver interface {
 
 // ErrUnknownBackend is returned for a backend name smolvm does not know.
 var ErrUnknownBackend = errors.New("unknown backend")
+
+// Snapshotter is a Driver that can save a running VM and start copies of
+// it, which is how templates make creation fast.
+type Snapshotter interface {
+	// Save pauses the VM, writes its state to statePath and ends it. Its
+	// disk must not be written again; clones overlay it.
+	Save(ctx context.Context, inst Instance, statePath string) error
+	// Restore starts a VM from a saved state. spec describes the same
+	// machine as the saved one, with spec.BaseImage the saved VM's disk.
+	Restore(ctx context.Context, spec Spec, statePath string) (Instance, error)
+	// Resize grows the running VM's root disk to bytes.
+	Resize(ctx context.Context, inst Instance, bytes int64) error
+}
+
+// Versioner reports the VMM's version, which templates are keyed by: a
+// state saved by one version may not load in another.
+type Versioner interface {
+	Version(ctx context.Context) (string, error)
+}

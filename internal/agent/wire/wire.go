@@ -42,7 +42,24 @@ const (
 	OpExec     = "exec"
 	OpPing     = "ping"
 	OpShutdown = "shutdown"
+	// OpIdentity gives a VM restored from a template its own identity.
+	OpIdentity = "identity"
 )
+
+// Identity is what makes a clone distinct from its template and siblings.
+type Identity struct {
+	Hostname  string `json:"hostname"`
+	MachineID string `json:"machine_id"` // 32 lower-case hex digits
+	// UnixNano is the host's wall clock when sent; the restored guest's
+	// clock is the template's until set.
+	UnixNano int64 `json:"unix_nano"`
+	// Seed is mixed into the guest's random pool, which is then reseeded,
+	// so clones never share random output.
+	Seed []byte `json:"seed"`
+	// DiskBytes is the root disk's new size; the agent waits for the
+	// device to report it and grows the filesystem.
+	DiskBytes int64 `json:"disk_bytes,omitempty"`
+}
 
 // Request opens a stream.
 type Request struct {
@@ -55,6 +72,8 @@ type Request struct {
 	Env []string `json:"env,omitempty"`
 	// Dir is the working directory; "" means the user's home.
 	Dir string `json:"dir,omitempty"`
+	// Identity is set on OpIdentity.
+	Identity *Identity `json:"identity,omitempty"`
 	// User runs the command as this user, in the forms an OCI image config
 	// uses: "name", "uid", "uid:gid", "name:group"; "" means root.
 	User string `json:"user,omitempty"`

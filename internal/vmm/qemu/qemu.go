@@ -62,9 +62,13 @@ func (d *Driver) CreateDisk(ctx context.Context, spec vmm.Spec) error {
 	if err != nil {
 		return err
 	}
+	format := "raw"
+	if strings.HasSuffix(base, ".qcow2") {
+		format = "qcow2" // a template's frozen disk
+	}
 	disk := paths(spec.Dir).Disk
 	out, err := exec.CommandContext(ctx, imgBinary, "create", "-q", "-f", "qcow2",
-		"-F", "raw", "-b", base, disk, strconv.Itoa(spec.DiskMiB)+"M").CombinedOutput()
+		"-F", format, "-b", base, disk, strconv.Itoa(spec.DiskMiB)+"M").CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("create disk overlay: %v: %s", err, bytes.TrimSpace(out))
 	}
@@ -131,6 +135,10 @@ func ProbeArgs(spec vmm.Spec) []string {
 func Binary() string { return qemuBinary }
 
 func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
+	return d.start(ctx, spec)
+}
+
+func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
 	inst := paths(spec.Dir)
 	if len(inst.AgentSocket) > maxSocketPath {
 		return vmm.Instance{}, fmt.Errorf("socket path %s is longer than %d bytes: use a shorter data directory (SMOLVM_DATA_DIR)", inst.AgentSocket, maxSocketPath)
@@ -141,7 +149,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 	os.Remove(pidfile)
 	// With -daemonize the command returns once QEMU has set up the VM and
 	// forked; errors in the configuration come back here, on stderr.
-	cmd := exec.CommandContext(ctx, qemuBinary, Args(spec)...)
+	cmd := exec.CommandContext(ctx, qemuBinary, append(Args(spec), extra...)...)
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
@@ -150,7 +158,9 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) 
 	}
 	b, err := os.ReadFile(pidfile)
 	if err != nil {
-		return vmm.Instance{}, fmt.Errorf("read qemu pid file: %w", err)
+		// QEMU removes its pid file when it exits: it failed after
+		// daemonizing, as it does when a saved state will not load.
+		return vmm.Instance{}, fmt.Errorf("qemu exited during start-up (%w)", err)
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
@@ -171,4 +181,14 @@ func (d *Driver) Kill(ctx context.Context, inst vmm.Instance) error {
 
 func (d *Driver) Wait(ctx context.Context, inst vmm.Instance) error {
 	return vmm.WaitGone(ctx, inst.PID, marker(inst))
+}
+
+// Version is the first line of `qemu-system-x86_64 --version`.
+func (d *Driver) Version(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, qemuBinary, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", qemuBinary, err)
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimSpace(line), nil
 }

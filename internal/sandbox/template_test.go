@@ -1,0 +1,183 @@
+package sandbox_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/sandbox"
+	"github.com/smolvm/smolvm/internal/testenv"
+)
+
+func exec(t *testing.T, m *sandbox.Manager, id, cmd string) string {
+	t.Helper()
+	res, err := m.Exec(context.Background(), id, sandbox.ExecRequest{Command: cmd})
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("%s: %q: %v exit %d stderr %q", id, cmd, err, res.ExitCode, res.Stderr)
+	}
+	return string(res.Stdout)
+}
+
+// Clones restored from one template must each be their own machine.
+func TestTemplateClonesHaveTheirOwnIdentity(t *testing.T) {
+	t.Parallel()
+	m := testenv.Manager(t)
+	ctx := context.Background()
+
+	var wg sync.WaitGroup
+	infos := make([]sandbox.Info, 3)
+	errs := make([]error, 3)
+	for i := range infos {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			infos[i], errs[i] = m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256, DiskSizeMiB: 1024 + 512*i})
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("create %d: %v", i, err)
+		}
+		if infos[i].Boot != sandbox.BootTemplate {
+			t.Errorf("sandbox %d booted %q, want from the template", i, infos[i].Boot)
+		}
+	}
+	ts, err := m.Templates()
+	if err != nil || len(ts) != 1 {
+		t.Fatalf("templates: %v %+v; want exactly one built for three concurrent creates", err, ts)
+	}
+
+	seen := map[string]string{}
+	unique := func(what, v, id string) {
+		if other, ok := seen[what+v]; ok {
+			t.Errorf("%s of %s and %s are both %q", what, id, other, v)
+		}
+		seen[what+v] = id
+	}
+	for i, info := range infos {
+		id := info.ID
+		host := strings.TrimSpace(exec(t, m, id, "hostname"))
+		if host != id {
+			t.Errorf("hostname of %s is %q", id, host)
+		}
+		unique("hostname", host, id)
+		unique("machine-id", strings.TrimSpace(exec(t, m, id, "cat /etc/machine-id")), id)
+		unique("random bytes", exec(t, m, id, "head -c 32 /dev/urandom | od -An -tx1"), id)
+		unique("boot id", exec(t, m, id, "cat /proc/sys/kernel/random/uuid"), id)
+
+		guestNow, _ := strconv.ParseInt(strings.TrimSpace(exec(t, m, id, "date +%s")), 10, 64)
+		if d := time.Now().Unix() - guestNow; d < -5 || d > 5 {
+			t.Errorf("clock of %s is %d s off the host's", id, d)
+		}
+		var mib int
+		mibStr := strings.TrimSpace(exec(t, m, id, "df -m / | tail -1 | awk '{print $2}'"))
+		mib, _ = strconv.Atoi(mibStr)
+		if want := 1024 + 512*i; mib < want*85/100 || mib > want {
+			t.Errorf("root filesystem of %s is %d MiB, want about %d", id, mib, want)
+		}
+		// Writes stay in the clone's own disk.
+		exec(t, m, id, "echo "+id+" > /root/mine")
+	}
+	for _, info := range infos {
+		if got := strings.TrimSpace(exec(t, m, info.ID, "cat /root/mine")); got != info.ID {
+			t.Errorf("%s reads %q from its own file", info.ID, got)
+		}
+	}
+}
+
+// A template whose saved state is damaged must not produce a broken
+// sandbox: the create boots cold, and the bad template is rebuilt later.
+func TestCorruptTemplateFallsBackToColdBoot(t *testing.T) {
+	t.Parallel()
+	m := testenv.Manager(t)
+	ctx := context.Background()
+	first, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Delete(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+	ts, err := m.Templates()
+	if err != nil || len(ts) != 1 {
+		t.Fatalf("templates: %v %+v", err, ts)
+	}
+	state := filepath.Join(ts[0].Dir, "state")
+	os.Chmod(state, 0o644)
+	if err := os.Truncate(state, 4096); err != nil {
+		t.Fatal(err)
+	}
+
+	info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatalf("create with a corrupt template: %v", err)
+	}
+	if info.Boot != sandbox.BootCold {
+		t.Errorf("booted %q, want cold after the template failed", info.Boot)
+	}
+	if out := exec(t, m, info.ID, "echo ok"); out != "ok\n" {
+		t.Errorf("sandbox after fallback: %q", out)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Errorf("the corrupt template's state was kept")
+	}
+	again, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Boot != sandbox.BootTemplate {
+		t.Errorf("next create booted %q, want from a rebuilt template", again.Boot)
+	}
+}
+
+// A template made with another agent (or kernel, image, QEMU) must never be
+// restored: the key changes, and a new template is built.
+func TestTemplateNotReusedAcrossAgents(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	m := testenv.ManagerAt(t, d)
+	a, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exec(t, m, a.ID, "true")
+
+	// Another agent build: the same program with different bytes.
+	other := filepath.Join(t.TempDir(), "smolvm-agent")
+	b, err := os.ReadFile(testenv.AgentPath(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(other, append(b, []byte("another build")...), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m2, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	bInfo, err := m2.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Delete(ctx, bInfo.ID)
+	ts, _ := m2.Templates()
+	if len(ts) != 2 || ts[0].Initrd == ts[1].Initrd {
+		t.Errorf("want two templates keyed by different initramfs builds, got %+v", ts)
+	}
+	if out := exec(t, m2, bInfo.ID, "echo ok"); out != "ok\n" {
+		t.Errorf("sandbox from the new template: %q", out)
+	}
+	for _, tpl := range ts {
+		if err := m.RemoveTemplate(ctx, tpl.Key); err == nil {
+			t.Errorf("removed template %s while a sandbox overlays it", tpl.Key)
+		}
+	}
+}

@@ -1,0 +1,112 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"time"
+)
+
+// monitor is a QMP session. QMP is a line of JSON per message; the well-known
+// Go client (go-qemu) pulls in a libvirt RPC library and its calls take no
+// deadline, so this small one is written here: every call is bounded by a
+// context, and asynchronous events are skipped.
+type monitor struct {
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func dialQMP(ctx context.Context, socket string) (*monitor, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, fmt.Errorf("connect to QMP socket %s: %w", socket, err)
+	}
+	m := &monitor{conn: conn, r: bufio.NewReaderSize(conn, 64<<10)}
+	// The greeting, then capabilities negotiation, before any command.
+	if err := m.within(ctx, func() error {
+		if _, err := m.read(); err != nil {
+			return err
+		}
+		return m.call("qmp_capabilities", nil, nil)
+	}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("QMP handshake: %w", err)
+	}
+	return m, nil
+}
+
+func (m *monitor) Close() error { return m.conn.Close() }
+
+func (m *monitor) within(ctx context.Context, fn func() error) error {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		dl = time.Now().Add(time.Minute)
+	}
+	m.conn.SetDeadline(dl)
+	stop := context.AfterFunc(ctx, func() { m.conn.SetDeadline(time.Now()) })
+	defer stop()
+	err := fn()
+	if err != nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+type qmpReply struct {
+	Return json.RawMessage `json:"return"`
+	Error  *struct {
+		Class string `json:"class"`
+		Desc  string `json:"desc"`
+	} `json:"error"`
+	Event string `json:"event"`
+}
+
+func (m *monitor) read() (qmpReply, error) {
+	var r qmpReply
+	line, err := m.r.ReadBytes('\n')
+	if err != nil {
+		return r, err
+	}
+	return r, json.Unmarshal(line, &r)
+}
+
+func (m *monitor) call(command string, args any, out any) error {
+	cmd := map[string]any{"execute": command}
+	if args != nil {
+		cmd["arguments"] = args
+	}
+	b, err := json.Marshal(cmd)
+	if err != nil {
+		return err
+	}
+	if _, err := m.conn.Write(append(b, '\n')); err != nil {
+		return err
+	}
+	for {
+		r, err := m.read()
+		if err != nil {
+			return err
+		}
+		if r.Event != "" {
+			continue
+		}
+		if r.Error != nil {
+			return fmt.Errorf("%s: %s", r.Error.Class, r.Error.Desc)
+		}
+		if out != nil && len(r.Return) > 0 {
+			return json.Unmarshal(r.Return, out)
+		}
+		return nil
+	}
+}
+
+// run executes one command and decodes its "return" into out (if non-nil).
+func (m *monitor) run(ctx context.Context, command string, args any, out any) error {
+	if err := m.within(ctx, func() error { return m.call(command, args, out) }); err != nil {
+		return fmt.Errorf("QMP %s: %w", command, err)
+	}
+	return nil
+}

@@ -1,0 +1,190 @@
+import createClient, { type Client } from "openapi-fetch";
+
+import { SmolvmConnectionError, SmolvmError } from "./errors.js";
+import type { paths } from "./generated/openapi.js";
+import type {
+  CreateSandboxRequest,
+  DeleteResult,
+  ExecRequest,
+  ExecResult,
+  Sandbox,
+} from "./types.js";
+
+export interface SmolvmOptions {
+  /** Where `smolvm server start` listens, e.g. "http://127.0.0.1:8000". */
+  baseUrl: string;
+  /** Sent as `Authorization: Bearer <token>`; needed when the server was started with --token or $SMOLVM_TOKEN. */
+  token?: string;
+  /** Extra headers sent with every request. */
+  headers?: HeadersInit;
+  /**
+   * Abort any request still unanswered after this many milliseconds (it then
+   * rejects with fetch's "TimeoutError"). Unset by default: creating a sandbox
+   * boots a VM, and exec lasts as long as the command. For exec the deadline
+   * is stretched to outlast the command's own `timeout`, so that the server's
+   * 408 with the partial output arrives instead of a client-side abort.
+   */
+  timeoutMs?: number;
+  /** A fetch implementation to use instead of `globalThis.fetch`; it is called with a `Request`. */
+  fetch?: (request: Request) => Promise<Response>;
+}
+
+/** Per-call options. */
+export interface RequestOptions {
+  /** Abort this request; it then rejects with the signal's reason (an "AbortError" by default). */
+  signal?: AbortSignal;
+  /** Overrides the client's `timeoutMs` for this call, exec included. */
+  timeoutMs?: number;
+}
+
+/** The sandbox operations, one per route of the API. */
+export interface SandboxApi {
+  /** POST /sandboxes: create and boot a sandbox; resolves once it runs commands. */
+  create(body?: CreateSandboxRequest, options?: RequestOptions): Promise<Sandbox>;
+  /** GET /sandboxes: every sandbox on the host, oldest first (the `sandboxes` array of the response). */
+  list(options?: RequestOptions): Promise<Sandbox[]>;
+  /** GET /sandboxes/{id}: one sandbox's state. */
+  get(id: string, options?: RequestOptions): Promise<Sandbox>;
+  /**
+   * POST /sandboxes/{id}/exec: run a command to its end. A non-zero exit code
+   * is a normal result; a command past its timeout throws a SmolvmError with
+   * code "command_timeout" carrying the partial stdout and stderr.
+   */
+  exec(id: string, body: ExecRequest, options?: RequestOptions): Promise<ExecResult>;
+  /** DELETE /sandboxes/{id}: stop the sandbox and remove everything it had. */
+  delete(id: string, options?: RequestOptions): Promise<DeleteResult>;
+}
+
+// The server's default command timeout, in seconds (ExecRequest.timeout).
+const DEFAULT_EXEC_TIMEOUT_S = 30;
+// Time allowed on top of a command's timeout for the server to kill it and
+// answer, so that a slow host still gets the 408 rather than an abort.
+const EXEC_GRACE_MS = 10_000;
+
+type ApiResult<T> = { data?: T; error?: unknown; response: Response };
+
+/**
+ * Client for the smolvm HTTP API.
+ *
+ * ```ts
+ * const smolvm = new Smolvm({ baseUrl: "http://127.0.0.1:8000" });
+ * const sandbox = await smolvm.sandbox.create({ memory: 512 });
+ * ```
+ *
+ * Errors: a non-2xx answer rejects with {@link SmolvmError}; an unreachable
+ * server with {@link SmolvmConnectionError}; an aborted or timed-out request
+ * with fetch's own AbortError / TimeoutError (a DOMException).
+ */
+export class Smolvm {
+  /** The generated openapi-fetch client underneath, with the same base URL and headers, for direct typed calls. */
+  readonly client: Client<paths>;
+  readonly sandbox: SandboxApi;
+  readonly baseUrl: string;
+  private readonly timeoutMs: number | undefined;
+
+  constructor(options: SmolvmOptions) {
+    // Fails here on a malformed URL, rather than later as a confusing
+    // "connection" error on the first request.
+    this.baseUrl = new URL(options.baseUrl).href.replace(/\/+$/, "");
+    this.timeoutMs = options.timeoutMs;
+
+    const headers = new Headers(options.headers);
+    if (!headers.has("Accept")) {
+      headers.set("Accept", "application/json, application/problem+json");
+    }
+    if (options.token !== undefined) {
+      headers.set("Authorization", `Bearer ${options.token}`);
+    }
+    this.client = createClient<paths>({
+      baseUrl: this.baseUrl,
+      headers,
+      // Looked up at call time, so that a fetch replaced after construction
+      // (by a test or a polyfill) is the one used.
+      fetch: options.fetch ?? ((request) => globalThis.fetch(request)),
+    });
+
+    const client = this.client;
+    // The ids are checked before sending, in async functions so that a bad
+    // one rejects like every other failure.
+    this.sandbox = {
+      create: async (body = {}, opts) =>
+        this.call(opts, this.timeoutMs, (signal) => client.POST("/sandboxes", { body, signal })),
+      list: async (opts) => {
+        const list = await this.call(opts, this.timeoutMs, (signal) =>
+          client.GET("/sandboxes", { signal }),
+        );
+        return list.sandboxes;
+      },
+      get: async (id, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) =>
+          client.GET("/sandboxes/{id}", { params, signal }),
+        );
+      },
+      exec: async (id, body, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.execTimeoutMs(body), (signal) =>
+          client.POST("/sandboxes/{id}/exec", { params, body, signal }),
+        );
+      },
+      delete: async (id, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) =>
+          client.DELETE("/sandboxes/{id}", { params, signal }),
+        );
+      },
+    };
+  }
+
+  private execTimeoutMs(body: ExecRequest): number | undefined {
+    if (this.timeoutMs === undefined) {
+      return undefined;
+    }
+    const commandMs = (body.timeout ?? DEFAULT_EXEC_TIMEOUT_S) * 1000;
+    return Math.max(this.timeoutMs, commandMs + EXEC_GRACE_MS);
+  }
+
+  /** Sends one request and turns its outcome into a value or one of the documented errors. */
+  private async call<T>(
+    opts: RequestOptions | undefined,
+    defaultTimeoutMs: number | undefined,
+    send: (signal: AbortSignal | undefined) => Promise<ApiResult<T>>,
+  ): Promise<T> {
+    const signal = withTimeout(opts?.signal, opts?.timeoutMs ?? defaultTimeoutMs);
+    let result: ApiResult<T>;
+    try {
+      result = await send(signal);
+    } catch (err) {
+      if (signal?.aborted) {
+        throw err; // The caller's abort or the timeout: fetch's own error, as is.
+      }
+      // fetch signals every network failure with a TypeError; anything else
+      // (a 2xx body that is not JSON, a bug) is passed on unchanged.
+      if (err instanceof TypeError) {
+        throw new SmolvmConnectionError(this.baseUrl, err);
+      }
+      throw err;
+    }
+    if (!result.response.ok) {
+      throw SmolvmError.fromResponse(result.response, result.error);
+    }
+    return result.data as T;
+  }
+}
+
+function withTimeout(signal: AbortSignal | undefined, timeoutMs: number | undefined) {
+  if (timeoutMs === undefined) {
+    return signal;
+  }
+  const timeout = AbortSignal.timeout(timeoutMs);
+  return signal ? AbortSignal.any([signal, timeout]) : timeout;
+}
+
+// An empty id would address /sandboxes/ and, through the server's redirect,
+// the list instead of a sandbox.
+function pathParams(id: string) {
+  if (typeof id !== "string" || id === "") {
+    throw new TypeError("sandbox id must be a non-empty string");
+  }
+  return { path: { id } };
+}

@@ -1,0 +1,244 @@
+// Runs the client against a real smolvm server that boots real VMs. The
+// sandboxes are slow to create (seconds under software emulation), so one is
+// shared by most tests; every sandbox made here is deleted at the end.
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { after, before, describe, test } from "node:test";
+
+import { type Sandbox, Smolvm, SmolvmConnectionError, SmolvmError } from "smolvm";
+
+import { freePort, startServer, type TestServer } from "./server.js";
+
+let server: TestServer | undefined;
+let baseUrl: string;
+const created = new Set<string>();
+
+before(async () => {
+  // The specification's example sends no token, so this server wants none.
+  server = await startServer();
+  baseUrl = server.baseUrl;
+});
+
+after(async () => {
+  if (server === undefined) {
+    return; // It never started: the before hook has reported why.
+  }
+  const smolvm = new Smolvm({ baseUrl });
+  for (const id of created) {
+    await smolvm.sandbox.delete(id).catch((err: unknown) => {
+      if (!(err instanceof SmolvmError && err.status === 404)) {
+        console.error(`could not delete sandbox ${id}:`, err);
+      }
+    });
+  }
+  await server.stop();
+});
+
+/** Creates a sandbox, remembered for deletion at the end whatever happens. */
+async function create(smolvm: Smolvm, body: Parameters<Smolvm["sandbox"]["create"]>[0]) {
+  const sandbox = await smolvm.sandbox.create(body);
+  created.add(sandbox.id);
+  return sandbox;
+}
+
+test("the specification's example", { timeout: 60_000 }, async (t) => {
+  const smolvm = new Smolvm({
+    baseUrl,
+  });
+
+  let sandbox: Sandbox;
+  try {
+    sandbox = await create(smolvm, {
+      os: "ubuntu",
+      memory: 512,
+      disk_size: 1024,
+    });
+  } catch (err) {
+    if (!(err instanceof SmolvmError && err.status === 422 && err.code === "unsupported_os")) {
+      throw err;
+    }
+    t.diagnostic(`ubuntu is not available on this host (${err.message}); using the default OS`);
+    sandbox = await create(smolvm, { memory: 512, disk_size: 1024 });
+  }
+
+  const result = await smolvm.sandbox.exec(sandbox.id, {
+    command: "uname -a",
+    timeout: 30,
+    shell: "login",
+  });
+
+  console.log(result.stdout);
+  assert.equal(result.exit_code, 0);
+  assert.match(result.stdout, /^Linux /);
+
+  const deleted = await smolvm.sandbox.delete(sandbox.id);
+  assert.deepEqual(deleted, { id: sandbox.id, deleted: true });
+  created.delete(sandbox.id);
+});
+
+describe("with a sandbox", { timeout: 60_000 }, () => {
+  let smolvm: Smolvm;
+  let sandbox: Sandbox;
+
+  before(async () => {
+    smolvm = new Smolvm({ baseUrl });
+    sandbox = await create(smolvm, { memory: 512 });
+  });
+
+  test("list contains it and get returns it", async () => {
+    const list = await smolvm.sandbox.list();
+    assert.ok(Array.isArray(list));
+    assert.ok(
+      list.some((s) => s.id === sandbox.id),
+      `${sandbox.id} not in ${JSON.stringify(list.map((s) => s.id))}`,
+    );
+
+    const got = await smolvm.sandbox.get(sandbox.id);
+    assert.equal(got.id, sandbox.id);
+    assert.equal(got.status, "running");
+    assert.equal(got.memory, 512);
+  });
+
+  test("a non-zero exit code is a normal result", async () => {
+    const result = await smolvm.sandbox.exec(sandbox.id, {
+      command: "echo out; echo err >&2; exit 3",
+    });
+    assert.equal(result.exit_code, 3);
+    assert.equal(result.stdout, "out\n");
+    assert.equal(result.stderr, "err\n");
+  });
+
+  test("a command timeout is a SmolvmError with the partial output", async () => {
+    const err = await rejection(
+      smolvm.sandbox.exec(sandbox.id, { command: "echo before; sleep 30", timeout: 1 }),
+    );
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.status, 408);
+    assert.equal(err.code, "command_timeout");
+    assert.equal(err.stdout, "before\n");
+    assert.equal(err.stderr, "");
+    assert.equal(err.problem.status, 408);
+  });
+
+  test("an aborted request rejects with an AbortError and the sandbox still answers", async () => {
+    const controller = new AbortController();
+    const started = Date.now();
+    setTimeout(() => controller.abort(), 500);
+    const err = await rejection(
+      smolvm.sandbox.exec(sandbox.id, { command: "sleep 10" }, { signal: controller.signal }),
+    );
+    assert.ok(!(err instanceof SmolvmError), `expected an abort, got ${String(err)}`);
+    assert.ok(!(err instanceof SmolvmConnectionError), `expected an abort, got ${String(err)}`);
+    assert.equal((err as Error).name, "AbortError");
+    assert.ok(Date.now() - started < 5_000, "the abort did not end the request early");
+
+    const result = await smolvm.sandbox.exec(sandbox.id, { command: "echo alive" });
+    assert.equal(result.stdout, "alive\n");
+  });
+
+  test("timeoutMs rejects with a TimeoutError", async () => {
+    const err = await rejection(
+      smolvm.sandbox.exec(sandbox.id, { command: "sleep 10" }, { timeoutMs: 300 }),
+    );
+    assert.equal((err as Error).name, "TimeoutError");
+  });
+
+  test("a client timeoutMs does not cut exec short of the command's timeout", async () => {
+    const impatient = new Smolvm({ baseUrl, timeoutMs: 200 });
+    const result = await impatient.sandbox.exec(sandbox.id, { command: "sleep 1; echo done" });
+    assert.equal(result.stdout, "done\n");
+  });
+
+  test("delete removes it", async () => {
+    const deleted = await smolvm.sandbox.delete(sandbox.id);
+    assert.deepEqual(deleted, { id: sandbox.id, deleted: true });
+    created.delete(sandbox.id);
+    const err = await rejection(smolvm.sandbox.get(sandbox.id));
+    assert.ok(err instanceof SmolvmError);
+    assert.equal(err.code, "sandbox_not_found");
+  });
+});
+
+test("get of an unknown id is a 404 SmolvmError", async () => {
+  const smolvm = new Smolvm({ baseUrl });
+  const err = await rejection(smolvm.sandbox.get("vm-00000000"));
+  assert.ok(err instanceof SmolvmError, String(err));
+  assert.equal(err.name, "SmolvmError");
+  assert.equal(err.status, 404);
+  assert.equal(err.code, "sandbox_not_found");
+  assert.match(err.message, /vm-00000000/);
+  assert.equal(err.problem.instance, "/sandboxes/vm-00000000");
+  assert.equal(err.stdout, undefined);
+});
+
+test("a validation error is a 422 SmolvmError naming the field", async () => {
+  const smolvm = new Smolvm({ baseUrl });
+  let sandbox: Sandbox | undefined;
+  const err = await rejection(
+    create(smolvm, { memory: 1 }).then((s) => (sandbox = s)),
+  );
+  assert.equal(sandbox, undefined, "the server accepted memory: 1");
+  assert.ok(err instanceof SmolvmError, String(err));
+  assert.equal(err.status, 422);
+  assert.equal(err.code, "validation_failed");
+  assert.equal(err.field, "memory");
+  assert.match(err.message, /memory/);
+  assert.equal(err.errors?.[0]?.location, "body.memory");
+});
+
+test("an empty id is refused before any request", async () => {
+  const smolvm = new Smolvm({ baseUrl });
+  await assert.rejects(smolvm.sandbox.get(""), TypeError);
+});
+
+test("token, extra headers and a custom fetch are sent", async () => {
+  const token = randomBytes(16).toString("hex");
+  const guarded = await startServer({ token });
+  try {
+    const anonymous = new Smolvm({ baseUrl: guarded.baseUrl });
+    const err = await rejection(anonymous.sandbox.list());
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.status, 401);
+    assert.equal(err.code, "unauthorized");
+
+    const seen: Request[] = [];
+    const smolvm = new Smolvm({
+      baseUrl: guarded.baseUrl,
+      token,
+      headers: { "X-Smolvm-Test": "yes" },
+      fetch: (request) => {
+        seen.push(request);
+        return fetch(request);
+      },
+    });
+    assert.ok(Array.isArray(await smolvm.sandbox.list()));
+    assert.equal(seen.length, 1);
+    assert.equal(seen[0]?.url, `${guarded.baseUrl}/sandboxes`);
+    assert.equal(seen[0]?.headers.get("authorization"), `Bearer ${token}`);
+    assert.equal(seen[0]?.headers.get("x-smolvm-test"), "yes");
+  } finally {
+    await guarded.stop();
+  }
+});
+
+test("an unreachable server is a SmolvmConnectionError", async () => {
+  const smolvm = new Smolvm({ baseUrl: `http://127.0.0.1:${await freePort()}` });
+  const err = await rejection(smolvm.sandbox.list());
+  assert.ok(err instanceof SmolvmConnectionError, String(err));
+  assert.ok(!(err instanceof SmolvmError));
+  assert.match(err.message, /ECONNREFUSED/);
+  assert.ok(err.cause instanceof TypeError);
+});
+
+/** The error a promise rejects with; fails the test if it resolves. */
+async function rejection(promise: Promise<unknown>): Promise<unknown> {
+  try {
+    const value = await promise;
+    assert.fail(`expected a rejection, got ${JSON.stringify(value)}`);
+  } catch (err) {
+    if (err instanceof assert.AssertionError) {
+      throw err;
+    }
+    return err;
+  }
+}
