@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"runtime"
@@ -29,12 +30,10 @@ medians from one run, not figures from different runs.`,
 			if err != nil {
 				return err
 			}
-			m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: os.Stderr})
-			if err != nil {
-				return err
+			o.Manager = func(ctx context.Context, cold bool) (*sandbox.Manager, error) {
+				return sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: os.Stderr, NoTemplates: cold})
 			}
-			defer m.Close()
-			r, err := bench.Run(ctx, m, o, os.Stderr)
+			r, err := bench.Run(ctx, o, os.Stderr)
 			if err != nil {
 				return err
 			}

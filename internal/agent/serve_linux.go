@@ -8,9 +8,11 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -115,14 +117,37 @@ func (a *agent) servePort() error {
 	}
 }
 
-// waitHost blocks until a host is connected to the port. While none is, the
-// port reads end-of-file at once, so polling for POLLHUP is the only way to
-// wait without spinning.
+// waitHost blocks until a host is connected to the port. While none is,
+// the port reads end-of-file at once, so the agent cannot simply read;
+// virtio_console raises SIGIO on a host's connect for a file in O_ASYNC
+// mode, which wakes this without polling (the timer is only a backstop).
+// O_ASYNC is cleared again once a host is there: during a session it
+// would raise a signal for every read.
 func waitHost(f *os.File) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return err
 	}
+	sigio := make(chan os.Signal, 1)
+	signal.Notify(sigio, syscall.SIGIO)
+	defer signal.Stop(sigio)
+	setAsync := func(on bool) {
+		rc.Control(func(fd uintptr) {
+			flags, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
+			if err != nil {
+				return
+			}
+			if on {
+				unix.FcntlInt(fd, unix.F_SETOWN, os.Getpid())
+				flags |= unix.O_ASYNC
+			} else {
+				flags &^= unix.O_ASYNC
+			}
+			unix.FcntlInt(fd, unix.F_SETFL, flags)
+		})
+	}
+	defer setAsync(false)
+	armed := false
 	for {
 		var hup bool
 		var perr error
@@ -137,7 +162,17 @@ func waitHost(f *os.File) error {
 		if !hup {
 			return nil
 		}
-		time.Sleep(20 * time.Millisecond)
+		if !armed {
+			// Arm, then look again: a connect between the first look
+			// and arming would raise no signal.
+			setAsync(true)
+			armed = true
+			continue
+		}
+		select {
+		case <-sigio:
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
 }
 

@@ -27,6 +27,9 @@ type Options struct {
 	Boots     int // cold boots and creates to time (median of these)
 	RoundTrip int // commands to time for round trips
 	MemoryMiB int
+	// Manager opens the sandbox manager; with cold set it must boot every
+	// sandbox cold (no templates).
+	Manager func(ctx context.Context, cold bool) (*sandbox.Manager, error)
 }
 
 // Figure is one measured quantity.
@@ -53,24 +56,38 @@ func percentile(s []time.Duration, p int) time.Duration {
 
 // Result is a whole run.
 type Result struct {
-	Baseline      Figure // raw QEMU boot to /init
-	Create        Figure // library: create to first command answered
-	RoundTrip     Figure // library: run `true`
-	HTTPRoundTrip Figure // HTTP: POST /sandboxes/{id}/exec `true`
-	List          Figure // library: List
-	HTTPList      Figure // HTTP: GET /sandboxes
+	Baseline       Figure // raw QEMU boot to /init
+	Create         Figure // library: create to first command answered, cold boot
+	TemplateCreate Figure // library: the same, restored from a template
+	HTTPCreate     Figure // HTTP: POST /sandboxes then exec, from a template
+	RoundTrip      Figure // library: run `true`
+	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
+	List           Figure // library: List
+	HTTPList       Figure // HTTP: GET /sandboxes
 }
 
 // Run measures, printing progress lines to log.
-func Run(ctx context.Context, m *sandbox.Manager, o Options, log io.Writer) (*Result, error) {
+func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	r := &Result{
-		Baseline:      Figure{Name: "raw QEMU boot to /init (baseline)"},
-		Create:        Figure{Name: "create to first command (library)"},
-		RoundTrip:     Figure{Name: "command round trip `true` (library)"},
-		HTTPRoundTrip: Figure{Name: "command round trip `true` (HTTP)"},
-		List:          Figure{Name: "list sandboxes (library)"},
-		HTTPList:      Figure{Name: "GET /sandboxes (HTTP)"},
+		Baseline:       Figure{Name: "raw QEMU boot to /init (baseline)"},
+		Create:         Figure{Name: "cold create to first command (library)"},
+		TemplateCreate: Figure{Name: "template create to first command (library)"},
+		HTTPCreate:     Figure{Name: "template create to first command (HTTP)"},
+		RoundTrip:      Figure{Name: "command round trip `true` (library)"},
+		HTTPRoundTrip:  Figure{Name: "command round trip `true` (HTTP)"},
+		List:           Figure{Name: "list sandboxes (library)"},
+		HTTPList:       Figure{Name: "GET /sandboxes (HTTP)"},
 	}
+	cold, err := o.Manager(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	defer cold.Close()
+	m, err := o.Manager(ctx, false)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
 	spec, err := m.BootSpec(ctx, o.MemoryMiB)
 	if err != nil {
 		return nil, err
@@ -89,27 +106,22 @@ func Run(ctx context.Context, m *sandbox.Manager, o Options, log io.Writer) (*Re
 	}
 
 	fmt.Fprintf(log, "cold creates: %d sandboxes of %d MiB...\n", o.Boots, o.MemoryMiB)
-	var keep string
-	for i := range o.Boots {
-		start := time.Now()
-		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: o.MemoryMiB})
-		if err != nil {
-			return nil, err
-		}
-		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
-		if err != nil {
-			m.Delete(ctx, info.ID)
-			return nil, err
-		}
-		r.Create.Samples = append(r.Create.Samples, time.Since(start))
-		if i == 0 {
-			keep = info.ID
-			continue
-		}
-		if err := m.Delete(ctx, info.ID); err != nil {
-			return nil, err
-		}
+	if err := creates(ctx, cold, o, &r.Create, ""); err != nil {
+		return nil, err
 	}
+	fmt.Fprintf(log, "template creates: %d sandboxes (the template is built first if needed)...\n", o.Boots)
+	if err := creates(ctx, m, o, nil, ""); err != nil { // builds the template
+		return nil, err
+	}
+	var keep string
+	if err := creates(ctx, m, o, &r.TemplateCreate, "keep"); err != nil {
+		return nil, err
+	}
+	list, err := m.List(ctx)
+	if err != nil || len(list) == 0 {
+		return nil, fmt.Errorf("list after creates: %v", err)
+	}
+	keep = list[len(list)-1].ID
 	defer m.Delete(context.WithoutCancel(ctx), keep)
 
 	fmt.Fprintf(log, "round trips: %d commands...\n", o.RoundTrip)
@@ -135,6 +147,27 @@ func Run(ctx context.Context, m *sandbox.Manager, o Options, log io.Writer) (*Re
 	defer srv.Close()
 	base := "http://" + ln.Addr().String()
 	client := &http.Client{Timeout: time.Minute}
+	fmt.Fprintf(log, "HTTP creates: %d sandboxes...\n", o.Boots)
+	createBody, _ := json.Marshal(map[string]any{"memory": o.MemoryMiB})
+	for range o.Boots {
+		start := time.Now()
+		var sb struct {
+			ID string `json:"id"`
+		}
+		if err := callJSON(ctx, client, http.MethodPost, base+"/sandboxes", createBody, &sb); err != nil {
+			return nil, err
+		}
+		err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+sb.ID+"/exec", []byte(`{"command":"true","shell":"raw"}`))
+		if err == nil {
+			r.HTTPCreate.Samples = append(r.HTTPCreate.Samples, time.Since(start))
+		}
+		if derr := call(ctx, client, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil); derr != nil && err == nil {
+			err = derr
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
 	body, _ := json.Marshal(map[string]any{"command": "true", "shell": "raw"})
 	for range o.RoundTrip {
 		start := time.Now()
@@ -151,7 +184,42 @@ func Run(ctx context.Context, m *sandbox.Manager, o Options, log io.Writer) (*Re
 	return r, nil
 }
 
+// creates times o.Boots creates, each to its first command answered, into
+// f (when not nil), deleting each sandbox unless keep names the last.
+func creates(ctx context.Context, m *sandbox.Manager, o Options, f *Figure, keep string) error {
+	n := o.Boots
+	if f == nil {
+		n = 1
+	}
+	for i := range n {
+		start := time.Now()
+		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: o.MemoryMiB})
+		if err != nil {
+			return err
+		}
+		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+		if err != nil {
+			m.Delete(ctx, info.ID)
+			return err
+		}
+		if f != nil {
+			f.Samples = append(f.Samples, time.Since(start))
+		}
+		if keep != "" && i == n-1 {
+			continue
+		}
+		if err := m.Delete(ctx, info.ID); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func call(ctx context.Context, c *http.Client, method, url string, body []byte) error {
+	return callJSON(ctx, c, method, url, body, nil)
+}
+
+func callJSON(ctx context.Context, c *http.Client, method, url string, body []byte, out any) error {
 	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
 	if err != nil {
 		return err
@@ -167,6 +235,9 @@ func call(ctx context.Context, c *http.Client, method, url string, body []byte) 
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("%s %s: %s: %s", method, url, resp.Status, strings.TrimSpace(string(b)))
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
 	}
 	return nil
 }
@@ -184,6 +255,8 @@ func (r *Result) Print(w io.Writer) {
 	}
 	row(r.Baseline, Figure{}, "")
 	row(r.Create, r.Baseline, "of raw boot")
+	row(r.TemplateCreate, r.Baseline, "of raw boot")
+	row(r.HTTPCreate, r.Baseline, "of raw boot")
 	row(r.RoundTrip, Figure{}, "")
 	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
 	row(r.List, Figure{}, "")

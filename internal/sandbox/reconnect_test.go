@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
@@ -26,7 +27,9 @@ func TestReconnect(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		start := time.Now()
 		res, err := m2.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "echo round"})
+		t.Logf("round %d: %v", i, time.Since(start))
 		if err != nil || string(res.Stdout) != "round\n" {
 			b, _ := os.ReadFile(d.Sandbox(info.ID) + "/console.log")
 			t.Fatalf("round %d: %v %q\nconsole:\n%s", i, err, res.Stdout, b)

@@ -22,7 +22,7 @@ import (
 
 // templateFormat is part of every template key: bump it when what a
 // template holds, or how a clone is made from it, changes.
-const templateFormat = 1
+const templateFormat = 2
 
 // Template is a booted VM saved to disk: its memory and device state, and
 // the frozen disk it ran on. Sandboxes are restored from it instead of
@@ -55,7 +55,7 @@ func (t *Template) state() string { return filepath.Join(t.Dir, "state") }
 // restored from a template whose key matches exactly, so a new kernel,
 // agent (inside the initramfs's hash), image, QEMU or machine shape never
 // restores a stale template.
-func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus int) (*Template, error) {
+func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus, diskMiB int) (*Template, error) {
 	version := ""
 	if v, ok := drv.(vmm.Versioner); ok {
 		var err error
@@ -68,7 +68,7 @@ func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, mem
 		Image: a.base.Name, Digest: a.base.Digest,
 		MemoryMiB: memMiB, VCPUs: vcpus, Accel: a.accel,
 		Backend: drv.Name(), VMM: version,
-		DiskMiB: int((a.base.SizeBytes + 1<<20 - 1) >> 20),
+		DiskMiB: templateDiskMiB(a, diskMiB),
 	}
 	b, _ := json.Marshal(struct {
 		Format  int
@@ -78,6 +78,14 @@ func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, mem
 	sum := sha256.Sum256(b)
 	t.Key = hex.EncodeToString(sum[:])[:24]
 	return t, nil
+}
+
+// templateDiskMiB sizes a template's disk. Clones can grow a disk but not
+// shrink it, and growing costs a resize in every clone, so templates are
+// made at the default size; a smaller request gets a template of its own.
+func templateDiskMiB(a assets, diskMiB int) int {
+	imageMiB := int((a.base.SizeBytes + 1<<20 - 1) >> 20)
+	return max(imageMiB, min(diskMiB, DefaultDiskMiB))
 }
 
 func (m *Manager) vmmVersion(ctx context.Context, v vmm.Versioner) (string, error) {
@@ -105,7 +113,7 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 	if !ok || m.opts.NoTemplates {
 		return m.boot(ctx, drv, a, rec, true)
 	}
-	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs)
+	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB)
 	if err == nil {
 		info, rerr := m.restore(ctx, drv, snap, t, a, rec)
 		if rerr == nil {
@@ -170,8 +178,8 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 // ensureTemplate returns the template for this machine, building it first
 // if no process has: boot a VM cold, wait for its agent, save it. Concurrent
 // callers, in this process or others, build it once.
-func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, memMiB, vcpus int) (*Template, error) {
-	t, err := m.templateKey(ctx, drv, a, memMiB, vcpus)
+func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, memMiB, vcpus, diskMiB int) (*Template, error) {
+	t, err := m.templateKey(ctx, drv, a, memMiB, vcpus, diskMiB)
 	if err != nil {
 		return nil, err
 	}
@@ -190,7 +198,7 @@ func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.S
 	if findTemplate(root, t) {
 		return t, nil
 	}
-	fmt.Fprintf(m.opts.Progress, "smolvm: building a template for %s, %d MiB, %d vCPU (one cold boot)...\n", a.base.Name, memMiB, vcpus)
+	fmt.Fprintf(m.opts.Progress, "smolvm: building a template for %s, %d MiB memory, %d vCPU, %d MiB disk (one cold boot)...\n", a.base.Name, memMiB, vcpus, t.DiskMiB)
 	start := time.Now()
 	if err := m.buildTemplate(ctx, drv, snap, a, t); err != nil {
 		return nil, fmt.Errorf("build template: %w", err)
