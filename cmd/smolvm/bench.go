@@ -30,8 +30,8 @@ medians from one run, not figures from different runs.`,
 			if err != nil {
 				return err
 			}
-			o.Manager = func(ctx context.Context, cold bool) (*sandbox.Manager, error) {
-				return sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: os.Stderr, NoTemplates: cold})
+			o.Manager = func(ctx context.Context, cold bool, pool int) (*sandbox.Manager, error) {
+				return sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: os.Stderr, NoTemplates: cold, Pool: pool, PoolCleanup: true})
 			}
 			r, err := bench.Run(ctx, o, os.Stderr)
 			if err != nil {

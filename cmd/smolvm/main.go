@@ -29,6 +29,7 @@ func main() {
 		newDoctorCmd(),
 		newKernelCmd(),
 		newBenchCmd(),
+		newImageCmd(),
 	)
 	if err := root.ExecuteContext(ctx); err != nil {
 		if code, ok := err.(exitCode); ok {

@@ -49,10 +49,12 @@ func newServerCmd() *cobra.Command {
 }
 
 type serverConfig struct {
-	host  string
-	port  int
-	token string
-	quiet bool
+	host        string
+	port        int
+	token       string
+	quiet       bool
+	pool        int
+	poolCleanup bool
 }
 
 func newServerStartCmd() *cobra.Command {
@@ -85,6 +87,8 @@ commands on this machine. Binding any other address requires a token
 	f.IntVar(&c.port, "port", 8000, "TCP port to listen on")
 	f.StringVar(&c.token, "token", "", "require this bearer token on API requests (default $SMOLVM_TOKEN)")
 	f.BoolVar(&c.quiet, "quiet", false, "do not log each request to stderr")
+	f.IntVar(&c.pool, "pool", 0, "keep this many default sandboxes booted and waiting, so creating one takes milliseconds (each uses its memory while it waits)")
+	f.BoolVar(&c.poolCleanup, "pool-cleanup", false, "delete the waiting sandboxes when the server stops (otherwise the next server reuses them)")
 	return cmd
 }
 
@@ -117,7 +121,10 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if err != nil {
 		return err
 	}
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr})
+	if c.pool < 0 || c.pool > 64 {
+		return fmt.Errorf("--pool %d is out of range: 0 to 64", c.pool)
+	}
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr, Pool: c.pool, PoolCleanup: c.poolCleanup})
 	if err != nil {
 		return fmt.Errorf("open sandboxes in %s: %w", d.Path(), err)
 	}

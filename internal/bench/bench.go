@@ -28,8 +28,9 @@ type Options struct {
 	RoundTrip int // commands to time for round trips
 	MemoryMiB int
 	// Manager opens the sandbox manager; with cold set it must boot every
-	// sandbox cold (no templates).
-	Manager func(ctx context.Context, cold bool) (*sandbox.Manager, error)
+	// sandbox cold (no templates), and with pool > 0 keep that many
+	// sandboxes waiting.
+	Manager func(ctx context.Context, cold bool, pool int) (*sandbox.Manager, error)
 }
 
 // Figure is one measured quantity.
@@ -60,6 +61,7 @@ type Result struct {
 	Create         Figure // library: create to first command answered, cold boot
 	TemplateCreate Figure // library: the same, restored from a template
 	HTTPCreate     Figure // HTTP: POST /sandboxes then exec, from a template
+	PoolCreate     Figure // library: the same, handed out by the pool
 	RoundTrip      Figure // library: run `true`
 	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
 	List           Figure // library: List
@@ -73,17 +75,18 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		Create:         Figure{Name: "cold create to first command (library)"},
 		TemplateCreate: Figure{Name: "template create to first command (library)"},
 		HTTPCreate:     Figure{Name: "template create to first command (HTTP)"},
+		PoolCreate:     Figure{Name: "pool create to first command (library)"},
 		RoundTrip:      Figure{Name: "command round trip `true` (library)"},
 		HTTPRoundTrip:  Figure{Name: "command round trip `true` (HTTP)"},
 		List:           Figure{Name: "list sandboxes (library)"},
 		HTTPList:       Figure{Name: "GET /sandboxes (HTTP)"},
 	}
-	cold, err := o.Manager(ctx, true)
+	cold, err := o.Manager(ctx, true, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer cold.Close()
-	m, err := o.Manager(ctx, false)
+	m, err := o.Manager(ctx, false, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -181,7 +184,55 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		}
 		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
 	}
+	if err := poolCreates(ctx, o, r, log); err != nil {
+		return nil, err
+	}
 	return r, nil
+}
+
+// poolCreates times creates served by a warm pool, waiting for the pool to
+// refill before each one so every create is a pool hit.
+func poolCreates(ctx context.Context, o Options, r *Result, log io.Writer) error {
+	fmt.Fprintf(log, "pool creates: %d sandboxes...\n", o.Boots)
+	m, err := o.Manager(ctx, false, 1)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	for range o.Boots {
+		deadline := time.Now().Add(5 * time.Minute)
+		for {
+			n, err := m.PoolReady(ctx)
+			if err != nil {
+				return err
+			}
+			if n >= 1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("the pool did not fill within 5 minutes")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		start := time.Now()
+		info, err := m.Create(ctx, sandbox.CreateRequest{})
+		if err != nil {
+			return err
+		}
+		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+		took := time.Since(start)
+		if derr := m.Delete(ctx, info.ID); err == nil {
+			err = derr
+		}
+		if err != nil {
+			return err
+		}
+		if info.Boot != sandbox.BootPool {
+			return fmt.Errorf("create was not served by the pool (boot %q)", info.Boot)
+		}
+		r.PoolCreate.Samples = append(r.PoolCreate.Samples, took)
+	}
+	return nil
 }
 
 // creates times o.Boots creates, each to its first command answered, into
@@ -257,6 +308,7 @@ func (r *Result) Print(w io.Writer) {
 	row(r.Create, r.Baseline, "of raw boot")
 	row(r.TemplateCreate, r.Baseline, "of raw boot")
 	row(r.HTTPCreate, r.Baseline, "of raw boot")
+	row(r.PoolCreate, r.Baseline, "of raw boot")
 	row(r.RoundTrip, Figure{}, "")
 	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
 	row(r.List, Figure{}, "")

@@ -104,7 +104,8 @@ func build(ctx context.Context, d datadir.Dir, r recipe, log io.Writer) (*Base, 
 		return nil, fmt.Errorf("build image %s: move into cache: %w", r.Name, err)
 	}
 	syncDir(d.Images())
-	b := &Base{Name: r.Name, Path: filepath.Join(final, imageFile), Digest: digest, SizeBytes: size}
+	b := &Base{Name: r.Name, Path: filepath.Join(final, imageFile), Digest: digest, SizeBytes: size,
+		ID: r.id(), Kind: KindDebootstrap, Created: m.BuiltAt}
 	fmt.Fprintf(log, "image ready: %s (%d MiB) in %.0f s\n", b.Path, size>>20, time.Since(start).Seconds())
 	return b, nil
 }

@@ -1,6 +1,8 @@
 // Package image provides the read-only root filesystem images that sandboxes
 // boot from. The default image is a minimal Debian built locally with
-// debootstrap and packed into a raw ext4 file.
+// debootstrap and packed into a raw ext4 file; Resolve also turns OCI images,
+// ext4, qcow2 and tarball files and S3 objects into such files, cached by
+// content under the data directory.
 package image
 
 import (
@@ -24,10 +26,26 @@ var ErrNotBuilt = errors.New("image not built")
 
 // Base is a read-only root filesystem image that sandboxes overlay.
 type Base struct {
-	Name      string // e.g. "debian-bookworm"
+	Name      string // e.g. "debian-bookworm", "python:3.12-slim"
 	Path      string // raw ext4 file, mode 0444, never modified after it is built
 	Digest    string // "sha256:<hex>" of the file's bytes
 	SizeBytes int64
+
+	Ref    string // the reference it was resolved from, as given ("" for the default)
+	Config Config // how to run commands in it; zero for the default image
+
+	Refs         []string  // references recorded as resolving to it (List only)
+	ID           string    // cache entry name under the data directory's images/
+	Kind         string    // KindDebootstrap, KindOCI, KindFile or KindS3
+	SourceDigest string    // manifest digest (OCI), sha256 of the file, or the S3 ETag
+	Created      time.Time // when the entry was built
+}
+
+// Config is what an image says about how to run commands in it.
+type Config struct {
+	Env        []string `json:"env,omitempty"` // KEY=VALUE, from the OCI config
+	WorkingDir string   `json:"working_dir,omitempty"`
+	User       string   `json:"user,omitempty"` // as in the OCI config: "name", "uid", "uid:gid", "name:group"
 }
 
 // formatVersion changes whenever the build steps after debootstrap (shrinking,
@@ -138,7 +156,8 @@ func load(d datadir.Dir, r recipe) (*Base, error) {
 	if st.Size() != m.SizeBytes || m.Digest == "" {
 		return nil, fmt.Errorf("image %s: %s does not match its metadata: %w", r.Name, path, ErrNotBuilt)
 	}
-	return &Base{Name: m.Name, Path: path, Digest: m.Digest, SizeBytes: m.SizeBytes}, nil
+	return &Base{Name: m.Name, Path: path, Digest: m.Digest, SizeBytes: m.SizeBytes,
+		ID: r.id(), Kind: KindDebootstrap, Created: m.BuiltAt}, nil
 }
 
 // ensure returns the image for r, building it under an exclusive lock if it

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -124,7 +125,7 @@ func TestDefaultBuildsOnceForConcurrentCallers(t *testing.T) {
 	} else if builds != 1 {
 		t.Fatalf("%d builds, want exactly 1; logs:\n%s\n%s", builds, f.logs[0], f.logs[1])
 	}
-	if *f.bases[0] != *f.bases[1] {
+	if !reflect.DeepEqual(f.bases[0], f.bases[1]) {
 		t.Fatalf("concurrent callers got different images: %+v vs %+v", f.bases[0], f.bases[1])
 	}
 	left, err := filepath.Glob(filepath.Join(f.dir.Tmp(), "build-*"))
@@ -225,14 +226,14 @@ func TestDefaultAgainAndCachedReturnAtOnce(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("second Default took %s", d)
 	}
-	if *again != *f.bases[0] || log.Len() != 0 {
+	if !reflect.DeepEqual(again, f.bases[0]) || log.Len() != 0 {
 		t.Errorf("second Default: %+v, log %q; want %+v and no log", again, log.String(), f.bases[0])
 	}
 	cached, err := Cached(f.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *cached != *f.bases[0] {
+	if !reflect.DeepEqual(cached, f.bases[0]) {
 		t.Errorf("Cached %+v, want %+v", cached, f.bases[0])
 	}
 }

@@ -44,6 +44,13 @@ type Options struct {
 	// NoTemplates boots every sandbox cold instead of restoring it from a
 	// template ($SMOLVM_TEMPLATES=off does the same).
 	NoTemplates bool
+	// Pool keeps this many sandboxes of the default shape restored and
+	// waiting, so a default create is handed one at once. They use memory
+	// like any sandbox. 0 disables the pool.
+	Pool int
+	// PoolCleanup deletes the waiting sandboxes on Close; otherwise they
+	// are left for the next process, which deletes those it cannot use.
+	PoolCleanup bool
 }
 
 // DefaultBootTimeout is generous because software emulation on a loaded
@@ -66,6 +73,10 @@ type Manager struct {
 	clients     map[string]*guest.Client
 	locks       map[string]*sync.Mutex
 	vmmVersions map[vmm.Versioner]string
+
+	stopPool func()
+	poolWake chan struct{}
+	poolDone chan struct{}
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -106,11 +117,29 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		st.Close()
 		return nil, err
 	}
+	if opts.Pool > 0 {
+		pctx, cancel := context.WithCancel(context.Background())
+		m.stopPool = cancel
+		m.poolWake = make(chan struct{}, 1)
+		m.poolDone = make(chan struct{})
+		go m.runPool(pctx)
+	}
 	return m, nil
 }
 
-// Close releases connections and the store. Sandboxes keep running.
+// Close stops the pool, releases connections and the store. Sandboxes keep
+// running.
 func (m *Manager) Close() error {
+	if m.stopPool != nil {
+		m.stopPool()
+		<-m.poolDone
+		m.stopPool = nil
+		if m.opts.PoolCleanup {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			m.drainPool(ctx)
+			cancel()
+		}
+	}
 	m.mu.Lock()
 	for id, c := range m.clients {
 		c.Close()
@@ -268,9 +297,19 @@ func newID() string { return "vm-" + randomHex(4) }
 // Create boots a sandbox and returns once its agent answers. On failure
 // nothing is left behind: no process, no files, no record.
 func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
+	return m.create(ctx, req, string(StatusRunning))
+}
+
+// create makes a sandbox that ends in status (running, or pooled).
+func (m *Manager) create(ctx context.Context, req CreateRequest, status string) (Info, error) {
 	drv, err := m.normalize(&req)
 	if err != nil {
 		return Info{}, err
+	}
+	if status == string(StatusRunning) && poolable(req) {
+		if info, ok := m.takePooled(ctx); ok {
+			return info, nil
+		}
 	}
 	a, err := m.assets(ctx, req.DiskSizeMiB)
 	if err != nil {
@@ -298,7 +337,7 @@ func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
 	unlock := m.lock(rec.ID)
 	defer unlock()
 
-	info, err := m.launch(ctx, drv, a, &rec)
+	info, err := m.launch(ctx, drv, a, &rec, status)
 	if err != nil {
 		// Cleanup must run even when ctx was what failed.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -311,7 +350,7 @@ func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
 
 // boot starts the VM for rec cold (making its disk first when fresh) and
 // waits for the agent.
-func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool) (Info, error) {
+func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool, final string) (Info, error) {
 	spec := m.spec(a, rec)
 	if fresh {
 		if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
@@ -329,7 +368,7 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 	if err != nil {
 		return Info{}, err
 	}
-	return m.finish(ctx, c, rec, 0, BootCold)
+	return m.finish(ctx, c, rec, 0, BootCold, final)
 }
 
 func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
@@ -398,7 +437,7 @@ func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, time
 }
 
 // finish gives the guest its identity and marks the sandbox running.
-func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind) (Info, error) {
+func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind, final string) (Info, error) {
 	id := wire.Identity{
 		Hostname:  rec.ID,
 		MachineID: randomHex(16),
@@ -412,7 +451,7 @@ func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record
 		c.Close()
 		return Info{}, fmt.Errorf("give the guest its identity: %w", err)
 	}
-	rec.Status, rec.Error = string(StatusRunning), ""
+	rec.Status, rec.Error = final, ""
 	if err := m.store.Update(ctx, *rec); err != nil {
 		c.Close()
 		return Info{}, fmt.Errorf("record sandbox: %w", err)
@@ -528,7 +567,7 @@ func notFound(id string) error {
 
 func (m *Manager) get(ctx context.Context, id string) (store.Record, error) {
 	rec, err := m.store.Get(ctx, id)
-	if errors.Is(err, store.ErrNotFound) {
+	if errors.Is(err, store.ErrNotFound) || (err == nil && !visible(rec)) {
 		return rec, notFound(id)
 	}
 	if err != nil {
@@ -565,7 +604,9 @@ func (m *Manager) List(ctx context.Context) ([]Info, error) {
 	}
 	out := make([]Info, 0, len(recs))
 	for _, r := range recs {
-		out = append(out, toInfo(m.reconcile(ctx, r)))
+		if visible(r) {
+			out = append(out, toInfo(m.reconcile(ctx, r)))
+		}
 	}
 	return out, nil
 }
@@ -603,6 +644,12 @@ func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout
 		return ExecResult{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
+	return m.stream(ctx, rec, wreq, stdout, stderr)
+}
+
+// stream runs wreq in rec's VM, which the caller found running.
+func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Request, stdout, stderr io.Writer) (ExecResult, error) {
+	id := rec.ID
 	c, err := m.client(ctx, rec)
 	if err != nil {
 		return ExecResult{}, err
@@ -686,7 +733,7 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	info, err := m.boot(ctx, drv, a, &rec, false)
+	info, err := m.boot(ctx, drv, a, &rec, false, string(StatusRunning))
 	if err != nil {
 		if inst, ierr := instance(rec); ierr == nil {
 			drv.Kill(context.WithoutCancel(ctx), inst)
@@ -710,12 +757,17 @@ func (m *Manager) driverFor(rec store.Record) (vmm.Driver, vmm.Instance, error) 
 // Delete stops the VM and removes every file it made, and its record.
 func (m *Manager) Delete(ctx context.Context, id string) error {
 	rec, err := m.store.Get(ctx, id)
-	if errors.Is(err, store.ErrNotFound) {
+	if errors.Is(err, store.ErrNotFound) || (err == nil && !visible(rec)) {
 		return notFound(id)
 	}
 	if err != nil {
 		return err
 	}
+	return m.remove(ctx, rec)
+}
+
+func (m *Manager) remove(ctx context.Context, rec store.Record) error {
+	id := rec.ID
 	unlock := m.lock(id)
 	defer unlock()
 	drv, ok := m.drivers[rec.Backend]

@@ -108,14 +108,14 @@ func (m *Manager) vmmVersion(ctx context.Context, v vmm.Versioner) (string, erro
 // launch brings rec's VM up from a template when it can, and cold when it
 // cannot; a template that fails is reported and never returned as a
 // broken sandbox.
-func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record) (Info, error) {
+func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final string) (Info, error) {
 	snap, ok := drv.(vmm.Snapshotter)
 	if !ok || m.opts.NoTemplates {
-		return m.boot(ctx, drv, a, rec, true)
+		return m.boot(ctx, drv, a, rec, true, final)
 	}
 	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB)
 	if err == nil {
-		info, rerr := m.restore(ctx, drv, snap, t, a, rec)
+		info, rerr := m.restore(ctx, drv, snap, t, a, rec, final)
 		if rerr == nil {
 			return info, nil
 		}
@@ -134,12 +134,12 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 	for _, f := range []string{"disk.qcow2", "agent.sock", "qmp.sock", "qemu.pid", "console.log"} {
 		os.Remove(filepath.Join(rec.Dir, f))
 	}
-	return m.boot(ctx, drv, a, rec, true)
+	return m.boot(ctx, drv, a, rec, true, final)
 }
 
 // restore starts rec's VM from t, grows its disk to the size asked for, and
 // gives it its identity.
-func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record) (Info, error) {
+func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final string) (Info, error) {
 	spec := m.spec(a, rec)
 	spec.BaseImage = t.disk()
 	// The clone starts with exactly the template's disk so the restored
@@ -168,7 +168,7 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 			return Info{}, fmt.Errorf("grow disk: %w", err)
 		}
 	}
-	info, err := m.finish(ctx, c, rec, diskBytes, BootTemplate)
+	info, err := m.finish(ctx, c, rec, diskBytes, BootTemplate, final)
 	if err != nil {
 		drv.Kill(context.WithoutCancel(ctx), inst)
 	}

@@ -201,6 +201,23 @@ func (s *Store) Update(ctx context.Context, r Record) error {
 	return affectedOne(res, "update", r.ID)
 }
 
+// Claim moves the sandbox id from status from to status to, and sets its
+// creation time, only if it still has status from. It reports whether it
+// did: of several processes claiming one record, exactly one wins.
+func (s *Store) Claim(ctx context.Context, id, from, to string, createdAt time.Time) (bool, error) {
+	res, err := s.db.ExecContext(ctx,
+		`UPDATE sandboxes SET status = ?, created_at = ?, updated_at = ? WHERE id = ? AND status = ?`,
+		to, createdAt.UnixNano(), time.Now().UnixNano(), id, from)
+	if err != nil {
+		return false, fmt.Errorf("claim sandbox %s: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("claim sandbox %s: %w", id, err)
+	}
+	return n == 1, nil
+}
+
 // Get returns the sandbox with the given id, or an error wrapping
 // ErrNotFound.
 func (s *Store) Get(ctx context.Context, id string) (Record, error) {

@@ -288,3 +288,38 @@ func equal(a, b Record) bool {
 	a.CreatedAt, b.CreatedAt, a.UpdatedAt, b.UpdatedAt = time.Time{}, time.Time{}, time.Time{}, time.Time{}
 	return a == b && ta.Equal(tb) && ua.Equal(ub)
 }
+
+func TestClaimHasOneWinner(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "smolvm.db")
+	a, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := a.Insert(ctx, Record{ID: "vm-0000000a", Status: "pooled"}); err != nil {
+		t.Fatal(err)
+	}
+	wins := make(chan bool, 2)
+	for _, s := range []*Store{a, b} {
+		go func() {
+			ok, err := s.Claim(ctx, "vm-0000000a", "pooled", "running", time.Now())
+			if err != nil {
+				t.Error(err)
+			}
+			wins <- ok
+		}()
+	}
+	if w1, w2 := <-wins, <-wins; w1 == w2 {
+		t.Errorf("claims returned %v and %v; want exactly one winner", w1, w2)
+	}
+	r, err := a.Get(ctx, "vm-0000000a")
+	if err != nil || r.Status != "running" {
+		t.Errorf("after claim: %+v %v", r, err)
+	}
+}

@@ -1,0 +1,178 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/store"
+)
+
+// statusPooled marks a sandbox restored ahead of time and not yet handed
+// out. Pooled sandboxes are real, running VMs, but no caller sees them
+// until a Create claims one.
+const statusPooled = "pooled"
+
+// statusWarming marks a pool member still running its warm-up commands.
+const statusWarming = "warming"
+
+// poolShape is the one create request the pool serves: the defaults.
+func poolShape() CreateRequest {
+	return CreateRequest{OS: "", MemoryMiB: DefaultMemoryMiB, DiskSizeMiB: DefaultDiskMiB, VCPUs: DefaultVCPUs, Backend: DefaultBackend}
+}
+
+// poolable reports whether a normalized request can take a pooled sandbox.
+func poolable(req CreateRequest) bool {
+	want := poolShape()
+	return (req.OS == "" || req.OS == "debian") && req.Image == "" &&
+		req.MemoryMiB == want.MemoryMiB && req.DiskSizeMiB == want.DiskSizeMiB &&
+		req.VCPUs == want.VCPUs && req.Backend == want.Backend
+}
+
+// takePooled claims a ready pooled sandbox, if there is one, and wakes the
+// refiller.
+func (m *Manager) takePooled(ctx context.Context) (Info, bool) {
+	if m.opts.Pool <= 0 {
+		return Info{}, false
+	}
+	defer m.wakePool()
+	recs, err := m.store.List(ctx)
+	if err != nil {
+		return Info{}, false
+	}
+	for _, r := range recs {
+		if r.Status != statusPooled {
+			continue
+		}
+		// Only one that answers: a pooled VM may have died unseen, or be
+		// held by another process, which would then claim it itself.
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err := m.client(cctx, r)
+		cancel()
+		if err != nil {
+			continue
+		}
+		now := time.Now().UTC()
+		ok, err := m.store.Claim(ctx, r.ID, statusPooled, string(StatusRunning), now)
+		if err != nil || !ok {
+			m.dropClient(r.ID)
+			continue
+		}
+		r.Status, r.CreatedAt = string(StatusRunning), now
+		info := toInfo(r)
+		info.Boot = BootPool
+		return info, true
+	}
+	return Info{}, false
+}
+
+func (m *Manager) wakePool() {
+	select {
+	case m.poolWake <- struct{}{}:
+	default:
+	}
+}
+
+// runPool keeps opts.Pool sandboxes of the default shape restored and
+// waiting, until ctx ends.
+func (m *Manager) runPool(ctx context.Context) {
+	defer close(m.poolDone)
+	for {
+		if err := m.fillPool(ctx); err != nil && ctx.Err() == nil {
+			fmt.Fprintf(m.opts.Progress, "smolvm: pool: %v\n", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(5 * time.Second):
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.poolWake:
+		case <-time.After(10 * time.Second):
+		}
+	}
+}
+
+func (m *Manager) fillPool(ctx context.Context) error {
+	for {
+		recs, err := m.store.List(ctx)
+		if err != nil {
+			return err
+		}
+		ready := 0
+		for _, r := range recs {
+			if r.Status != statusPooled {
+				continue
+			}
+			if drv, inst, err := m.driverFor(r); err == nil && drv.Alive(inst) {
+				ready++
+				continue
+			}
+			m.remove(ctx, r)
+		}
+		if ready >= m.opts.Pool {
+			return nil
+		}
+		info, err := m.create(ctx, poolShape(), statusWarming)
+		if err != nil {
+			return fmt.Errorf("refill: %w", err)
+		}
+		// Under emulation a restored VM translates every code path anew on
+		// first use: run a command through each shell mode now, so the
+		// one who takes it does not pay for that.
+		rec, err := m.store.Get(ctx, info.ID)
+		if err != nil {
+			return err
+		}
+		for _, req := range []ExecRequest{{Command: "true", Shell: ShellRaw}, {Command: "true", Shell: ShellLogin}} {
+			wreq, _ := execRequest(req)
+			if _, err := m.stream(ctx, rec, wreq, io.Discard, io.Discard); err != nil {
+				m.remove(ctx, rec)
+				return fmt.Errorf("warm up: %w", err)
+			}
+		}
+		if _, err := m.store.Claim(ctx, info.ID, statusWarming, statusPooled, time.Now().UTC()); err != nil {
+			return err
+		}
+	}
+}
+
+// drainPool deletes the pooled sandboxes this process holds.
+func (m *Manager) drainPool(ctx context.Context) error {
+	recs, err := m.store.List(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, r := range recs {
+		if r.Status == statusPooled {
+			if err := m.remove(ctx, r); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// visible reports whether callers may see a record.
+func visible(r store.Record) bool { return r.Status != statusPooled && r.Status != statusWarming }
+
+// PoolReady counts the pooled sandboxes waiting to be handed out.
+func (m *Manager) PoolReady(ctx context.Context) (int, error) {
+	recs, err := m.store.List(ctx)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, r := range recs {
+		if r.Status == statusPooled {
+			n++
+		}
+	}
+	return n, nil
+}
