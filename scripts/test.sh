@@ -9,6 +9,14 @@ export PATH="/usr/local/go/bin:$PATH"
 
 bash scripts/setup.sh
 
+# Test-only dependency: the image tests build OCI images around Debian's
+# static busybox.
+if [ ! -x /bin/busybox ]; then
+	echo "installing busybox-static for the image tests"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static ||
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static; }
+fi
+
 echo "== gofmt and go vet"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './ts/*'))
 if [ -n "$unformatted" ]; then

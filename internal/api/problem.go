@@ -307,12 +307,14 @@ func fromSandboxError(e *sandbox.Error) *Problem {
 		status, code = http.StatusConflict, CodeConflict
 	case sandbox.KindUnavailable:
 		status, code = http.StatusUnprocessableEntity, CodeBackendUnavailable
+	case sandbox.KindUpstream:
+		status, code = http.StatusBadGateway, CodeInternal
 	}
 	if e.Code != "" {
 		code = e.Code
 	}
 	detail := e.Message
-	if status >= 500 {
+	if status >= 500 && status != http.StatusBadGateway {
 		// The cause is what a person needs to debug a server-side failure.
 		detail = e.Error()
 	}

@@ -109,7 +109,7 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 		Summary:     "Create a sandbox",
 		Description: "Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults.",
 		Tags:        []string{"sandboxes"},
-		Errors:      errs(withBody, common),
+		Errors:      errs(withBody, common, []int{http.StatusBadGateway}),
 	}, h.create)
 
 	huma.Register(hapi, huma.Operation{

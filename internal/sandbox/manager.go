@@ -51,6 +51,9 @@ type Options struct {
 	// PoolCleanup deletes the waiting sandboxes on Close; otherwise they
 	// are left for the next process, which deletes those it cannot use.
 	PoolCleanup bool
+	// RegistryMirror is pulled through for Docker Hub images (and the os
+	// presets); "" means $SMOLVM_REGISTRY_MIRROR.
+	RegistryMirror string
 }
 
 // DefaultBootTimeout is generous because software emulation on a loaded
@@ -190,19 +193,12 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 		return nil, invalid("invalid_disk_size", "disk_size", "disk_size must be between %d and %d MiB, got %d", MinDiskMiB, MaxDiskMiB, req.DiskSizeMiB)
 	}
 	switch req.OS {
-	case "", "debian":
-	case "alpine", "ubuntu":
-		return nil, &Error{Kind: KindUnavailable, Code: "unsupported_os", Field: "os",
-			Message: fmt.Sprintf("os %q needs OCI image support, which this build does not have yet; omit os (or use \"debian\") for the default Debian sandbox", req.OS)}
+	case "", "debian", "alpine", "ubuntu":
 	case "windows":
 		return nil, &Error{Kind: KindUnavailable, Code: "unsupported_os", Field: "os",
 			Message: fmt.Sprintf("os \"windows\" is not supported yet by backend %s", req.Backend)}
 	default:
 		return nil, invalid("unknown_os", "os", "unknown os %q: use alpine, ubuntu, debian or windows, or omit it", req.OS)
-	}
-	if req.Image != "" {
-		return nil, &Error{Kind: KindUnavailable, Code: "unsupported_image", Field: "image",
-			Message: "custom images are not supported by this build yet; omit image for the default Debian sandbox"}
 	}
 	switch req.Backend {
 	case "qemu":
@@ -227,7 +223,7 @@ type assets struct {
 	accel  string
 }
 
-func (m *Manager) assets(ctx context.Context, diskMiB int) (assets, error) {
+func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int) (assets, error) {
 	var a assets
 	k, err := kernel.Default(m.opts.DataDir)
 	if err != nil {
@@ -241,9 +237,9 @@ func (m *Manager) assets(ctx context.Context, diskMiB int) (assets, error) {
 	if err != nil {
 		return a, fmt.Errorf("build initramfs: %w", err)
 	}
-	base, err := image.Default(ctx, m.opts.DataDir, m.opts.Progress)
+	base, err := image.Resolve(ctx, m.opts.DataDir, src, image.Options{Mirror: m.opts.RegistryMirror, Log: m.opts.Progress})
 	if err != nil {
-		return a, &Error{Kind: KindUnavailable, Code: "image_unavailable", Field: "image", Message: "the default image could not be built", Err: err}
+		return a, imageError(src, err)
 	}
 	imageMiB := int((base.SizeBytes + 1<<20 - 1) >> 20)
 	if diskMiB < imageMiB {
@@ -311,17 +307,20 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 			return info, nil
 		}
 	}
-	a, err := m.assets(ctx, req.DiskSizeMiB)
+	a, err := m.assets(ctx, image.Source{OS: req.OS, Image: req.Image}, req.DiskSizeMiB)
 	if err != nil {
 		return Info{}, err
 	}
 	rec := store.Record{
-		Status: string(StatusCreating), OS: req.OS, Image: a.base.Name, Backend: drv.Name(),
+		Status: string(StatusCreating), OS: req.OS, Image: imageName(req, a.base), Backend: drv.Name(),
 		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
 		CreatedAt: time.Now().UTC(),
 	}
 	if rec.OS == "" {
-		rec.OS = "debian"
+		rec.OS = "linux"
+		if req.Image == "" {
+			rec.OS = "debian"
+		}
 	}
 	for range 5 {
 		rec.ID = newID()
@@ -337,6 +336,13 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 	unlock := m.lock(rec.ID)
 	defer unlock()
 
+	if err := os.MkdirAll(rec.Dir, 0o755); err == nil {
+		err = writeImageRecord(rec.Dir, image.Source{OS: req.OS, Image: req.Image}, a.base)
+	}
+	if err != nil {
+		m.store.Delete(context.WithoutCancel(ctx), rec.ID)
+		return Info{}, fmt.Errorf("record sandbox image: %w", err)
+	}
 	info, err := m.launch(ctx, drv, a, &rec, status)
 	if err != nil {
 		// Cleanup must run even when ctx was what failed.
@@ -644,6 +650,7 @@ func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout
 		return ExecResult{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
+	applyImageConfig(&wreq, readImageRecord(rec.Dir).Config)
 	return m.stream(ctx, rec, wreq, stdout, stderr)
 }
 
@@ -729,7 +736,7 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	if !ok {
 		return Info{}, fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
 	}
-	a, err := m.assets(ctx, rec.DiskSizeMiB)
+	a, err := m.assets(ctx, sourceOf(rec), rec.DiskSizeMiB)
 	if err != nil {
 		return Info{}, err
 	}
@@ -807,7 +814,7 @@ func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record)
 // new sandbox of memMiB would boot with, without starting anything. The
 // benchmark boots it bare as its baseline.
 func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Spec, error) {
-	a, err := m.assets(ctx, MaxDiskMiB)
+	a, err := m.assets(ctx, image.Source{}, MaxDiskMiB)
 	if err != nil {
 		return vmm.Spec{}, err
 	}

@@ -132,7 +132,7 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 	}
 	fmt.Fprintf(m.opts.Progress, "smolvm: %s: template unusable, booting cold: %v\n", rec.ID, err)
 	for _, f := range []string{"disk.qcow2", "agent.sock", "qmp.sock", "qemu.pid", "console.log"} {
-		os.Remove(filepath.Join(rec.Dir, f))
+		os.Remove(filepath.Join(rec.Dir, f)) // image.json stays
 	}
 	return m.boot(ctx, drv, a, rec, true, final)
 }

@@ -117,6 +117,7 @@ const (
 	KindConflict                    // wrong state for the operation: 409
 	KindUnavailable                 // valid request, but this host lacks something: 4xx naming it
 	KindInternal                    // our fault or the VM's: 500
+	KindUpstream                    // a registry or store we fetch from failed: 502
 )
 
 // Error is a failure with a stable machine-readable code.
