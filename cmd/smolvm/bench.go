@@ -43,7 +43,8 @@ medians from one run, not figures from different runs.`,
 			return nil
 		},
 	}
-	cmd.Flags().IntVar(&o.Boots, "boots", 5, "cold boots and creates to time")
+	cmd.Flags().IntVar(&o.Boots, "boots", 10, "cold boots and creates to time, of each kind")
+	cmd.Flags().IntVar(&o.Density, "density", 40, "create 256 MiB sandboxes until one fails or this many run at once (0 skips)")
 	cmd.Flags().IntVar(&o.RoundTrip, "round-trips", 50, "commands to time for each round-trip figure")
 	cmd.Flags().IntVar(&o.MemoryMiB, "memory", 512, "guest memory in MiB")
 	return cmd

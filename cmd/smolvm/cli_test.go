@@ -189,6 +189,22 @@ func TestCLI(t *testing.T) {
 		}
 	})
 
+	t.Run("templates", func(t *testing.T) {
+		out, errOut, code := c.run("template", "list", "--json")
+		var ts []struct {
+			Key     string `json:"key"`
+			Retired bool   `json:"retired"`
+		}
+		if code != 0 || json.Unmarshal([]byte(out), &ts) != nil || len(ts) != 1 || ts[0].Retired {
+			t.Fatalf("template list: exit %d %q %q", code, out, errOut)
+		}
+		// The sandbox's disk overlays the template's: removing it would
+		// break the sandbox, so it is refused.
+		if _, errOut, code := c.run("template", "rm", ts[0].Key); code == 0 || !strings.Contains(errOut, "delete them first") {
+			t.Errorf("template rm in use: exit %d %q", code, errOut)
+		}
+	})
+
 	t.Run("delete", func(t *testing.T) {
 		_, errOut, code := c.run("sandbox", "delete", id)
 		if code != 0 {
@@ -196,6 +212,10 @@ func TestCLI(t *testing.T) {
 		}
 		if _, err := os.Stat(c.d.Sandbox(id)); !os.IsNotExist(err) {
 			t.Errorf("sandbox directory remains after delete")
+		}
+		out, _, code := c.run("template", "prune")
+		if code != 0 || !strings.Contains(out, "1 template(s) removed") {
+			t.Errorf("template prune: exit %d %q", code, out)
 		}
 	})
 }

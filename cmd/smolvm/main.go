@@ -30,6 +30,7 @@ func main() {
 		newKernelCmd(),
 		newBenchCmd(),
 		newImageCmd(),
+		newTemplateCmd(),
 	)
 	if err := root.ExecuteContext(ctx); err != nil {
 		if code, ok := err.(exitCode); ok {

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -27,6 +28,9 @@ type Options struct {
 	Boots     int // cold boots and creates to time (median of these)
 	RoundTrip int // commands to time for round trips
 	MemoryMiB int
+	// Density creates 256 MiB sandboxes until one fails or this many run
+	// at once; 0 skips it.
+	Density int
 	// Manager opens the sandbox manager; with cold set it must boot every
 	// sandbox cold (no templates), and with pool > 0 keep that many
 	// sandboxes waiting.
@@ -57,6 +61,14 @@ func percentile(s []time.Duration, p int) time.Duration {
 
 // Result is a whole run.
 type Result struct {
+	// IdleRSS is the resident memory of one idle sandbox's VMM process, in
+	// bytes (a template restore of MemoryMiB).
+	IdleRSS int64
+	// Density is how many 256 MiB sandboxes ran at once; DensityLimit says
+	// why it stopped (the cap, or the first failure).
+	Density      int
+	DensityLimit string
+
 	Baseline       Figure // raw QEMU boot to /init
 	Create         Figure // library: create to first command answered, cold boot
 	TemplateCreate Figure // library: the same, restored from a template
@@ -64,6 +76,7 @@ type Result struct {
 	PoolCreate     Figure // library: the same, handed out by the pool
 	RoundTrip      Figure // library: run `true`
 	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
+	Cat1MiB        Figure // library: `cat` of a 1 MiB file
 	List           Figure // library: List
 	HTTPList       Figure // HTTP: GET /sandboxes
 }
@@ -127,6 +140,9 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	keep = list[len(list)-1].ID
 	defer m.Delete(context.WithoutCancel(ctx), keep)
 
+	if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "head -c 1048576 /dev/urandom > /tmp/1m"}); err != nil {
+		return nil, err
+	}
 	fmt.Fprintf(log, "round trips: %d commands...\n", o.RoundTrip)
 	for range o.RoundTrip {
 		start := time.Now()
@@ -134,6 +150,15 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 			return nil, err
 		}
 		r.RoundTrip.Samples = append(r.RoundTrip.Samples, time.Since(start))
+		start = time.Now()
+		res, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "cat /tmp/1m", Shell: sandbox.ShellRaw})
+		if err != nil {
+			return nil, err
+		}
+		if len(res.Stdout) != 1<<20 {
+			return nil, fmt.Errorf("cat of a 1 MiB file returned %d bytes", len(res.Stdout))
+		}
+		r.Cat1MiB.Samples = append(r.Cat1MiB.Samples, time.Since(start))
 		start = time.Now()
 		if _, err := m.List(ctx); err != nil {
 			return nil, err
@@ -184,10 +209,66 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		}
 		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
 	}
+	info, err := m.Get(ctx, keep)
+	if err != nil {
+		return nil, err
+	}
+	r.IdleRSS = rss(info.PID)
 	if err := poolCreates(ctx, o, r, log); err != nil {
 		return nil, err
 	}
+	if o.Density > 0 {
+		density(ctx, m, o.Density, r, log)
+	}
 	return r, nil
+}
+
+// rss is a process's resident set size in bytes, 0 if unknown.
+func rss(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// density creates 256 MiB sandboxes, each answering a command, until one
+// fails or max run at once, then deletes them all.
+func density(ctx context.Context, m *sandbox.Manager, max int, r *Result, log io.Writer) {
+	fmt.Fprintf(log, "density: up to %d sandboxes of 256 MiB at once...\n", max)
+	var ids []string
+	defer func() {
+		for _, id := range ids {
+			m.Delete(context.WithoutCancel(ctx), id)
+		}
+	}()
+	r.DensityLimit = fmt.Sprintf("stopped at the cap of %d", max)
+	for len(ids) < max {
+		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+		if err == nil {
+			ids = append(ids, info.ID)
+			_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+		}
+		if err != nil {
+			r.DensityLimit = "first failure: " + err.Error()
+			return
+		}
+		r.Density = len(ids)
+	}
+	// All still answer at the end, not only when each was new.
+	for _, id := range ids {
+		if _, err := m.Exec(ctx, id, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw}); err != nil {
+			r.DensityLimit = "a running sandbox stopped answering: " + err.Error()
+			return
+		}
+	}
 }
 
 // poolCreates times creates served by a warm pool, waiting for the pool to
@@ -311,9 +392,14 @@ func (r *Result) Print(w io.Writer) {
 	row(r.PoolCreate, r.Baseline, "of raw boot")
 	row(r.RoundTrip, Figure{}, "")
 	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
+	row(r.Cat1MiB, r.RoundTrip, "of `true`")
 	row(r.List, Figure{}, "")
 	row(r.HTTPList, r.List, "of library")
 	tw.Flush()
+	fmt.Fprintf(w, "\nidle sandbox VMM RSS: %.0f MiB (a %s restore)\n", float64(r.IdleRSS)/(1<<20), "template")
+	if r.DensityLimit != "" {
+		fmt.Fprintf(w, "sandboxes of 256 MiB running at once: %d (%s)\n", r.Density, r.DensityLimit)
+	}
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000) }

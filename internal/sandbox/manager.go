@@ -311,8 +311,12 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 	if err != nil {
 		return Info{}, err
 	}
+	initial := string(StatusCreating)
+	if status != string(StatusRunning) {
+		initial = status // pool members stay hidden from the start
+	}
 	rec := store.Record{
-		Status: string(StatusCreating), OS: req.OS, Image: imageName(req, a.base), Backend: drv.Name(),
+		Status: initial, OS: req.OS, Image: imageName(req, a.base), Backend: drv.Name(),
 		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
 		CreatedAt: time.Now().UTC(),
 	}
