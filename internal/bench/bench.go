@@ -77,6 +77,7 @@ type Result struct {
 	RoundTrip      Figure // library: run `true`
 	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
 	Cat1MiB        Figure // library: `cat` of a 1 MiB file
+	Ping           Figure // library: agent round trip without a process
 	List           Figure // library: List
 	HTTPList       Figure // HTTP: GET /sandboxes
 }
@@ -91,6 +92,8 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		PoolCreate:     Figure{Name: "pool create to first command (library)"},
 		RoundTrip:      Figure{Name: "command round trip `true` (library)"},
 		HTTPRoundTrip:  Figure{Name: "command round trip `true` (HTTP)"},
+		Cat1MiB:        Figure{Name: "command round trip `cat` 1 MiB file (library)"},
+		Ping:           Figure{Name: "agent round trip, no process (library)"},
 		List:           Figure{Name: "list sandboxes (library)"},
 		HTTPList:       Figure{Name: "GET /sandboxes (HTTP)"},
 	}
@@ -159,6 +162,11 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 			return nil, fmt.Errorf("cat of a 1 MiB file returned %d bytes", len(res.Stdout))
 		}
 		r.Cat1MiB.Samples = append(r.Cat1MiB.Samples, time.Since(start))
+		start = time.Now()
+		if err := m.Ping(ctx, keep); err != nil {
+			return nil, err
+		}
+		r.Ping.Samples = append(r.Ping.Samples, time.Since(start))
 		start = time.Now()
 		if _, err := m.List(ctx); err != nil {
 			return nil, err
@@ -393,6 +401,7 @@ func (r *Result) Print(w io.Writer) {
 	row(r.RoundTrip, Figure{}, "")
 	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
 	row(r.Cat1MiB, r.RoundTrip, "of `true`")
+	row(r.Ping, r.RoundTrip, "of `true`")
 	row(r.List, Figure{}, "")
 	row(r.HTTPList, r.List, "of library")
 	tw.Flush()

@@ -6,8 +6,11 @@ import (
 	"context"
 	"io"
 	"log"
+	"net/http"
 	"net/http/httptest"
 	"os"
+	osexec "os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -18,6 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/johannesboyne/gofakes3"
+	"github.com/johannesboyne/gofakes3/backend/s3mem"
 
 	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
@@ -166,5 +171,94 @@ func TestSandboxFromOCIImage(t *testing.T) {
 	}
 	if list, _ := m.List(ctx); len(list) != 2 {
 		t.Errorf("%d sandboxes listed after a failed create, want 2", len(list))
+	}
+}
+
+// busyboxTar is the test image flattened into one tarball.
+func busyboxTar(t *testing.T) []byte {
+	t.Helper()
+	img := testImage(t)
+	flat := mutate.Extract(img)
+	defer flat.Close()
+	b, err := io.ReadAll(flat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// Sandboxes boot from root filesystems given as files (a tarball, an ext4
+// image, a qcow2 image) and from an S3-compatible store.
+func TestSandboxFromFileAndS3Sources(t *testing.T) {
+	tarBytes := busyboxTar(t)
+	dir := t.TempDir()
+	tarPath := dir + "/root.tar"
+	if err := os.WriteFile(tarPath, tarBytes, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	s3 := gofakes3.New(s3mem.New(), gofakes3.WithLogger(gofakes3.DiscardLog()))
+	srv := httptest.NewServer(s3.Server())
+	defer srv.Close()
+	for k, v := range map[string]string{
+		"AWS_ACCESS_KEY_ID": "AKIDSMOLVMTEST", "AWS_SECRET_ACCESS_KEY": "smolvm-test-secret",
+		"AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": os.DevNull, "AWS_SHARED_CREDENTIALS_FILE": os.DevNull,
+		"AWS_EC2_METADATA_DISABLED": "true", "AWS_SESSION_TOKEN": "", "AWS_PROFILE": "",
+		"SMOLVM_S3_ENDPOINT": srv.URL,
+	} {
+		t.Setenv(k, v)
+	}
+	put := func(bucket, key string, data []byte) {
+		req, _ := http.NewRequest(http.MethodPut, srv.URL+"/"+bucket, nil)
+		http.DefaultClient.Do(req)
+		req, _ = http.NewRequest(http.MethodPut, srv.URL+"/"+bucket+"/"+key, bytes.NewReader(data))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("put s3://%s/%s: %v %v", bucket, key, err, resp)
+		}
+		resp.Body.Close()
+	}
+	put("images", "root.tar", tarBytes)
+
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NoTemplates: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+
+	boot := func(ref string) sandbox.Info {
+		t.Helper()
+		info, err := m.Create(ctx, sandbox.CreateRequest{Image: ref, MemoryMiB: 256})
+		if err != nil {
+			t.Fatalf("create from %s: %v", ref, err)
+		}
+		if got := exec(t, m, info.ID, "ls /data/dir"); got != "new.txt\n" {
+			t.Errorf("%s: ls /data/dir = %q", ref, got)
+		}
+		return info
+	}
+	fromTar := boot("file://" + tarPath)
+	m.Delete(ctx, fromTar.ID)
+
+	// The ext4 image the tarball became, given back as a file, and as qcow2.
+	bases, _ := filepath.Glob(d.Images() + "/*/rootfs.ext4")
+	var ext4 string
+	for _, b := range bases {
+		if !strings.Contains(b, "debian-bookworm") {
+			ext4 = b
+		}
+	}
+	if ext4 == "" {
+		t.Fatalf("no ext4 image built from the tarball among %v", bases)
+	}
+	qcow2 := dir + "/root.qcow2"
+	if out, err := osexec.Command("qemu-img", "convert", "-O", "qcow2", ext4, qcow2).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v %s", err, out)
+	}
+	for _, ref := range []string{"file://" + ext4, qcow2, "s3://images/root.tar"} {
+		info := boot(ref)
+		m.Delete(ctx, info.ID)
 	}
 }

@@ -827,3 +827,21 @@ func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Spec, error) {
 		BaseImage: a.base.Path, MemoryMiB: memMiB, VCPUs: DefaultVCPUs, Accel: a.accel,
 	}, nil
 }
+
+// Ping asks the sandbox's agent to answer, running no process: the
+// protocol's own round trip, and a health check.
+func (m *Manager) Ping(ctx context.Context, id string) error {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if rec.Status != string(StatusRunning) {
+		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
+	}
+	c, err := m.client(ctx, rec)
+	if err != nil {
+		return err
+	}
+	_, err = c.Ping(ctx)
+	return err
+}
