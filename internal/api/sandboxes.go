@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"reflect"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -27,17 +28,25 @@ type CreateSandboxRequest struct {
 
 // Sandbox is one sandbox's state.
 type Sandbox struct {
-	ID        string    `json:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, used in the other routes."`
-	Status    string    `json:"status" enum:"creating,running,stopped,error" example:"running" doc:"Lifecycle state. A sandbox whose VM died is reported as stopped or error, never running."`
-	OS        string    `json:"os" example:"ubuntu" doc:"Guest operating system."`
-	Image     string    `json:"image" example:"docker.io/library/ubuntu:24.04" doc:"Image the sandbox booted from."`
-	Backend   string    `json:"backend" example:"qemu" doc:"Runtime backend running the VM."`
-	Memory    int       `json:"memory" minimum:"0" example:"512" doc:"Guest memory in MiB."`
-	DiskSize  int       `json:"disk_size" minimum:"0" example:"1024" doc:"Guest disk size in MiB."`
-	VCPUs     int       `json:"vcpus" minimum:"0" example:"1" doc:"Number of virtual CPUs."`
-	PID       int       `json:"pid,omitempty" minimum:"0" example:"12345" doc:"Host process id of the VM, while it runs."`
-	CreatedAt time.Time `json:"created_at" example:"2026-06-24T10:00:00Z" doc:"When the sandbox was created (RFC 3339)."`
-	Error     string    `json:"error,omitempty" example:"VM process exited unexpectedly" doc:"Why the sandbox is in the error state."`
+	ID        string           `json:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, used in the other routes."`
+	Status    string           `json:"status" enum:"creating,running,stopped,error" example:"running" doc:"Lifecycle state. A sandbox whose VM died is reported as stopped or error, never running."`
+	OS        string           `json:"os" example:"ubuntu" doc:"Guest operating system."`
+	Image     string           `json:"image" example:"docker.io/library/ubuntu:24.04" doc:"Image the sandbox booted from."`
+	Backend   string           `json:"backend" example:"qemu" doc:"Runtime backend running the VM."`
+	Memory    int              `json:"memory" minimum:"0" example:"512" doc:"Guest memory in MiB."`
+	DiskSize  int              `json:"disk_size" minimum:"0" example:"1024" doc:"Guest disk size in MiB."`
+	VCPUs     int              `json:"vcpus" minimum:"0" example:"1" doc:"Number of virtual CPUs."`
+	PID       int              `json:"pid,omitempty" minimum:"0" example:"12345" doc:"Host process id of the VM, while it runs."`
+	CreatedAt time.Time        `json:"created_at" example:"2026-06-24T10:00:00Z" doc:"When the sandbox was created (RFC 3339)."`
+	Error     string           `json:"error,omitempty" example:"VM process exited unexpectedly" doc:"Why the sandbox is in the error state."`
+	Progress  *SandboxProgress `json:"progress,omitempty" example:"{\"phase\":\"pull\",\"done_bytes\":1048576,\"total_bytes\":31457280}" doc:"While status is creating: how far preparing the image has come."`
+}
+
+// SandboxProgress is the image preparation of a sandbox being created.
+type SandboxProgress struct {
+	Phase      string `json:"phase" enum:"resolve,pull,extract,mkfs,ready" example:"pull" doc:"What is being done: resolving the reference, pulling layers, extracting them, making the filesystem."`
+	DoneBytes  int64  `json:"done_bytes" minimum:"0" example:"1048576" doc:"Bytes done in this phase, where it counts bytes."`
+	TotalBytes int64  `json:"total_bytes" minimum:"0" example:"31457280" doc:"Bytes expected in this phase; 0 when unknown."`
 }
 
 // SandboxList is the body of GET /sandboxes. An object rather than a bare
@@ -73,7 +82,8 @@ type sandboxID struct {
 }
 
 type createInput struct {
-	Body *CreateSandboxRequest
+	Prefer string `header:"Prefer" example:"respond-async" doc:"respond-async answers 202 at once and creates the sandbox in the background (RFC 7240)."`
+	Body   *CreateSandboxRequest
 }
 
 type execInput struct {
@@ -82,6 +92,12 @@ type execInput struct {
 }
 
 type sandboxOutput struct{ Body Sandbox }
+
+// createOutput lets create answer 200, or 202 when asked to respond async.
+type createOutput struct {
+	Status int
+	Body   Sandbox
+}
 type listOutput struct{ Body SandboxList }
 type deleteOutput struct{ Body DeleteResult }
 type execOutput struct{ Body ExecResult }
@@ -102,14 +118,22 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 	}
 	notFound := []int{http.StatusNotFound}
 
+	sandboxRef := hapi.OpenAPI().Components.Schemas.Schema(reflect.TypeOf(Sandbox{}), true, "")
 	huma.Register(hapi, huma.Operation{
 		OperationID: "createSandbox",
 		Method:      http.MethodPost,
 		Path:        "/sandboxes",
 		Summary:     "Create a sandbox",
-		Description: "Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults.",
-		Tags:        []string{"sandboxes"},
-		Errors:      errs(withBody, common, []int{http.StatusBadGateway}),
+		Description: "Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults. " +
+			"With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason.",
+		Tags:   []string{"sandboxes"},
+		Errors: errs(withBody, common, []int{http.StatusBadGateway}),
+		Responses: map[string]*huma.Response{
+			"202": {
+				Description: "Accepted (with Prefer: respond-async): the sandbox is being created.",
+				Content:     map[string]*huma.MediaType{"application/json": {Schema: sandboxRef}},
+			},
+		},
 	}, h.create)
 
 	huma.Register(hapi, huma.Operation{
@@ -187,7 +211,7 @@ func quoteID(id string) string {
 	return `"` + id + `"`
 }
 
-func (h *handlers) create(ctx context.Context, in *createInput) (*sandboxOutput, error) {
+func (h *handlers) create(ctx context.Context, in *createInput) (*createOutput, error) {
 	m, err := h.manager("")
 	if err != nil {
 		return nil, err
@@ -196,18 +220,26 @@ func (h *handlers) create(ctx context.Context, in *createInput) (*sandboxOutput,
 	if in.Body != nil {
 		body = *in.Body
 	}
-	info, err := m.Create(ctx, sandbox.CreateRequest{
+	req := sandbox.CreateRequest{
 		OS:          body.OS,
 		Image:       body.Image,
 		MemoryMiB:   body.Memory,
 		DiskSizeMiB: body.DiskSize,
 		VCPUs:       body.VCPUs,
 		Backend:     body.Backend,
-	})
+	}
+	create, status := m.Create, http.StatusOK
+	if preferAsync(in.Prefer) {
+		create, status = m.CreateAsync, http.StatusAccepted
+	}
+	info, err := create(ctx, req)
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
-	return &sandboxOutput{Body: SandboxFromInfo(info)}, nil
+	if info.Status == sandbox.StatusRunning {
+		status = http.StatusOK // the pool had one ready
+	}
+	return &createOutput{Status: status, Body: SandboxFromInfo(info)}, nil
 }
 
 func (h *handlers) list(ctx context.Context, _ *struct{}) (*listOutput, error) {
@@ -291,8 +323,24 @@ func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error)
 
 // SandboxFromInfo is the API representation of a sandbox, shared with the
 // CLI so that both print the same JSON.
+// preferAsync reports whether a Prefer header (RFC 7240) asks for
+// respond-async.
+func preferAsync(h string) bool {
+	for _, p := range strings.Split(h, ",") {
+		if name, _, _ := strings.Cut(strings.TrimSpace(p), ";"); strings.EqualFold(strings.TrimSpace(name), "respond-async") {
+			return true
+		}
+	}
+	return false
+}
+
 func SandboxFromInfo(info sandbox.Info) Sandbox {
+	var progress *SandboxProgress
+	if p := info.Progress; p != nil {
+		progress = &SandboxProgress{Phase: p.Phase, DoneBytes: p.Done, TotalBytes: p.Total}
+	}
 	return Sandbox{
+		Progress:  progress,
 		ID:        info.ID,
 		Status:    string(info.Status),
 		OS:        info.OS,

@@ -80,6 +80,12 @@ type Manager struct {
 	stopPool func()
 	poolWake chan struct{}
 	poolDone chan struct{}
+
+	// Asynchronous creates run under bg and are waited for on Close.
+	bg       context.Context
+	stopBg   func()
+	async    sync.WaitGroup
+	progress map[string]Progress
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -110,12 +116,14 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	q := qemu.New()
 	m := &Manager{
-		opts:    opts,
-		store:   st,
-		drivers: map[string]vmm.Driver{q.Name(): q},
-		clients: make(map[string]*guest.Client),
-		locks:   make(map[string]*sync.Mutex),
+		opts:     opts,
+		store:    st,
+		drivers:  map[string]vmm.Driver{q.Name(): q},
+		clients:  make(map[string]*guest.Client),
+		locks:    make(map[string]*sync.Mutex),
+		progress: make(map[string]Progress),
 	}
+	m.bg, m.stopBg = context.WithCancel(context.Background())
 	if _, err := m.List(ctx); err != nil {
 		st.Close()
 		return nil, err
@@ -133,6 +141,8 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 // Close stops the pool, releases connections and the store. Sandboxes keep
 // running.
 func (m *Manager) Close() error {
+	m.stopBg()
+	m.async.Wait()
 	if m.stopPool != nil {
 		m.stopPool()
 		<-m.poolDone
@@ -223,7 +233,7 @@ type assets struct {
 	accel  string
 }
 
-func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int) (assets, error) {
+func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int, progress func(image.Progress)) (assets, error) {
 	var a assets
 	k, err := kernel.Default(m.opts.DataDir)
 	if err != nil {
@@ -237,7 +247,7 @@ func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int) (as
 	if err != nil {
 		return a, fmt.Errorf("build initramfs: %w", err)
 	}
-	base, err := image.Resolve(ctx, m.opts.DataDir, src, image.Options{Mirror: m.opts.RegistryMirror, Log: m.opts.Progress})
+	base, err := image.Resolve(ctx, m.opts.DataDir, src, image.Options{Mirror: m.opts.RegistryMirror, Log: m.opts.Progress, Progress: progress})
 	if err != nil {
 		return a, imageError(src, err)
 	}
@@ -307,16 +317,48 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 			return info, nil
 		}
 	}
-	a, err := m.assets(ctx, image.Source{OS: req.OS, Image: req.Image}, req.DiskSizeMiB)
+	rec, err := m.insert(ctx, req, drv, status)
 	if err != nil {
 		return Info{}, err
 	}
+	return m.build(ctx, drv, req, &rec, status, false)
+}
+
+// CreateAsync checks req, records the sandbox as creating and returns at
+// once; the image is prepared and the VM booted in the background, with
+// progress in the sandbox's Info until it is running (or in error, with
+// the reason, when that fails).
+func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, error) {
+	drv, err := m.normalize(&req)
+	if err != nil {
+		return Info{}, err
+	}
+	if poolable(req) {
+		if info, ok := m.takePooled(ctx); ok {
+			return info, nil
+		}
+	}
+	rec, err := m.insert(ctx, req, drv, string(StatusRunning))
+	if err != nil {
+		return Info{}, err
+	}
+	m.async.Add(1)
+	go func() {
+		defer m.async.Done()
+		m.build(m.bg, drv, req, &rec, string(StatusRunning), true)
+	}()
+	return toInfo(rec), nil
+}
+
+// insert records a new sandbox before any work is done for it, so it can
+// be seen (and its progress read) while its image is prepared.
+func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver, status string) (store.Record, error) {
 	initial := string(StatusCreating)
 	if status != string(StatusRunning) {
 		initial = status // pool members stay hidden from the start
 	}
 	rec := store.Record{
-		Status: initial, OS: req.OS, Image: imageName(req, a.base), Backend: drv.Name(),
+		Status: initial, OS: req.OS, Image: req.Image, Backend: drv.Name(),
 		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
 		CreatedAt: time.Now().UTC(),
 	}
@@ -326,6 +368,7 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 			rec.OS = "debian"
 		}
 	}
+	var err error
 	for range 5 {
 		rec.ID = newID()
 		rec.Dir = m.opts.DataDir.Sandbox(rec.ID)
@@ -335,27 +378,69 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 		}
 	}
 	if err != nil {
-		return Info{}, fmt.Errorf("record sandbox: %w", err)
+		return rec, fmt.Errorf("record sandbox: %w", err)
 	}
+	return rec, nil
+}
+
+// build prepares the image and boots rec's VM. On failure nothing of the
+// VM is left; the record goes too, unless keepFailure asks that it stay in
+// the error state to tell an asynchronous caller why.
+func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, rec *store.Record, status string, keepFailure bool) (Info, error) {
 	unlock := m.lock(rec.ID)
 	defer unlock()
-
-	if err := os.MkdirAll(rec.Dir, 0o755); err == nil {
-		err = writeImageRecord(rec.Dir, image.Source{OS: req.OS, Image: req.Image}, a.base)
+	defer m.setProgress(rec.ID, nil)
+	src := image.Source{OS: req.OS, Image: req.Image}
+	a, err := m.assets(ctx, src, req.DiskSizeMiB, func(p image.Progress) { m.setProgress(rec.ID, &p) })
+	if err == nil {
+		rec.Image = imageName(req, a.base)
+		if err = os.MkdirAll(rec.Dir, 0o755); err == nil {
+			err = writeImageRecord(rec.Dir, src, a.base)
+		}
 	}
-	if err != nil {
-		m.store.Delete(context.WithoutCancel(ctx), rec.ID)
-		return Info{}, fmt.Errorf("record sandbox image: %w", err)
+	var info Info
+	if err == nil {
+		if info, err = m.launch(ctx, drv, a, rec, status); err == nil {
+			return info, nil
+		}
 	}
-	info, err := m.launch(ctx, drv, a, &rec, status)
-	if err != nil {
-		// Cleanup must run even when ctx was what failed.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer cancel()
-		m.destroy(cctx, drv, rec)
+	// Cleanup must run even when ctx was what failed.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if keepFailure {
+		if inst, ierr := instance(*rec); ierr == nil {
+			drv.Kill(cctx, inst)
+		}
+		m.dropClient(rec.ID)
+		os.RemoveAll(rec.Dir)
+		rec.Status, rec.PID, rec.Runtime, rec.Error = string(StatusError), 0, "", err.Error()
+		m.store.Update(cctx, *rec)
 		return Info{}, err
 	}
-	return info, nil
+	m.destroy(cctx, drv, *rec)
+	return Info{}, err
+}
+
+func (m *Manager) setProgress(id string, p *image.Progress) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p == nil {
+		delete(m.progress, id)
+		return
+	}
+	m.progress[id] = Progress{Phase: p.Phase, Done: p.Done, Total: p.Total}
+}
+
+func (m *Manager) withProgress(info Info) Info {
+	if info.Status != StatusCreating {
+		return info
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if p, ok := m.progress[info.ID]; ok {
+		info.Progress = &p
+	}
+	return info
 }
 
 // boot starts the VM for rec cold (making its disk first when fresh) and
@@ -615,7 +700,7 @@ func (m *Manager) List(ctx context.Context) ([]Info, error) {
 	out := make([]Info, 0, len(recs))
 	for _, r := range recs {
 		if visible(r) {
-			out = append(out, toInfo(m.reconcile(ctx, r)))
+			out = append(out, m.withProgress(toInfo(m.reconcile(ctx, r))))
 		}
 	}
 	return out, nil
@@ -627,7 +712,7 @@ func (m *Manager) Get(ctx context.Context, id string) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	return toInfo(rec), nil
+	return m.withProgress(toInfo(rec)), nil
 }
 
 // Exec runs a command to completion or timeout. A timeout is a result
@@ -740,7 +825,7 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	if !ok {
 		return Info{}, fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
 	}
-	a, err := m.assets(ctx, sourceOf(rec), rec.DiskSizeMiB)
+	a, err := m.assets(ctx, sourceOf(rec), rec.DiskSizeMiB, nil)
 	if err != nil {
 		return Info{}, err
 	}
@@ -818,7 +903,7 @@ func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record)
 // new sandbox of memMiB would boot with, without starting anything. The
 // benchmark boots it bare as its baseline.
 func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Spec, error) {
-	a, err := m.assets(ctx, image.Source{}, MaxDiskMiB)
+	a, err := m.assets(ctx, image.Source{}, MaxDiskMiB, nil)
 	if err != nil {
 		return vmm.Spec{}, err
 	}

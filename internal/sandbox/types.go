@@ -75,6 +75,16 @@ type Info struct {
 	Error string
 	// Boot says how Create or Start brought the VM up; empty elsewhere.
 	Boot BootKind
+	// Progress is the preparation under way while Status is creating, as
+	// far as this process knows (it is the one doing the work).
+	Progress *Progress
+}
+
+// Progress is how far the preparation of a sandbox's image has come.
+type Progress struct {
+	Phase string // "resolve", "pull", "extract", "mkfs", "ready"
+	Done  int64  // bytes, where the phase counts bytes
+	Total int64  // bytes expected, 0 if unknown
 }
 
 // BootKind is how a sandbox's VM was brought up.

@@ -19,7 +19,7 @@ export interface paths {
         put?: never;
         /**
          * Create a sandbox
-         * @description Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults.
+         * @description Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults. With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason.
          */
         post: operations["createSandbox"];
         delete?: never;
@@ -339,6 +339,15 @@ export interface components {
              */
             pid?: number;
             /**
+             * @description While status is creating: how far preparing the image has come.
+             * @example {
+             *       "done_bytes": 1048576,
+             *       "phase": "pull",
+             *       "total_bytes": 31457280
+             *     }
+             */
+            progress?: components["schemas"]["SandboxProgress"];
+            /**
              * @description Lifecycle state. A sandbox whose VM died is reported as stopped or error, never running.
              * @example running
              * @enum {string}
@@ -354,6 +363,26 @@ export interface components {
         SandboxList: {
             /** @description Every sandbox on the host, oldest first. */
             sandboxes: components["schemas"]["Sandbox"][];
+        };
+        SandboxProgress: {
+            /**
+             * Format: int64
+             * @description Bytes done in this phase, where it counts bytes.
+             * @example 1048576
+             */
+            done_bytes: number;
+            /**
+             * @description What is being done: resolving the reference, pulling layers, extracting them, making the filesystem.
+             * @example pull
+             * @enum {string}
+             */
+            phase: "resolve" | "pull" | "extract" | "mkfs" | "ready";
+            /**
+             * Format: int64
+             * @description Bytes expected in this phase; 0 when unknown.
+             * @example 31457280
+             */
+            total_bytes: number;
         };
     };
     responses: never;
@@ -423,7 +452,10 @@ export interface operations {
     createSandbox: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description respond-async answers 202 at once and creates the sandbox in the background (RFC 7240). */
+                Prefer?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -435,6 +467,15 @@ export interface operations {
         responses: {
             /** @description OK */
             200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Accepted (with Prefer: respond-async): the sandbox is being created. */
+            202: {
                 headers: {
                     [name: string]: unknown;
                 };
