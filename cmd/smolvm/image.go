@@ -133,7 +133,7 @@ func newImageListCmd(asJSON *bool) *cobra.Command {
 						if inUse(b) {
 							used = "yes"
 						}
-						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", imageLabel(b), imageShortDigest(b), imageSize(b.SizeBytes), imageAge(b.Created), used)
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", imageLabel(b), imageShortDigest(b), imageSize(b.SizeBytes), ago(b.Created), used)
 					}
 					tw.Flush()
 				}, nil
@@ -358,22 +358,6 @@ func imageSize(n int64) string {
 		return fmt.Sprintf("%d MiB", n>>20)
 	}
 	return fmt.Sprintf("%d KiB", n>>10)
-}
-
-func imageAge(t time.Time) string {
-	if t.IsZero() {
-		return "-"
-	}
-	d := time.Since(t)
-	switch {
-	case d < time.Minute:
-		return fmt.Sprintf("%ds ago", int(d.Seconds()))
-	case d < time.Hour:
-		return fmt.Sprintf("%dm ago", int(d.Minutes()))
-	case d < 48*time.Hour:
-		return fmt.Sprintf("%dh ago", int(d.Hours()))
-	}
-	return fmt.Sprintf("%dd ago", int(d.Hours()/24))
 }
 
 // pullDisplay shows a pull: on a terminal, a progress bar for the phases

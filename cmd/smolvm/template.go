@@ -24,23 +24,26 @@ rebuilt on demand, so removing one only costs the next create a cold boot.`,
 	}
 	var asJSON bool
 	cmd.PersistentFlags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
-	open := func(cmd *cobra.Command) (*sandbox.Manager, error) {
-		d, err := setupDataDir(cmd)
-		if err != nil {
-			return nil, err
+	// withManager runs fn with a Manager on the data directory.
+	withManager := func(fn func(cmd *cobra.Command, m *sandbox.Manager, args []string) error) func(*cobra.Command, []string) error {
+		return func(cmd *cobra.Command, args []string) error {
+			d, err := setupDataDir(cmd)
+			if err != nil {
+				return err
+			}
+			m, err := sandbox.Open(cmd.Context(), sandbox.Options{DataDir: d})
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			return fn(cmd, m, args)
 		}
-		return sandbox.Open(cmd.Context(), sandbox.Options{DataDir: d})
 	}
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List templates, newest first",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := open(cmd)
-			if err != nil {
-				return err
-			}
-			defer m.Close()
+		RunE: withManager(func(cmd *cobra.Command, m *sandbox.Manager, _ []string) error {
 			ts, err := m.Templates()
 			if err != nil {
 				return err
@@ -59,18 +62,13 @@ rebuilt on demand, so removing one only costs the next create a cold boot.`,
 					t.SizeBytes>>20, t.CreatedAt.Local().Format(time.DateTime), state)
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	rm := &cobra.Command{
 		Use:   "rm KEY...",
 		Short: "Remove templates no sandbox is using",
 		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := open(cmd)
-			if err != nil {
-				return err
-			}
-			defer m.Close()
+		RunE: withManager(func(cmd *cobra.Command, m *sandbox.Manager, args []string) error {
 			for _, key := range args {
 				if err := m.RemoveTemplate(cmd.Context(), key); err != nil {
 					return err
@@ -78,18 +76,13 @@ rebuilt on demand, so removing one only costs the next create a cold boot.`,
 				fmt.Fprintf(cmd.OutOrStdout(), "removed %s\n", key)
 			}
 			return nil
-		},
+		}),
 	}
 	prune := &cobra.Command{
 		Use:   "prune",
 		Short: "Remove every template no sandbox is using",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, err := open(cmd)
-			if err != nil {
-				return err
-			}
-			defer m.Close()
+		RunE: withManager(func(cmd *cobra.Command, m *sandbox.Manager, _ []string) error {
 			removed, err := m.PruneTemplates(cmd.Context())
 			if err != nil {
 				return err
@@ -99,7 +92,7 @@ rebuilt on demand, so removing one only costs the next create a cold boot.`,
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%d template(s) removed\n", len(removed))
 			return nil
-		},
+		}),
 	}
 	cmd.AddCommand(list, rm, prune)
 	return cmd
