@@ -50,7 +50,7 @@ type Config struct {
 
 // formatVersion changes whenever the build steps after debootstrap (shrinking,
 // mkfs options, metadata layout) change, so old images are not reused.
-const formatVersion = 1
+const formatVersion = 2
 
 const (
 	imageFile = "rootfs.ext4"
