@@ -73,6 +73,7 @@ type Result struct {
 	Create         Figure // library: create to first command answered, cold boot
 	TemplateCreate Figure // library: the same, restored from a template
 	HTTPCreate     Figure // HTTP: POST /sandboxes then exec, from a template
+	HTTPColdCreate Figure // HTTP: the same, booted cold
 	PoolCreate     Figure // library: the same, handed out by the pool
 	RoundTrip      Figure // library: run `true`
 	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
@@ -89,6 +90,7 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		Create:         Figure{Name: "cold create to first command (library)"},
 		TemplateCreate: Figure{Name: "template create to first command (library)"},
 		HTTPCreate:     Figure{Name: "template create to first command (HTTP)"},
+		HTTPColdCreate: Figure{Name: "cold create to first command (HTTP)"},
 		PoolCreate:     Figure{Name: "pool create to first command (library)"},
 		RoundTrip:      Figure{Name: "command round trip `true` (library)"},
 		HTTPRoundTrip:  Figure{Name: "command round trip `true` (HTTP)"},
@@ -183,26 +185,20 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	defer srv.Close()
 	base := "http://" + ln.Addr().String()
 	client := &http.Client{Timeout: time.Minute}
-	fmt.Fprintf(log, "HTTP creates: %d sandboxes...\n", o.Boots)
-	createBody, _ := json.Marshal(map[string]any{"memory": o.MemoryMiB})
-	for range o.Boots {
-		start := time.Now()
-		var sb struct {
-			ID string `json:"id"`
-		}
-		if err := callJSON(ctx, client, http.MethodPost, base+"/sandboxes", createBody, &sb); err != nil {
-			return nil, err
-		}
-		err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+sb.ID+"/exec", []byte(`{"command":"true","shell":"raw"}`))
-		if err == nil {
-			r.HTTPCreate.Samples = append(r.HTTPCreate.Samples, time.Since(start))
-		}
-		if derr := call(ctx, client, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil); derr != nil && err == nil {
-			err = derr
-		}
-		if err != nil {
-			return nil, err
-		}
+	fmt.Fprintf(log, "HTTP creates: %d sandboxes from the template...\n", o.Boots)
+	if err := httpCreates(ctx, client, base, o, &r.HTTPCreate); err != nil {
+		return nil, err
+	}
+	coldLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	coldSrv := &http.Server{Handler: api.New(cold, api.Options{Addr: coldLn.Addr().String()})}
+	go coldSrv.Serve(coldLn)
+	defer coldSrv.Close()
+	fmt.Fprintf(log, "HTTP creates: %d sandboxes booted cold...\n", o.Boots)
+	if err := httpCreates(ctx, client, "http://"+coldLn.Addr().String(), o, &r.HTTPColdCreate); err != nil {
+		return nil, err
 	}
 	body, _ := json.Marshal(map[string]any{"command": "true", "shell": "raw"})
 	for range o.RoundTrip {
@@ -324,6 +320,32 @@ func poolCreates(ctx context.Context, o Options, r *Result, log io.Writer) error
 	return nil
 }
 
+// httpCreates times o.Boots creates over HTTP, each to its first command
+// answered, deleting each sandbox after.
+func httpCreates(ctx context.Context, client *http.Client, base string, o Options, f *Figure) error {
+	createBody, _ := json.Marshal(map[string]any{"memory": o.MemoryMiB})
+	for range o.Boots {
+		start := time.Now()
+		var sb struct {
+			ID string `json:"id"`
+		}
+		if err := callJSON(ctx, client, http.MethodPost, base+"/sandboxes", createBody, &sb); err != nil {
+			return err
+		}
+		err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+sb.ID+"/exec", []byte(`{"command":"true","shell":"raw"}`))
+		if err == nil {
+			f.Samples = append(f.Samples, time.Since(start))
+		}
+		if derr := call(ctx, client, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil); derr != nil && err == nil {
+			err = derr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // creates times o.Boots creates, each to its first command answered, into
 // f (when not nil), deleting each sandbox unless keep names the last.
 func creates(ctx context.Context, m *sandbox.Manager, o Options, f *Figure, keep string) error {
@@ -395,6 +417,7 @@ func (r *Result) Print(w io.Writer) {
 	}
 	row(r.Baseline, Figure{}, "")
 	row(r.Create, r.Baseline, "of raw boot")
+	row(r.HTTPColdCreate, r.Baseline, "of raw boot")
 	row(r.TemplateCreate, r.Baseline, "of raw boot")
 	row(r.HTTPCreate, r.Baseline, "of raw boot")
 	row(r.PoolCreate, r.Baseline, "of raw boot")
