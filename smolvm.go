@@ -23,8 +23,8 @@ import (
 // Config describes a sandbox. Zero values take the defaults: the Debian
 // image, 512 MiB of memory, a 1024 MiB disk, 1 vCPU, the qemu backend.
 type Config struct {
-	OS       string // "" or "debian"; "alpine", "ubuntu", "windows" are not supported yet
-	Image    string // image reference; "" for the OS default
+	OS       string // "" or "debian" (built locally), "alpine", "ubuntu" (pulled); "windows" is refused
+	Image    string // an OCI reference, file:///path (ext4, qcow2, tarball), s3://bucket/key; "" for the OS default
 	Memory   int    // MiB, 128..16384
 	DiskSize int    // MiB
 	VCPUs    int    // 1..32

@@ -175,6 +175,17 @@ func TestTimeoutAndOutput(t *testing.T) {
 		}
 	})
 
+	t.Run("output too large to hold", func(t *testing.T) {
+		_, err := sb.Run(context.Background(), "head -c 300000000 /dev/zero", smolvm.RunOptions{Timeout: 300 * time.Second})
+		var e *smolvm.Error
+		if !errors.As(err, &e) || e.Code != "output_too_large" {
+			t.Fatalf("300 MB of output: %v, want output_too_large", err)
+		}
+		if next := run(t, sb, "echo fine", smolvm.RunOptions{}); next.Stdout != "fine\n" {
+			t.Errorf("after a refused output: %q", next.Stdout)
+		}
+	})
+
 	t.Run("streamed output", func(t *testing.T) {
 		var stdout, stderr strings.Builder
 		res := run(t, sb, "seq 1 3; echo e >&2", smolvm.RunOptions{Stdout: &stdout, Stderr: &stderr})

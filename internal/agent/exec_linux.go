@@ -80,6 +80,10 @@ func (a *agent) run(stream io.Reader, fw *frameWriter, req *wire.Request) wire.E
 	}
 	devNull, err := os.Open(os.DevNull)
 	if err != nil {
+		outR.Close()
+		outW.Close()
+		errR.Close()
+		errW.Close()
 		return wire.Exit{Error: fmt.Sprintf("open %s: %v", os.DevNull, err)}
 	}
 	attr := &syscall.ProcAttr{
@@ -205,7 +209,7 @@ func (a *agent) env(acc account, extra []string) []string {
 		"SHELL=" + acc.shell,
 		"TERM=xterm",
 		"LANG=C.UTF-8",
-		"HOSTNAME=" + a.params.hostname,
+		"HOSTNAME=" + a.hostname(),
 	}
 	index := make(map[string]int, len(env)+len(extra))
 	for i, kv := range env {

@@ -34,7 +34,7 @@ func (a *agent) applyIdentity(id *wire.Identity) error {
 		return err
 	}
 	if id.Hostname != "" {
-		a.params.hostname = id.Hostname
+		a.setHostname(id.Hostname)
 		if err := unix.Sethostname([]byte(id.Hostname)); err != nil {
 			return fmt.Errorf("sethostname: %w", err)
 		}

@@ -25,6 +25,26 @@ type agent struct {
 	params bootParams
 	reaper *reaper
 	booted time.Time
+
+	// name is the hostname commands see; an identity request changes it
+	// while commands may be starting.
+	nameMu sync.Mutex
+	name   string
+}
+
+func (a *agent) hostname() string {
+	a.nameMu.Lock()
+	defer a.nameMu.Unlock()
+	if a.name == "" {
+		return a.params.hostname
+	}
+	return a.name
+}
+
+func (a *agent) setHostname(name string) {
+	a.nameMu.Lock()
+	a.name = name
+	a.nameMu.Unlock()
 }
 
 // Main runs the agent as PID 1. It never returns: on a fatal error it powers

@@ -2,7 +2,7 @@ package sandbox
 
 import (
 	"bytes"
-	"fmt"
+	"errors"
 	"strings"
 
 	"github.com/google/shlex"
@@ -49,9 +49,12 @@ type limitedBuffer struct{ bytes.Buffer }
 // maxCollected bounds what Exec holds in memory; Stream has no limit.
 const maxCollected = 256 << 20
 
+// errOutputTooLarge stops a command whose output would not fit.
+var errOutputTooLarge = errors.New("command output exceeds the limit")
+
 func (b *limitedBuffer) Write(p []byte) (int, error) {
 	if b.Len()+len(p) > maxCollected {
-		return 0, fmt.Errorf("command output exceeds %d MiB; use streaming to read more", maxCollected>>20)
+		return 0, errOutputTooLarge
 	}
 	return b.Buffer.Write(p)
 }

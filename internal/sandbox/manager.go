@@ -85,7 +85,9 @@ type Manager struct {
 	bg       context.Context
 	stopBg   func()
 	async    sync.WaitGroup
+	closing  bool
 	progress map[string]Progress
+	warming  map[string]bool // pool members this process is warming up
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -122,6 +124,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		clients:  make(map[string]*guest.Client),
 		locks:    make(map[string]*sync.Mutex),
 		progress: make(map[string]Progress),
+		warming:  make(map[string]bool),
 	}
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	if _, err := m.List(ctx); err != nil {
@@ -141,6 +144,11 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 // Close stops the pool, releases connections and the store. Sandboxes keep
 // running.
 func (m *Manager) Close() error {
+	m.mu.Lock()
+	m.closing = true
+	m.mu.Unlock()
+	// Creates still preparing are cancelled (their records end in the
+	// error state, with the reason); the VMs that run stay.
 	m.stopBg()
 	m.async.Wait()
 	if m.stopPool != nil {
@@ -338,16 +346,26 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 			return info, nil
 		}
 	}
+	m.mu.Lock()
+	closing := m.closing
+	if !closing {
+		m.async.Add(1)
+	}
+	m.mu.Unlock()
+	if closing {
+		return Info{}, &Error{Kind: KindUnavailable, Code: "shutting_down", Message: "smolvm is shutting down; create the sandbox after it restarts"}
+	}
 	rec, err := m.insert(ctx, req, drv, string(StatusRunning))
 	if err != nil {
+		m.async.Done()
 		return Info{}, err
 	}
-	m.async.Add(1)
-	go func() {
+	info := toInfo(rec)
+	go func(rec store.Record) {
 		defer m.async.Done()
 		m.build(m.bg, drv, req, &rec, string(StatusRunning), true)
-	}()
-	return toInfo(rec), nil
+	}(rec)
+	return info, nil
 }
 
 // insert records a new sandbox before any work is done for it, so it can
@@ -721,6 +739,10 @@ func (m *Manager) Exec(ctx context.Context, id string, req ExecRequest) (ExecRes
 	var stdout, stderr limitedBuffer
 	res, err := m.Stream(ctx, id, req, &stdout, &stderr)
 	res.Stdout, res.Stderr = stdout.Bytes(), stderr.Bytes()
+	if errors.Is(err, errOutputTooLarge) {
+		return res, &Error{Kind: KindInvalid, Code: "output_too_large", Field: "command",
+			Message: fmt.Sprintf("the command wrote more than %d MiB, which a single response cannot hold; it was stopped. Write large output to a file in the sandbox instead", maxCollected>>20)}
+	}
 	return res, err
 }
 
@@ -780,24 +802,42 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Reques
 // Stop shuts the VM down cleanly (falling back to killing it) and keeps
 // its disk, so Start can boot it again.
 func (m *Manager) Stop(ctx context.Context, id string) error {
-	rec, err := m.get(ctx, id)
-	if err != nil {
+	if _, err := m.get(ctx, id); err != nil {
 		return err
 	}
 	unlock := m.lock(id)
 	defer unlock()
-	if rec.Status == string(StatusStopped) {
+	// What another caller did while this one waited for the lock counts.
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return err
+	}
+	switch rec.Status {
+	case string(StatusStopped), string(StatusError):
 		return nil
+	case string(StatusCreating):
+		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
 	drv, inst, err := m.driverFor(rec)
 	if err != nil {
 		return err
 	}
-	if c, err := m.client(ctx, rec); err == nil {
-		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		c.Shutdown(sctx)
-		cancel()
+	// A clean shutdown when the agent answers; m.client would take the
+	// lock this call holds, so dial directly when nothing is cached.
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	m.mu.Lock()
+	c := m.clients[id]
+	m.mu.Unlock()
+	if c == nil || c.Closed() {
+		if dialed, err := guest.Dial(sctx, inst.AgentSocket); err == nil {
+			defer dialed.Close()
+			c = dialed
+		}
 	}
+	if c != nil && !c.Closed() {
+		c.Shutdown(sctx)
+	}
+	cancel()
 	m.dropClient(id)
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -812,14 +852,20 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 
 // Start boots a stopped sandbox again from its own disk.
 func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
-	rec, err := m.get(ctx, id)
-	if err != nil {
+	if _, err := m.get(ctx, id); err != nil {
 		return Info{}, err
 	}
 	unlock := m.lock(id)
 	defer unlock()
-	if rec.Status == string(StatusRunning) {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return Info{}, err
+	}
+	switch rec.Status {
+	case string(StatusRunning):
 		return toInfo(rec), nil
+	case string(StatusCreating):
+		return Info{}, &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
 	drv, ok := m.drivers[rec.Backend]
 	if !ok {
@@ -864,19 +910,23 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 
 func (m *Manager) remove(ctx context.Context, rec store.Record) error {
 	id := rec.ID
+	// A create in progress holds the lock until it has booted or failed;
+	// the record is read again after, so a VM it started is killed too.
 	unlock := m.lock(id)
 	defer unlock()
+	fresh, err := m.store.Get(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil // removed meanwhile
+	}
+	if err != nil {
+		return err
+	}
+	rec = fresh
 	drv, ok := m.drivers[rec.Backend]
 	if !ok {
 		return fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
 	}
-	if err := m.destroy(ctx, drv, rec); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	delete(m.locks, id)
-	m.mu.Unlock()
-	return nil
+	return m.destroy(ctx, drv, rec)
 }
 
 // destroy kills the VM, removes its directory, then its record, in that

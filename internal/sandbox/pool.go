@@ -106,6 +106,10 @@ func (m *Manager) fillPool(ctx context.Context) error {
 		}
 		ready := 0
 		for _, r := range recs {
+			if m.abandoned(r) {
+				m.remove(context.WithoutCancel(ctx), r)
+				continue
+			}
 			if r.Status != statusPooled {
 				continue
 			}
@@ -118,28 +122,65 @@ func (m *Manager) fillPool(ctx context.Context) error {
 		if ready >= m.opts.Pool {
 			return nil
 		}
-		info, err := m.create(ctx, poolShape(), statusWarming)
-		if err != nil {
-			return fmt.Errorf("refill: %w", err)
-		}
-		// Under emulation a restored VM translates every code path anew on
-		// first use: run a command through each shell mode now, so the
-		// one who takes it does not pay for that.
-		rec, err := m.store.Get(ctx, info.ID)
-		if err != nil {
-			return err
-		}
-		for _, req := range []ExecRequest{{Command: "true", Shell: ShellRaw}, {Command: "true", Shell: ShellLogin}} {
-			wreq, _ := execRequest(req)
-			if _, err := m.stream(ctx, rec, wreq, io.Discard, io.Discard); err != nil {
-				m.remove(ctx, rec)
-				return fmt.Errorf("warm up: %w", err)
-			}
-		}
-		if _, err := m.store.Claim(ctx, info.ID, statusWarming, statusPooled, time.Now().UTC()); err != nil {
+		if err := m.addPoolMember(ctx); err != nil {
 			return err
 		}
 	}
+}
+
+// addPoolMember creates one sandbox for the pool, warms it up and offers it.
+func (m *Manager) addPoolMember(ctx context.Context) error {
+	info, err := m.create(ctx, poolShape(), statusWarming)
+	if err != nil {
+		return fmt.Errorf("refill: %w", err)
+	}
+	m.setWarming(info.ID, true)
+	defer m.setWarming(info.ID, false)
+	// Whatever happens from here, the member must not be left behind
+	// half-made, even when ctx is what ended.
+	cleanup := context.WithoutCancel(ctx)
+	rec, err := m.store.Get(cleanup, info.ID)
+	if err != nil {
+		return err
+	}
+	// Under emulation a restored VM translates every code path anew on
+	// first use: run a command through each shell mode now, so the one
+	// who takes it does not pay for that.
+	for _, req := range []ExecRequest{{Command: "true", Shell: ShellRaw}, {Command: "true", Shell: ShellLogin}} {
+		wreq, _ := execRequest(req)
+		if _, err := m.stream(ctx, rec, wreq, io.Discard, io.Discard); err != nil {
+			m.remove(cleanup, rec)
+			return fmt.Errorf("warm up: %w", err)
+		}
+	}
+	if _, err := m.store.Claim(cleanup, info.ID, statusWarming, statusPooled, time.Now().UTC()); err != nil {
+		m.remove(cleanup, rec)
+		return err
+	}
+	return nil
+}
+
+// abandoned reports a pool member left half-warmed by a process that
+// stopped: not being warmed here, and untouched for longer than a warm-up
+// takes (another process may be warming it right now).
+func (m *Manager) abandoned(r store.Record) bool {
+	return r.Status == statusWarming && !m.isWarming(r.ID) && time.Since(r.UpdatedAt) > 2*time.Minute
+}
+
+func (m *Manager) setWarming(id string, on bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if on {
+		m.warming[id] = true
+	} else {
+		delete(m.warming, id)
+	}
+}
+
+func (m *Manager) isWarming(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.warming[id]
 }
 
 // drainPool deletes the pooled sandboxes this process holds.
@@ -150,7 +191,7 @@ func (m *Manager) drainPool(ctx context.Context) error {
 	}
 	var errs []error
 	for _, r := range recs {
-		if r.Status == statusPooled {
+		if r.Status == statusPooled || m.abandoned(r) {
 			if err := m.remove(ctx, r); err != nil {
 				errs = append(errs, err)
 			}

@@ -41,3 +41,38 @@ func TestReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Stop and Start from a process that has never talked to the sandbox (no
+// agent session cached) must work, not wait on themselves.
+func TestStopStartFromAnotherManager(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	m := testenv.ManagerAt(t, d)
+	info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+
+	m2 := testenv.ManagerAt(t, d)
+	done := make(chan error, 1)
+	go func() { done <- m2.Stop(ctx, info.ID) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("Stop from a fresh Manager did not return")
+	}
+	if got, _ := m2.Get(ctx, info.ID); got.Status != sandbox.StatusStopped {
+		t.Errorf("status after stop: %q", got.Status)
+	}
+	if _, err := m2.Start(ctx, info.ID); err != nil {
+		t.Fatal(err)
+	}
+	if out := exec(t, m2, info.ID, "echo back"); out != "back\n" {
+		t.Errorf("after restart: %q", out)
+	}
+}

@@ -90,18 +90,22 @@ func templateDiskMiB(a assets, diskMiB int) int {
 
 func (m *Manager) vmmVersion(ctx context.Context, v vmm.Versioner) (string, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.vmmVersions == nil {
-		m.vmmVersions = make(map[vmm.Versioner]string)
-	}
-	if s, ok := m.vmmVersions[v]; ok {
+	s, ok := m.vmmVersions[v]
+	m.mu.Unlock()
+	if ok {
 		return s, nil
 	}
+	// Run outside the lock: the Manager's mutex guards maps, not commands.
 	s, err := v.Version(ctx)
 	if err != nil {
 		return "", err
 	}
+	m.mu.Lock()
+	if m.vmmVersions == nil {
+		m.vmmVersions = make(map[vmm.Versioner]string)
+	}
 	m.vmmVersions[v] = s
+	m.mu.Unlock()
 	return s, nil
 }
 
