@@ -699,13 +699,17 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	if !ok || err != nil || drv.Alive(inst) {
 		return rec
 	}
-	m.dropClient(rec.ID)
-	rec.Status = string(StatusStopped)
-	rec.Error = fmt.Sprintf("the VM process (pid %d) exited unexpectedly", rec.PID)
-	rec.PID = 0
-	if err := m.store.Update(ctx, rec); err != nil && !errors.Is(err, store.ErrNotFound) {
-		rec.Error += "; recording that failed: " + err.Error()
+	reason := fmt.Sprintf("the VM process (pid %d) exited unexpectedly", rec.PID)
+	changed, err := m.store.MarkExited(ctx, rec.ID, rec.PID, string(StatusStopped), reason)
+	if err != nil || !changed {
+		// Someone else changed the record meanwhile: theirs is newer.
+		if fresh, gerr := m.store.Get(ctx, rec.ID); gerr == nil {
+			return fresh
+		}
+		return rec
 	}
+	m.dropClient(rec.ID)
+	rec.Status, rec.Error, rec.PID = string(StatusStopped), reason, 0
 	return rec
 }
 

@@ -3,6 +3,8 @@ package sandbox_test
 import (
 	"context"
 	"os"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -74,5 +76,45 @@ func TestStopStartFromAnotherManager(t *testing.T) {
 	}
 	if out := exec(t, m2, info.ID, "echo back"); out != "back\n" {
 		t.Errorf("after restart: %q", out)
+	}
+}
+
+// A sandbox whose VM died is reported as stopped, not running, refuses
+// commands with a conflict, and can still be deleted.
+func TestDeadVMIsReportedAndDeletable(t *testing.T) {
+	t.Parallel()
+	m := testenv.Manager(t)
+	ctx := context.Background()
+	info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(info.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	var got sandbox.Info
+	for {
+		got, err = m.Get(ctx, info.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status != sandbox.StatusRunning || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got.Status != sandbox.StatusStopped || !strings.Contains(got.Error, "exited") {
+		t.Errorf("after the VM was killed: status %q error %q", got.Status, got.Error)
+	}
+	_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true"})
+	if e, ok := sandbox.AsError(err); !ok || e.Kind != sandbox.KindConflict {
+		t.Errorf("exec on a dead sandbox: %v", err)
+	}
+	if err := m.Delete(ctx, info.ID); err != nil {
+		t.Fatalf("delete a dead sandbox: %v", err)
+	}
+	if _, err := m.Get(ctx, info.ID); err == nil {
+		t.Error("the dead sandbox is still there after delete")
 	}
 }

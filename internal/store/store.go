@@ -201,6 +201,23 @@ func (s *Store) Update(ctx context.Context, r Record) error {
 	return affectedOne(res, "update", r.ID)
 }
 
+// MarkExited records that a running sandbox's VM process (pid) is gone, only
+// if the record still says it runs with that pid: a Stop or Start that
+// finished meanwhile in another goroutine or process is not overwritten.
+func (s *Store) MarkExited(ctx context.Context, id string, pid int, status, reason string) (bool, error) {
+	res, err := s.db.ExecContext(ctx,
+		`UPDATE sandboxes SET status = ?, pid = 0, error = ?, updated_at = ? WHERE id = ? AND status = 'running' AND pid = ?`,
+		status, reason, time.Now().UnixNano(), id, pid)
+	if err != nil {
+		return false, fmt.Errorf("update sandbox %s: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("update sandbox %s: %w", id, err)
+	}
+	return n == 1, nil
+}
+
 // Claim moves the sandbox id from status from to status to, and sets its
 // creation time, only if it still has status from. It reports whether it
 // did: of several processes claiming one record, exactly one wins.
