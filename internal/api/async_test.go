@@ -3,6 +3,8 @@ package api
 import (
 	"encoding/json"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -51,6 +53,27 @@ func TestCreateAsync(t *testing.T) {
 	res, rr := execHTTP(t, base, sb.ID, map[string]any{"command": "echo ready"})
 	if rr.Status != http.StatusOK || res.Stdout != "ready\n" {
 		t.Errorf("exec after async create: %d %s", rr.Status, rr.Body)
+	}
+
+	// Deleting a sandbox while it is being created stops the work and
+	// leaves nothing behind.
+	r = do(t, http.MethodPost, base+"/sandboxes", `{"memory":384}`, async)
+	if r.Status != http.StatusAccepted {
+		t.Fatalf("async create: %d %s", r.Status, r.Body)
+	}
+	var doomed Sandbox
+	json.Unmarshal(r.Body, &doomed)
+	if r := do(t, http.MethodDelete, base+"/sandboxes/"+doomed.ID, nil, nil); r.Status != http.StatusOK {
+		t.Errorf("delete while creating: %d %s", r.Status, r.Body)
+	}
+	if r := do(t, http.MethodGet, base+"/sandboxes/"+doomed.ID, nil, nil); r.Status != http.StatusNotFound {
+		t.Errorf("get after delete while creating: %d %s", r.Status, r.Body)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), doomed.ID) {
+			t.Errorf("a process still names %s: %s", doomed.ID, strings.ReplaceAll(string(b), "\x00", " "))
+		}
 	}
 
 	// Bad input is still refused at once.

@@ -87,7 +87,8 @@ type Manager struct {
 	async    sync.WaitGroup
 	closing  bool
 	progress map[string]Progress
-	warming  map[string]bool // pool members this process is warming up
+	warming  map[string]bool   // pool members this process is warming up
+	cancels  map[string]func() // asynchronous creates in progress, by id
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -125,6 +126,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		locks:    make(map[string]*sync.Mutex),
 		progress: make(map[string]Progress),
 		warming:  make(map[string]bool),
+		cancels:  make(map[string]func()),
 	}
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	if _, err := m.List(ctx); err != nil {
@@ -361,9 +363,19 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 		return Info{}, err
 	}
 	info := toInfo(rec)
+	bctx, cancel := context.WithCancel(m.bg)
+	m.mu.Lock()
+	m.cancels[rec.ID] = cancel
+	m.mu.Unlock()
 	go func(rec store.Record) {
 		defer m.async.Done()
-		m.build(m.bg, drv, req, &rec, string(StatusRunning), true)
+		defer func() {
+			m.mu.Lock()
+			delete(m.cancels, rec.ID)
+			m.mu.Unlock()
+			cancel()
+		}()
+		m.build(bctx, drv, req, &rec, string(StatusRunning), true)
 	}(rec)
 	return info, nil
 }
@@ -908,6 +920,14 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	}
 	if err != nil {
 		return err
+	}
+	// Deleting a sandbox still being created stops that work at once
+	// rather than waiting for its pull and boot.
+	m.mu.Lock()
+	cancel := m.cancels[id]
+	m.mu.Unlock()
+	if cancel != nil {
+		cancel()
 	}
 	return m.remove(ctx, rec)
 }
