@@ -176,28 +176,23 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		r.List.Samples = append(r.List.Samples, time.Since(start))
 	}
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	base, stop, err := serve(m)
 	if err != nil {
 		return nil, err
 	}
-	srv := &http.Server{Handler: api.New(m, api.Options{Addr: ln.Addr().String()})}
-	go srv.Serve(ln)
-	defer srv.Close()
-	base := "http://" + ln.Addr().String()
+	defer stop()
 	client := &http.Client{Timeout: time.Minute}
 	fmt.Fprintf(log, "HTTP creates: %d sandboxes from the template...\n", o.Boots)
 	if err := httpCreates(ctx, client, base, o, &r.HTTPCreate); err != nil {
 		return nil, err
 	}
-	coldLn, err := net.Listen("tcp", "127.0.0.1:0")
+	coldBase, stopCold, err := serve(cold)
 	if err != nil {
 		return nil, err
 	}
-	coldSrv := &http.Server{Handler: api.New(cold, api.Options{Addr: coldLn.Addr().String()})}
-	go coldSrv.Serve(coldLn)
-	defer coldSrv.Close()
+	defer stopCold()
 	fmt.Fprintf(log, "HTTP creates: %d sandboxes booted cold...\n", o.Boots)
-	if err := httpCreates(ctx, client, "http://"+coldLn.Addr().String(), o, &r.HTTPColdCreate); err != nil {
+	if err := httpCreates(ctx, client, coldBase, o, &r.HTTPColdCreate); err != nil {
 		return nil, err
 	}
 	body, _ := json.Marshal(map[string]any{"command": "true", "shell": "raw"})
@@ -318,6 +313,17 @@ func poolCreates(ctx context.Context, o Options, r *Result, log io.Writer) error
 		r.PoolCreate.Samples = append(r.PoolCreate.Samples, took)
 	}
 	return nil
+}
+
+// serve runs the HTTP API for m on a loopback port.
+func serve(m *sandbox.Manager) (base string, stop func(), err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, err
+	}
+	srv := &http.Server{Handler: api.New(m, api.Options{Addr: ln.Addr().String()})}
+	go srv.Serve(ln)
+	return "http://" + ln.Addr().String(), func() { srv.Close() }, nil
 }
 
 // httpCreates times o.Boots creates over HTTP, each to its first command
