@@ -41,6 +41,23 @@ func readImageRecord(dir string) imageRecord {
 
 func sourceOf(rec store.Record) image.Source { return readImageRecord(rec.Dir).Source }
 
+// imageConfig is the image config of a sandbox, read from its directory
+// once per process and then kept: every command needs it, and it never
+// changes for the life of the sandbox.
+func (m *Manager) imageConfig(rec store.Record) image.Config {
+	m.mu.Lock()
+	cfg, ok := m.configs[rec.ID]
+	m.mu.Unlock()
+	if ok {
+		return cfg
+	}
+	cfg = readImageRecord(rec.Dir).Config
+	m.mu.Lock()
+	m.configs[rec.ID] = cfg
+	m.mu.Unlock()
+	return cfg
+}
+
 // applyImageConfig gives a command the image's environment, working
 // directory and user, as a container runtime would.
 func applyImageConfig(w *wire.Request, cfg image.Config) {

@@ -89,6 +89,7 @@ type Manager struct {
 	progress map[string]Progress
 	warming  map[string]bool   // pool members this process is warming up
 	cancels  map[string]func() // asynchronous creates in progress, by id
+	configs  map[string]image.Config
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -127,6 +128,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		progress: make(map[string]Progress),
 		warming:  make(map[string]bool),
 		cancels:  make(map[string]func()),
+		configs:  make(map[string]image.Config),
 	}
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	if _, err := m.List(ctx); err != nil {
@@ -777,7 +779,7 @@ func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout
 		return ExecResult{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
-	applyImageConfig(&wreq, readImageRecord(rec.Dir).Config)
+	applyImageConfig(&wreq, m.imageConfig(rec))
 	return m.stream(ctx, rec, wreq, stdout, stderr)
 }
 
@@ -957,6 +959,9 @@ func (m *Manager) remove(ctx context.Context, rec store.Record) error {
 // order, so a failure part-way leaves a record that Delete can retry.
 func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record) error {
 	m.dropClient(rec.ID)
+	m.mu.Lock()
+	delete(m.configs, rec.ID)
+	m.mu.Unlock()
 	if inst, err := instance(rec); err == nil {
 		if err := drv.Kill(ctx, inst); err != nil {
 			return fmt.Errorf("stop sandbox %s: %w", rec.ID, err)
