@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/sandbox"
 )
 
@@ -29,13 +30,33 @@ type Config struct {
 	DiskSize int    // MiB
 	VCPUs    int    // 1..32
 	Backend  string // "qemu" (default); "firecracker", "libkrun" are not available yet
-	Host     Options
+	// Network is what the guest may reach; the zero value is mode "open":
+	// anything but the host itself and link-local (metadata) addresses.
+	Network Network
+	// Ports are guest TCP ports to expose on the host (127.0.0.1 unless a
+	// host address is given); Ports() reports the host ports they got.
+	Ports []Port
+	Host  Options
 }
+
+// Network is a sandbox's network policy.
+type Network = network.Policy
+
+// Port forwards a host port to a guest port. Host 0 picks a free port.
+type Port = network.Forward
+
+// Network modes.
+const (
+	NetworkOpen       = network.ModeOpen
+	NetworkOff        = network.ModeOff
+	NetworkRestricted = network.ModeRestricted
+)
 
 // Options say where smolvm keeps its state and how it runs VMs.
 type Options struct {
 	DataDir   string    // "" for $SMOLVM_DATA_DIR or ~/.local/share/smolvm
 	AgentPath string    // the guest agent binary; "" to find it next to the executable
+	NetPath   string    // the network helper smolvm-net; "" to find it next to the executable or in $PATH
 	Accel     string    // "kvm" or "tcg"; "" picks KVM only where it really works
 	Progress  io.Writer // human-readable lines about long work, such as a first image build
 }
@@ -87,7 +108,7 @@ type Sandbox struct {
 
 func open(ctx context.Context, o Options) (*sandbox.Manager, error) {
 	return sandbox.Open(ctx, sandbox.Options{
-		DataDir: datadir.Dir(o.DataDir), AgentPath: o.AgentPath, Accel: o.Accel, Progress: o.Progress,
+		DataDir: datadir.Dir(o.DataDir), AgentPath: o.AgentPath, NetPath: o.NetPath, Accel: o.Accel, Progress: o.Progress,
 	})
 }
 
@@ -99,7 +120,7 @@ func New(ctx context.Context, cfg Config) (*Sandbox, error) {
 	}
 	info, err := m.Create(ctx, sandbox.CreateRequest{
 		OS: cfg.OS, Image: cfg.Image, MemoryMiB: cfg.Memory, DiskSizeMiB: cfg.DiskSize,
-		VCPUs: cfg.VCPUs, Backend: cfg.Backend,
+		VCPUs: cfg.VCPUs, Backend: cfg.Backend, Network: cfg.Network, Ports: cfg.Ports,
 	})
 	if err != nil {
 		m.Close()
@@ -154,6 +175,21 @@ func orDiscard(w io.Writer) io.Writer {
 	}
 	return w
 }
+
+// Expose forwards a host port to the guest's port p.Guest and returns the
+// forward in effect, with the host port picked when p.Host was 0.
+func (s *Sandbox) Expose(ctx context.Context, p Port) (Port, error) {
+	return s.m.ExposePort(ctx, s.id, p)
+}
+
+// ClosePort stops forwarding the guest's port.
+func (s *Sandbox) ClosePort(ctx context.Context, guest int) error {
+	_, err := s.m.ClosePort(ctx, s.id, guest)
+	return err
+}
+
+// Ports lists the exposed ports with the host ports in effect.
+func (s *Sandbox) Ports(ctx context.Context) ([]Port, error) { return s.m.Ports(ctx, s.id) }
 
 // Stop shuts the VM down and keeps its disk.
 func (s *Sandbox) Stop(ctx context.Context) error { return s.m.Stop(ctx, s.id) }

@@ -23,7 +23,7 @@ import (
 )
 
 func hostOptions(t *testing.T, d datadir.Dir) smolvm.Options {
-	return smolvm.Options{DataDir: d.Path(), AgentPath: testenv.AgentPath(t)}
+	return smolvm.Options{DataDir: d.Path(), AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t)}
 }
 
 // newSandbox boots a sandbox in its own data directory and deletes it when
@@ -237,7 +237,7 @@ func TestLifecycle(t *testing.T) {
 
 	t.Run("another process finds and uses it", func(t *testing.T) {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestAttachHelper$", "-test.v")
-		cmd.Env = append(os.Environ(), "SMOLVM_ATTACH_ID="+id, "SMOLVM_ATTACH_DATA="+d.Path(), "SMOLVM_AGENT="+testenv.AgentPath(t))
+		cmd.Env = append(os.Environ(), "SMOLVM_ATTACH_ID="+id, "SMOLVM_ATTACH_DATA="+d.Path(), "SMOLVM_AGENT="+testenv.AgentPath(t), "SMOLVM_NET="+testenv.NetPath(t))
 		// This process holds the agent's only connection; release it.
 		sb.Close()
 		out, err := cmd.CombinedOutput()
@@ -342,7 +342,7 @@ func TestBadConfig(t *testing.T) {
 	}
 	t.Run("missing kernel", func(t *testing.T) {
 		empty := t.TempDir()
-		_, err := smolvm.New(ctx, smolvm.Config{Host: smolvm.Options{DataDir: empty, AgentPath: testenv.AgentPath(t)}})
+		_, err := smolvm.New(ctx, smolvm.Config{Host: smolvm.Options{DataDir: empty, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t)}})
 		var e *smolvm.Error
 		if !errors.As(err, &e) || e.Code != "kernel_missing" || !strings.Contains(e.Error(), "smolvm setup") {
 			t.Fatalf("got %v, want kernel_missing naming `smolvm setup`", err)

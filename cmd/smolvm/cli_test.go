@@ -36,7 +36,7 @@ func newCLI(t *testing.T) *cli {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build smolvm: %v\n%s", err, out)
 	}
-	env := append(os.Environ(), "SMOLVM_DATA_DIR="+d.Path(), "SMOLVM_AGENT="+testenv.AgentPath(t), "SMOLVM_URL=", "SMOLVM_TOKEN=")
+	env := append(append(os.Environ(), testenv.Env(t)...), "SMOLVM_DATA_DIR="+d.Path(), "SMOLVM_URL=", "SMOLVM_TOKEN=")
 	return &cli{t: t, bin: bin, d: d, env: env}
 }
 

@@ -24,6 +24,8 @@ type bootParams struct {
 	hostname string
 	rootFS   string
 	probe    string
+	net      *netParams // nil: no network interface
+	netErr   error
 }
 
 func readBootParams() bootParams {
@@ -44,6 +46,8 @@ func readBootParams() bootParams {
 			p.rootFS = v
 		case "smolvm.probe":
 			p.probe = v
+		case "smolvm.net":
+			p.net, p.netErr = parseNetParam(v)
 		}
 	}
 	return p
@@ -246,6 +250,14 @@ func prepareRoot(p bootParams) {
 	}
 	if err := loopbackUp(); err != nil {
 		logf("bring up lo: %v", err)
+	}
+	if p.netErr != nil {
+		logf("network: %v", p.netErr)
+	}
+	if p.net != nil {
+		if err := configureNetwork(p.net); err != nil {
+			logf("network: %v", err)
+		}
 	}
 }
 

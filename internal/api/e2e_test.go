@@ -374,7 +374,7 @@ func TestRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	child := exec.Command(exe, "-test.run=^$")
-	child.Env = append(os.Environ(), childServerEnv+"="+d.Path(), "SMOLVM_AGENT="+agent)
+	child.Env = append(os.Environ(), childServerEnv+"="+d.Path(), "SMOLVM_AGENT="+agent, "SMOLVM_NET="+testenv.NetPath(t))
 	child.Stderr = os.Stderr
 	stdout, err := child.StdoutPipe()
 	if err != nil {

@@ -127,7 +127,7 @@ func TestSandboxFromOCIImage(t *testing.T) {
 	host := serveRegistry(t, testImage(t), "test:1", "library/alpine:3.20")
 	d := testenv.DataDir(t)
 	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), RegistryMirror: "http://" + host})
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t), RegistryMirror: "http://" + host})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,7 +222,7 @@ func TestSandboxFromFileAndS3Sources(t *testing.T) {
 
 	d := testenv.DataDir(t)
 	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NoTemplates: true})
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t), NoTemplates: true})
 	if err != nil {
 		t.Fatal(err)
 	}

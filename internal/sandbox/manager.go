@@ -21,6 +21,7 @@ import (
 	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/kernel"
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
 	"github.com/smolvm/smolvm/internal/vmm/qemu"
@@ -33,6 +34,9 @@ type Options struct {
 	// AgentPath is the guest agent binary; "" locates it ($SMOLVM_AGENT, then
 	// next to the running executable).
 	AgentPath string
+	// NetPath is the sandbox network helper (cmd/smolvm-net); "" locates
+	// it ($SMOLVM_NET, then next to the running executable, then $PATH).
+	NetPath string
 	// Accel forces an accelerator ("kvm" or "tcg"); "" picks KVM only where
 	// it really works ($SMOLVM_ACCEL overrides).
 	Accel string
@@ -230,6 +234,9 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 	default:
 		return nil, invalid("unknown_backend", "backend", "unknown backend %q: use qemu, firecracker or libkrun", req.Backend)
 	}
+	if err := normalizeNetwork(req); err != nil {
+		return nil, err
+	}
 	drv := m.drivers[req.Backend]
 	if err := drv.Available(); err != nil {
 		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend", Message: err.Error()}
@@ -289,7 +296,7 @@ func (m *Manager) agentPath() (string, error) {
 		}
 	}
 	return "", &Error{Kind: KindUnavailable, Code: "agent_missing",
-		Message: "guest agent binary smolvm-agent not found next to smolvm: build it with `make build` (or set SMOLVM_AGENT)"}
+		Message: "guest agent binary smolvm-agent not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_AGENT)"}
 }
 
 // checkStatic refuses a dynamically linked agent: it runs as /init before
@@ -325,8 +332,8 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 		return Info{}, err
 	}
 	if status == string(StatusRunning) && poolable(req) {
-		if info, ok := m.takePooled(ctx); ok {
-			return info, nil
+		if info, ok, err := m.takePooled(ctx, req); ok || err != nil {
+			return info, err
 		}
 	}
 	rec, err := m.insert(ctx, req, drv, status)
@@ -346,8 +353,8 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 		return Info{}, err
 	}
 	if poolable(req) {
-		if info, ok := m.takePooled(ctx); ok {
-			return info, nil
+		if info, ok, err := m.takePooled(ctx, req); ok || err != nil {
+			return info, err
 		}
 	}
 	m.mu.Lock()
@@ -394,6 +401,11 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
 		CreatedAt: time.Now().UTC(),
 	}
+	ns := netState{Policy: req.Network}
+	for _, f := range req.Ports {
+		ns.Ports = append(ns.Ports, port{Forward: f, Requested: f.Host})
+	}
+	writeNet(&rec, ns)
 	if rec.OS == "" {
 		rec.OS = "linux"
 		if req.Image == "" {
@@ -444,6 +456,7 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 			drv.Kill(cctx, inst)
 		}
 		m.dropClient(rec.ID)
+		network.Stop(cctx, rec.Dir)
 		os.RemoveAll(rec.Dir)
 		rec.Status, rec.PID, rec.Runtime, rec.Error = string(StatusError), 0, "", err.Error()
 		m.store.Update(cctx, *rec)
@@ -487,8 +500,12 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 			return Info{}, err
 		}
 	}
+	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
+		return Info{}, err
+	}
 	inst, err := drv.Boot(ctx, spec)
 	if err != nil {
+		network.Stop(context.WithoutCancel(ctx), rec.Dir)
 		return Info{}, err
 	}
 	c, err := m.waitAgent(ctx, drv, inst, rec)
@@ -502,7 +519,7 @@ func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
 	return vmm.Spec{
 		ID: rec.ID, Dir: rec.Dir,
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
-		Cmdline:   bootCmdline(rec.ID),
+		Cmdline:   bootCmdline(rec.ID, readNet(*rec).Policy.Enabled()),
 		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
 		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs, Accel: a.accel,
 	}
@@ -578,6 +595,10 @@ func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record
 		c.Close()
 		return Info{}, fmt.Errorf("give the guest its identity: %w", err)
 	}
+	if err := m.applyPorts(ctx, rec); err != nil {
+		c.Close()
+		return Info{}, err
+	}
 	rec.Status, rec.Error = final, ""
 	if err := m.store.Update(ctx, *rec); err != nil {
 		c.Close()
@@ -597,13 +618,17 @@ func randomBytes(n int) []byte {
 
 func randomHex(n int) string { return hex.EncodeToString(randomBytes(n)) }
 
-func bootCmdline(id string) string {
-	return strings.Join([]string{
+func bootCmdline(id string, net bool) string {
+	args := []string{
 		"console=ttyS0", "quiet", "loglevel=3", "panic=-1",
 		// No keyboard or mouse is attached; probing for them costs time.
 		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
 		"smolvm.hostname=" + id,
-	}, " ")
+	}
+	if net {
+		args = append(args, netCmdline(true))
+	}
+	return strings.Join(args, " ")
 }
 
 func consoleTail(path string) string {
@@ -681,10 +706,12 @@ func instance(rec store.Record) (vmm.Instance, error) {
 }
 
 func toInfo(r store.Record) Info {
+	ns := readNet(r)
 	return Info{
 		ID: r.ID, Status: Status(r.Status), OS: r.OS, Image: r.Image, Backend: r.Backend,
 		MemoryMiB: r.MemoryMiB, DiskSizeMiB: r.DiskSizeMiB, VCPUs: r.VCPUs, PID: r.PID,
 		CreatedAt: r.CreatedAt, Error: r.Error,
+		Network: ns.Policy, Ports: ns.forwards(),
 	}
 }
 
@@ -864,6 +891,8 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 			return err
 		}
 	}
+	// It ends by itself once the VM is gone; this makes sure.
+	network.Stop(ctx, rec.Dir)
 	rec.Status, rec.PID, rec.Error = string(StatusStopped), 0, ""
 	return m.store.Update(ctx, rec)
 }
@@ -898,6 +927,7 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 		if inst, ierr := instance(rec); ierr == nil {
 			drv.Kill(context.WithoutCancel(ctx), inst)
 		}
+		network.Stop(context.WithoutCancel(ctx), rec.Dir)
 		rec.Status, rec.PID, rec.Error = string(StatusError), 0, err.Error()
 		m.store.Update(context.WithoutCancel(ctx), rec)
 		return Info{}, err
@@ -968,6 +998,9 @@ func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record)
 		}
 	}
 	if rec.Dir != "" {
+		if err := network.Stop(ctx, rec.Dir); err != nil {
+			return fmt.Errorf("stop sandbox %s network: %w", rec.ID, err)
+		}
 		if err := os.RemoveAll(rec.Dir); err != nil {
 			return fmt.Errorf("remove sandbox %s files: %w", rec.ID, err)
 		}
@@ -987,7 +1020,7 @@ func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Spec, error) {
 		return vmm.Spec{}, err
 	}
 	return vmm.Spec{
-		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("probe"),
+		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("probe", false),
 		BaseImage: a.base.Path, MemoryMiB: memMiB, VCPUs: DefaultVCPUs, Accel: a.accel,
 	}, nil
 }

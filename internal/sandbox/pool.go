@@ -7,6 +7,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 )
 
@@ -20,7 +21,8 @@ const statusWarming = "warming"
 
 // poolShape is the one create request the pool serves: the defaults.
 func poolShape() CreateRequest {
-	return CreateRequest{OS: "", MemoryMiB: DefaultMemoryMiB, DiskSizeMiB: DefaultDiskMiB, VCPUs: DefaultVCPUs, Backend: DefaultBackend}
+	return CreateRequest{OS: "", MemoryMiB: DefaultMemoryMiB, DiskSizeMiB: DefaultDiskMiB, VCPUs: DefaultVCPUs, Backend: DefaultBackend,
+		Network: network.Policy{Mode: network.ModeOpen}}
 }
 
 // poolable reports whether a normalized request can take a pooled sandbox.
@@ -28,22 +30,24 @@ func poolable(req CreateRequest) bool {
 	want := poolShape()
 	return (req.OS == "" || req.OS == "debian") && req.Image == "" &&
 		req.MemoryMiB == want.MemoryMiB && req.DiskSizeMiB == want.DiskSizeMiB &&
-		req.VCPUs == want.VCPUs && req.Backend == want.Backend
+		req.VCPUs == want.VCPUs && req.Backend == want.Backend &&
+		req.Network.Enabled() // the policy and ports are set on the way out
 }
 
-// takePooled claims a ready pooled sandbox, if there is one, and wakes the
-// refiller.
-func (m *Manager) takePooled(ctx context.Context) (Info, bool) {
+// takePooled claims a ready pooled sandbox, if there is one, gives it req's
+// network policy and ports, and wakes the refiller. An error is req's fault
+// (a host port in use, say): the claimed sandbox is gone again.
+func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool, error) {
 	if m.opts.Pool <= 0 {
-		return Info{}, false
+		return Info{}, false, nil
 	}
 	defer m.wakePool()
 	recs, err := m.store.List(ctx)
 	if err != nil {
-		return Info{}, false
+		return Info{}, false, nil
 	}
 	for _, r := range recs {
-		if r.Status != statusPooled {
+		if r.Status != statusPooled || !readNet(r).Policy.Enabled() {
 			continue
 		}
 		// Only one that answers: a pooled VM may have died unseen, or be
@@ -61,11 +65,40 @@ func (m *Manager) takePooled(ctx context.Context) (Info, bool) {
 			continue
 		}
 		r.Status, r.CreatedAt = string(StatusRunning), now
+		if err := m.configureClaimed(ctx, &r, req); err != nil {
+			m.remove(context.WithoutCancel(ctx), r)
+			if e, ok := AsError(err); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {
+				return Info{}, false, err
+			}
+			continue
+		}
 		info := toInfo(r)
 		info.Boot = BootPool
-		return info, true
+		return info, true, nil
 	}
-	return Info{}, false
+	return Info{}, false, nil
+}
+
+// configureClaimed gives a pooled sandbox, just claimed, the network the
+// request asked for: pool members wait with the default policy and no
+// ports.
+func (m *Manager) configureClaimed(ctx context.Context, r *store.Record, req CreateRequest) error {
+	unlock := m.lock(r.ID)
+	defer unlock()
+	ns := netState{Policy: req.Network}
+	for _, f := range req.Ports {
+		ns.Ports = append(ns.Ports, port{Forward: f, Requested: f.Host})
+	}
+	if fmt.Sprint(req.Network) != fmt.Sprint(poolShape().Network) {
+		if err := network.Dial(network.Files{Dir: r.Dir}.Control()).SetPolicy(ctx, req.Network); err != nil {
+			return fmt.Errorf("set network policy: %w", err)
+		}
+	}
+	writeNet(r, ns)
+	if err := m.applyPorts(ctx, r); err != nil {
+		return err
+	}
+	return m.store.Update(ctx, *r)
 }
 
 func (m *Manager) wakePool() {
@@ -113,7 +146,8 @@ func (m *Manager) fillPool(ctx context.Context) error {
 			if r.Status != statusPooled {
 				continue
 			}
-			if drv, inst, err := m.driverFor(r); err == nil && drv.Alive(inst) {
+			// A member made before sandboxes had networks cannot serve.
+			if drv, inst, err := m.driverFor(r); err == nil && drv.Alive(inst) && readNet(r).Policy.Enabled() {
 				ready++
 				continue
 			}

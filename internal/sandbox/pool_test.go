@@ -34,7 +34,7 @@ func TestPool(t *testing.T) {
 	t.Parallel()
 	d := testenv.DataDir(t)
 	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), Pool: 2, PoolCleanup: true})
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t), Pool: 2, PoolCleanup: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,7 +25,7 @@ func TestReconnect(t *testing.T) {
 	}
 	m.Close()
 	for i := range 8 {
-		m2, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t)})
+		m2, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t)})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
 )
@@ -28,17 +29,19 @@ const templateFormat = 2
 // the frozen disk it ran on. Sandboxes are restored from it instead of
 // booting, then given their own identity.
 type Template struct {
-	Key       string    `json:"key"`
-	Dir       string    `json:"-"`
-	Kernel    string    `json:"kernel"`
-	Initrd    string    `json:"initrd"`
-	Image     string    `json:"image"`
-	Digest    string    `json:"image_digest"`
-	MemoryMiB int       `json:"memory"`
-	VCPUs     int       `json:"vcpus"`
-	DiskMiB   int       `json:"disk_size"`
-	Accel     string    `json:"accel"`
-	Backend   string    `json:"backend"`
+	Key       string `json:"key"`
+	Dir       string `json:"-"`
+	Kernel    string `json:"kernel"`
+	Initrd    string `json:"initrd"`
+	Image     string `json:"image"`
+	Digest    string `json:"image_digest"`
+	MemoryMiB int    `json:"memory"`
+	VCPUs     int    `json:"vcpus"`
+	DiskMiB   int    `json:"disk_size"`
+	Accel     string `json:"accel"`
+	Backend   string `json:"backend"`
+	// Network says whether the saved machine has a network interface.
+	Network   bool      `json:"network"`
 	VMM       string    `json:"vmm_version"`
 	CreatedAt time.Time `json:"created_at"`
 	BuildMS   int64     `json:"build_ms"`
@@ -55,7 +58,7 @@ func (t *Template) state() string { return filepath.Join(t.Dir, "state") }
 // restored from a template whose key matches exactly, so a new kernel,
 // agent (inside the initramfs's hash), image, QEMU or machine shape never
 // restores a stale template.
-func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus, diskMiB int) (*Template, error) {
+func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
 	version := ""
 	if v, ok := drv.(vmm.Versioner); ok {
 		var err error
@@ -69,12 +72,13 @@ func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, mem
 		MemoryMiB: memMiB, VCPUs: vcpus, Accel: a.accel,
 		Backend: drv.Name(), VMM: version,
 		DiskMiB: templateDiskMiB(a, diskMiB),
+		Network: net,
 	}
 	b, _ := json.Marshal(struct {
 		Format  int
 		T       *Template
 		Cmdline string
-	}{templateFormat, t, bootCmdline("template")})
+	}{templateFormat, t, bootCmdline("template", net)})
 	sum := sha256.Sum256(b)
 	t.Key = hex.EncodeToString(sum[:])[:24]
 	return t, nil
@@ -117,13 +121,18 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 	if !ok || m.opts.NoTemplates {
 		return m.boot(ctx, drv, a, rec, true, final)
 	}
-	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB)
+	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB, readNet(*rec).Policy.Enabled())
 	if err == nil {
 		info, rerr := m.restore(ctx, drv, snap, t, a, rec, final)
 		if rerr == nil {
 			return info, nil
 		}
 		if ctx.Err() != nil {
+			return Info{}, rerr
+		}
+		// The request's own fault (a host port in use) says nothing
+		// about the template, and a cold boot would fail the same way.
+		if e, ok := AsError(rerr); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {
 			return Info{}, rerr
 		}
 		err = rerr
@@ -135,6 +144,7 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 		return Info{}, err
 	}
 	fmt.Fprintf(m.opts.Progress, "smolvm: %s: template unusable, booting cold: %v\n", rec.ID, err)
+	network.Stop(context.WithoutCancel(ctx), rec.Dir)
 	for _, f := range []string{"disk.qcow2", "agent.sock", "qmp.sock", "qemu.pid", "console.log"} {
 		os.Remove(filepath.Join(rec.Dir, f)) // image.json stays
 	}
@@ -155,8 +165,14 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 	if err := drv.CreateDisk(ctx, spec); err != nil {
 		return Info{}, err
 	}
+	// Each clone gets a network process of its own; the saved machine
+	// holds only the guest's side of the link.
+	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
+		return Info{}, err
+	}
 	inst, err := snap.Restore(ctx, spec, t.state())
 	if err != nil {
+		network.Stop(context.WithoutCancel(ctx), rec.Dir)
 		return Info{}, err
 	}
 	c, err := m.waitAgent(ctx, drv, inst, rec)
@@ -182,8 +198,8 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 // ensureTemplate returns the template for this machine, building it first
 // if no process has: boot a VM cold, wait for its agent, save it. Concurrent
 // callers, in this process or others, build it once.
-func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, memMiB, vcpus, diskMiB int) (*Template, error) {
-	t, err := m.templateKey(ctx, drv, a, memMiB, vcpus, diskMiB)
+func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
+	t, err := m.templateKey(ctx, drv, a, memMiB, vcpus, diskMiB, net)
 	if err != nil {
 		return nil, err
 	}
@@ -221,12 +237,19 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	defer os.RemoveAll(tmp)
 	spec := vmm.Spec{
 		ID: "tpl-" + t.Key[:8], Dir: tmp,
-		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("template"),
+		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("template", t.Network),
 		BaseImage: a.base.Path, DiskMiB: t.DiskMiB,
 		MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs, Accel: a.accel,
 	}
 	if err := drv.CreateDisk(ctx, spec); err != nil {
 		return err
+	}
+	if t.Network {
+		// The template runs no commands; its network refuses everything.
+		if err := m.startNetwork(ctx, tmp, network.Policy{Mode: network.ModeRestricted}, &spec); err != nil {
+			return err
+		}
+		defer network.Stop(context.WithoutCancel(ctx), tmp)
 	}
 	inst, err := drv.Boot(ctx, spec)
 	if err != nil {
@@ -248,7 +271,8 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	if err := snap.Save(sctx, inst, filepath.Join(tmp, "state")); err != nil {
 		return err
 	}
-	for _, f := range []string{"agent.sock", "qmp.sock", "qemu.pid", "console.log"} {
+	network.Stop(ctx, tmp)
+	for _, f := range []string{"agent.sock", "qmp.sock", "qemu.pid", "console.log", "net.sock", "net.ctl", "net.pid", "net.log"} {
 		os.Remove(filepath.Join(tmp, f))
 	}
 	if err := os.Chmod(filepath.Join(tmp, "disk.qcow2"), 0o444); err != nil {

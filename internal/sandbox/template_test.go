@@ -158,7 +158,7 @@ func TestTemplateNotReusedAcrossAgents(t *testing.T) {
 	if err := os.WriteFile(other, append(b, []byte("another build")...), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	m2, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: other})
+	m2, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: other, NetPath: testenv.NetPath(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/smolvm/smolvm/internal/network"
 )
 
 // Status is a sandbox's lifecycle state.
@@ -57,6 +59,10 @@ type CreateRequest struct {
 	DiskSizeMiB int
 	VCPUs       int
 	Backend     string // "" (default), "qemu", "firecracker", "libkrun"
+	// Network is what the guest may reach; the zero value is mode open.
+	Network network.Policy
+	// Ports are exposed from the guest on the host once it runs.
+	Ports []network.Forward
 }
 
 // Info is what is known about one sandbox.
@@ -71,6 +77,11 @@ type Info struct {
 	VCPUs       int
 	PID         int
 	CreatedAt   time.Time
+	// Network is what the guest may reach.
+	Network network.Policy
+	// Ports are the guest ports exposed on the host, with the host ports
+	// in effect.
+	Ports []network.Forward
 	// Error explains StatusError.
 	Error string
 	// Boot says how Create or Start brought the VM up; empty elsewhere.

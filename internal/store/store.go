@@ -39,7 +39,10 @@ type Record struct {
 	Dir string
 	// Runtime is backend-specific JSON (sockets, paths) owned by the VM
 	// layer; the store keeps it verbatim.
-	Runtime   string
+	Runtime string
+	// Network is the sandbox's network settings and exposed ports, as
+	// JSON owned by the sandbox layer; the store keeps it verbatim.
+	Network   string
 	Error     string
 	CreatedAt time.Time
 	UpdatedAt time.Time
@@ -76,6 +79,7 @@ var migrations = []string{
 		updated_at    INTEGER NOT NULL  -- Unix nanoseconds
 	) STRICT`,
 	`CREATE INDEX sandboxes_created ON sandboxes (created_at, id)`,
+	`ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT ''`,
 }
 
 // Open opens (creating if needed) the database at path and brings its schema
@@ -157,7 +161,7 @@ func (s *Store) Close() error {
 	return nil
 }
 
-const columns = `id, status, os, image, backend, memory_mib, disk_size_mib, vcpus, pid, dir, runtime, error, created_at, updated_at`
+const columns = `id, status, os, image, backend, memory_mib, disk_size_mib, vcpus, pid, dir, runtime, network, error, created_at, updated_at`
 
 // Insert records a new sandbox. CreatedAt and UpdatedAt default to now. It
 // returns an error wrapping ErrExists if the id is taken.
@@ -173,9 +177,9 @@ func (s *Store) Insert(ctx context.Context, r Record) error {
 		r.UpdatedAt = r.CreatedAt
 	}
 	_, err := s.db.ExecContext(ctx,
-		`INSERT INTO sandboxes (`+columns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		`INSERT INTO sandboxes (`+columns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		r.ID, r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
-		r.Dir, r.Runtime, r.Error, r.CreatedAt.UnixNano(), r.UpdatedAt.UnixNano())
+		r.Dir, r.Runtime, r.Network, r.Error, r.CreatedAt.UnixNano(), r.UpdatedAt.UnixNano())
 	if err != nil {
 		if isConstraint(err) {
 			return fmt.Errorf("insert sandbox %s: %w", r.ID, ErrExists)
@@ -191,14 +195,25 @@ func (s *Store) Insert(ctx context.Context, r Record) error {
 func (s *Store) Update(ctx context.Context, r Record) error {
 	res, err := s.db.ExecContext(ctx,
 		`UPDATE sandboxes SET status = ?, os = ?, image = ?, backend = ?, memory_mib = ?,
-			disk_size_mib = ?, vcpus = ?, pid = ?, dir = ?, runtime = ?, error = ?, updated_at = ?
+			disk_size_mib = ?, vcpus = ?, pid = ?, dir = ?, runtime = ?, network = ?, error = ?, updated_at = ?
 		WHERE id = ?`,
 		r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
-		r.Dir, r.Runtime, r.Error, time.Now().UnixNano(), r.ID)
+		r.Dir, r.Runtime, r.Network, r.Error, time.Now().UnixNano(), r.ID)
 	if err != nil {
 		return fmt.Errorf("update sandbox %s: %w", r.ID, err)
 	}
 	return affectedOne(res, "update", r.ID)
+}
+
+// SetNetwork replaces only the network settings of sandbox id, so a change
+// of exposed ports never overwrites a concurrent change of state.
+func (s *Store) SetNetwork(ctx context.Context, id, network string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE sandboxes SET network = ?, updated_at = ? WHERE id = ?`,
+		network, time.Now().UnixNano(), id)
+	if err != nil {
+		return fmt.Errorf("update sandbox %s: %w", id, err)
+	}
+	return affectedOne(res, "update", id)
 }
 
 // MarkExited records that a running sandbox's VM process (pid) is gone, only
@@ -300,7 +315,7 @@ func scan(sc scanner) (Record, error) {
 	var r Record
 	var created, updated int64
 	err := sc.Scan(&r.ID, &r.Status, &r.OS, &r.Image, &r.Backend, &r.MemoryMiB, &r.DiskSizeMiB,
-		&r.VCPUs, &r.PID, &r.Dir, &r.Runtime, &r.Error, &created, &updated)
+		&r.VCPUs, &r.PID, &r.Dir, &r.Runtime, &r.Network, &r.Error, &created, &updated)
 	if err != nil {
 		return Record{}, err
 	}

@@ -21,11 +21,12 @@ import (
 	"github.com/smolvm/smolvm/internal/sandbox"
 )
 
-// agentBuild holds the one agent binary a test process builds.
-var agentBuild struct {
-	once sync.Once
-	path string
-	err  error
+// builds holds the host and guest binaries a test process builds once.
+var builds struct {
+	once  sync.Once
+	agent string
+	net   string
+	err   error
 }
 
 // RepoRoot is the module's root directory.
@@ -34,27 +35,50 @@ func RepoRoot() string {
 	return filepath.Join(filepath.Dir(file), "..", "..")
 }
 
+func build(t testing.TB) {
+	t.Helper()
+	builds.once.Do(func() {
+		dir, err := os.MkdirTemp("", "smolvm-bin-")
+		if err != nil {
+			builds.err = err
+			return
+		}
+		builds.agent = filepath.Join(dir, "smolvm-agent")
+		builds.net = filepath.Join(dir, "smolvm-net")
+		for out, pkg := range map[string]string{builds.agent: "./cmd/smolvm-agent", builds.net: "./cmd/smolvm-net"} {
+			cmd := exec.Command("go", "build", "-o", out, pkg)
+			cmd.Dir = RepoRoot()
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+			if b, err := cmd.CombinedOutput(); err != nil {
+				builds.err = &buildError{out: string(b), err: err}
+				return
+			}
+		}
+	})
+	if builds.err != nil {
+		t.Fatalf("build smolvm binaries: %v", builds.err)
+	}
+}
+
 // AgentPath builds cmd/smolvm-agent once per test process.
 func AgentPath(t testing.TB) string {
 	t.Helper()
-	agentBuild.once.Do(func() {
-		dir, err := os.MkdirTemp("", "smolvm-agent-")
-		if err != nil {
-			agentBuild.err = err
-			return
-		}
-		agentBuild.path = filepath.Join(dir, "smolvm-agent")
-		cmd := exec.Command("go", "build", "-o", agentBuild.path, "./cmd/smolvm-agent")
-		cmd.Dir = RepoRoot()
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			agentBuild.err = &buildError{out: string(out), err: err}
-		}
-	})
-	if agentBuild.err != nil {
-		t.Fatalf("build guest agent: %v", agentBuild.err)
-	}
-	return agentBuild.path
+	build(t)
+	return builds.agent
+}
+
+// NetPath builds cmd/smolvm-net once per test process.
+func NetPath(t testing.TB) string {
+	t.Helper()
+	build(t)
+	return builds.net
+}
+
+// Env is the environment that points a child smolvm process at the test
+// binaries.
+func Env(t testing.TB) []string {
+	t.Helper()
+	return []string{"SMOLVM_AGENT=" + AgentPath(t), "SMOLVM_NET=" + NetPath(t)}
 }
 
 type buildError struct {
@@ -141,7 +165,7 @@ func Manager(t testing.TB) *sandbox.Manager {
 func ManagerAt(t testing.TB, d datadir.Dir) *sandbox.Manager {
 	t.Helper()
 	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: AgentPath(t), Progress: logWriter{t}})
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: AgentPath(t), NetPath: NetPath(t), Progress: logWriter{t}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,6 +23,12 @@ type Spec struct {
 	VCPUs     int
 	// Accel is "kvm" or "tcg".
 	Accel string
+	// NetSocket, when set, is a unix socket whose listener carries the
+	// guest's network interface (frames framed as QEMU's stream netdev
+	// does); "" gives the guest no interface but loopback.
+	NetSocket string
+	// NetMAC is the guest interface's MAC address.
+	NetMAC string
 }
 
 // Instance is how a running VM is found again, possibly by a later process.

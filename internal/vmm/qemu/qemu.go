@@ -111,6 +111,14 @@ func machineArgs(spec vmm.Spec) []string {
 func Args(spec vmm.Spec) []string {
 	p := paths(spec.Dir)
 	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec)...)
+	if spec.NetSocket != "" {
+		// The other end is smolvm's own network stack, not QEMU's slirp,
+		// which could not keep the guest from the host's loopback. No
+		// option ROM: nothing boots from the network.
+		args = append(args,
+			"-netdev", "stream,id=net0,server=off,addr.type=unix,addr.path="+spec.NetSocket,
+			"-device", "virtio-net-pci,netdev=net0,romfile=,mac="+spec.NetMAC)
+	}
 	return append(args,
 		"-drive", "file="+p.Disk+",if=none,id=root,format=qcow2,discard=unmap",
 		"-device", "virtio-blk-pci,drive=root",

@@ -1,0 +1,228 @@
+package network
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/vmm"
+)
+
+// Files are what a network process keeps in its sandbox's directory.
+type Files struct{ Dir string }
+
+// Link is the socket QEMU's stream netdev connects to.
+func (f Files) Link() string { return filepath.Join(f.Dir, "net.sock") }
+
+// Control is the socket of the control API.
+func (f Files) Control() string { return filepath.Join(f.Dir, "net.ctl") }
+
+func (f Files) pidFile() string { return filepath.Join(f.Dir, "net.pid") }
+func (f Files) logFile() string { return filepath.Join(f.Dir, "net.log") }
+
+// marker identifies the process on its command line, beside its pid.
+func (f Files) marker() string { return "--dir=" + f.Dir }
+
+// attachTimeout is how long a network process waits for its VM to connect
+// before giving up; a VM that never starts must not leave it behind.
+const attachTimeout = 3 * time.Minute
+
+// startTimeout bounds how long Start waits for the process to answer.
+const startTimeout = 15 * time.Second
+
+// Start runs bin (cmd/smolvm-net) as the network process for the sandbox
+// in dir and returns once it answers on its control socket. Like the VM,
+// it outlives the caller: it ends when the VM disconnects, or after
+// attachTimeout if none ever connects.
+func Start(ctx context.Context, bin, dir string, p Policy) (int, error) {
+	f := Files{Dir: dir}
+	Stop(ctx, dir)
+	for _, s := range []string{f.Link(), f.Control(), f.pidFile()} {
+		os.Remove(s)
+	}
+	pj, err := json.Marshal(p)
+	if err != nil {
+		return 0, err
+	}
+	logf, err := os.OpenFile(f.logFile(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return 0, fmt.Errorf("network log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, f.marker(), "--policy="+string(pj))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// A session of its own: a Ctrl-C meant for the caller must not take
+	// the network away from a VM that outlives it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start network process %s: %w", bin, err)
+	}
+	pid := cmd.Process.Pid
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }() // reaps it while the caller lives
+	if err := os.WriteFile(f.pidFile(), []byte(strconv.Itoa(pid)+"\n"), 0o644); err != nil {
+		cmd.Process.Kill()
+		return 0, err
+	}
+	c := Dial(f.Control())
+	sctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	for {
+		if _, err := os.Stat(f.Control()); err == nil {
+			if _, err := c.Status(sctx); err == nil {
+				return pid, nil
+			}
+		}
+		select {
+		case err := <-exited:
+			return 0, fmt.Errorf("network process exited at start (%v): %s", err, tail(f.logFile()))
+		case <-sctx.Done():
+			cmd.Process.Kill()
+			return 0, fmt.Errorf("network process did not answer within %s: %s", startTimeout, tail(f.logFile()))
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// Stop ends the network process of the sandbox in dir, if one runs.
+func Stop(ctx context.Context, dir string) error {
+	f := Files{Dir: dir}
+	b, err := os.ReadFile(f.pidFile())
+	if err != nil {
+		return nil
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return vmm.KillProcess(ctx, pid, f.marker())
+}
+
+// Running reports whether the sandbox in dir has a live network process.
+func Running(dir string) bool {
+	f := Files{Dir: dir}
+	b, err := os.ReadFile(f.pidFile())
+	if err != nil {
+		return false
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return vmm.ProcessAlive(pid, f.marker())
+}
+
+func tail(path string) string {
+	b, _ := os.ReadFile(path)
+	s := strings.TrimSpace(string(b))
+	if len(s) > 2000 {
+		s = s[len(s)-2000:]
+	}
+	if s == "" {
+		return "(no output)"
+	}
+	return s
+}
+
+// Main is the network process: it serves the sandbox in dir until its VM
+// disconnects. args are the process's arguments after its name.
+func Main(args []string) error {
+	var dir, policy string
+	for _, a := range args {
+		switch {
+		case strings.HasPrefix(a, "--dir="):
+			dir = strings.TrimPrefix(a, "--dir=")
+		case strings.HasPrefix(a, "--policy="):
+			policy = strings.TrimPrefix(a, "--policy=")
+		default:
+			return fmt.Errorf("unknown argument %q (usage: smolvm-net --dir=DIR --policy=JSON)", a)
+		}
+	}
+	if dir == "" {
+		return errors.New("usage: smolvm-net --dir=DIR --policy=JSON")
+	}
+	var p Policy
+	if policy != "" {
+		if err := json.Unmarshal([]byte(policy), &p); err != nil {
+			return fmt.Errorf("--policy: %w", err)
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return Serve(ctx, dir, p, log.New(os.Stderr, "smolvm-net: ", log.LstdFlags))
+}
+
+// Serve runs the network of the sandbox in dir: the control API, then the
+// VM's link, until the VM disconnects or ctx ends.
+func Serve(ctx context.Context, dir string, p Policy, logger *log.Logger) error {
+	f := Files{Dir: dir}
+	n, err := New(p, logger)
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	link, err := listenUnix(f.Link())
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Link())
+	defer link.Close()
+	ctl, err := listenUnix(f.Control())
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Control())
+	srv := &http.Server{Handler: n.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ctl)
+	defer srv.Close()
+
+	link.SetDeadline(time.Now().Add(attachTimeout))
+	conns := make(chan net.Conn, 1)
+	go func() {
+		c, err := link.Accept()
+		if err != nil {
+			close(conns)
+			return
+		}
+		conns <- c
+	}()
+	var conn net.Conn
+	select {
+	case <-ctx.Done():
+		return nil
+	case c, ok := <-conns:
+		if !ok {
+			return fmt.Errorf("no VM connected within %s", attachTimeout)
+		}
+		conn = c
+	}
+	// One VM per network: later connections are refused by closing.
+	link.Close()
+	go func() {
+		<-ctx.Done()
+		conn.Close()
+	}()
+	err = n.ServeQEMU(ctx, conn)
+	if ctx.Err() != nil {
+		return nil
+	}
+	logger.Printf("VM disconnected (%v); exiting", err)
+	return nil
+}
+
+func listenUnix(path string) (*net.UnixListener, error) {
+	os.Remove(path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+func pidSelf() int { return os.Getpid() }

@@ -1,0 +1,386 @@
+package network
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containers/gvisor-tap-vsock/pkg/services/dns"
+	"github.com/containers/gvisor-tap-vsock/pkg/services/forwarder"
+	"github.com/containers/gvisor-tap-vsock/pkg/tap"
+	"github.com/containers/gvisor-tap-vsock/pkg/types"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+const nicID = 1
+
+// dialTimeout bounds an outbound connection attempt made for the guest.
+const dialTimeout = 30 * time.Second
+
+// udpIdle ends a guest UDP flow nobody has used for this long.
+const udpIdle = 90 * time.Second
+
+// Network is one sandbox's virtual network: the gateway the guest sees, and
+// the forwards from the host into the guest.
+//
+// gvisor-tap-vsock's VirtualNetwork is not used whole because its TCP and
+// UDP forwarders dial whatever the guest asks for (only the metadata range
+// can be turned off) and it offers no hook to refuse a destination; smolvm
+// builds the same stack from the library's parts with a forwarder that asks
+// the Policy first.
+type Network struct {
+	stack *stack.Stack
+	sw    *tap.Switch
+	log   *log.Logger
+
+	mu       sync.Mutex
+	policy   Policy
+	forwards map[int]*forward // by guest port
+	closed   bool
+}
+
+type forward struct {
+	Forward
+	ln net.Listener
+}
+
+// New builds the network for policy. Nothing reaches it until a VM is
+// attached with ServeQEMU.
+func New(policy Policy, logger *log.Logger) (*Network, error) {
+	if err := policy.Normalize(); err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = log.New(io.Discard, "", 0)
+	}
+	ep, err := tap.NewLinkEndpoint(false, MTU, GatewayMAC, GatewayIP.String(), []string{HostIP.String()})
+	if err != nil {
+		return nil, fmt.Errorf("network link: %w", err)
+	}
+	sw := tap.NewSwitch(false)
+	ep.Connect(sw)
+	sw.Connect(ep)
+
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
+	})
+	if terr := s.CreateNIC(nicID, ep); terr != nil {
+		return nil, fmt.Errorf("network NIC: %s", terr)
+	}
+	if terr := s.AddProtocolAddress(nicID, tcpip.ProtocolAddress{
+		Protocol:          ipv4.ProtocolNumber,
+		AddressWithPrefix: tcpip.AddrFrom4(GatewayIP.As4()).WithPrefix(),
+	}, stack.AddressProperties{}); terr != nil {
+		return nil, fmt.Errorf("network address: %s", terr)
+	}
+	// Spoofing and promiscuous mode make the stack take every packet the
+	// guest sends, whatever its destination: that is what lets the
+	// forwarders see (and rule on) connections to the whole Internet.
+	s.SetSpoofing(nicID, true)
+	s.SetPromiscuousMode(nicID, true)
+	sub, _ := tcpip.NewSubnet(tcpip.AddrFrom4(Subnet.Addr().As4()), tcpip.MaskFromBytes(net.CIDRMask(Subnet.Bits(), 32)))
+	s.SetRouteTable([]tcpip.Route{{Destination: sub, NIC: nicID}})
+
+	n := &Network{stack: s, sw: sw, log: logger, policy: policy, forwards: make(map[int]*forward)}
+	s.SetTransportProtocolHandler(tcp.ProtocolNumber, tcp.NewForwarder(s, 0, 64, n.forwardTCP).HandlePacket)
+	s.SetTransportProtocolHandler(udp.ProtocolNumber, udp.NewForwarder(s, n.forwardUDP).HandlePacket)
+	if err := n.serveDNS(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return n, nil
+}
+
+// ServeQEMU carries the guest's frames over conn, in QEMU's stream netdev
+// framing (a 32-bit big-endian length before each frame), until conn
+// closes or ctx ends.
+func (n *Network) ServeQEMU(ctx context.Context, conn net.Conn) error {
+	return n.sw.Accept(ctx, conn, types.QemuProtocol)
+}
+
+// Policy is the policy in force.
+func (n *Network) Policy() Policy {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.policy
+}
+
+// SetPolicy replaces the policy for connections opened from now on.
+func (n *Network) SetPolicy(p Policy) error {
+	if err := p.Normalize(); err != nil {
+		return err
+	}
+	if !p.Enabled() {
+		return &FieldError{Field: "network.mode", Message: "a running network cannot be turned off; create the sandbox with mode \"off\""}
+	}
+	n.mu.Lock()
+	n.policy = p
+	n.mu.Unlock()
+	return nil
+}
+
+// Close ends every forward and the stack.
+func (n *Network) Close() {
+	n.mu.Lock()
+	n.closed = true
+	for _, f := range n.forwards {
+		f.ln.Close()
+	}
+	n.forwards = map[int]*forward{}
+	n.mu.Unlock()
+	n.stack.Close()
+}
+
+func (n *Network) decide(dst tcpip.Address) Verdict {
+	a, ok := netip.AddrFromSlice(dst.AsSlice())
+	if !ok {
+		return Verdict{Reason: "not an IP address"}
+	}
+	return n.Policy().Decide(a, hostAddrs())
+}
+
+// hostAddrs are the host's own addresses, read afresh for every decision
+// so an interface that comes up later is covered too.
+func hostAddrs() []netip.Addr {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil {
+			out = append(out, p.Addr().Unmap())
+		}
+	}
+	return out
+}
+
+func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
+	id := r.ID()
+	v := n.decide(id.LocalAddress)
+	if !v.Allowed {
+		n.log.Printf("refused tcp %s:%d: %s", id.LocalAddress, id.LocalPort, v.Reason)
+		r.Complete(true) // a reset: the guest sees "connection refused" at once
+		return
+	}
+	d := net.Dialer{Timeout: dialTimeout}
+	out, err := d.Dial("tcp", netip.AddrPortFrom(v.Dial, id.LocalPort).String())
+	if err != nil {
+		r.Complete(true)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	r.Complete(false)
+	if terr != nil {
+		out.Close()
+		return
+	}
+	pipe(gonet.NewTCPConn(&wq, ep), out)
+}
+
+func (n *Network) forwardUDP(r *udp.ForwarderRequest) {
+	id := r.ID()
+	v := n.decide(id.LocalAddress)
+	if !v.Allowed {
+		n.log.Printf("refused udp %s:%d: %s", id.LocalAddress, id.LocalPort, v.Reason)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		return
+	}
+	target := netip.AddrPortFrom(v.Dial, id.LocalPort).String()
+	p, _ := forwarder.NewUDPProxy(&idleUDP{gonet.NewUDPConn(&wq, ep)}, func() (net.Conn, error) {
+		return net.Dial("udp", target)
+	})
+	go func() {
+		p.Run()
+		p.Close()
+	}()
+}
+
+// idleUDP ends a UDP flow's proxy once the flow has been quiet for udpIdle.
+type idleUDP struct{ *gonet.UDPConn }
+
+func (c *idleUDP) ReadFrom(b []byte) (int, net.Addr, error) {
+	c.SetReadDeadline(time.Now().Add(udpIdle))
+	return c.UDPConn.ReadFrom(b)
+}
+
+// serveDNS answers the guest's lookups on the gateway: names under
+// smolvm.internal locally, the rest through the host's resolver.
+func (n *Network) serveDNS() error {
+	addr := tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(GatewayIP.As4()), Port: 53}
+	uc, err := gonet.DialUDP(n.stack, &addr, nil, ipv4.ProtocolNumber)
+	if err != nil {
+		return fmt.Errorf("dns: %w", err)
+	}
+	tl, err := gonet.ListenTCP(n.stack, addr, ipv4.ProtocolNumber)
+	if err != nil {
+		uc.Close()
+		return fmt.Errorf("dns: %w", err)
+	}
+	srv, err := dns.New(uc, tl, []types.Zone{{
+		Name: "smolvm.internal.",
+		Records: []types.Record{
+			{Name: "host", IP: net.IP(HostIP.AsSlice())},
+			{Name: "gateway", IP: net.IP(GatewayIP.AsSlice())},
+		},
+	}})
+	if err != nil {
+		return fmt.Errorf("dns: %w", err)
+	}
+	go srv.Serve()
+	go srv.ServeTCP()
+	return nil
+}
+
+// Forwards lists the ports exposed, by guest port.
+func (n *Network) Forwards() []Forward {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make([]Forward, 0, len(n.forwards))
+	for _, f := range n.forwards {
+		out = append(out, f.Forward)
+	}
+	sortForwards(out)
+	return out
+}
+
+// Error codes of Expose and Unexpose, as in the API.
+var (
+	ErrPortInUse       = errors.New("port_in_use")
+	ErrAlreadyExposed  = errors.New("port_already_exposed")
+	ErrNotExposed      = errors.New("port_not_exposed")
+	ErrBadHostAddress  = errors.New("invalid_host_address")
+	ErrPortNeedsRights = errors.New("port_forbidden")
+)
+
+// PortError is an Expose or Unexpose failure with a stable code (Code is
+// one of the Err values above).
+type PortError struct {
+	Code    error
+	Message string
+}
+
+func (e *PortError) Error() string { return e.Message }
+func (e *PortError) Unwrap() error { return e.Code }
+
+// Expose listens on f's host address and port and carries each connection
+// to the guest's port. Host port 0 picks a free port; the forward returned
+// has the one picked.
+func (n *Network) Expose(f Forward) (Forward, error) {
+	if err := f.Normalize(); err != nil {
+		return f, err
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return f, errors.New("the network is closed")
+	}
+	if old, ok := n.forwards[f.Guest]; ok {
+		return f, &PortError{ErrAlreadyExposed, fmt.Sprintf("guest port %d is already exposed on %s", f.Guest, old.Listen())}
+	}
+	ln, err := net.Listen("tcp", f.Listen())
+	if err != nil {
+		return f, listenError(f, err)
+	}
+	f.Host = ln.Addr().(*net.TCPAddr).Port
+	fw := &forward{Forward: f, ln: ln}
+	n.forwards[f.Guest] = fw
+	go n.acceptLoop(fw)
+	return f, nil
+}
+
+func listenError(f Forward, err error) error {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return &PortError{ErrPortInUse, fmt.Sprintf("host port %d on %s is already in use: pick another, or 0 for a free one", f.Host, f.HostAddress)}
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return &PortError{ErrBadHostAddress, fmt.Sprintf("host_address %s is not an address of this machine", f.HostAddress)}
+	case errors.Is(err, syscall.EACCES):
+		return &PortError{ErrPortNeedsRights, fmt.Sprintf("host port %d needs privileges smolvm does not have: use a port above 1023", f.Host)}
+	}
+	return fmt.Errorf("listen on %s: %w", f.Listen(), err)
+}
+
+// Unexpose stops forwarding the guest's port; connections already made
+// through it are left to finish.
+func (n *Network) Unexpose(guest int) (Forward, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	fw, ok := n.forwards[guest]
+	if !ok {
+		return Forward{}, &PortError{ErrNotExposed, fmt.Sprintf("guest port %d is not exposed", guest)}
+	}
+	delete(n.forwards, guest)
+	fw.ln.Close()
+	return fw.Forward, nil
+}
+
+func (n *Network) acceptLoop(fw *forward) {
+	target := tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(GuestIP.As4()), Port: uint16(fw.Guest)}
+	for {
+		c, err := fw.ln.Accept()
+		if err != nil {
+			return // closed by Unexpose or Close
+		}
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
+			defer cancel()
+			g, err := gonet.DialContextTCP(ctx, n.stack, target, ipv4.ProtocolNumber)
+			if err != nil {
+				n.log.Printf("forward %s -> guest:%d: %v", fw.Listen(), fw.Guest, err)
+				c.Close()
+				return
+			}
+			pipe(c, g)
+		}()
+	}
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// pipe copies both ways until both sides are done, passing on each side's
+// end of stream as a half-close so protocols that rely on it still work.
+func pipe(a, b net.Conn) {
+	var wg sync.WaitGroup
+	cp := func(dst, src net.Conn) {
+		defer wg.Done()
+		io.Copy(dst, src)
+		if cw, ok := dst.(closeWriter); ok {
+			cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+	}
+	wg.Add(2)
+	go cp(a, b)
+	go cp(b, a)
+	wg.Wait()
+	a.Close()
+	b.Close()
+}
+
+func sortForwards(fs []Forward) {
+	slices.SortFunc(fs, func(a, b Forward) int { return a.Guest - b.Guest })
+}

@@ -1,0 +1,292 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+
+	"github.com/smolvm/smolvm/internal/network"
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/vmm"
+)
+
+// netState is what a sandbox's record keeps about its network.
+type netState struct {
+	Policy network.Policy `json:"policy"`
+	Ports  []port         `json:"ports,omitempty"`
+}
+
+// port is an exposed port as recorded: the forward in effect, and the
+// host port first asked for (0: any), which decides whether a restart may
+// move it to another port when its old one is taken.
+type port struct {
+	network.Forward
+	Requested int `json:"requested_host"`
+}
+
+func readNet(rec store.Record) netState {
+	var s netState
+	if rec.Network == "" {
+		// Recorded before sandboxes had networks: they had none.
+		s.Policy.Mode = network.ModeOff
+		return s
+	}
+	json.Unmarshal([]byte(rec.Network), &s)
+	if s.Policy.Mode == "" {
+		s.Policy.Mode = network.ModeOff
+	}
+	return s
+}
+
+func writeNet(rec *store.Record, s netState) {
+	b, _ := json.Marshal(s)
+	rec.Network = string(b)
+}
+
+func (s netState) forwards() []network.Forward {
+	out := make([]network.Forward, len(s.Ports))
+	for i, p := range s.Ports {
+		out[i] = p.Forward
+	}
+	return out
+}
+
+// normalizeNetwork checks the network part of a create request.
+func normalizeNetwork(req *CreateRequest) error {
+	if err := req.Network.Normalize(); err != nil {
+		return networkInvalid(err)
+	}
+	if !req.Network.Enabled() && len(req.Ports) > 0 {
+		return invalid("invalid_port", "ports", "ports cannot be exposed from a sandbox whose network is off")
+	}
+	seen := map[int]bool{}
+	for i := range req.Ports {
+		if err := req.Ports[i].Normalize(); err != nil {
+			var fe *network.FieldError
+			errors.As(err, &fe)
+			return invalid("invalid_port", fmt.Sprintf("ports[%d].%s", i, fe.Field), "ports[%d]: %s", i, fe.Message)
+		}
+		if seen[req.Ports[i].Guest] {
+			return invalid("invalid_port", fmt.Sprintf("ports[%d].guest", i), "guest port %d is listed twice", req.Ports[i].Guest)
+		}
+		seen[req.Ports[i].Guest] = true
+	}
+	return nil
+}
+
+func networkInvalid(err error) error {
+	var fe *network.FieldError
+	if errors.As(err, &fe) {
+		return &Error{Kind: KindInvalid, Code: "invalid_network", Field: fe.Field, Message: fe.Message}
+	}
+	return err
+}
+
+// netPath locates cmd/smolvm-net like the agent: the option, then
+// $SMOLVM_NET, then next to the running executable, then $PATH.
+func (m *Manager) netPath() (string, error) {
+	candidates := []string{m.opts.NetPath, os.Getenv("SMOLVM_NET")}
+	if exe, err := os.Executable(); err == nil {
+		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "smolvm-net"))
+	}
+	if p, err := exec.LookPath("smolvm-net"); err == nil {
+		candidates = append(candidates, p)
+	}
+	for _, p := range candidates {
+		if p == "" {
+			continue
+		}
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	return "", &Error{Kind: KindUnavailable, Code: "network_unavailable", Field: "network",
+		Message: "the sandbox network helper smolvm-net was not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_NET), or create the sandbox with network mode \"off\""}
+}
+
+// startNetwork starts the network process for a VM about to boot in dir and
+// points spec at it; with the network off it does nothing.
+func (m *Manager) startNetwork(ctx context.Context, dir string, p network.Policy, spec *vmm.Spec) error {
+	if !p.Enabled() {
+		return nil
+	}
+	bin, err := m.netPath()
+	if err != nil {
+		return err
+	}
+	if _, err := network.Start(ctx, bin, dir, p); err != nil {
+		return fmt.Errorf("start the sandbox network: %w", err)
+	}
+	spec.NetSocket = network.Files{Dir: dir}.Link()
+	spec.NetMAC = network.GuestMAC
+	return nil
+}
+
+// applyPorts opens rec's recorded forwards on its (new) network process
+// and records the host ports they got. A port first asked for as 0 keeps
+// its last host port when it is free, and takes another when it is not.
+func (m *Manager) applyPorts(ctx context.Context, rec *store.Record) error {
+	s := readNet(*rec)
+	if !s.Policy.Enabled() || len(s.Ports) == 0 {
+		return nil
+	}
+	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
+	for i, p := range s.Ports {
+		got, err := c.Expose(ctx, p.Forward)
+		if err != nil && p.Requested == 0 && p.Host != 0 && errors.Is(err, network.ErrPortInUse) {
+			f := p.Forward
+			f.Host = 0
+			got, err = c.Expose(ctx, f)
+		}
+		if err != nil {
+			return portError(err)
+		}
+		s.Ports[i].Forward = got
+	}
+	writeNet(rec, s)
+	return nil
+}
+
+// portError maps a network process's refusal to the API's errors.
+func portError(err error) error {
+	var fe *network.FieldError
+	if errors.As(err, &fe) {
+		return &Error{Kind: KindInvalid, Code: "invalid_port", Field: fe.Field, Message: fe.Message}
+	}
+	var pe *network.PortError
+	if errors.As(err, &pe) {
+		e := &Error{Code: pe.Code.Error(), Message: pe.Message}
+		switch pe.Code {
+		case network.ErrPortInUse, network.ErrAlreadyExposed:
+			e.Kind, e.Field = KindConflict, "host"
+			if pe.Code == network.ErrAlreadyExposed {
+				e.Field = "guest"
+			}
+		case network.ErrNotExposed:
+			e.Kind = KindNotFound
+		case network.ErrBadHostAddress:
+			e.Kind, e.Field = KindInvalid, "host_address"
+		default:
+			e.Kind, e.Field = KindInvalid, "host"
+		}
+		return e
+	}
+	return &Error{Kind: KindConflict, Code: "network_unavailable",
+		Message: "the sandbox's network process did not answer; stop and start the sandbox to restart it", Err: err}
+}
+
+// runningNet returns rec's network state, refusing a sandbox that is not
+// running or has no network.
+func (m *Manager) runningNet(ctx context.Context, id string) (store.Record, netState, error) {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return rec, netState{}, err
+	}
+	if rec.Status != string(StatusRunning) {
+		return rec, netState{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
+			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
+	}
+	s := readNet(rec)
+	if !s.Policy.Enabled() {
+		return rec, s, &Error{Kind: KindConflict, Code: "network_off",
+			Message: fmt.Sprintf("sandbox %s was created with network mode \"off\": it has no network to expose ports from", id)}
+	}
+	return rec, s, nil
+}
+
+// ExposePort forwards a host port (f.Host, or a free one for 0) on
+// f.HostAddress (127.0.0.1 by default) to the guest's port f.Guest, and
+// returns the forward in effect. It is recorded and survives restarts.
+func (m *Manager) ExposePort(ctx context.Context, id string, f network.Forward) (network.Forward, error) {
+	if err := f.Normalize(); err != nil {
+		var fe *network.FieldError
+		errors.As(err, &fe)
+		return f, invalid("invalid_port", fe.Field, "%s", fe.Message)
+	}
+	if _, _, err := m.runningNet(ctx, id); err != nil {
+		return f, err
+	}
+	unlock := m.lock(id)
+	defer unlock()
+	rec, s, err := m.runningNet(ctx, id)
+	if err != nil {
+		return f, err
+	}
+	for _, p := range s.Ports {
+		if p.Guest == f.Guest {
+			return f, &Error{Kind: KindConflict, Code: "port_already_exposed", Field: "guest",
+				Message: fmt.Sprintf("guest port %d is already exposed on %s; close it first", f.Guest, p.Listen())}
+		}
+	}
+	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
+	got, err := c.Expose(ctx, f)
+	if err != nil {
+		return f, portError(err)
+	}
+	s.Ports = append(s.Ports, port{Forward: got, Requested: f.Host})
+	writeNet(&rec, s)
+	if err := m.store.SetNetwork(ctx, id, rec.Network); err != nil {
+		c.Unexpose(context.WithoutCancel(ctx), got.Guest)
+		return f, fmt.Errorf("record port: %w", err)
+	}
+	return got, nil
+}
+
+// ClosePort removes the forward of the guest's port; connections already
+// made through it are left to finish.
+func (m *Manager) ClosePort(ctx context.Context, id string, guest int) (network.Forward, error) {
+	if _, _, err := m.runningNet(ctx, id); err != nil {
+		return network.Forward{}, err
+	}
+	unlock := m.lock(id)
+	defer unlock()
+	rec, s, err := m.runningNet(ctx, id)
+	if err != nil {
+		return network.Forward{}, err
+	}
+	i := -1
+	for j, p := range s.Ports {
+		if p.Guest == guest {
+			i = j
+		}
+	}
+	if i < 0 {
+		return network.Forward{}, &Error{Kind: KindNotFound, Code: "port_not_exposed", Field: "guest",
+			Message: fmt.Sprintf("guest port %d of sandbox %s is not exposed", guest, id)}
+	}
+	closed := s.Ports[i].Forward
+	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
+	if _, err := c.Unexpose(ctx, guest); err != nil && !errors.Is(err, network.ErrNotExposed) {
+		return network.Forward{}, portError(err)
+	}
+	s.Ports = append(s.Ports[:i], s.Ports[i+1:]...)
+	writeNet(&rec, s)
+	if err := m.store.SetNetwork(ctx, id, rec.Network); err != nil {
+		return network.Forward{}, fmt.Errorf("record port: %w", err)
+	}
+	return closed, nil
+}
+
+// Ports lists a sandbox's exposed ports, by guest port.
+func (m *Manager) Ports(ctx context.Context, id string) ([]network.Forward, error) {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return readNet(rec).forwards(), nil
+}
+
+// netCmdline is the kernel command line's network part: the guest's
+// address, its gateway and the MTU, which the agent sets up.
+func netCmdline(enabled bool) string {
+	if !enabled {
+		return ""
+	}
+	return "smolvm.net=" + network.GuestIP.String() + "/" + strconv.Itoa(network.Subnet.Bits()) + "," +
+		network.GatewayIP.String() + "," + strconv.Itoa(network.MTU)
+}
