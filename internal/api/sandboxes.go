@@ -17,13 +17,15 @@ import (
 // CreateSandboxRequest is the body of POST /sandboxes. It mirrors the
 // library's auto-configuration options; every field is optional.
 type CreateSandboxRequest struct {
-	_        struct{} `json:"-" additionalProperties:"false"`
-	OS       string   `json:"os,omitempty" enum:"alpine,ubuntu,debian,windows" example:"ubuntu" doc:"Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run."`
-	Image    string   `json:"image,omitempty" maxLength:"4096" example:"docker.io/library/python:3.11-slim" doc:"Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image."`
-	Memory   int      `json:"memory,omitempty" minimum:"128" maximum:"16384" default:"512" example:"512" doc:"Guest memory in MiB."`
-	DiskSize int      `json:"disk_size,omitempty" minimum:"128" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
-	Backend  string   `json:"backend,omitempty" enum:"firecracker,qemu,libkrun" default:"qemu" example:"qemu" doc:"Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing."`
-	VCPUs    int      `json:"vcpus,omitempty" minimum:"1" maximum:"32" default:"1" example:"2" doc:"Number of virtual CPUs."`
+	_        struct{}     `json:"-" additionalProperties:"false"`
+	OS       string       `json:"os,omitempty" enum:"alpine,ubuntu,debian,windows" example:"ubuntu" doc:"Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run."`
+	Image    string       `json:"image,omitempty" maxLength:"4096" example:"docker.io/library/python:3.11-slim" doc:"Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image."`
+	Memory   int          `json:"memory,omitempty" minimum:"128" maximum:"16384" default:"512" example:"512" doc:"Guest memory in MiB."`
+	DiskSize int          `json:"disk_size,omitempty" minimum:"128" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
+	Backend  string       `json:"backend,omitempty" enum:"firecracker,qemu,libkrun" default:"qemu" example:"qemu" doc:"Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing."`
+	VCPUs    int          `json:"vcpus,omitempty" minimum:"1" maximum:"32" default:"1" example:"2" doc:"Number of virtual CPUs."`
+	Network  *NetworkSpec `json:"network,omitempty" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach. Omit it for mode open without access to the host's loopback."`
+	Ports    []PortSpec   `json:"ports,omitempty" maxItems:"64" doc:"Guest TCP ports to expose on the host once the sandbox runs; the response names the host ports."`
 }
 
 // Sandbox is one sandbox's state.
@@ -39,6 +41,8 @@ type Sandbox struct {
 	PID       int              `json:"pid,omitempty" minimum:"0" example:"12345" doc:"Host process id of the VM, while it runs."`
 	CreatedAt time.Time        `json:"created_at" example:"2026-06-24T10:00:00Z" doc:"When the sandbox was created (RFC 3339)."`
 	Error     string           `json:"error,omitempty" example:"VM process exited unexpectedly" doc:"Why the sandbox is in the error state."`
+	Network   SandboxNetwork   `json:"network" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach."`
+	Ports     []Port           `json:"ports" nullable:"false" doc:"Guest ports exposed on the host."`
 	Progress  *SandboxProgress `json:"progress,omitempty" example:"{\"phase\":\"pull\",\"done_bytes\":1048576,\"total_bytes\":31457280}" doc:"While status is creating: how far preparing the image has come."`
 }
 
@@ -185,6 +189,8 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 		Tags:        []string{"sandboxes"},
 		Errors:      errs(notFound, []int{http.StatusConflict}, common),
 	}, h.delete)
+
+	registerPorts(hapi, h, common, withBody)
 }
 
 // plausibleID rejects ids that no sandbox can have before they reach the
@@ -220,13 +226,9 @@ func (h *handlers) create(ctx context.Context, in *createInput) (*createOutput, 
 	if in.Body != nil {
 		body = *in.Body
 	}
-	req := sandbox.CreateRequest{
-		OS:          body.OS,
-		Image:       body.Image,
-		MemoryMiB:   body.Memory,
-		DiskSizeMiB: body.DiskSize,
-		VCPUs:       body.VCPUs,
-		Backend:     body.Backend,
+	req, err := createRequest(body)
+	if err != nil {
+		return nil, ProblemFrom(ctx, err)
 	}
 	create, status := m.Create, http.StatusOK
 	if preferAsync(in.Prefer) {
@@ -352,5 +354,7 @@ func SandboxFromInfo(info sandbox.Info) Sandbox {
 		PID:       info.PID,
 		CreatedAt: info.CreatedAt.UTC(),
 		Error:     info.Error,
+		Network:   networkFrom(info.Network),
+		Ports:     portsFrom(info.Ports),
 	}
 }
