@@ -12,6 +12,26 @@ export type Sandbox = Schemas["Sandbox"];
 export type SandboxStatus = Sandbox["status"];
 /** Body of GET /sandboxes. */
 export type SandboxList = Schemas["SandboxList"];
+/**
+ * What a sandbox's guest may reach, as `network` in `sandbox.create()`:
+ * `mode` "open" (the default), "off" or "restricted" (to the CIDRs in `allow`).
+ */
+export type NetworkSpec = Schemas["NetworkSpec"];
+/** A network mode: "open", "off" or "restricted". */
+export type NetworkMode = NonNullable<NetworkSpec["mode"]>;
+/** The network policy in effect, as `Sandbox.network` reports it. */
+export type SandboxNetwork = Schemas["SandboxNetwork"];
+/**
+ * A guest TCP port to expose on the host: body of `sandbox.exposePort()` and
+ * an item of `ports` in `sandbox.create()`. `host` 0 or unset picks a free port.
+ */
+export type PortSpec = Schemas["PortSpec"];
+/** An exposed port: the guest port and the host address and port that forward to it. */
+export type Port = Schemas["Port"];
+/** Body of GET /sandboxes/{id}/ports. */
+export type PortList = Schemas["PortList"];
+/** Result of `sandbox.closePort()`: the port that was closed, with `closed: true`. */
+export type ClosePortResult = Schemas["ClosePortResult"];
 /** Body of `sandbox.exec()`. */
 export type ExecRequest = Schemas["ExecRequest"];
 /** Result of a command that ran to its end, whatever its exit code. */

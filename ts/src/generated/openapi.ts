@@ -72,10 +72,78 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/sandboxes/{id}/ports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List exposed ports
+         * @description Lists a sandbox's exposed ports with the host ports in effect.
+         */
+        get: operations["listPorts"];
+        put?: never;
+        /**
+         * Expose a guest port
+         * @description Forwards a host port to a TCP port in a running sandbox. The host side listens on 127.0.0.1 unless host_address says otherwise; host port 0 picks a free port, which the response names. A host port in use is 409 port_in_use; a guest port already exposed is 409 port_already_exposed; a sandbox created with network mode off is 409 network_off.
+         */
+        post: operations["exposePort"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/ports/{guest}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Close an exposed port
+         * @description Stops forwarding the host port to the guest port: new connections are refused, connections already open finish. A guest port that is not exposed is 404 port_not_exposed.
+         */
+        delete: operations["closePort"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        ClosePortResult: {
+            /**
+             * @description Always true: the host port no longer accepts connections.
+             * @example true
+             */
+            closed: boolean;
+            /**
+             * Format: int64
+             * @description TCP port in the guest.
+             * @example 8080
+             */
+            guest: number;
+            /**
+             * Format: int64
+             * @description Host port that forwards to it.
+             * @example 41234
+             */
+            host: number;
+            /**
+             * @description Host address the port listens on.
+             * @example 127.0.0.1
+             */
+            host_address: string;
+        };
         CommandTimeoutProblem: {
             /**
              * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable). New codes may be added.
@@ -168,11 +236,21 @@ export interface components {
              */
             memory?: number;
             /**
+             * @description What the guest may reach. Omit it for mode open without access to the host's loopback.
+             * @example {
+             *       "allow_host_loopback": false,
+             *       "mode": "open"
+             *     }
+             */
+            network?: components["schemas"]["NetworkSpec"];
+            /**
              * @description Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run.
              * @example ubuntu
              * @enum {string}
              */
             os?: "alpine" | "ubuntu" | "debian" | "windows";
+            /** @description Guest TCP ports to expose on the host once the sandbox runs; the response names the host ports. */
+            ports?: components["schemas"]["PortSpec"][] | null;
             /**
              * Format: int64
              * @description Number of virtual CPUs.
@@ -245,6 +323,71 @@ export interface components {
              * @example Python 3.12.3
              */
             stdout: string;
+        };
+        NetworkSpec: {
+            /**
+             * @description With mode restricted: the IPv4 CIDRs (or single addresses) the guest may connect to. Everything else is refused by the host before any connection is made.
+             * @example [
+             *       "10.0.0.0/8"
+             *     ]
+             */
+            allow?: string[] | null;
+            /**
+             * @description Let the guest reach services on the host: the host's 127.0.0.1 appears as host.smolvm.internal (192.168.127.254), and the host's own addresses answer too. Off by default, so the guest cannot reach this API or anything else bound to the host's loopback.
+             * @example false
+             */
+            allow_host_loopback?: boolean;
+            /**
+             * @description open: the guest reaches anything but the host itself and link-local (cloud metadata) addresses. off: no network interface but loopback. restricted: only the destinations in allow.
+             * @default open
+             * @example open
+             * @enum {string}
+             */
+            mode?: "open" | "off" | "restricted";
+        };
+        Port: {
+            /**
+             * Format: int64
+             * @description TCP port in the guest.
+             * @example 8080
+             */
+            guest: number;
+            /**
+             * Format: int64
+             * @description Host port that forwards to it.
+             * @example 41234
+             */
+            host: number;
+            /**
+             * @description Host address the port listens on.
+             * @example 127.0.0.1
+             */
+            host_address: string;
+        };
+        PortList: {
+            /** @description The sandbox's exposed ports, by guest port. */
+            ports: components["schemas"]["Port"][];
+        };
+        PortSpec: {
+            /**
+             * Format: int64
+             * @description TCP port in the guest.
+             * @example 8080
+             */
+            guest: number;
+            /**
+             * Format: int64
+             * @description Host port to listen on; 0 (the default) picks a free one, reported in the response.
+             * @default 0
+             * @example 0
+             */
+            host?: number;
+            /**
+             * @description Host address to listen on. Only this machine can connect to the default; another address (0.0.0.0 for every interface) is a deliberate opt-in.
+             * @default 127.0.0.1
+             * @example 127.0.0.1
+             */
+            host_address?: string;
         };
         Problem: {
             /**
@@ -328,6 +471,14 @@ export interface components {
              */
             memory: number;
             /**
+             * @description What the guest may reach.
+             * @example {
+             *       "allow_host_loopback": false,
+             *       "mode": "open"
+             *     }
+             */
+            network: components["schemas"]["SandboxNetwork"];
+            /**
              * @description Guest operating system.
              * @example ubuntu
              */
@@ -338,6 +489,8 @@ export interface components {
              * @example 12345
              */
             pid?: number;
+            /** @description Guest ports exposed on the host. */
+            ports: components["schemas"]["Port"][];
             /**
              * @description While status is creating: how far preparing the image has come.
              * @example {
@@ -363,6 +516,26 @@ export interface components {
         SandboxList: {
             /** @description Every sandbox on the host, oldest first. */
             sandboxes: components["schemas"]["Sandbox"][];
+        };
+        SandboxNetwork: {
+            /**
+             * @description With mode restricted: the destinations the guest may connect to.
+             * @example [
+             *       "10.0.0.0/8"
+             *     ]
+             */
+            allow?: string[] | null;
+            /**
+             * @description Whether the guest may reach the host's own services (as host.smolvm.internal).
+             * @example false
+             */
+            allow_host_loopback: boolean;
+            /**
+             * @description Network mode.
+             * @example open
+             * @enum {string}
+             */
+            mode: "open" | "off" | "restricted";
         };
         SandboxProgress: {
             /**
@@ -819,6 +992,288 @@ export interface operations {
             };
             /** @description Unsupported Media Type */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    listPorts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PortList"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    exposePort: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PortSpec"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Port"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    closePort: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+                /** @description The exposed guest port. */
+                guest: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ClosePortResult"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
