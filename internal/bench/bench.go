@@ -31,6 +31,9 @@ type Options struct {
 	// Density creates 256 MiB sandboxes until one fails or this many run
 	// at once; 0 skips it.
 	Density int
+	// Transfers is how many times to fetch a 100 MiB file through an
+	// exposed port; 0 skips it.
+	Transfers int
 	// Manager opens the sandbox manager; with cold set it must boot every
 	// sandbox cold (no templates), and with pool > 0 keep that many
 	// sandboxes waiting.
@@ -81,6 +84,11 @@ type Result struct {
 	Ping           Figure // library: agent round trip without a process
 	List           Figure // library: List
 	HTTPList       Figure // HTTP: GET /sandboxes
+	// Transfer fetches TransferMiB from a guest server through an exposed
+	// port; TransferBase fetches as much from a server on host loopback.
+	Transfer     Figure
+	TransferBase Figure
+	TransferMiB  int
 }
 
 // Run measures, printing progress lines to log.
@@ -98,7 +106,10 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		Ping:           Figure{Name: "agent round trip, no process (library)"},
 		List:           Figure{Name: "list sandboxes (library)"},
 		HTTPList:       Figure{Name: "GET /sandboxes (HTTP)"},
+		TransferMiB:    100,
 	}
+	r.Transfer.Name = fmt.Sprintf("GET %d MiB from the guest through an exposed port", r.TransferMiB)
+	r.TransferBase.Name = fmt.Sprintf("GET %d MiB over host loopback (baseline)", r.TransferMiB)
 	cold, err := o.Manager(ctx, true, 0)
 	if err != nil {
 		return nil, err
@@ -174,6 +185,13 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 			return nil, err
 		}
 		r.List.Samples = append(r.List.Samples, time.Since(start))
+	}
+
+	fmt.Fprintf(log, "transfers: %d fetches of %d MiB through an exposed port...\n", o.Transfers, r.TransferMiB)
+	if o.Transfers > 0 {
+		if err := Transfer(ctx, m, keep, r.TransferMiB, o.Transfers, &r.Transfer, &r.TransferBase); err != nil {
+			return nil, err
+		}
 	}
 
 	base, stop, err := serve(m)
@@ -433,7 +451,15 @@ func (r *Result) Print(w io.Writer) {
 	row(r.Ping, r.RoundTrip, "of `true`")
 	row(r.List, Figure{}, "")
 	row(r.HTTPList, r.List, "of library")
+	if len(r.Transfer.Samples) > 0 {
+		row(r.TransferBase, Figure{}, "")
+		row(r.Transfer, r.TransferBase, "of loopback")
+	}
 	tw.Flush()
+	if len(r.Transfer.Samples) > 0 {
+		fmt.Fprintf(w, "\nthroughput of an exposed port: %.1f MiB/s (host loopback: %.0f MiB/s)\n",
+			MiBps(r.TransferMiB, r.Transfer.Median()), MiBps(r.TransferMiB, r.TransferBase.Median()))
+	}
 	fmt.Fprintf(w, "\nidle sandbox VMM RSS: %.0f MiB (a %s restore)\n", float64(r.IdleRSS)/(1<<20), "template")
 	if r.DensityLimit != "" {
 		fmt.Fprintf(w, "sandboxes of 256 MiB running at once: %d (%s)\n", r.Density, r.DensityLimit)

@@ -156,16 +156,16 @@ func (p Policy) Decide(dst netip.Addr, hostAddrs []netip.Addr) Verdict {
 		}
 		return Verdict{Allowed: true, Dial: netip.MustParseAddr("127.0.0.1")}
 	}
+	for _, r := range refused {
+		if r.Contains(dst) {
+			return Verdict{Reason: "a loopback, link-local, multicast or reserved address"}
+		}
+	}
 	if slices.Contains(hostAddrs, dst) {
 		if !p.AllowHostLoopback {
 			return Verdict{Reason: "the host's own addresses are not allowed"}
 		}
 		return Verdict{Allowed: true, Dial: dst}
-	}
-	for _, r := range refused {
-		if r.Contains(dst) {
-			return Verdict{Reason: "a loopback, link-local, multicast or reserved address"}
-		}
 	}
 	if !dst.Is4() {
 		return Verdict{Reason: "not IPv4"}
