@@ -3,10 +3,13 @@ import createClient, { type Client } from "openapi-fetch";
 import { SmolvmConnectionError, SmolvmError } from "./errors.js";
 import type { paths } from "./generated/openapi.js";
 import type {
+  ClosePortResult,
   CreateSandboxRequest,
   DeleteResult,
   ExecRequest,
   ExecResult,
+  Port,
+  PortSpec,
   Sandbox,
 } from "./types.js";
 
@@ -39,7 +42,12 @@ export interface RequestOptions {
 
 /** The sandbox operations, one per route of the API. */
 export interface SandboxApi {
-  /** POST /sandboxes: create and boot a sandbox; resolves once it runs commands. */
+  /**
+   * POST /sandboxes: create and boot a sandbox; resolves once it runs commands.
+   * `network` limits what the guest may reach (open by default, without the
+   * host's loopback); `ports` are exposed before it resolves, and the result's
+   * `ports` names the host port each one got.
+   */
   create(body?: CreateSandboxRequest, options?: RequestOptions): Promise<Sandbox>;
   /** GET /sandboxes: every sandbox on the host, oldest first (the `sandboxes` array of the response). */
   list(options?: RequestOptions): Promise<Sandbox[]>;
@@ -53,6 +61,26 @@ export interface SandboxApi {
   exec(id: string, body: ExecRequest, options?: RequestOptions): Promise<ExecResult>;
   /** DELETE /sandboxes/{id}: stop the sandbox and remove everything it had. */
   delete(id: string, options?: RequestOptions): Promise<DeleteResult>;
+  /**
+   * POST /sandboxes/{id}/ports: forward a host port to a TCP port of a running
+   * sandbox. The body is the API's own shape (`guest`, `host`,
+   * `host_address`), as for create. With `host` unset or 0 the server picks a
+   * free port, so read it from the result rather than assuming one. The host
+   * side listens on 127.0.0.1 unless `host_address` says otherwise. Nothing
+   * needs to listen in the guest yet: a connection made before anything does
+   * is accepted, then closed. Rejects with a SmolvmError: 409 port_in_use,
+   * port_already_exposed, network_off or sandbox_not_running; 422 for a port
+   * or address the server refuses (validation_failed, invalid_port).
+   */
+  exposePort(id: string, body: PortSpec, options?: RequestOptions): Promise<Port>;
+  /** GET /sandboxes/{id}/ports: the sandbox's exposed ports by guest port (the `ports` array of the response). */
+  listPorts(id: string, options?: RequestOptions): Promise<Port[]>;
+  /**
+   * DELETE /sandboxes/{id}/ports/{guest}: stop forwarding to a guest port.
+   * New connections are refused; connections already open finish. A guest
+   * port that is not exposed rejects with code "port_not_exposed" (404).
+   */
+  closePort(id: string, guest: number, options?: RequestOptions): Promise<ClosePortResult>;
 }
 
 // The server's default command timeout, in seconds (ExecRequest.timeout).
@@ -133,6 +161,25 @@ export class Smolvm {
           client.DELETE("/sandboxes/{id}", { params, signal }),
         );
       },
+      exposePort: async (id, body, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) =>
+          client.POST("/sandboxes/{id}/ports", { params, body, signal }),
+        );
+      },
+      listPorts: async (id, opts) => {
+        const params = pathParams(id);
+        const list = await this.call(opts, this.timeoutMs, (signal) =>
+          client.GET("/sandboxes/{id}/ports", { params, signal }),
+        );
+        return list.ports;
+      },
+      closePort: async (id, guest, opts) => {
+        const params = portPathParams(id, guest);
+        return this.call(opts, this.timeoutMs, (signal) =>
+          client.DELETE("/sandboxes/{id}/ports/{guest}", { params, signal }),
+        );
+      },
     };
   }
 
@@ -187,4 +234,15 @@ function pathParams(id: string) {
     throw new TypeError("sandbox id must be a non-empty string");
   }
   return { path: { id } };
+}
+
+// The range (1-65535) is the server's to check; what is refused here would
+// not address the port at all: openapi-fetch leaves a missing value as the
+// literal "{guest}", and a string (from untyped code) could name another
+// path, e.g. ".." for DELETE of the sandbox itself.
+function portPathParams(id: string, guest: number) {
+  if (!Number.isInteger(guest)) {
+    throw new TypeError(`guest port must be an integer, got ${String(guest)}`);
+  }
+  return { path: { ...pathParams(id).path, guest } };
 }

@@ -3,9 +3,10 @@
 // shared by most tests; every sandbox made here is deleted at the end.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { connect } from "node:net";
 import { after, before, describe, test } from "node:test";
 
-import { type Sandbox, Smolvm, SmolvmConnectionError, SmolvmError } from "smolvm";
+import { type Port, type Sandbox, Smolvm, SmolvmConnectionError, SmolvmError } from "smolvm";
 
 import { freePort, startServer, type TestServer } from "./server.js";
 
@@ -88,7 +89,8 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
 
   before(async () => {
     smolvm = new Smolvm({ baseUrl });
-    sandbox = await create(smolvm, { memory: 512 });
+    // The port tests below use this sandbox too, rather than boot another.
+    sandbox = await create(smolvm, { memory: 512, ports: [{ guest: 8080 }] });
   });
 
   test("list contains it and get returns it", async () => {
@@ -153,6 +155,61 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
     const impatient = new Smolvm({ baseUrl, timeoutMs: 200 });
     const result = await impatient.sandbox.exec(sandbox.id, { command: "sleep 1; echo done" });
     assert.equal(result.stdout, "done\n");
+  });
+
+  test("ports given to create are exposed, and more can be exposed, listed and closed", async () => {
+    assert.deepEqual(sandbox.network, { mode: "open", allow_host_loopback: false });
+    assert.equal(sandbox.ports.length, 1);
+    const first = sandbox.ports[0] as Port;
+    assert.equal(first.guest, 8080);
+    assert.equal(first.host_address, "127.0.0.1");
+    assert.ok(Number.isInteger(first.host) && first.host > 0, `host port ${first.host}`);
+    // Nothing listens in the guest, but the host side of the forward does.
+    assert.equal(await accepts(first.host), true);
+
+    const exposed = await smolvm.sandbox.exposePort(sandbox.id, { guest: 9090 });
+    assert.equal(exposed.guest, 9090);
+    assert.equal(exposed.host_address, "127.0.0.1");
+    assert.ok(exposed.host > 0 && exposed.host !== first.host, `host port ${exposed.host}`);
+    assert.equal(await accepts(exposed.host), true);
+
+    assert.deepEqual(await smolvm.sandbox.listPorts(sandbox.id), [first, exposed]);
+    assert.deepEqual((await smolvm.sandbox.get(sandbox.id)).ports, [first, exposed]);
+
+    const closed = await smolvm.sandbox.closePort(sandbox.id, 9090);
+    assert.deepEqual(closed, { ...exposed, closed: true });
+    assert.deepEqual(await smolvm.sandbox.listPorts(sandbox.id), [first]);
+    assert.equal(await accepts(exposed.host), false);
+  });
+
+  test("port errors are SmolvmErrors with their codes", async () => {
+    let err = await rejection(smolvm.sandbox.exposePort(sandbox.id, { guest: 0 }));
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.status, 422);
+    assert.equal(err.code, "validation_failed");
+    assert.equal(err.field, "guest");
+    assert.equal(err.errors?.[0]?.location, "body.guest");
+
+    err = await rejection(smolvm.sandbox.exposePort(sandbox.id, { guest: 8080 }));
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.status, 409);
+    assert.equal(err.code, "port_already_exposed");
+
+    const [first] = await smolvm.sandbox.listPorts(sandbox.id);
+    assert.ok(first);
+    err = await rejection(smolvm.sandbox.exposePort(sandbox.id, { guest: 7070, host: first.host }));
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.status, 409);
+    assert.equal(err.code, "port_in_use");
+
+    err = await rejection(smolvm.sandbox.closePort(sandbox.id, 9999));
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.status, 404);
+    assert.equal(err.code, "port_not_exposed");
+
+    // Not an integer: refused before any request, as it would not name a port.
+    await assert.rejects(smolvm.sandbox.closePort(sandbox.id, 80.5), TypeError);
+    assert.deepEqual(await smolvm.sandbox.listPorts(sandbox.id), [first]);
   });
 
   test("delete removes it", async () => {
@@ -235,6 +292,24 @@ test("an unreachable server is a SmolvmConnectionError", async () => {
   assert.match(err.message, /ECONNREFUSED/);
   assert.ok(err.cause instanceof TypeError);
 });
+
+/** Whether something accepts TCP connections on 127.0.0.1:port (false when refused). */
+function accepts(port: number): Promise<boolean> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: "127.0.0.1", port });
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once("error", (err: NodeJS.ErrnoException) => {
+      if (err.code === "ECONNREFUSED") {
+        resolve(false);
+      } else {
+        reject(err);
+      }
+    });
+  });
+}
 
 /** The error a promise rejects with; fails the test if it resolves. */
 async function rejection(promise: Promise<unknown>): Promise<unknown> {
