@@ -28,6 +28,9 @@ type Status struct {
 	PID      int       `json:"pid"`
 	Policy   Policy    `json:"policy"`
 	Forwards []Forward `json:"forwards"`
+	// Refused counts the guest's connections and UDP flows the policy
+	// turned away.
+	Refused int64 `json:"refused"`
 }
 
 // Handler serves the control API for n.
@@ -77,7 +80,7 @@ func (n *Network) Handler() http.Handler {
 }
 
 func (n *Network) status() Status {
-	return Status{PID: pidSelf(), Policy: n.Policy(), Forwards: n.Forwards()}
+	return Status{PID: pidSelf(), Policy: n.Policy(), Forwards: n.Forwards(), Refused: n.refused.Load()}
 }
 
 func reply(w http.ResponseWriter, code int, v any) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -14,8 +15,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/smolvm/smolvm/internal/vmm"
 )
@@ -56,7 +60,7 @@ func Start(ctx context.Context, bin, dir string, p Policy) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	logf, err := os.OpenFile(f.logFile(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logf, err := os.OpenFile(f.logFile(), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		return 0, fmt.Errorf("network log: %w", err)
 	}
@@ -155,7 +159,35 @@ func Main(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	return Serve(ctx, dir, p, log.New(os.Stderr, "smolvm-net: ", log.LstdFlags))
+	// The guest can provoke log lines (failing UDP flows, say); a capped
+	// log keeps it from filling the host's disk through them.
+	w := &cappedWriter{w: os.Stderr, left: maxLog}
+	logrus.SetOutput(w)
+	return Serve(ctx, dir, p, log.New(w, "smolvm-net: ", log.LstdFlags))
+}
+
+// maxLog is how much one network process writes to its log.
+const maxLog = 1 << 20
+
+type cappedWriter struct {
+	mu   sync.Mutex
+	w    io.Writer
+	left int64
+}
+
+func (c *cappedWriter) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.left <= 0:
+	case int64(len(p)) > c.left:
+		c.w.Write([]byte("smolvm-net: log limit reached; further lines are dropped\n"))
+		c.left = 0
+	default:
+		c.left -= int64(len(p))
+		c.w.Write(p)
+	}
+	return len(p), nil
 }
 
 // Serve runs the network of the sandbox in dir: the control API, then the

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -48,6 +49,10 @@ type Network struct {
 	stack *stack.Stack
 	sw    *tap.Switch
 	log   *log.Logger
+
+	// refused counts flows the policy turned away; per-flow log lines
+	// would let the guest fill the log.
+	refused atomic.Int64
 
 	mu       sync.Mutex
 	policy   Policy
@@ -176,7 +181,7 @@ func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	v := n.decide(id.LocalAddress)
 	if !v.Allowed {
-		n.log.Printf("refused tcp %s:%d: %s", id.LocalAddress, id.LocalPort, v.Reason)
+		n.refused.Add(1)
 		r.Complete(true) // a reset: the guest sees "connection refused" at once
 		return
 	}
@@ -200,7 +205,7 @@ func (n *Network) forwardUDP(r *udp.ForwarderRequest) {
 	id := r.ID()
 	v := n.decide(id.LocalAddress)
 	if !v.Allowed {
-		n.log.Printf("refused udp %s:%d: %s", id.LocalAddress, id.LocalPort, v.Reason)
+		n.refused.Add(1)
 		return
 	}
 	var wq waiter.Queue
