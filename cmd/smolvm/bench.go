@@ -20,7 +20,9 @@ func newBenchCmd() *cobra.Command {
 		Use:   "bench",
 		Short: "Measure sandbox creation and command latency against a raw QEMU boot",
 		Long: `Boots the guest kernel bare (the baseline), then creates sandboxes and runs
-commands through the library and the HTTP API, and prints medians and p95s
+commands through the library and the HTTP API, fetches a 100 MiB file from a
+guest server through an exposed port (against the same fetch over host
+loopback), and prints medians and p95s
 with each figure's ratio to its baseline. Machines are noisy: compare
 medians from one run, not figures from different runs.`,
 		Args: cobra.NoArgs,
@@ -47,5 +49,6 @@ medians from one run, not figures from different runs.`,
 	cmd.Flags().IntVar(&o.Density, "density", 40, "create 256 MiB sandboxes until one fails or this many run at once (0 skips)")
 	cmd.Flags().IntVar(&o.RoundTrip, "round-trips", 50, "commands to time for each round-trip figure")
 	cmd.Flags().IntVar(&o.MemoryMiB, "memory", 512, "guest memory in MiB")
+	cmd.Flags().IntVar(&o.Transfers, "transfers", 5, "fetches of a 100 MiB file through an exposed port (0 skips)")
 	return cmd
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/smolvm/smolvm/internal/api"
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/sandbox"
 )
 
@@ -36,7 +37,8 @@ func newSandboxCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "sandbox",
 		Short: "Create, list, inspect, run commands in and delete sandboxes",
-		Long: `Create, list, inspect, run commands in and delete sandboxes.
+		Long: `Create, list, inspect, run commands in and delete sandboxes, and expose
+their ports on the host.
 
 With --url (or $SMOLVM_URL) the commands talk to a running "smolvm server";
 without, they work directly on the data directory, which a running server may
@@ -55,19 +57,27 @@ share. --json prints {"ok": true, "data": ...} or {"ok": false, "error":
 		newSandboxGetCmd(&sf),
 		newSandboxExecCmd(&sf),
 		newSandboxDeleteCmd(&sf),
+		newSandboxPortCmd(&sf),
 	)
 	return cmd
 }
 
 func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
 	var req api.CreateSandboxRequest
+	var nf networkFlags
 	cmd := &cobra.Command{
 		Use:   "create",
 		Short: "Create and boot a sandbox; returns once it runs commands",
 		Example: `  smolvm sandbox create
-  smolvm sandbox create --os ubuntu --memory 1024 --disk-size 2048 --json`,
+  smolvm sandbox create --os ubuntu --memory 1024 --disk-size 2048 --json
+  smolvm sandbox create -p 8080 -p 3000:3000
+  smolvm sandbox create --network restricted --allow 10.0.0.0/8 --allow 1.1.1.1
+  smolvm sandbox create --network off`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := nf.apply(&req, cmd.Flags().Changed("network")); err != nil {
+				return err
+			}
 			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
 				sb, err := c.Create(ctx, req)
 				if err != nil {
@@ -84,6 +94,10 @@ func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
 	f.IntVar(&req.DiskSize, "disk-size", 0, fmt.Sprintf("guest disk size in MiB, %d to %d (default %d)", sandbox.MinDiskMiB, sandbox.MaxDiskMiB, sandbox.DefaultDiskMiB))
 	f.IntVar(&req.VCPUs, "vcpus", 0, fmt.Sprintf("virtual CPUs, %d to %d (default %d)", sandbox.MinVCPUs, sandbox.MaxVCPUs, sandbox.DefaultVCPUs))
 	f.StringVar(&req.Backend, "backend", "", "runtime backend: qemu, firecracker or libkrun (default "+sandbox.DefaultBackend+")")
+	f.StringVar(&nf.mode, "network", string(network.ModeOpen), "what the guest may reach: `MODE` is open (anything but the host and link-local addresses), off (no network) or restricted (only --allow)")
+	f.StringSliceVar(&nf.allow, "allow", nil, "with --network restricted, which it implies when --network is not given: an IPv4 `CIDR` or address the guest may connect to; repeatable")
+	f.BoolVar(&nf.hostLoopback, "allow-host-loopback", false, "let the guest reach services on the host's 127.0.0.1, as host.smolvm.internal")
+	f.StringArrayVarP(&nf.ports, "port", "p", nil, "expose a guest TCP port on the host; `PORT` is GUEST, HOST:GUEST or ADDRESS:HOST:GUEST, host side first as in docker (a free host port when HOST is left out, address 127.0.0.1 by default); repeatable")
 	return cmd
 }
 
@@ -260,6 +274,9 @@ type sandboxClient interface {
 	// Exec returns a *timeoutError when the command ran past its timeout.
 	Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error)
 	Delete(ctx context.Context, id string) error
+	ExposePort(ctx context.Context, id string, spec api.PortSpec) (api.Port, error)
+	Ports(ctx context.Context, id string) (api.PortList, error)
+	ClosePort(ctx context.Context, id string, guest int) (api.ClosePortResult, error)
 }
 
 // withSandboxClient runs fn against the server at --url/$SMOLVM_URL, or a
@@ -335,10 +352,11 @@ func withLocalClient(cmd *cobra.Command, fn func(context.Context, sandboxClient)
 type localSandboxClient struct{ m *sandbox.Manager }
 
 func (c localSandboxClient) Create(ctx context.Context, req api.CreateSandboxRequest) (api.Sandbox, error) {
-	info, err := c.m.Create(ctx, sandbox.CreateRequest{
-		OS: req.OS, Image: req.Image, MemoryMiB: req.Memory, DiskSizeMiB: req.DiskSize,
-		VCPUs: req.VCPUs, Backend: req.Backend,
-	})
+	creq, err := api.CreateRequest(req)
+	if err != nil {
+		return api.Sandbox{}, err
+	}
+	info, err := c.m.Create(ctx, creq)
 	if err != nil {
 		return api.Sandbox{}, err
 	}
@@ -544,10 +562,11 @@ func writeJSON(w io.Writer, v any) error {
 
 func printSandboxTable(w io.Writer, list []api.Sandbox) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATUS\tOS\tBACKEND\tMEMORY\tDISK\tVCPUS\tCREATED")
+	fmt.Fprintln(tw, "ID\tSTATUS\tOS\tBACKEND\tMEMORY\tDISK\tVCPUS\tNETWORK\tPORTS\tCREATED")
 	for _, sb := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d MiB\t%d\t%s\n",
-			sb.ID, sb.Status, orDash(sb.OS), orDash(sb.Backend), sb.Memory, sb.DiskSize, sb.VCPUs, ago(sb.CreatedAt))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d MiB\t%d\t%s\t%s\t%s\n",
+			sb.ID, sb.Status, orDash(sb.OS), orDash(sb.Backend), sb.Memory, sb.DiskSize, sb.VCPUs,
+			orDash(sb.Network.Mode), portsSummary(sb.Ports, "->"), ago(sb.CreatedAt))
 	}
 	tw.Flush()
 }
@@ -566,6 +585,10 @@ func printSandbox(w io.Writer, sb api.Sandbox) {
 	row("Memory", fmt.Sprintf("%d MiB", sb.Memory))
 	row("Disk", fmt.Sprintf("%d MiB", sb.DiskSize))
 	row("vCPUs", fmt.Sprint(sb.VCPUs))
+	row("Network", networkSummary(sb.Network))
+	if len(sb.Ports) > 0 {
+		row("Ports", portsSummary(sb.Ports, " -> "))
+	}
 	if sb.PID != 0 {
 		row("PID", fmt.Sprint(sb.PID))
 	}

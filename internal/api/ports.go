@@ -66,11 +66,13 @@ func (s *NetworkSpec) policy() (network.Policy, error) {
 	return p, nil
 }
 
-func (s PortSpec) forward() network.Forward {
+// Forward is the Manager's form of s.
+func (s PortSpec) Forward() network.Forward {
 	return network.Forward{Guest: s.Guest, Host: s.Host, HostAddress: s.HostAddress}
 }
 
-func portFrom(f network.Forward) Port {
+// PortFrom is the API representation of a forward.
+func PortFrom(f network.Forward) Port {
 	return Port{Guest: f.Guest, Host: f.Host, HostAddress: f.HostAddress}
 }
 
@@ -92,7 +94,7 @@ func networkFrom(p network.Policy) SandboxNetwork {
 func portsFrom(fs []network.Forward) []Port {
 	out := make([]Port, 0, len(fs))
 	for _, f := range fs {
-		out = append(out, portFrom(f))
+		out = append(out, PortFrom(f))
 	}
 	return out
 }
@@ -147,11 +149,11 @@ func (h *handlers) expose(ctx context.Context, in *exposeInput) (*portOutput, er
 	if err != nil {
 		return nil, err
 	}
-	f, err := m.ExposePort(ctx, in.ID, in.Body.forward())
+	f, err := m.ExposePort(ctx, in.ID, in.Body.Forward())
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
-	return &portOutput{Body: portFrom(f)}, nil
+	return &portOutput{Body: PortFrom(f)}, nil
 }
 
 func (h *handlers) listPorts(ctx context.Context, in *sandboxID) (*portListOutput, error) {
@@ -175,11 +177,12 @@ func (h *handlers) closePort(ctx context.Context, in *portInput) (*closePortOutp
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
-	return &closePortOutput{Body: ClosePortResult{Port: portFrom(f), Closed: true}}, nil
+	return &closePortOutput{Body: ClosePortResult{Port: PortFrom(f), Closed: true}}, nil
 }
 
-// createRequest turns the API's create body into the Manager's request.
-func createRequest(body CreateSandboxRequest) (sandbox.CreateRequest, error) {
+// CreateRequest turns the API's create body into the Manager's request;
+// the CLI's local path shares it.
+func CreateRequest(body CreateSandboxRequest) (sandbox.CreateRequest, error) {
 	req := sandbox.CreateRequest{
 		OS:          body.OS,
 		Image:       body.Image,
@@ -194,7 +197,7 @@ func createRequest(body CreateSandboxRequest) (sandbox.CreateRequest, error) {
 	}
 	req.Network = p
 	for _, ps := range body.Ports {
-		req.Ports = append(req.Ports, ps.forward())
+		req.Ports = append(req.Ports, ps.Forward())
 	}
 	return req, nil
 }

@@ -226,7 +226,7 @@ func (h *handlers) create(ctx context.Context, in *createInput) (*createOutput, 
 	if in.Body != nil {
 		body = *in.Body
 	}
-	req, err := createRequest(body)
+	req, err := CreateRequest(body)
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}

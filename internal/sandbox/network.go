@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 
 	"github.com/smolvm/smolvm/internal/network"
@@ -48,11 +49,13 @@ func writeNet(rec *store.Record, s netState) {
 	rec.Network = string(b)
 }
 
+// forwards lists the ports in effect, by guest port.
 func (s netState) forwards() []network.Forward {
 	out := make([]network.Forward, len(s.Ports))
 	for i, p := range s.Ports {
 		out[i] = p.Forward
 	}
+	slices.SortFunc(out, func(a, b network.Forward) int { return a.Guest - b.Guest })
 	return out
 }
 
