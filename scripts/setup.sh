@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian host to build and run smolvm: installs what the
-# build needs, builds bin/smolvm and bin/smolvm-agent, then runs
+# build needs, builds bin/smolvm, bin/smolvm-agent and bin/smolvm-net, then runs
 # `bin/smolvm setup`, which installs QEMU and the filesystem tools, imports the
 # guest kernel and builds the default image. Safe to run again; a second run
 # only rebuilds the binaries.
@@ -55,7 +55,7 @@ if ! git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
 fi
 
 mkdir -p bin
-echo "building bin/smolvm and bin/smolvm-agent"
+echo "building bin/smolvm, bin/smolvm-agent and bin/smolvm-net"
 CGO_ENABLED=0 go build "${buildflags[@]}" -o bin/ ./cmd/...
 
 if [ "$(id -u)" -eq 0 ]; then
