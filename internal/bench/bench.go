@@ -187,13 +187,6 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		r.List.Samples = append(r.List.Samples, time.Since(start))
 	}
 
-	fmt.Fprintf(log, "transfers: %d fetches of %d MiB through an exposed port...\n", o.Transfers, r.TransferMiB)
-	if o.Transfers > 0 {
-		if err := Transfer(ctx, m, keep, r.TransferMiB, o.Transfers, &r.Transfer, &r.TransferBase); err != nil {
-			return nil, err
-		}
-	}
-
 	base, stop, err := serve(m)
 	if err != nil {
 		return nil, err
@@ -231,6 +224,13 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		return nil, err
 	}
 	r.IdleRSS = rss(info.PID)
+	// After the RSS figure: the file served sits in the guest's memory.
+	if o.Transfers > 0 {
+		fmt.Fprintf(log, "transfers: %d fetches of %d MiB through an exposed port...\n", o.Transfers, r.TransferMiB)
+		if err := Transfer(ctx, m, keep, r.TransferMiB, o.Transfers, &r.Transfer, &r.TransferBase); err != nil {
+			return nil, err
+		}
+	}
 	if err := poolCreates(ctx, o, r, log); err != nil {
 		return nil, err
 	}

@@ -378,3 +378,50 @@ func TestNetworkClonesRestartAndStopStart(t *testing.T) {
 		t.Fatalf("the network process (pid %d) outlived its deleted sandbox", pid)
 	}
 }
+
+// A pooled sandbox waits with the default network and is given the
+// request's policy and ports when it is handed out; mode off (no NIC)
+// never comes from the pool.
+func TestNetworkPool(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t), Pool: 1, PoolCleanup: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	port := hostServer(t, "pool ok\n")
+
+	waitPool(t, m, 1)
+	info := create(t, m, sandbox.CreateRequest{Network: network.Policy{AllowHostLoopback: true}, Ports: []network.Forward{{Guest: 8080}}})
+	defer m.Delete(ctx, info.ID)
+	if info.Boot != sandbox.BootPool || !info.Network.AllowHostLoopback || len(info.Ports) != 1 || info.Ports[0].Host == 0 {
+		t.Fatalf("claimed: boot %s network %+v ports %+v", info.Boot, info.Network, info.Ports)
+	}
+	if res := run(t, m, info.ID, fetchCmd(network.HostName, port)); !bytes.HasSuffix(res.Stdout, []byte("pool ok\n")) {
+		t.Fatalf("the claimed sandbox did not get its policy: exit %d %q %q", res.ExitCode, res.Stdout, res.Stderr)
+	}
+	c, err := net.DialTimeout("tcp", info.Ports[0].Listen(), 5*time.Second)
+	if err != nil {
+		t.Fatalf("the claimed sandbox's port does not listen: %v", err)
+	}
+	c.Close()
+
+	waitPool(t, m, 1)
+	def := create(t, m, sandbox.CreateRequest{})
+	defer m.Delete(ctx, def.ID)
+	if def.Boot != sandbox.BootPool {
+		t.Fatalf("default create booted %s", def.Boot)
+	}
+	if res := run(t, m, def.ID, fetchCmd(network.HostName, port)); res.ExitCode == 0 {
+		t.Fatalf("a default pooled sandbox reached the host: %q", res.Stdout)
+	}
+
+	waitPool(t, m, 1)
+	off := create(t, m, sandbox.CreateRequest{Network: network.Policy{Mode: network.ModeOff}})
+	defer m.Delete(ctx, off.ID)
+	if off.Boot == sandbox.BootPool {
+		t.Fatal("a sandbox without network came from the pool, whose members have a NIC")
+	}
+}
