@@ -20,6 +20,8 @@ import (
 	"github.com/containers/gvisor-tap-vsock/pkg/types"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -86,7 +88,7 @@ func New(policy Policy, logger *log.Logger) (*Network, error) {
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4},
 	})
-	if terr := s.CreateNIC(nicID, ep); terr != nil {
+	if terr := s.CreateNIC(nicID, newEchoFilter(ep)); terr != nil {
 		return nil, fmt.Errorf("network NIC: %s", terr)
 	}
 	if terr := s.AddProtocolAddress(nicID, tcpip.ProtocolAddress{
@@ -111,6 +113,33 @@ func New(policy Policy, logger *log.Logger) (*Network, error) {
 		return nil, err
 	}
 	return n, nil
+}
+
+// echoFilter drops ICMP from the guest unless it is for the gateway. In
+// promiscuous mode gVisor takes every destination as its own and answers
+// pings for all of them, so `ping` would report any address, the metadata
+// one included, as reachable although nothing leaves the host. ICMP is not
+// forwarded; the gateway still answers.
+type echoFilter struct{ nested.Endpoint }
+
+func newEchoFilter(child stack.LinkEndpoint) *echoFilter {
+	f := &echoFilter{}
+	f.Endpoint.Init(child, f)
+	return f
+}
+
+var gatewayAddr = tcpip.AddrFrom4(GatewayIP.As4())
+
+func (f *echoFilter) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if proto == header.IPv4ProtocolNumber {
+		if b, ok := pkt.Data().PullUp(header.IPv4MinimumSize); ok {
+			ip := header.IPv4(b)
+			if ip.Protocol() == uint8(header.ICMPv4ProtocolNumber) && ip.DestinationAddress() != gatewayAddr {
+				return
+			}
+		}
+	}
+	f.Endpoint.DeliverNetworkPacket(proto, pkt)
 }
 
 // ServeQEMU carries the guest's frames over conn, in QEMU's stream netdev

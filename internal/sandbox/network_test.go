@@ -185,7 +185,7 @@ func webRoot(t *testing.T) string {
 		add(&tar.Header{Name: d, Mode: 0o755, Typeflag: tar.TypeDir}, "")
 	}
 	add(&tar.Header{Name: "bin/busybox", Mode: 0o755, Typeflag: tar.TypeReg}, string(bb))
-	for _, applet := range []string{"sh", "cat", "echo", "head", "httpd", "wget", "nc", "ls", "true", "hostname"} {
+	for _, applet := range []string{"sh", "cat", "echo", "head", "httpd", "wget", "nc", "ls", "true", "hostname", "ping"} {
 		add(&tar.Header{Name: "bin/" + applet, Mode: 0o777, Typeflag: tar.TypeSymlink, Linkname: "busybox"}, "")
 	}
 	add(&tar.Header{Name: "etc/passwd", Mode: 0o644, Typeflag: tar.TypeReg}, "root:x:0:0:root:/root:/bin/sh\n")
@@ -220,6 +220,16 @@ func TestNetworkExposePort(t *testing.T) {
 	info := create(t, m, sandbox.CreateRequest{Image: img, Ports: []network.Forward{{Guest: 8080}}})
 	if len(info.Ports) != 1 || info.Ports[0].Guest != 8080 || info.Ports[0].Host == 0 || info.Ports[0].HostAddress != "127.0.0.1" {
 		t.Fatalf("ports on create = %+v, want guest 8080 on 127.0.0.1 with a host port picked", info.Ports)
+	}
+	// Only the gateway answers pings: the stack would answer for every
+	// address if let, and ping must not report as reachable what is not.
+	if res := run(t, m, info.ID, "ping -c1 -W5 "+network.GatewayIP.String()); res.ExitCode != 0 {
+		t.Errorf("ping the gateway: exit %d %s%s", res.ExitCode, res.Stdout, res.Stderr)
+	}
+	for _, addr := range []string{"169.254.169.254", "203.0.113.1"} {
+		if res := run(t, m, info.ID, "ping -c1 -W2 "+addr); res.ExitCode == 0 {
+			t.Errorf("ping %s answered: %s", addr, res.Stdout)
+		}
 	}
 	if res := run(t, m, info.ID, "busybox httpd -p 8080 -h /www && busybox httpd -p 9090 -h /www"); res.ExitCode != 0 {
 		t.Fatalf("start httpd: %d %s", res.ExitCode, res.Stderr)
