@@ -76,7 +76,17 @@ func TestNetworkHostLoopback(t *testing.T) {
 		t.Fatalf("fetch with allow_host_loopback: exit %d, stdout %q, stderr %q", res.ExitCode, res.Stdout, res.Stderr)
 	}
 
+	// UDP goes out as well: an echo server on the host's loopback answers.
+	udpPort := udpEcho(t)
+	udp := fmt.Sprintf(`timeout 5 bash -c 'exec 3<>/dev/udp/%s/%d && echo ping >&3 && head -c 5 <&3'`, network.HostName, udpPort)
+	if res := run(t, m, allowed.ID, udp); res.ExitCode != 0 || string(res.Stdout) != "ping\n" {
+		t.Fatalf("UDP to the host: exit %d, %q, %q", res.ExitCode, res.Stdout, res.Stderr)
+	}
+
 	def := create(t, m, sandbox.CreateRequest{})
+	if res := run(t, m, def.ID, udp); res.ExitCode == 0 {
+		t.Errorf("UDP from the default network reached the host: %q", res.Stdout)
+	}
 	if def.Network.Mode != network.ModeOpen || def.Network.AllowHostLoopback {
 		t.Fatalf("default network = %+v, want mode open without host loopback", def.Network)
 	}
@@ -93,6 +103,27 @@ func TestNetworkHostLoopback(t *testing.T) {
 			t.Errorf("connecting to %s: stderr %q, want a prompt refusal", target, res.Stderr)
 		}
 	}
+}
+
+// udpEcho answers each datagram on the host's loopback with itself.
+func udpEcho(t *testing.T) int {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			c.WriteTo(buf[:n], from)
+		}
+	}()
+	return c.LocalAddr().(*net.UDPAddr).Port
 }
 
 // hostAddrs are this machine's own IPv4 addresses but loopback: a guest
