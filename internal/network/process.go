@@ -52,6 +52,10 @@ const startTimeout = 15 * time.Second
 // attachTimeout if none ever connects.
 func Start(ctx context.Context, bin, dir string, p Policy) (int, error) {
 	f := Files{Dir: dir}
+	// sun_path holds 107 bytes and a NUL.
+	if len(f.Link()) > 107 || len(f.Control()) > 107 {
+		return 0, fmt.Errorf("socket path %s is longer than 107 bytes: use a shorter data directory (SMOLVM_DATA_DIR)", f.Link())
+	}
 	Stop(ctx, dir)
 	for _, s := range []string{f.Link(), f.Control(), f.pidFile()} {
 		os.Remove(s)
