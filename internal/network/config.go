@@ -129,6 +129,10 @@ var refused = []netip.Prefix{
 	netip.MustParsePrefix("224.0.0.0/4"),
 	netip.MustParsePrefix("240.0.0.0/4"), // reserved, and 255.255.255.255
 	Subnet,
+	// Metadata services that are not link-local: Azure's WireServer and
+	// Alibaba Cloud's metadata address.
+	netip.MustParsePrefix("168.63.129.16/32"),
+	netip.MustParsePrefix("100.100.100.200/32"),
 }
 
 // Verdict is what the policy says about one destination.
@@ -158,7 +162,7 @@ func (p Policy) Decide(dst netip.Addr, hostAddrs []netip.Addr) Verdict {
 	}
 	for _, r := range refused {
 		if r.Contains(dst) {
-			return Verdict{Reason: "a loopback, link-local, multicast or reserved address"}
+			return Verdict{Reason: "a loopback, link-local, metadata, multicast or reserved address"}
 		}
 	}
 	if slices.Contains(hostAddrs, dst) {

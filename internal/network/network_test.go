@@ -35,6 +35,8 @@ func TestDecide(t *testing.T) {
 		{open, "0.0.0.0", false, ""}, // reaches the host's loopback on Linux
 		{open, "169.254.169.254", false, ""},
 		{open, "169.254.1.1", false, ""},
+		{open, "168.63.129.16", false, ""},
+		{open, "100.100.100.200", false, ""},
 		{open, "224.0.0.251", false, ""},
 		{open, "255.255.255.255", false, ""},
 		{open, "192.168.127.254", false, ""},

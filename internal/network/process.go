@@ -39,6 +39,9 @@ func (f Files) logFile() string { return filepath.Join(f.Dir, "net.log") }
 // marker identifies the process on its command line, beside its pid.
 func (f Files) marker() string { return "--dir=" + f.Dir }
 
+// ErrPathTooLong means the sandbox directory is too deep for its sockets.
+var ErrPathTooLong = errors.New("socket path too long")
+
 // attachTimeout is how long a network process waits for its VM to connect
 // before giving up; a VM that never starts must not leave it behind.
 const attachTimeout = 3 * time.Minute
@@ -54,7 +57,7 @@ func Start(ctx context.Context, bin, dir string, p Policy) (int, error) {
 	f := Files{Dir: dir}
 	// sun_path holds 107 bytes and a NUL.
 	if len(f.Link()) > 107 || len(f.Control()) > 107 {
-		return 0, fmt.Errorf("socket path %s is longer than 107 bytes: use a shorter data directory (SMOLVM_DATA_DIR)", f.Link())
+		return 0, fmt.Errorf("socket path %s is longer than 107 bytes: use a shorter data directory (SMOLVM_DATA_DIR): %w", f.Link(), ErrPathTooLong)
 	}
 	Stop(ctx, dir)
 	for _, s := range []string{f.Link(), f.Control(), f.pidFile()} {
@@ -257,6 +260,12 @@ func listenUnix(path string) (*net.UnixListener, error) {
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	// Whoever can connect can change the policy or expose ports: the
+	// owner only, whatever the umask.
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, err
 	}
 	return ln, nil
 }

@@ -54,7 +54,13 @@ type Network struct {
 
 	// refused counts flows the policy turned away; per-flow log lines
 	// would let the guest fill the log.
-	refused atomic.Int64
+	refused  atomic.Int64
+	tcpConns atomic.Int64
+	udpFlows atomic.Int64
+
+	addrsMu sync.Mutex
+	addrs   []netip.Addr
+	addrsAt time.Time
 
 	mu       sync.Mutex
 	policy   Policy
@@ -187,33 +193,59 @@ func (n *Network) decide(dst tcpip.Address) Verdict {
 	if !ok {
 		return Verdict{Reason: "not an IP address"}
 	}
-	return n.Policy().Decide(a, hostAddrs())
+	host, ok := n.hostAddrs()
+	if !ok {
+		return Verdict{Reason: "the host's addresses cannot be read"}
+	}
+	return n.Policy().Decide(a, host)
 }
 
-// hostAddrs are the host's own addresses, read afresh for every decision
-// so an interface that comes up later is covered too.
-func hostAddrs() []netip.Addr {
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return nil
+// hostAddrs are the host's own addresses, read again at most every
+// hostAddrsTTL so an interface that comes up later is covered too. When
+// they cannot be read, and none were read before, ok is false and every
+// connection is refused: failing open would let the guest reach the host.
+func (n *Network) hostAddrs() (addrs []netip.Addr, ok bool) {
+	n.addrsMu.Lock()
+	defer n.addrsMu.Unlock()
+	if time.Since(n.addrsAt) < hostAddrsTTL && n.addrs != nil {
+		return n.addrs, true
 	}
-	out := make([]netip.Addr, 0, len(addrs))
-	for _, a := range addrs {
+	ifaddrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return n.addrs, n.addrs != nil
+	}
+	out := make([]netip.Addr, 0, len(ifaddrs))
+	for _, a := range ifaddrs {
 		if p, err := netip.ParsePrefix(a.String()); err == nil {
 			out = append(out, p.Addr().Unmap())
 		}
 	}
-	return out
+	n.addrs, n.addrsAt = out, time.Now()
+	return out, true
 }
+
+const hostAddrsTTL = time.Second
+
+// Limits on what one guest can make the host hold for it: each TCP
+// connection is a host socket and two copy buffers, each UDP flow a host
+// socket and two 64 KiB buffers for up to udpIdle.
+const (
+	maxTCPConns = 1024
+	maxUDPFlows = 256
+)
 
 func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	v := n.decide(id.LocalAddress)
-	if !v.Allowed {
+	if !v.Allowed || n.tcpConns.Add(1) > maxTCPConns {
+		if v.Allowed {
+			n.tcpConns.Add(-1)
+		}
 		n.refused.Add(1)
 		r.Complete(true) // a reset: the guest sees "connection refused" at once
 		return
 	}
+	defer n.tcpConns.Add(-1)
 	d := net.Dialer{Timeout: dialTimeout}
 	out, err := d.Dial("tcp", netip.AddrPortFrom(v.Dial, id.LocalPort).String())
 	if err != nil {
@@ -233,13 +265,17 @@ func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 func (n *Network) forwardUDP(r *udp.ForwarderRequest) {
 	id := r.ID()
 	v := n.decide(id.LocalAddress)
-	if !v.Allowed {
+	if !v.Allowed || n.udpFlows.Add(1) > maxUDPFlows {
+		if v.Allowed {
+			n.udpFlows.Add(-1)
+		}
 		n.refused.Add(1)
 		return
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
+		n.udpFlows.Add(-1)
 		return
 	}
 	target := netip.AddrPortFrom(v.Dial, id.LocalPort).String()
@@ -247,6 +283,7 @@ func (n *Network) forwardUDP(r *udp.ForwarderRequest) {
 		return net.Dial("udp", target)
 	})
 	go func() {
+		defer n.udpFlows.Add(-1)
 		p.Run()
 		p.Close()
 	}()
@@ -258,6 +295,12 @@ type idleUDP struct{ *gonet.UDPConn }
 func (c *idleUDP) ReadFrom(b []byte) (int, net.Addr, error) {
 	c.SetReadDeadline(time.Now().Add(udpIdle))
 	return c.UDPConn.ReadFrom(b)
+}
+
+// WriteTo counts replies as use too, so a flow that only receives lives.
+func (c *idleUDP) WriteTo(b []byte, addr net.Addr) (int, error) {
+	c.SetReadDeadline(time.Now().Add(udpIdle))
+	return c.UDPConn.WriteTo(b, addr)
 }
 
 // serveDNS answers the guest's lookups on the gateway: names under
@@ -354,7 +397,9 @@ func listenError(f Forward, err error) error {
 	case errors.Is(err, syscall.EACCES):
 		return &PortError{ErrPortNeedsRights, fmt.Sprintf("host port %d needs privileges smolvm does not have: use a port above 1023", f.Host)}
 	}
-	return fmt.Errorf("listen on %s: %w", f.Listen(), err)
+	// Whatever else the kernel refuses to bind (an IPv6 address on a host
+	// without IPv6, a link-local one without a zone) is the address's fault.
+	return &PortError{ErrBadHostAddress, fmt.Sprintf("cannot listen on %s: %v", f.Listen(), err)}
 }
 
 // Unexpose stops forwarding the guest's port; connections already made
@@ -375,8 +420,13 @@ func (n *Network) acceptLoop(fw *forward) {
 	target := tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFrom4(GuestIP.As4()), Port: uint16(fw.Guest)}
 	for {
 		c, err := fw.ln.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return // by Unexpose or Close
+		}
 		if err != nil {
-			return // closed by Unexpose or Close
+			// Out of descriptors, say: the forward must outlive it.
+			time.Sleep(50 * time.Millisecond)
+			continue
 		}
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
@@ -400,7 +450,13 @@ func pipe(a, b net.Conn) {
 	var wg sync.WaitGroup
 	cp := func(dst, src net.Conn) {
 		defer wg.Done()
-		io.Copy(dst, src)
+		_, err := io.Copy(dst, src)
+		if err != nil {
+			// A reset or a failed write: nothing more will pass either way.
+			dst.Close()
+			src.Close()
+			return
+		}
 		if cw, ok := dst.(closeWriter); ok {
 			cw.CloseWrite()
 		} else {

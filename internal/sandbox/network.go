@@ -123,6 +123,9 @@ func (m *Manager) startNetwork(ctx context.Context, dir string, p network.Policy
 		return err
 	}
 	if _, err := network.Start(ctx, bin, dir, p); err != nil {
+		if errors.Is(err, network.ErrPathTooLong) {
+			return &Error{Kind: KindUnavailable, Code: "data_dir_too_long", Message: err.Error()}
+		}
 		return fmt.Errorf("start the sandbox network: %w", err)
 	}
 	spec.NetSocket = network.Files{Dir: dir}.Link()
@@ -229,6 +232,13 @@ func (m *Manager) ExposePort(ctx context.Context, id string, f network.Forward) 
 	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
 	got, err := c.Expose(ctx, f)
 	if err != nil {
+		var pe *network.PortError
+		var fe *network.FieldError
+		if !errors.As(err, &pe) && !errors.As(err, &fe) {
+			// The process may have opened it before the answer was lost:
+			// an unrecorded forward could never be closed.
+			c.Unexpose(context.WithoutCancel(ctx), f.Guest)
+		}
 		return f, portError(err)
 	}
 	s.Ports = append(s.Ports, port{Forward: got, Requested: f.Host})
@@ -241,17 +251,22 @@ func (m *Manager) ExposePort(ctx context.Context, id string, f network.Forward) 
 }
 
 // ClosePort removes the forward of the guest's port; connections already
-// made through it are left to finish.
+// made through it are left to finish. On a sandbox that is not running it
+// only removes the port from the record, so a port that keeps a stopped
+// sandbox from starting (its host port taken) can be dropped.
 func (m *Manager) ClosePort(ctx context.Context, id string, guest int) (network.Forward, error) {
-	if _, _, err := m.runningNet(ctx, id); err != nil {
+	if _, err := m.get(ctx, id); err != nil {
 		return network.Forward{}, err
 	}
 	unlock := m.lock(id)
 	defer unlock()
-	rec, s, err := m.runningNet(ctx, id)
+	rec, err := m.get(ctx, id)
 	if err != nil {
 		return network.Forward{}, err
 	}
+	s := readNet(rec)
+	running := rec.Status == string(StatusRunning) && s.Policy.Enabled()
+	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
 	i := -1
 	for j, p := range s.Ports {
 		if p.Guest == guest {
@@ -259,13 +274,17 @@ func (m *Manager) ClosePort(ctx context.Context, id string, guest int) (network.
 		}
 	}
 	if i < 0 {
+		if running {
+			c.Unexpose(ctx, guest) // one a lost answer left unrecorded
+		}
 		return network.Forward{}, &Error{Kind: KindNotFound, Code: "port_not_exposed", Field: "guest",
 			Message: fmt.Sprintf("guest port %d of sandbox %s is not exposed", guest, id)}
 	}
 	closed := s.Ports[i].Forward
-	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
-	if _, err := c.Unexpose(ctx, guest); err != nil && !errors.Is(err, network.ErrNotExposed) {
-		return network.Forward{}, portError(err)
+	if running {
+		if _, err := c.Unexpose(ctx, guest); err != nil && !errors.Is(err, network.ErrNotExposed) {
+			return network.Forward{}, portError(err)
+		}
 	}
 	s.Ports = append(s.Ports[:i], s.Ports[i+1:]...)
 	writeNet(&rec, s)

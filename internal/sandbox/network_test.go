@@ -406,6 +406,34 @@ func TestNetworkClonesRestartAndStopStart(t *testing.T) {
 	}
 	check(s, s.Ports[0].Host)
 
+	// A port smolvm picked moves to another when its host port was taken
+	// while the sandbox was stopped; a stopped sandbox's port can be closed.
+	s1 := sbs[1]
+	if err := m2.Stop(ctx, s1.ID); err != nil {
+		t.Fatal(err)
+	}
+	hold, err := net.Listen("tcp", s1.Ports[0].Listen())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Close()
+	moved, err := m2.Start(ctx, s1.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(moved.Ports) != 1 || moved.Ports[0].Host == s1.Ports[0].Host || moved.Ports[0].Host == 0 {
+		t.Fatalf("ports after a start with the old host port taken: %+v (was %+v)", moved.Ports, s1.Ports)
+	}
+	if err := m2.Stop(ctx, s1.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m2.ClosePort(ctx, s1.ID, 8080); err != nil {
+		t.Fatalf("close a stopped sandbox's port: %v", err)
+	}
+	if got, _ := m2.Get(ctx, s1.ID); len(got.Ports) != 0 {
+		t.Fatalf("ports after close = %+v", got.Ports)
+	}
+
 	// Delete leaves no network process behind.
 	b, err := os.ReadFile(filepath.Join(d.Sandbox(s.ID), "net.pid"))
 	if err != nil {

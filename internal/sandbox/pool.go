@@ -47,7 +47,9 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 		return Info{}, false, nil
 	}
 	for _, r := range recs {
-		if r.Status != statusPooled || !readNet(r).Policy.Enabled() {
+		// Its network process must be there too: a member whose network
+		// died would be handed out without one.
+		if r.Status != statusPooled || !readNet(r).Policy.Enabled() || !network.Running(r.Dir) {
 			continue
 		}
 		// Only one that answers: a pooled VM may have died unseen, or be
