@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -408,11 +409,42 @@ func TestRestart(t *testing.T) {
 		t.Fatalf("exec before restart: %d %s", r.Status, r.Body)
 	}
 
+	// A forward to a server in the guest, which must outlive the server
+	// process: the network is a process of its own, like the VM.
+	r0 := do(t, http.MethodPost, first+"/sandboxes/"+sb.ID+"/ports", `{"guest":8000}`, nil)
+	var fwd Port
+	if r0.Status != http.StatusOK || json.Unmarshal(r0.Body, &fwd) != nil {
+		t.Fatalf("expose before restart: %d %s", r0.Status, r0.Body)
+	}
+	serve := `{"command":"setsid -f python3 -c 'import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((\"0.0.0.0\",8000))\ns.listen()\nwhile True:\n c,_=s.accept(); c.recv(1024); c.sendall(b\"HTTP/1.0 200 OK\\r\\n\\r\\nguest\\n\"); c.close()' </dev/null >/dev/null 2>&1"}`
+	if res, r := execHTTP(t, first, sb.ID, serve); r.Status != http.StatusOK || res.ExitCode != 0 {
+		t.Fatalf("start the guest server: %d %s", r.Status, r.Body)
+	}
+
 	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	child.Wait()
 	killed = true
+
+	url := fmt.Sprintf("http://127.0.0.1:%d/", fwd.Host)
+	var body string
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		resp, err := http.Get(url)
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			body = string(b)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the forward did not survive the server: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // the guest server may still be starting
+	}
+	if body != "guest\n" {
+		t.Fatalf("GET %s after the server was killed = %q", url, body)
+	}
 
 	m = testenv.ManagerAt(t, d)
 	second := testServer(t, m, Options{}).URL
@@ -422,8 +454,8 @@ func TestRestart(t *testing.T) {
 	if r.Status != http.StatusOK || json.Unmarshal(r.Body, &list) != nil || len(list.Sandboxes) != 1 {
 		t.Fatalf("list after restart: %d %s", r.Status, r.Body)
 	}
-	if got := list.Sandboxes[0]; got.ID != sb.ID || got.Status != "running" {
-		t.Fatalf("after restart: %+v", got)
+	if got := list.Sandboxes[0]; got.ID != sb.ID || got.Status != "running" || len(got.Ports) != 1 || got.Ports[0] != fwd {
+		t.Fatalf("after restart: %+v, want it running with port %+v", got, fwd)
 	}
 	res, r := execHTTP(t, second, sb.ID, `{"command":"cat /tmp/mark"}`)
 	if r.Status != http.StatusOK || res.Stdout != "before\n" {
