@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"regexp"
@@ -366,16 +367,15 @@ func TestManagerRefusals(t *testing.T) {
 // TestRestart kills a real server process with SIGKILL and serves the same
 // data directory again: the sandbox is still listed, runs commands and can
 // be deleted.
-func TestRestart(t *testing.T) {
-	d := testenv.DataDir(t)
-	agent := testenv.AgentPath(t)
-
+// startChild runs a real server process on d and returns it and its URL.
+func startChild(t *testing.T, d datadir.Dir) (*exec.Cmd, string) {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	child := exec.Command(exe, "-test.run=^$")
-	child.Env = append(os.Environ(), childServerEnv+"="+d.Path(), "SMOLVM_AGENT="+agent, "SMOLVM_NET="+testenv.NetPath(t))
+	child.Env = append(append(os.Environ(), testenv.Env(t)...), childServerEnv+"="+d.Path())
 	child.Stderr = os.Stderr
 	stdout, err := child.StdoutPipe()
 	if err != nil {
@@ -384,13 +384,21 @@ func TestRestart(t *testing.T) {
 	if err := child.Start(); err != nil {
 		t.Fatal(err)
 	}
-	killed := false
+	t.Cleanup(func() {
+		child.Process.Kill()
+		child.Wait()
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("child server did not start: %v", err)
+	}
+	return child, "http://" + strings.TrimSpace(strings.TrimPrefix(line, "ADDR "))
+}
+
+func TestRestart(t *testing.T) {
+	d := testenv.DataDir(t)
 	var m *sandbox.Manager
 	t.Cleanup(func() {
-		if !killed {
-			child.Process.Kill()
-			child.Wait()
-		}
 		if m == nil {
 			// The test stopped before its second Manager (which deletes
 			// what is left) existed: VMs outlive their server, so remove
@@ -398,11 +406,7 @@ func TestRestart(t *testing.T) {
 			testenv.ManagerAt(t, d)
 		}
 	})
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("child server did not start: %v", err)
-	}
-	first := "http://" + strings.TrimSpace(strings.TrimPrefix(line, "ADDR "))
+	child, first := startChild(t, d)
 
 	sb := createSandbox(t, first, false)
 	if res, r := execHTTP(t, first, sb.ID, `{"command":"echo before > /tmp/mark; cat /tmp/mark"}`); r.Status != http.StatusOK || res.Stdout != "before\n" {
@@ -425,7 +429,6 @@ func TestRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	child.Wait()
-	killed = true
 
 	url := fmt.Sprintf("http://127.0.0.1:%d/", fwd.Host)
 	var body string
@@ -466,5 +469,50 @@ func TestRestart(t *testing.T) {
 	}
 	if r := do(t, http.MethodGet, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNotFound {
 		t.Fatalf("get after delete: %d %s", r.Status, r.Body)
+	}
+}
+
+// A sandbox whose creating process is killed does not stay "creating"
+// forever: the next process sees the creation was abandoned, reports it
+// as an error with the reason, and Delete removes it.
+func TestInterruptedCreate(t *testing.T) {
+	// A registry that never answers keeps the create in its pull.
+	stall := make(chan struct{})
+	reg := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-stall:
+		case <-r.Context().Done():
+		}
+	}))
+	defer reg.Close()
+	defer close(stall)
+	d := testenv.DataDir(t)
+	child, base := startChild(t, d)
+	image := strings.TrimPrefix(reg.URL, "http://") + "/stalled/image:1"
+	r := do(t, http.MethodPost, base+"/sandboxes", fmt.Sprintf(`{"image":%q}`, image), map[string]string{"Prefer": "respond-async"})
+	var sb Sandbox
+	if r.Status != http.StatusAccepted || json.Unmarshal(r.Body, &sb) != nil || sb.Status != "creating" {
+		t.Fatalf("async create: %d %s", r.Status, r.Body)
+	}
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	child.Wait()
+
+	m := testenv.ManagerAt(t, d)
+	second := testServer(t, m, Options{}).URL
+	r = do(t, http.MethodGet, second+"/sandboxes/"+sb.ID, nil, nil)
+	var got Sandbox
+	if r.Status != http.StatusOK || json.Unmarshal(r.Body, &got) != nil {
+		t.Fatalf("get after the creator died: %d %s", r.Status, r.Body)
+	}
+	if got.Status != "error" || !strings.Contains(got.Error, "interrupted") {
+		t.Fatalf("after the creator died: status %q error %q, want error: interrupted", got.Status, got.Error)
+	}
+	if r := do(t, http.MethodDelete, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusOK {
+		t.Fatalf("delete: %d %s", r.Status, r.Body)
+	}
+	if _, err := os.Stat(d.Sandbox(sb.ID)); !os.IsNotExist(err) {
+		t.Fatalf("the sandbox's directory is still there: %v", err)
 	}
 }

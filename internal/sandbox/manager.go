@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/doctor"
@@ -139,6 +141,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		st.Close()
 		return nil, err
 	}
+	m.sweepBuilds(ctx)
 	if opts.Pool > 0 {
 		pctx, cancel := context.WithCancel(context.Background())
 		m.stopPool = cancel
@@ -336,10 +339,11 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status string) 
 			return info, err
 		}
 	}
-	rec, err := m.insert(ctx, req, drv, status)
+	rec, release, err := m.insert(ctx, req, drv, status)
 	if err != nil {
 		return Info{}, err
 	}
+	defer release()
 	return m.build(ctx, drv, req, &rec, status, false)
 }
 
@@ -366,7 +370,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 	if closing {
 		return Info{}, &Error{Kind: KindUnavailable, Code: "shutting_down", Message: "smolvm is shutting down; create the sandbox after it restarts"}
 	}
-	rec, err := m.insert(ctx, req, drv, string(StatusRunning))
+	rec, release, err := m.insert(ctx, req, drv, string(StatusRunning))
 	if err != nil {
 		m.async.Done()
 		return Info{}, err
@@ -378,6 +382,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 	m.mu.Unlock()
 	go func(rec store.Record) {
 		defer m.async.Done()
+		defer release()
 		defer func() {
 			m.mu.Lock()
 			delete(m.cancels, rec.ID)
@@ -391,7 +396,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 
 // insert records a new sandbox before any work is done for it, so it can
 // be seen (and its progress read) while its image is prepared.
-func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver, status string) (store.Record, error) {
+func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver, status string) (store.Record, func(), error) {
 	initial := string(StatusCreating)
 	if status != string(StatusRunning) {
 		initial = status // pool members stay hidden from the start
@@ -413,18 +418,74 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 		}
 	}
 	var err error
+	var release func()
 	for range 5 {
 		rec.ID = newID()
 		rec.Dir = m.opts.DataDir.Sandbox(rec.ID)
+		if release, err = holdCreation(rec.Dir); err != nil {
+			if errors.Is(err, os.ErrExist) {
+				continue // another sandbox's directory
+			}
+			return rec, nil, err
+		}
 		err = m.store.Insert(ctx, rec)
+		if err == nil {
+			return rec, release, nil
+		}
+		release()
+		os.RemoveAll(rec.Dir)
 		if !errors.Is(err, store.ErrExists) {
 			break
 		}
 	}
-	if err != nil {
-		return rec, fmt.Errorf("record sandbox: %w", err)
+	return rec, nil, fmt.Errorf("record sandbox: %w", err)
+}
+
+// creationLock is held, as an flock, by the process creating a sandbox
+// until it is done, so that another process can tell a creation under way
+// from one whose process died (the lock is free then).
+const creationLock = "create.lock"
+
+// holdCreation makes a new sandbox's directory and takes its creation
+// lock; it fails with os.ErrExist if the directory is there already.
+func holdCreation(dir string) (func(), error) {
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("create sandbox directory: %w", err)
 	}
-	return rec, nil
+	path := filepath.Join(dir, creationLock)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		os.Remove(dir)
+		return nil, fmt.Errorf("create sandbox directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("lock new sandbox: %w", err)
+	}
+	return func() {
+		os.Remove(path)
+		unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		f.Close()
+	}, nil
+}
+
+// abandonedCreation reports whether the creation of the sandbox in dir
+// was left by a process that exited: its lock is there and nobody holds it.
+func abandonedCreation(dir string) bool {
+	f, err := os.Open(filepath.Join(dir, creationLock))
+	if err != nil {
+		return false // done, or made before creations were locked
+	}
+	defer f.Close()
+	if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
+		return false
+	}
+	unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return true
 }
 
 // build prepares the image and boots rec's VM. On failure nothing of the
@@ -730,8 +791,12 @@ func (m *Manager) get(ctx context.Context, id string) (store.Record, error) {
 	return m.reconcile(ctx, rec), nil
 }
 
-// reconcile marks a running sandbox whose VM process is gone as stopped.
+// reconcile marks a running sandbox whose VM process is gone as stopped,
+// and one whose creating process died as failed (ending what it started).
 func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record {
+	if rec.Status == string(StatusCreating) && abandonedCreation(rec.Dir) {
+		return m.interrupted(ctx, rec)
+	}
 	if rec.Status != string(StatusRunning) {
 		return rec
 	}
@@ -751,6 +816,26 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	}
 	m.dropClient(rec.ID)
 	rec.Status, rec.Error, rec.PID = string(StatusStopped), reason, 0
+	return rec
+}
+
+// interrupted fails a sandbox whose creation was abandoned and stops the
+// VM and network it may have started; Delete then removes it.
+func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Record {
+	const reason = "creation was interrupted: the process creating it exited; delete it and create it again"
+	changed, err := m.store.MarkInterrupted(ctx, rec.ID, reason)
+	if err != nil || !changed {
+		if fresh, gerr := m.store.Get(ctx, rec.ID); gerr == nil {
+			return fresh
+		}
+		return rec
+	}
+	if drv, inst, err := m.driverFor(rec); err == nil {
+		drv.Kill(ctx, inst)
+	}
+	network.Stop(ctx, rec.Dir)
+	os.Remove(filepath.Join(rec.Dir, creationLock))
+	rec.Status, rec.Error, rec.PID = string(StatusError), reason, 0
 	return rec
 }
 

@@ -235,6 +235,13 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 		return err
 	}
 	defer os.RemoveAll(tmp)
+	// Held until the build ends; a build whose process died is swept by
+	// the next Manager (sweepBuilds).
+	lock, err := lockFile(ctx, filepath.Join(tmp, creationLock))
+	if err != nil {
+		return err
+	}
+	defer lock()
 	spec := vmm.Spec{
 		ID: "tpl-" + t.Key[:8], Dir: tmp,
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("template", t.Network),
@@ -256,6 +263,9 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 		return err
 	}
 	defer drv.Kill(context.WithoutCancel(ctx), inst)
+	if b, err := json.Marshal(buildVM{Backend: drv.Name(), Instance: inst}); err == nil {
+		os.WriteFile(filepath.Join(tmp, buildVMFile), b, 0o644)
+	}
 	c, err := dialWhileAlive(ctx, drv, inst, m.opts.BootTimeout)
 	if err != nil {
 		return err
@@ -272,7 +282,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 		return err
 	}
 	network.Stop(ctx, tmp)
-	for _, f := range []string{"agent.sock", "qmp.sock", "qemu.pid", "console.log", "net.sock", "net.ctl", "net.pid", "net.log"} {
+	for _, f := range []string{"agent.sock", "qmp.sock", "qemu.pid", "console.log", "net.sock", "net.ctl", "net.pid", "net.log", buildVMFile, creationLock} {
 		os.Remove(filepath.Join(tmp, f))
 	}
 	if err := os.Chmod(filepath.Join(tmp, "disk.qcow2"), 0o444); err != nil {
@@ -296,6 +306,33 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	}
 	t.Dir = dir
 	return nil
+}
+
+// buildVM is how a template build's VM is found again if its process dies.
+type buildVM struct {
+	Backend  string       `json:"backend"`
+	Instance vmm.Instance `json:"instance"`
+}
+
+const buildVMFile = "vm.json"
+
+// sweepBuilds ends template builds left by processes that died while
+// building: their VM and network process, and their directory.
+func (m *Manager) sweepBuilds(ctx context.Context) {
+	dirs, _ := filepath.Glob(filepath.Join(m.opts.DataDir.Templates(), ".b*"))
+	for _, dir := range dirs {
+		if !abandonedCreation(dir) {
+			continue // being built, or not ours
+		}
+		var vm buildVM
+		if b, err := os.ReadFile(filepath.Join(dir, buildVMFile)); err == nil && json.Unmarshal(b, &vm) == nil {
+			if drv, ok := m.drivers[vm.Backend]; ok {
+				drv.Kill(ctx, vm.Instance)
+			}
+		}
+		network.Stop(ctx, dir)
+		os.RemoveAll(dir)
+	}
 }
 
 // findTemplate points t at the newest usable build of its key.

@@ -2,11 +2,14 @@ package sandbox_test
 
 import (
 	"context"
+	"encoding/json"
 	"os"
+	osexec "os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -179,5 +182,59 @@ func TestTemplateNotReusedAcrossAgents(t *testing.T) {
 		if err := m.RemoveTemplate(ctx, tpl.Key); err == nil {
 			t.Errorf("removed template %s while a sandbox overlays it", tpl.Key)
 		}
+	}
+}
+
+// A template build whose process died leaves a VM, maybe a network process,
+// and a directory; the next Manager ends and removes them, and leaves alone
+// a build that another process is still doing.
+func TestAbandonedTemplateBuildIsSwept(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	root := d.Templates()
+	stale := filepath.Join(root, ".bstale")
+	live := filepath.Join(root, ".blive")
+	for _, dir := range []string{stale, live} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "create.lock"), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The "VM": a process whose command line names the build's agent
+	// socket, as QEMU's does.
+	marker := filepath.Join(stale, "agent.sock")
+	vm := osexec.Command("bash", "-c", "sleep 600; :", marker)
+	if err := vm.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Process.Kill()
+	exited := make(chan struct{})
+	go func() { vm.Wait(); close(exited) }()
+	b, _ := json.Marshal(map[string]any{"backend": "qemu", "instance": map[string]any{"pid": vm.Process.Pid, "agent_socket": marker}})
+	if err := os.WriteFile(filepath.Join(stale, "vm.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(live, "create.lock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+
+	testenv.ManagerAt(t, d)
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the abandoned build's VM was not ended")
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Errorf("the abandoned build's directory is still there: %v", err)
+	}
+	if _, err := os.Stat(live); err != nil {
+		t.Errorf("a build in progress was swept: %v", err)
 	}
 }

@@ -233,6 +233,22 @@ func (s *Store) MarkExited(ctx context.Context, id string, pid int, status, reas
 	return n == 1, nil
 }
 
+// MarkInterrupted records that the creation of sandbox id stopped with the
+// process doing it, only if the record still says it is being created.
+func (s *Store) MarkInterrupted(ctx context.Context, id, reason string) (bool, error) {
+	res, err := s.db.ExecContext(ctx,
+		`UPDATE sandboxes SET status = 'error', pid = 0, error = ?, updated_at = ? WHERE id = ? AND status = 'creating'`,
+		reason, time.Now().UnixNano(), id)
+	if err != nil {
+		return false, fmt.Errorf("update sandbox %s: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("update sandbox %s: %w", id, err)
+	}
+	return n == 1, nil
+}
+
 // Claim moves the sandbox id from status from to status to, and sets its
 // creation time, only if it still has status from. It reports whether it
 // did: of several processes claiming one record, exactly one wins.
