@@ -80,6 +80,9 @@ func Run(ctx context.Context, d datadir.Dir) []Check {
 	for _, t := range Tools() {
 		checks = append(checks, checkTool(ctx, t, imageBuilt))
 	}
+	for _, h := range Helpers {
+		checks = append(checks, checkHelper(h))
+	}
 	checks = append(checks, checkQboot(qbootPath))
 	checks = append(checks, checkAccelerator())
 	checks = append(checks, checkKernel(d))

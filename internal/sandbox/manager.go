@@ -286,17 +286,8 @@ func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int, pro
 }
 
 func (m *Manager) agentPath() (string, error) {
-	candidates := []string{m.opts.AgentPath, os.Getenv("SMOLVM_AGENT")}
-	if exe, err := os.Executable(); err == nil {
-		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "smolvm-agent"))
-	}
-	for _, p := range candidates {
-		if p == "" {
-			continue
-		}
-		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
-			return p, checkStatic(p)
-		}
+	if p := doctor.Agent.Locate(m.opts.AgentPath); p != "" {
+		return p, checkStatic(p)
 	}
 	return "", &Error{Kind: KindUnavailable, Code: "agent_missing",
 		Message: "guest agent binary smolvm-agent not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_AGENT)"}

@@ -5,12 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 
+	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
@@ -93,20 +91,8 @@ func networkInvalid(err error) error {
 // netPath locates cmd/smolvm-net like the agent: the option, then
 // $SMOLVM_NET, then next to the running executable, then $PATH.
 func (m *Manager) netPath() (string, error) {
-	candidates := []string{m.opts.NetPath, os.Getenv("SMOLVM_NET")}
-	if exe, err := os.Executable(); err == nil {
-		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "smolvm-net"))
-	}
-	if p, err := exec.LookPath("smolvm-net"); err == nil {
-		candidates = append(candidates, p)
-	}
-	for _, p := range candidates {
-		if p == "" {
-			continue
-		}
-		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
-			return p, nil
-		}
+	if p := doctor.Net.Locate(m.opts.NetPath); p != "" {
+		return p, nil
 	}
 	return "", &Error{Kind: KindUnavailable, Code: "network_unavailable", Field: "network",
 		Message: "the sandbox network helper smolvm-net was not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_NET), or create the sandbox with network mode \"off\""}

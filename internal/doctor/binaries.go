@@ -1,0 +1,59 @@
+package doctor
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+)
+
+// Helper is one of the binaries smolvm runs besides itself.
+type Helper struct {
+	Name string // file name, e.g. "smolvm-agent"
+	Env  string // variable that names it, e.g. "SMOLVM_AGENT"
+	// InPath allows finding it in $PATH too; the agent is not looked up
+	// there, as a stray copy would be copied into every guest.
+	InPath  bool
+	Purpose string
+}
+
+// The binaries scripts/setup.sh builds beside smolvm.
+var (
+	Agent   = Helper{Name: "smolvm-agent", Env: "SMOLVM_AGENT", Purpose: "runs as PID 1 in every guest"}
+	Net     = Helper{Name: "smolvm-net", Env: "SMOLVM_NET", InPath: true, Purpose: "the network of every sandbox that has one"}
+	Helpers = []Helper{Agent, Net}
+)
+
+// Locate finds h: override if set, then $Env, then next to the running
+// executable, then (if h.InPath) $PATH. It returns "" when none is a file.
+func (h Helper) Locate(override string) string {
+	candidates := []string{override, os.Getenv(h.Env)}
+	if exe, err := os.Executable(); err == nil {
+		candidates = append(candidates, filepath.Join(filepath.Dir(exe), h.Name))
+	}
+	if h.InPath {
+		if p, err := exec.LookPath(h.Name); err == nil {
+			candidates = append(candidates, p)
+		}
+	}
+	for _, p := range candidates {
+		if p == "" {
+			continue
+		}
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p
+		}
+	}
+	return ""
+}
+
+func checkHelper(h Helper) Check {
+	c := Check{Name: h.Name}
+	if p := h.Locate(""); p != "" {
+		c.Status, c.Detail = StatusOK, p
+		return c
+	}
+	c.Status = StatusMissing
+	c.Detail = "not found next to smolvm or in $" + h.Env + " (" + h.Purpose + ")"
+	c.Fix = "bash scripts/setup.sh"
+	return c
+}
