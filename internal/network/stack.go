@@ -18,6 +18,8 @@ import (
 	"github.com/containers/gvisor-tap-vsock/pkg/services/forwarder"
 	"github.com/containers/gvisor-tap-vsock/pkg/tap"
 	"github.com/containers/gvisor-tap-vsock/pkg/types"
+	"golang.org/x/net/netutil"
+	"golang.org/x/time/rate"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -316,7 +318,11 @@ func (n *Network) serveDNS() error {
 		uc.Close()
 		return fmt.Errorf("dns: %w", err)
 	}
-	srv, err := dns.New(uc, tl, []types.Zone{{
+	// Each lookup the host resolves holds a goroutine until it is
+	// answered, and the guest decides how many there are: pace them, and
+	// bound the TCP connections to the resolver.
+	paced := &pacedConn{PacketConn: uc, lim: rate.NewLimiter(dnsRate, dnsBurst)}
+	srv, err := dns.New(paced, netutil.LimitListener(tl, dnsTCPConns), []types.Zone{{
 		Name: "smolvm.internal.",
 		Records: []types.Record{
 			{Name: "host", IP: net.IP(HostIP.AsSlice())},
@@ -329,6 +335,25 @@ func (n *Network) serveDNS() error {
 	go srv.Serve()
 	go srv.ServeTCP()
 	return nil
+}
+
+// Limits on the guest's DNS traffic to the gateway.
+const (
+	dnsRate     = 500 // lookups a second, on average
+	dnsBurst    = 100
+	dnsTCPConns = 16
+)
+
+// pacedConn reads no faster than its limiter allows; what the guest sends
+// faster waits in the stack's receive buffer, and is dropped when it is full.
+type pacedConn struct {
+	net.PacketConn
+	lim *rate.Limiter
+}
+
+func (c *pacedConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	c.lim.Wait(context.Background())
+	return c.PacketConn.ReadFrom(b)
 }
 
 // Forwards lists the ports exposed, by guest port.
