@@ -4,7 +4,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"errors"
 	"io"
 	"log"
 	"net"
@@ -357,11 +356,6 @@ func makeExt4Image(t *testing.T, entries []entry, dst string) {
 	if err != nil {
 		t.Fatalf("mkfs.ext4: %v: %s", err, out)
 	}
-}
-
-func isCode(err error, code string) bool {
-	var e *Error
-	return errors.As(err, &e) && e.Code == code
 }
 
 func runTool(name string, args ...string) ([]byte, error) {

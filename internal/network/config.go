@@ -62,6 +62,11 @@ type Policy struct {
 	AllowHostLoopback bool `json:"allow_host_loopback,omitempty"`
 }
 
+// Equal reports whether p and q rule the same way.
+func (p Policy) Equal(q Policy) bool {
+	return p.Mode == q.Mode && p.AllowHostLoopback == q.AllowHostLoopback && slices.Equal(p.Allow, q.Allow)
+}
+
 // Enabled reports whether the guest gets a network interface at all.
 func (p Policy) Enabled() bool { return p.Mode != ModeOff }
 

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"time"
 )
@@ -80,7 +81,7 @@ func (n *Network) Handler() http.Handler {
 }
 
 func (n *Network) status() Status {
-	return Status{PID: pidSelf(), Policy: n.Policy(), Forwards: n.Forwards(), Refused: n.refused.Load()}
+	return Status{PID: os.Getpid(), Policy: n.Policy(), Forwards: n.Forwards(), Refused: n.refused.Load()}
 }
 
 func reply(w http.ResponseWriter, code int, v any) {

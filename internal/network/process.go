@@ -269,5 +269,3 @@ func listenUnix(path string) (*net.UnixListener, error) {
 	}
 	return ln, nil
 }
-
-func pidSelf() int { return os.Getpid() }

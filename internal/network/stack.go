@@ -236,13 +236,19 @@ const (
 	maxUDPFlows = 256
 )
 
+// admit counts one more flow in c unless that would pass limit.
+func admit(c *atomic.Int64, limit int64) bool {
+	if c.Add(1) > limit {
+		c.Add(-1)
+		return false
+	}
+	return true
+}
+
 func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	v := n.decide(id.LocalAddress)
-	if !v.Allowed || n.tcpConns.Add(1) > maxTCPConns {
-		if v.Allowed {
-			n.tcpConns.Add(-1)
-		}
+	if !v.Allowed || !admit(&n.tcpConns, maxTCPConns) {
 		n.refused.Add(1)
 		r.Complete(true) // a reset: the guest sees "connection refused" at once
 		return
@@ -267,10 +273,7 @@ func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 func (n *Network) forwardUDP(r *udp.ForwarderRequest) {
 	id := r.ID()
 	v := n.decide(id.LocalAddress)
-	if !v.Allowed || n.udpFlows.Add(1) > maxUDPFlows {
-		if v.Allowed {
-			n.udpFlows.Add(-1)
-		}
+	if !v.Allowed || !admit(&n.udpFlows, maxUDPFlows) {
 		n.refused.Add(1)
 		return
 	}

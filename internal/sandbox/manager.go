@@ -397,11 +397,7 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 		MemoryMiB: req.MemoryMiB, DiskSizeMiB: req.DiskSizeMiB, VCPUs: req.VCPUs,
 		CreatedAt: time.Now().UTC(),
 	}
-	ns := netState{Policy: req.Network}
-	for _, f := range req.Ports {
-		ns.Ports = append(ns.Ports, port{Forward: f, Requested: f.Host})
-	}
-	writeNet(&rec, ns)
+	writeNet(&rec, requestedNet(req))
 	if rec.OS == "" {
 		rec.OS = "linux"
 		if req.Image == "" {
@@ -447,20 +443,15 @@ func holdCreation(dir string) (func(), error) {
 		return nil, fmt.Errorf("create sandbox directory: %w", err)
 	}
 	path := filepath.Join(dir, creationLock)
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	// A new file nobody else knows of: the lock is free at once.
+	unlock, err := lockFile(context.Background(), path)
 	if err != nil {
-		os.Remove(dir)
-		return nil, fmt.Errorf("create sandbox directory: %w", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("lock new sandbox: %w", err)
 	}
 	return func() {
 		os.Remove(path)
-		unix.Flock(int(f.Fd()), unix.LOCK_UN)
-		f.Close()
+		unlock()
 	}, nil
 }
 
@@ -552,12 +543,8 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 			return Info{}, err
 		}
 	}
-	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
-		return Info{}, err
-	}
-	inst, err := drv.Boot(ctx, spec)
+	inst, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Instance, error) { return drv.Boot(ctx, s) })
 	if err != nil {
-		network.Stop(context.WithoutCancel(ctx), rec.Dir)
 		return Info{}, err
 	}
 	c, err := m.waitAgent(ctx, drv, inst, rec)

@@ -42,6 +42,16 @@ func readNet(rec store.Record) netState {
 	return s
 }
 
+// requestedNet is the network state a create request asks for, before
+// any host port is picked.
+func requestedNet(req CreateRequest) netState {
+	s := netState{Policy: req.Network}
+	for _, f := range req.Ports {
+		s.Ports = append(s.Ports, port{Forward: f, Requested: f.Host})
+	}
+	return s
+}
+
 func writeNet(rec *store.Record, s netState) {
 	b, _ := json.Marshal(s)
 	rec.Network = string(b)
@@ -117,6 +127,19 @@ func (m *Manager) startNetwork(ctx context.Context, dir string, p network.Policy
 	spec.NetSocket = network.Files{Dir: dir}.Link()
 	spec.NetMAC = network.GuestMAC
 	return nil
+}
+
+// startVM starts rec's network, if it has one, then its VM with start; if
+// the VM does not start, the network goes too.
+func (m *Manager) startVM(ctx context.Context, rec *store.Record, spec vmm.Spec, start func(vmm.Spec) (vmm.Instance, error)) (vmm.Instance, error) {
+	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
+		return vmm.Instance{}, err
+	}
+	inst, err := start(spec)
+	if err != nil {
+		network.Stop(context.WithoutCancel(ctx), rec.Dir)
+	}
+	return inst, err
 }
 
 // applyPorts opens rec's recorded forwards on its (new) network process

@@ -87,16 +87,12 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 func (m *Manager) configureClaimed(ctx context.Context, r *store.Record, req CreateRequest) error {
 	unlock := m.lock(r.ID)
 	defer unlock()
-	ns := netState{Policy: req.Network}
-	for _, f := range req.Ports {
-		ns.Ports = append(ns.Ports, port{Forward: f, Requested: f.Host})
-	}
-	if fmt.Sprint(req.Network) != fmt.Sprint(poolShape().Network) {
+	if !req.Network.Equal(poolShape().Network) {
 		if err := network.Dial(network.Files{Dir: r.Dir}.Control()).SetPolicy(ctx, req.Network); err != nil {
 			return fmt.Errorf("set network policy: %w", err)
 		}
 	}
-	writeNet(r, ns)
+	writeNet(r, requestedNet(req))
 	if err := m.applyPorts(ctx, r); err != nil {
 		return err
 	}

@@ -167,12 +167,8 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 	}
 	// Each clone gets a network process of its own; the saved machine
 	// holds only the guest's side of the link.
-	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
-		return Info{}, err
-	}
-	inst, err := snap.Restore(ctx, spec, t.state())
+	inst, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Instance, error) { return snap.Restore(ctx, s, t.state()) })
 	if err != nil {
-		network.Stop(context.WithoutCancel(ctx), rec.Dir)
 		return Info{}, err
 	}
 	c, err := m.waitAgent(ctx, drv, inst, rec)

@@ -220,48 +220,38 @@ func (s *Store) SetNetwork(ctx context.Context, id, network string) error {
 // if the record still says it runs with that pid: a Stop or Start that
 // finished meanwhile in another goroutine or process is not overwritten.
 func (s *Store) MarkExited(ctx context.Context, id string, pid int, status, reason string) (bool, error) {
-	res, err := s.db.ExecContext(ctx,
+	return s.updateIf(ctx, "update", id,
 		`UPDATE sandboxes SET status = ?, pid = 0, error = ?, updated_at = ? WHERE id = ? AND status = 'running' AND pid = ?`,
 		status, reason, time.Now().UnixNano(), id, pid)
-	if err != nil {
-		return false, fmt.Errorf("update sandbox %s: %w", id, err)
-	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return false, fmt.Errorf("update sandbox %s: %w", id, err)
-	}
-	return n == 1, nil
 }
 
 // MarkInterrupted records that the creation of sandbox id stopped with the
 // process doing it, only if the record still says it is being created.
 func (s *Store) MarkInterrupted(ctx context.Context, id, reason string) (bool, error) {
-	res, err := s.db.ExecContext(ctx,
+	return s.updateIf(ctx, "update", id,
 		`UPDATE sandboxes SET status = 'error', pid = 0, error = ?, updated_at = ? WHERE id = ? AND status = 'creating'`,
 		reason, time.Now().UnixNano(), id)
-	if err != nil {
-		return false, fmt.Errorf("update sandbox %s: %w", id, err)
-	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return false, fmt.Errorf("update sandbox %s: %w", id, err)
-	}
-	return n == 1, nil
 }
 
 // Claim moves the sandbox id from status from to status to, and sets its
 // creation time, only if it still has status from. It reports whether it
 // did: of several processes claiming one record, exactly one wins.
 func (s *Store) Claim(ctx context.Context, id, from, to string, createdAt time.Time) (bool, error) {
-	res, err := s.db.ExecContext(ctx,
+	return s.updateIf(ctx, "claim", id,
 		`UPDATE sandboxes SET status = ?, created_at = ?, updated_at = ? WHERE id = ? AND status = ?`,
 		to, createdAt.UnixNano(), time.Now().UnixNano(), id, from)
+}
+
+// updateIf runs an UPDATE of sandbox id whose WHERE clause carries a
+// condition, and reports whether the condition held (the row changed).
+func (s *Store) updateIf(ctx context.Context, op, id, query string, args ...any) (bool, error) {
+	res, err := s.db.ExecContext(ctx, query, args...)
 	if err != nil {
-		return false, fmt.Errorf("claim sandbox %s: %w", id, err)
+		return false, fmt.Errorf("%s sandbox %s: %w", op, id, err)
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return false, fmt.Errorf("claim sandbox %s: %w", id, err)
+		return false, fmt.Errorf("%s sandbox %s: %w", op, id, err)
 	}
 	return n == 1, nil
 }
