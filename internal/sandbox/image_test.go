@@ -10,7 +10,6 @@ import (
 	"net/http/httptest"
 	"os"
 	osexec "os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -24,6 +23,7 @@ import (
 	"github.com/johannesboyne/gofakes3"
 	"github.com/johannesboyne/gofakes3/backend/s3mem"
 
+	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
 )
@@ -242,16 +242,16 @@ func TestSandboxFromFileAndS3Sources(t *testing.T) {
 	fromTar := boot("file://" + tarPath)
 	m.Delete(ctx, fromTar.ID)
 
-	// The ext4 image the tarball became, given back as a file, and as qcow2.
-	bases, _ := filepath.Glob(d.Images() + "/*/rootfs.ext4")
-	var ext4 string
-	for _, b := range bases {
-		if !strings.Contains(b, "debian-bookworm") {
-			ext4 = b
-		}
+	// The ext4 image the tarball became, given back as a file, and as
+	// qcow2. The images directory is shared with other tests, so ask the
+	// cache which entry is this tarball's rather than look around in it.
+	built, err := image.Resolve(ctx, d, image.Source{Image: "file://" + tarPath}, image.Options{})
+	if err != nil {
+		t.Fatalf("resolve the tarball's cached image: %v", err)
 	}
-	if ext4 == "" {
-		t.Fatalf("no ext4 image built from the tarball among %v", bases)
+	ext4 := built.Path
+	if !strings.HasSuffix(ext4, ".ext4") {
+		t.Fatalf("the tarball's image is %s, not an ext4 file", ext4)
 	}
 	qcow2 := dir + "/root.qcow2"
 	if out, err := osexec.Command("qemu-img", "convert", "-O", "qcow2", ext4, qcow2).CombinedOutput(); err != nil {
