@@ -1,8 +1,10 @@
 package api
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -171,6 +173,36 @@ func TestBadInput(t *testing.T) {
 				t.Errorf("detail %q does not name the field %q", p.Detail, tt.field)
 			}
 		})
+	}
+}
+
+// A body declared over the limit is refused from its Content-Length: a
+// client that waits for "100 Continue" (as curl does for large uploads) gets
+// the 413 problem instead, without sending the body.
+func TestBodyTooLargeBeforeItIsSent(t *testing.T) {
+	t.Parallel()
+	srv := testServer(t, nil, Options{})
+	for _, path := range []string{"/sandboxes", "/sandboxes/vm-00000000/exec"} {
+		conn, err := net.DialTimeout("tcp", srv.Listener.Addr().String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"+
+			"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n", path, srv.Listener.Addr(), 5<<20)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("%s: no response before the body was sent: %v", path, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		conn.Close()
+		if resp.StatusCode != http.StatusRequestEntityTooLarge {
+			t.Fatalf("%s: status %d, want 413: %s", path, resp.StatusCode, body)
+		}
+		r := response{Status: resp.StatusCode, ContentType: resp.Header.Get("Content-Type"), Header: resp.Header, Body: body}
+		if p := r.problem(t); p.Code != CodeBodyTooLarge || !strings.Contains(p.Detail, "1048576") {
+			t.Errorf("%s: problem %+v", path, p)
+		}
 	}
 }
 

@@ -13,6 +13,10 @@ import (
 	"time"
 )
 
+// maxBodyBytes bounds every request body; it is huma's default per
+// operation, which enforces it for bodies of unknown length.
+const maxBodyBytes = 1 << 20
+
 // guard refuses requests that a web page or a DNS-rebinding attacker could
 // make, and requests without the token when one is configured. The server
 // can run commands on the user's machine, so these run before any route.
@@ -140,6 +144,16 @@ func (g *guard) wrap(next http.Handler) http.Handler {
 			p.Field = "Content-Type"
 			w.Header().Set("Accept-Post", "application/json")
 			writeProblem(w, r, p)
+			return
+		}
+		if r.ContentLength > maxBodyBytes {
+			// Answer from the header, before the body: net/http sends no
+			// "100 Continue" to a client that asked for one, so the body
+			// is never sent, and the connection is closed rather than
+			// drained.
+			w.Header().Set("Connection", "close")
+			writeProblem(w, r, newProblem(http.StatusRequestEntityTooLarge, CodeBodyTooLarge,
+				fmt.Sprintf("the request body is %d bytes; the limit is %d bytes", r.ContentLength, maxBodyBytes)))
 			return
 		}
 		if !hasBody(r) {
