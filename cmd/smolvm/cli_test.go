@@ -4,7 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"net"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,15 +62,6 @@ func (c *cli) run(args ...string) (string, string, int) {
 	return stdout.String(), stderr.String(), code
 }
 
-func freePort(t *testing.T) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 func TestCLI(t *testing.T) {
 	t.Parallel()
 	c := newCLI(t)
@@ -120,8 +111,9 @@ func TestCLI(t *testing.T) {
 	})
 
 	t.Run("server", func(t *testing.T) {
-		port := freePort(t)
-		srv := c.cmd("server", "start", "--host", "127.0.0.1", "--port", strconv.Itoa(port), "--quiet")
+		// Port 0: the server picks a free port and prints it, so no other
+		// test can take it between choosing and listening.
+		srv := c.cmd("server", "start", "--host", "127.0.0.1", "--port", "0", "--quiet")
 		stdout, err := srv.StdoutPipe()
 		if err != nil {
 			t.Fatal(err)
@@ -140,19 +132,22 @@ func TestCLI(t *testing.T) {
 			}
 			close(lines)
 		}()
-		want := []string{
-			"SmolVM HTTP API listening on http://127.0.0.1:" + strconv.Itoa(port),
-			"OpenAPI spec: http://127.0.0.1:" + strconv.Itoa(port) + "/openapi.json",
-		}
-		for _, w := range want {
+		var port int
+		next := func() string {
 			select {
 			case got := <-lines:
-				if got != w {
-					t.Fatalf("server printed %q, want %q", got, w)
-				}
+				return got
 			case <-time.After(60 * time.Second):
 				t.Fatalf("server printed nothing; stderr: %s", stderr.String())
 			}
+			return ""
+		}
+		first := next()
+		if _, err := fmt.Sscanf(first, "SmolVM HTTP API listening on http://127.0.0.1:%d", &port); err != nil || port == 0 {
+			t.Fatalf("server printed %q, want its address", first)
+		}
+		if got, want := next(), "OpenAPI spec: http://127.0.0.1:"+strconv.Itoa(port)+"/openapi.json"; got != want {
+			t.Fatalf("server printed %q, want %q", got, want)
 		}
 
 		// A second server on the same port fails at once, naming --port.

@@ -73,8 +73,7 @@ func (c *cli) runJSON(data any, args ...string) (errCode string, exit int) {
 // the test ends and returns its URL.
 func (c *cli) startServer(t *testing.T) string {
 	t.Helper()
-	port := strconv.Itoa(freePort(t))
-	srv := c.cmd("server", "start", "--host", "127.0.0.1", "--port", port, "--quiet")
+	srv := c.cmd("server", "start", "--host", "127.0.0.1", "--port", "0", "--quiet")
 	stdout, err := srv.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -98,21 +97,29 @@ func (c *cli) startServer(t *testing.T) string {
 			t.Errorf("server did not exit after SIGTERM")
 		}
 	})
-	listening := make(chan bool, 1)
+	// The server picks a free port and prints the URL it listens on.
+	listening := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stdout)
-		listening <- sc.Scan() && strings.Contains(sc.Text(), "listening")
+		url := ""
+		if sc.Scan() {
+			if _, after, ok := strings.Cut(sc.Text(), "listening on "); ok {
+				url = after
+			}
+		}
+		listening <- url
 		io.Copy(io.Discard, stdout)
 	}()
 	select {
-	case ok := <-listening:
-		if !ok {
-			t.Fatalf("server did not start; stderr: %s", stderr.String())
+	case url := <-listening:
+		if !strings.HasPrefix(url, "http://127.0.0.1:") {
+			t.Fatalf("server did not start (printed %q); stderr: %s", url, stderr.String())
 		}
+		return url
 	case <-time.After(60 * time.Second):
 		t.Fatalf("server printed nothing; stderr: %s", stderr.String())
 	}
-	return "http://127.0.0.1:" + port
+	return ""
 }
 
 // guestServer answers every connection to the guest's port with a minimal
