@@ -4,8 +4,19 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+
+# Installing packages and building images need root, and so do the tests
+# that unpack image layers with their owners. As root (a fresh Debian
+# machine has no sudo) run as is; otherwise start again under sudo.
+if [ "$(id -u)" -ne 0 ]; then
+	command -v sudo >/dev/null 2>&1 || { echo "$(basename "$0"): run as root, or install sudo" >&2; exit 1; }
+	exec sudo env "PATH=/usr/local/go/bin:$PATH" ${CI:+CI=$CI} ${SMOLVM_DATA_DIR:+SMOLVM_DATA_DIR=$SMOLVM_DATA_DIR} bash "$repo/scripts/$(basename "$0")" "$@"
+fi
 bash scripts/setup.sh >&2
-command -v curl >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl >&2; }
+if ! command -v curl >/dev/null; then
+	install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends curl)
+	"${install[@]}" >&2 || { apt-get update -q >&2 && "${install[@]}" >&2; }
+fi
 
 port=${PORT:-8000}
 log=$(mktemp)

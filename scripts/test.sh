@@ -5,7 +5,20 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+
+# Installing packages and building images need root, and so do the tests
+# that unpack image layers with their owners. As root (a fresh Debian
+# machine has no sudo) run as is; otherwise start again under sudo.
+if [ "$(id -u)" -ne 0 ]; then
+	command -v sudo >/dev/null 2>&1 || { echo "$(basename "$0"): run as root, or install sudo" >&2; exit 1; }
+	exec sudo env "PATH=/usr/local/go/bin:$PATH" ${CI:+CI=$CI} ${SMOLVM_DATA_DIR:+SMOLVM_DATA_DIR=$SMOLVM_DATA_DIR} bash "$repo/scripts/$(basename "$0")" "$@"
+fi
 export PATH="/usr/local/go/bin:$PATH"
+# Under sudo, git may refuse a checkout owned by another user; the builds
+# the tests make then go without version stamping rather than fail.
+if ! git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+	export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
+fi
 
 bash scripts/setup.sh
 
