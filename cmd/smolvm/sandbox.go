@@ -592,6 +592,12 @@ func printSandbox(w io.Writer, sb api.Sandbox) {
 	if sb.PID != 0 {
 		row("PID", fmt.Sprint(sb.PID))
 	}
+	if sb.Boot != "" {
+		row("Boot", sb.Boot)
+	}
+	for _, w := range sb.Warnings {
+		row("Warning", w)
+	}
 	row("Created", sb.CreatedAt.Local().Format(time.RFC3339)+" ("+ago(sb.CreatedAt)+")")
 	tw.Flush()
 }

@@ -44,6 +44,8 @@ type Sandbox struct {
 	Network   SandboxNetwork   `json:"network" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach."`
 	Ports     []Port           `json:"ports" nullable:"false" doc:"Guest ports exposed on the host."`
 	Progress  *SandboxProgress `json:"progress,omitempty" example:"{\"phase\":\"pull\",\"done_bytes\":1048576,\"total_bytes\":31457280}" doc:"While status is creating: how far preparing the image has come."`
+	Boot      string           `json:"boot,omitempty" enum:"cold,template,pool" example:"template" doc:"In the answer to a create: how the VM came up. cold booted the kernel; template restored a saved, booted VM; pool handed out one restored ahead of time."`
+	Warnings  []string         `json:"warnings,omitempty" example:"[\"booted cold: the clone of template 1f2e3d4c5b6a798807f6e5d4 failed (the guest crashed); the template is retired\"]" doc:"In the answer to a create: what was worked around on the way, such as a template whose clone failed and a cold boot instead."`
 }
 
 // SandboxProgress is the image preparation of a sandbox being created.
@@ -356,5 +358,7 @@ func SandboxFromInfo(info sandbox.Info) Sandbox {
 		Error:     info.Error,
 		Network:   networkFrom(info.Network),
 		Ports:     portsFrom(info.Ports),
+		Boot:      string(info.Boot),
+		Warnings:  info.Warnings,
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -60,6 +61,10 @@ type Options struct {
 	// RegistryMirror is pulled through for Docker Hub images (and the os
 	// presets); "" means $SMOLVM_REGISTRY_MIRROR.
 	RegistryMirror string
+	// Logger receives what an operator needs to see: templates retired,
+	// guests that crashed, cleanup that failed. nil logs as text to
+	// Progress.
+	Logger *slog.Logger
 }
 
 // DefaultBootTimeout is generous because software emulation on a loaded
@@ -96,6 +101,11 @@ type Manager struct {
 	warming  map[string]bool   // pool members this process is warming up
 	cancels  map[string]func() // asynchronous creates in progress, by id
 	configs  map[string]image.Config
+
+	// afterRestore, set only by tests, runs when a clone's agent has
+	// answered and before it is given its identity, with a way to run a
+	// shell command in the clone.
+	afterRestore func(ctx context.Context, run func(cmd string) error)
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -110,6 +120,9 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	if opts.Progress == nil {
 		opts.Progress = io.Discard
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(opts.Progress, nil))
 	}
 	if opts.BootTimeout == 0 {
 		opts.BootTimeout = DefaultBootTimeout
@@ -547,7 +560,7 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 	if err != nil {
 		return Info{}, err
 	}
-	c, err := m.waitAgent(ctx, drv, inst, rec)
+	c, err := m.waitAgent(ctx, drv, inst, rec, m.opts.BootTimeout)
 	if err != nil {
 		return Info{}, err
 	}
@@ -564,19 +577,17 @@ func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
 	}
 }
 
-// waitAgent records inst on rec and waits for the agent to answer, giving
-// up early if the VM process dies.
-func (m *Manager) waitAgent(ctx context.Context, drv vmm.Driver, inst vmm.Instance, rec *store.Record) (*guest.Client, error) {
+// waitAgent records inst on rec and waits up to timeout for the agent to
+// answer, giving up at once if the VM process dies or the guest crashes.
+func (m *Manager) waitAgent(ctx context.Context, drv vmm.Driver, inst vmm.Instance, rec *store.Record, timeout time.Duration) (*guest.Client, error) {
 	rt, _ := json.Marshal(inst)
 	rec.PID, rec.Runtime = inst.PID, string(rt)
 	if err := m.store.Update(ctx, *rec); err != nil {
-		drv.Kill(context.WithoutCancel(ctx), inst)
-		return nil, fmt.Errorf("record sandbox: %w", err)
+		return nil, errors.Join(fmt.Errorf("record sandbox: %w", err), drv.Kill(context.WithoutCancel(ctx), inst))
 	}
-	c, err := dialWhileAlive(ctx, drv, inst, m.opts.BootTimeout)
+	c, err := dialWhileAlive(ctx, drv, inst, timeout)
 	if err != nil {
-		drv.Kill(context.WithoutCancel(ctx), inst)
-		return nil, err
+		return nil, errors.Join(err, drv.Kill(context.WithoutCancel(ctx), inst))
 	}
 	return c, nil
 }
@@ -584,11 +595,21 @@ func (m *Manager) waitAgent(ctx context.Context, drv vmm.Driver, inst vmm.Instan
 // errVMExited means the VM process ended before its agent answered.
 var errVMExited = errors.New("the VM exited before its agent answered")
 
+// errGuestCrashed means the guest kernel reported a crash on its console
+// before the agent answered.
+var errGuestCrashed = errors.New("the guest crashed")
+
+// dialWhileAlive connects to inst's agent, watching the VM meanwhile: a VM
+// process that ends or a console that shows a kernel crash ends the wait
+// within a tick, instead of after timeout.
 func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, timeout time.Duration) (*guest.Client, error) {
 	bctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	died := make(chan struct{})
+	var why error // set before cancel, read after Dial returns
+	watched := make(chan struct{})
 	go func() {
+		defer close(watched)
+		console := &consoleWatch{path: inst.Console}
 		t := time.NewTicker(50 * time.Millisecond)
 		defer t.Stop()
 		for {
@@ -596,8 +617,16 @@ func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, time
 			case <-bctx.Done():
 				return
 			case <-t.C:
+				if line := console.crash(); line != "" {
+					why = fmt.Errorf("%w (%q)", errGuestCrashed, line)
+					cancel()
+					return
+				}
 				if !drv.Alive(inst) {
-					close(died)
+					why = errVMExited
+					if line := console.crash(); line != "" {
+						why = fmt.Errorf("%w (%q)", errGuestCrashed, line)
+					}
 					cancel()
 					return
 				}
@@ -605,13 +634,13 @@ func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, time
 		}
 	}()
 	c, err := guest.Dial(bctx, inst.AgentSocket)
+	cancel()
+	<-watched
 	if err == nil {
 		return c, nil
 	}
-	select {
-	case <-died:
-		return nil, fmt.Errorf("%w; console output:\n%s", errVMExited, consoleTail(inst.Console))
-	default:
+	if why != nil {
+		return nil, fmt.Errorf("%w; console output:\n%s", why, consoleTail(inst.Console))
 	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
@@ -659,7 +688,11 @@ func randomHex(n int) string { return hex.EncodeToString(randomBytes(n)) }
 
 func bootCmdline(id string, net bool) string {
 	args := []string{
-		"console=ttyS0", "quiet", "loglevel=3", "panic=-1",
+		// An oops leaves the kernel in an unknown state: make it a panic,
+		// and a panic an immediate reboot, which -no-reboot turns into
+		// the VM process exiting. A crashed guest then ends at once
+		// instead of hanging until a timeout.
+		"console=ttyS0", "quiet", "loglevel=3", "oops=panic", "panic=-1",
 		// No keyboard or mouse is attached; probing for them costs time.
 		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
 		"smolvm.hostname=" + id,
@@ -668,17 +701,6 @@ func bootCmdline(id string, net bool) string {
 		args = append(args, netCmdline(true))
 	}
 	return strings.Join(args, " ")
-}
-
-func consoleTail(path string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "(no console output)"
-	}
-	if len(b) > 4096 {
-		b = b[len(b)-4096:]
-	}
-	return string(b)
 }
 
 func (m *Manager) setClient(id string, c *guest.Client) {

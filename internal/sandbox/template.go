@@ -6,16 +6,19 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
@@ -23,7 +26,7 @@ import (
 
 // templateFormat is part of every template key: bump it when what a
 // template holds, or how a clone is made from it, changes.
-const templateFormat = 2
+const templateFormat = 3
 
 // Template is a booted VM saved to disk: its memory and device state, and
 // the frozen disk it ran on. Sandboxes are restored from it instead of
@@ -114,14 +117,15 @@ func (m *Manager) vmmVersion(ctx context.Context, v vmm.Versioner) (string, erro
 }
 
 // launch brings rec's VM up from a template when it can, and cold when it
-// cannot; a template that fails is reported and never returned as a
-// broken sandbox.
+// cannot; a template that fails is retired at once, logged with why, and
+// never returned as a broken sandbox.
 func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final string) (Info, error) {
 	snap, ok := drv.(vmm.Snapshotter)
 	if !ok || m.opts.NoTemplates {
 		return m.boot(ctx, drv, a, rec, true, final)
 	}
 	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB, readNet(*rec).Policy.Enabled())
+	var warning string
 	if err == nil {
 		info, rerr := m.restore(ctx, drv, snap, t, a, rec, final)
 		if rerr == nil {
@@ -135,21 +139,54 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 		if e, ok := AsError(rerr); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {
 			return Info{}, rerr
 		}
+		// A crash the console shows says more than the broken
+		// connection it caused.
+		if line := (&consoleWatch{path: filepath.Join(rec.Dir, "console.log")}).crash(); line != "" && !errors.Is(rerr, errGuestCrashed) {
+			rerr = fmt.Errorf("%w (%q): %w", errGuestCrashed, line, rerr)
+		}
 		err = rerr
 		// Whatever went wrong, the next create builds a fresh template
 		// rather than trying this one again.
-		markBad(t, rerr)
+		if berr := markBad(t, rerr); berr != nil {
+			m.opts.Logger.Error("retire template", "template", t.Key, "err", berr)
+		}
+		m.opts.Logger.Warn("template clone failed; template retired, booting cold",
+			"sandbox", rec.ID, "template", t.Key, "build", filepath.Base(t.Dir), "err", firstLine(rerr),
+			"console", consoleTail(filepath.Join(rec.Dir, "console.log")))
+		warning = fmt.Sprintf("booted cold: the clone of template %s failed (%s); the template is retired", t.Key, firstLine(rerr))
+	} else {
+		if ctx.Err() != nil {
+			return Info{}, err
+		}
+		m.opts.Logger.Warn("no template; booting cold", "sandbox", rec.ID, "err", err)
+		warning = fmt.Sprintf("booted cold: no template could be built (%s)", firstLine(err))
 	}
-	if ctx.Err() != nil {
-		return Info{}, err
+	fmt.Fprintf(m.opts.Progress, "smolvm: %s: %s\n", rec.ID, warning)
+	if err := network.Stop(context.WithoutCancel(ctx), rec.Dir); err != nil {
+		m.opts.Logger.Warn("stop network of failed clone", "sandbox", rec.ID, "err", err)
 	}
-	fmt.Fprintf(m.opts.Progress, "smolvm: %s: template unusable, booting cold: %v\n", rec.ID, err)
-	network.Stop(context.WithoutCancel(ctx), rec.Dir)
 	for _, f := range []string{"disk.qcow2", "agent.sock", "qmp.sock", "qemu.pid", "console.log"} {
 		os.Remove(filepath.Join(rec.Dir, f)) // image.json stays
 	}
-	return m.boot(ctx, drv, a, rec, true, final)
+	info, err := m.boot(ctx, drv, a, rec, true, final)
+	if err != nil {
+		return Info{}, err
+	}
+	info.Warnings = append(info.Warnings, warning)
+	return info, nil
 }
+
+// firstLine is an error's first line, for one-line summaries of errors
+// that carry a console log.
+func firstLine(err error) string {
+	s, _, _ := strings.Cut(err.Error(), "\n")
+	return strings.TrimSuffix(strings.TrimSpace(s), "; console output:")
+}
+
+// restoreTimeout bounds how long a clone may take to answer. A restore
+// answers in well under a second when the host is idle; one that takes
+// longer than this is hung, and booting cold is the faster way out.
+const restoreTimeout = 30 * time.Second
 
 // restore starts rec's VM from t, grows its disk to the size asked for, and
 // gives it its identity.
@@ -171,9 +208,15 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 	if err != nil {
 		return Info{}, err
 	}
-	c, err := m.waitAgent(ctx, drv, inst, rec)
+	c, err := m.waitAgent(ctx, drv, inst, rec, min(restoreTimeout, m.opts.BootTimeout))
 	if err != nil {
 		return Info{}, err
+	}
+	if m.afterRestore != nil {
+		m.afterRestore(ctx, func(cmd string) error {
+			_, err := c.Do(ctx, wire.Request{Op: wire.OpExec, Argv: []string{"/bin/sh", "-c", cmd}}, io.Discard, io.Discard)
+			return err
+		})
 	}
 	var diskBytes int64
 	if rec.DiskSizeMiB > t.DiskMiB {
@@ -277,6 +320,11 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	if err := snap.Save(sctx, inst, filepath.Join(tmp, "state")); err != nil {
 		return err
 	}
+	// A guest that oopsed before it was stopped would hand the oops to
+	// every clone; such a state is never kept.
+	if line := (&consoleWatch{path: inst.Console}).crash(); line != "" {
+		return fmt.Errorf("%w while it was saved (%q); console output:\n%s", errGuestCrashed, line, consoleTail(inst.Console))
+	}
 	network.Stop(ctx, tmp)
 	for _, f := range []string{"agent.sock", "qmp.sock", "qemu.pid", "console.log", "net.sock", "net.ctl", "net.pid", "net.log", buildVMFile, creationLock} {
 		os.Remove(filepath.Join(tmp, f))
@@ -357,9 +405,13 @@ func usable(dir string) bool {
 
 // markBad retires a template build after a failed restore: its state goes,
 // its disk stays for the sandboxes already overlaying it.
-func markBad(t *Template, why error) {
-	os.WriteFile(filepath.Join(t.Dir, "bad"), []byte(why.Error()+"\n"), 0o644)
-	os.Remove(t.state())
+func markBad(t *Template, why error) error {
+	werr := os.WriteFile(filepath.Join(t.Dir, "bad"), []byte(why.Error()+"\n"), 0o644)
+	rerr := os.Remove(t.state())
+	if errors.Is(rerr, os.ErrNotExist) {
+		rerr = nil // retired by another create already
+	}
+	return errors.Join(werr, rerr)
 }
 
 // lockFile takes an exclusive flock, waiting (within ctx) for another

@@ -3,16 +3,19 @@ package sandbox_test
 import (
 	"context"
 	"encoding/json"
+	"log/slog"
 	"os"
 	osexec "os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
 )
@@ -123,6 +126,9 @@ func TestCorruptTemplateFallsBackToColdBoot(t *testing.T) {
 	}
 	if info.Boot != sandbox.BootCold {
 		t.Errorf("booted %q, want cold after the template failed", info.Boot)
+	}
+	if len(info.Warnings) != 1 || !strings.Contains(info.Warnings[0], "retired") {
+		t.Errorf("warnings %q, want one saying the template is retired", info.Warnings)
 	}
 	if out := exec(t, m, info.ID, "echo ok"); out != "ok\n" {
 		t.Errorf("sandbox after fallback: %q", out)
@@ -236,5 +242,121 @@ func TestAbandonedTemplateBuildIsSwept(t *testing.T) {
 	}
 	if _, err := os.Stat(live); err != nil {
 		t.Errorf("a build in progress was swept: %v", err)
+	}
+}
+
+// logRecorder keeps the records a Manager logs, with the time of each.
+type logRecorder struct {
+	mu      sync.Mutex
+	records []slog.Record
+}
+
+func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.records = append(l.records, r.Clone())
+	return nil
+}
+func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
+
+func (l *logRecorder) find(msg string) (slog.Record, map[string]string, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, r := range l.records {
+		if r.Message == msg {
+			attrs := map[string]string{}
+			r.Attrs(func(a slog.Attr) bool { attrs[a.Key] = a.Value.String(); return true })
+			return r, attrs, true
+		}
+	}
+	return slog.Record{}, nil, false
+}
+
+// A clone whose kernel panics while it is being restored is noticed at
+// once, not after a timeout: its template is retired, the sandbox boots
+// cold and says so, the failure is logged with the console, and the next
+// create builds a fresh template.
+func TestCrashedCloneRetiresItsTemplate(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	logs := &logRecorder{}
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: testenv.DataDir(t), AgentPath: testenv.AgentPath(t),
+		NetPath: testenv.NetPath(t), Logger: slog.New(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if list, err := m.List(ctx); err == nil {
+			for _, s := range list {
+				m.Delete(ctx, s.ID)
+			}
+		}
+		m.Close()
+	})
+	req := sandbox.CreateRequest{MemoryMiB: 256, Network: network.Policy{Mode: network.ModeOff}}
+	first, err := m.Create(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.Boot != sandbox.BootTemplate || len(first.Warnings) != 0 {
+		t.Fatalf("first create: boot %q, warnings %q", first.Boot, first.Warnings)
+	}
+	if err := m.Delete(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+
+	var crashed atomic.Int64 // when the panic was triggered, in Unix nanoseconds
+	sandbox.SetAfterRestore(m, func(ctx context.Context, run func(string) error) {
+		if crashed.Load() != 0 {
+			return // only the first clone
+		}
+		crashed.Store(time.Now().UnixNano())
+		// The command never answers: the kernel panics under it.
+		if err := run("echo c > /proc/sysrq-trigger"); err == nil {
+			t.Error("the crash command returned normally")
+		}
+	})
+	info, err := m.Create(ctx, req)
+	if err != nil {
+		t.Fatalf("create with a crashing clone: %v", err)
+	}
+	if crashed.Load() == 0 {
+		t.Fatal("the clone was never restored")
+	}
+	if info.Boot != sandbox.BootCold {
+		t.Errorf("booted %q, want cold after the clone crashed", info.Boot)
+	}
+	if len(info.Warnings) != 1 || !strings.Contains(info.Warnings[0], "retired") || !strings.Contains(info.Warnings[0], "crashed") {
+		t.Errorf("warnings %q, want one saying the crashed clone's template is retired", info.Warnings)
+	}
+	if out := exec(t, m, info.ID, "echo ok"); out != "ok\n" {
+		t.Errorf("sandbox after the cold boot: %q", out)
+	}
+	rec, attrs, ok := logs.find("template clone failed; template retired, booting cold")
+	if !ok {
+		t.Fatal("the failed clone was not logged")
+	}
+	took := rec.Time.Sub(time.Unix(0, crashed.Load()))
+	t.Logf("kernel panic triggered to template retired: %s", took.Round(time.Millisecond))
+	// Noticed by the VM ending, not by any timeout (the shortest is 30 s).
+	if took > 15*time.Second {
+		t.Errorf("the crash took %s to notice", took)
+	}
+	if !strings.Contains(attrs["console"], "Kernel panic") || !strings.Contains(attrs["console"], "sysrq") {
+		t.Errorf("the log does not carry the console's panic: %q", attrs["console"])
+	}
+	ts, err := m.Templates()
+	if err != nil || len(ts) != 1 || !ts[0].Retired {
+		t.Fatalf("templates after the crash: %v %+v; want the one build, retired", err, ts)
+	}
+
+	again, err := m.Create(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Boot != sandbox.BootTemplate || len(again.Warnings) != 0 {
+		t.Errorf("next create: boot %q, warnings %q; want a fresh template", again.Boot, again.Warnings)
 	}
 }

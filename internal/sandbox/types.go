@@ -86,6 +86,9 @@ type Info struct {
 	Error string
 	// Boot says how Create or Start brought the VM up; empty elsewhere.
 	Boot BootKind
+	// Warnings are things Create or Start worked around, such as a
+	// template that failed and a cold boot instead; empty elsewhere.
+	Warnings []string
 	// Progress is the preparation under way while Status is creating, as
 	// far as this process knows (it is the one doing the work).
 	Progress *Progress

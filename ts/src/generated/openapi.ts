@@ -438,6 +438,12 @@ export interface components {
              */
             backend: string;
             /**
+             * @description In the answer to a create: how the VM came up. cold booted the kernel; template restored a saved, booted VM; pool handed out one restored ahead of time.
+             * @example template
+             * @enum {string}
+             */
+            boot?: "cold" | "template" | "pool";
+            /**
              * Format: date-time
              * @description When the sandbox was created (RFC 3339).
              * @example 2026-06-24T10:00:00Z
@@ -512,6 +518,13 @@ export interface components {
              * @example 1
              */
             vcpus: number;
+            /**
+             * @description In the answer to a create: what was worked around on the way, such as a template whose clone failed and a cold boot instead.
+             * @example [
+             *       "booted cold: the clone of template 1f2e3d4c5b6a798807f6e5d4 failed (the guest crashed); the template is retired"
+             *     ]
+             */
+            warnings?: string[] | null;
         };
         SandboxList: {
             /** @description Every sandbox on the host, oldest first. */
