@@ -14,6 +14,7 @@ package smolvm
 import (
 	"context"
 	"io"
+	"log/slog"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/datadir"
@@ -59,6 +60,10 @@ type Options struct {
 	NetPath   string    // the network helper smolvm-net; "" to find it next to the executable or in $PATH
 	Accel     string    // "kvm" or "tcg"; "" picks KVM only where it really works
 	Progress  io.Writer // human-readable lines about long work, such as a first image build
+	// Logger receives what an operator needs to see (a template retired
+	// after its clone crashed, cleanup that failed); nil logs as text to
+	// Progress.
+	Logger *slog.Logger
 }
 
 // Shell selects how Run passes a command to the guest.
@@ -109,6 +114,7 @@ type Sandbox struct {
 func open(ctx context.Context, o Options) (*sandbox.Manager, error) {
 	return sandbox.Open(ctx, sandbox.Options{
 		DataDir: datadir.Dir(o.DataDir), AgentPath: o.AgentPath, NetPath: o.NetPath, Accel: o.Accel, Progress: o.Progress,
+		Logger: o.Logger,
 	})
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"time"
@@ -49,8 +50,17 @@ func (m *monitor) within(ctx context.Context, fn func() error) error {
 	stop := context.AfterFunc(ctx, func() { m.conn.SetDeadline(time.Now()) })
 	defer stop()
 	err := fn()
-	if err != nil && ctx.Err() != nil {
-		return ctx.Err()
+	if err == nil {
+		return nil
+	}
+	if cerr := ctx.Err(); cerr != nil {
+		return cerr
+	}
+	// The socket's deadline is the context's, and its timer can fire
+	// first: report that as the context's deadline too.
+	var ne net.Error
+	if ok && errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
 	}
 	return err
 }

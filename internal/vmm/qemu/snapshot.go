@@ -22,8 +22,8 @@ import (
 // guest sits on an instruction boundary with nothing in flight, and the
 // saved state says "paused", so Restore resumes it explicitly.
 func (d *Driver) Save(ctx context.Context, inst vmm.Instance, statePath string) error {
-	if strings.ContainsAny(statePath, "'\"\\ ") {
-		return fmt.Errorf("state path %q must not contain quotes, spaces or backslashes", statePath)
+	if err := checkStatePath(statePath); err != nil {
+		return err
 	}
 	m, err := dialQMP(ctx, inst.QMPSocket)
 	if err != nil {
@@ -87,8 +87,8 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, statePath string) (
 	if _, err := os.Stat(statePath); err != nil {
 		return vmm.Instance{}, fmt.Errorf("template state: %w", err)
 	}
-	if strings.ContainsAny(statePath, "'\"\\ ") {
-		return vmm.Instance{}, fmt.Errorf("state path %q must not contain quotes, spaces or backslashes", statePath)
+	if err := checkStatePath(statePath); err != nil {
+		return vmm.Instance{}, err
 	}
 	inst, err := d.start(ctx, spec, "-incoming", "defer")
 	if err != nil {
@@ -165,4 +165,13 @@ func (d *Driver) Status(ctx context.Context, inst vmm.Instance) (string, error) 
 	}
 	err = m.run(ctx, "query-status", nil, &st)
 	return st.Status, err
+}
+
+// checkStatePath refuses a state path the shell would read as more than
+// one plain word: QEMU runs "exec:" migration URIs with /bin/sh -c.
+func checkStatePath(p string) error {
+	if p == "" || strings.Trim(p, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._+-=,:@%") != "" {
+		return fmt.Errorf("state path %q has characters a shell would interpret: use a data directory (SMOLVM_DATA_DIR) of letters, digits and /._+-=,:@%%", p)
+	}
+	return nil
 }

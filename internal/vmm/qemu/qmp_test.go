@@ -1,0 +1,598 @@
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/vmm"
+)
+
+// The tests below run the QMP client and the snapshot code against a fake
+// QMP server on a real unix socket; no QEMU is needed.
+
+const (
+	qmpGreeting = `{"QMP":{"version":{"qemu":{"micro":0,"minor":2,"major":8},"package":""},"capabilities":["oob"]}}`
+	qmpOK       = `{"return":{}}`
+	// hangUp, as a line of a reply, makes the fake close the connection
+	// there, as QEMU does when it exits.
+	hangUp = "<hang up>"
+	// silence, as a whole reply, makes the fake never answer.
+	silence = ""
+)
+
+// qmpEvent is an asynchronous event line as QEMU sends them.
+func qmpEvent(name string) string {
+	return `{"event":"` + name + `","timestamp":{"seconds":1700000000,"microseconds":1}}`
+}
+
+// reply answers one command; n is how many times the same command came
+// before on this server. It returns the lines to send, joined by "\n".
+type reply func(n int) string
+
+// seq answers successive calls with rs in turn, repeating the last.
+func seq(rs ...string) reply {
+	return func(n int) string {
+		if n >= len(rs) {
+			n = len(rs) - 1
+		}
+		return rs[n]
+	}
+}
+
+// script maps a command to its replies; commands not in it get qmpOK.
+type script map[string]reply
+
+type qmpCmd struct {
+	Name string
+	Args map[string]any
+}
+
+type fakeQMP struct {
+	path   string
+	script script
+	// received gets every command as it is recorded.
+	received chan qmpCmd
+
+	mu       sync.Mutex
+	cmds     []qmpCmd
+	counts   map[string]int
+	conns    []net.Conn
+	accepted int
+	closed   bool
+}
+
+func newFakeQMP(t *testing.T, s script) *fakeQMP {
+	t.Helper()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "q.sock")
+	if len(path) > maxSocketPath {
+		d, err := os.MkdirTemp("", "qmp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+		path = filepath.Join(d, "q.sock")
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeQMP{path: path, script: s, received: make(chan qmpCmd, 256), counts: map[string]int{}}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			f.mu.Lock()
+			if f.closed {
+				f.mu.Unlock()
+				conn.Close()
+				return
+			}
+			f.accepted++
+			f.conns = append(f.conns, conn)
+			wg.Add(1)
+			f.mu.Unlock()
+			go func() {
+				defer wg.Done()
+				defer conn.Close()
+				f.serve(conn)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		f.mu.Lock()
+		f.closed = true
+		for _, c := range f.conns {
+			c.Close()
+		}
+		f.mu.Unlock()
+		wg.Wait()
+	})
+	return f
+}
+
+func (f *fakeQMP) serve(conn net.Conn) {
+	if _, err := conn.Write([]byte(qmpGreeting + "\n")); err != nil {
+		return
+	}
+	sc := bufio.NewScanner(conn)
+	for sc.Scan() {
+		var msg struct {
+			Execute   string         `json:"execute"`
+			Arguments map[string]any `json:"arguments"`
+		}
+		if err := json.Unmarshal(sc.Bytes(), &msg); err != nil {
+			conn.Write([]byte(`{"error":{"class":"GenericError","desc":"JSON parse error"}}` + "\n"))
+			continue
+		}
+		c := qmpCmd{Name: msg.Execute, Args: msg.Arguments}
+		f.mu.Lock()
+		n := f.counts[c.Name]
+		f.counts[c.Name]++
+		f.cmds = append(f.cmds, c)
+		f.mu.Unlock()
+		select {
+		case f.received <- c:
+		default:
+		}
+		answer := qmpOK
+		if r, ok := f.script[c.Name]; ok {
+			answer = r(n)
+		}
+		if answer == silence {
+			continue
+		}
+		for _, line := range strings.Split(answer, "\n") {
+			if line == hangUp {
+				conn.Close()
+				return
+			}
+			if _, err := conn.Write([]byte(line + "\n")); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// commands returns every command received so far, in order.
+func (f *fakeQMP) commands() []qmpCmd {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]qmpCmd(nil), f.cmds...)
+}
+
+func (f *fakeQMP) names() []string {
+	var names []string
+	for _, c := range f.commands() {
+		names = append(names, c.Name)
+	}
+	return names
+}
+
+func (f *fakeQMP) connections() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.accepted
+}
+
+// args returns the arguments of the i-th received command named name.
+func (f *fakeQMP) args(t *testing.T, name string, i int) map[string]any {
+	t.Helper()
+	for _, c := range f.commands() {
+		if c.Name == name {
+			if i == 0 {
+				return c.Args
+			}
+			i--
+		}
+	}
+	t.Fatalf("command %s not received; got %v", name, f.names())
+	return nil
+}
+
+// testCtx bounds a test so that a bug fails it rather than hanging it.
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func dialFake(t *testing.T, ctx context.Context, f *fakeQMP) *monitor {
+	t.Helper()
+	m, err := dialQMP(ctx, f.path)
+	if err != nil {
+		t.Fatalf("dialQMP: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+func wantNames(t *testing.T, f *fakeQMP, want ...string) {
+	t.Helper()
+	if got := f.names(); !reflect.DeepEqual(got, want) {
+		t.Errorf("commands sent:\n got %q\nwant %q", got, want)
+	}
+}
+
+// fakeInstance is a VM whose process is already gone (PID 0), so Wait
+// returns at once.
+func fakeInstance(f *fakeQMP) vmm.Instance {
+	return vmm.Instance{QMPSocket: f.path, PID: 0, AgentSocket: "x"}
+}
+
+func TestQMPHandshakeAndEventsSkipped(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"qmp_capabilities": seq(qmpEvent("RESUME") + "\n" + qmpOK),
+		"query-status": seq(qmpEvent("STOP") + "\n" + qmpEvent("MIGRATION") + "\n" +
+			`{"return":{"status":"paused","running":false}}`),
+	})
+	ctx := testCtx(t)
+	m := dialFake(t, ctx, f)
+	wantNames(t, f, "qmp_capabilities")
+	if a := f.args(t, "qmp_capabilities", 0); a != nil {
+		t.Errorf("qmp_capabilities sent arguments %v, want none", a)
+	}
+
+	var st struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	if err := m.run(ctx, "query-status", nil, &st); err != nil {
+		t.Fatalf("query-status: %v", err)
+	}
+	if st.Status != "paused" || st.Running {
+		t.Errorf("query-status decoded %+v, want status paused, not running", st)
+	}
+	// Arguments go through; a nil out discards the return.
+	if err := m.run(ctx, "block_resize", map[string]any{"device": "root", "size": 42}, nil); err != nil {
+		t.Fatalf("block_resize: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "query-status", "block_resize")
+	if a := f.args(t, "block_resize", 0); a["device"] != "root" || a["size"] != float64(42) {
+		t.Errorf("block_resize arguments %v", a)
+	}
+	if a := f.args(t, "query-status", 0); a != nil {
+		t.Errorf("query-status sent arguments %v, want none", a)
+	}
+}
+
+func TestQMPDialErrors(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	missing := filepath.Join(t.TempDir(), "none.sock")
+	if _, err := dialQMP(ctx, missing); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("dial of a missing socket: got %v, want an error naming %s", err, missing)
+	}
+
+	f := newFakeQMP(t, script{
+		"qmp_capabilities": seq(`{"error":{"class":"CommandNotFound","desc":"nope"}}`),
+	})
+	_, err := dialQMP(ctx, f.path)
+	if err == nil || !strings.Contains(err.Error(), "handshake") || !strings.Contains(err.Error(), "nope") {
+		t.Errorf("refused capabilities: got %v, want a handshake error carrying the desc", err)
+	}
+}
+
+func TestQMPErrorReply(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"migrate": seq(qmpEvent("STOP") + "\n" +
+			`{"error":{"class":"GenericError","desc":"There's a migration process in progress"}}`),
+	})
+	ctx := testCtx(t)
+	m := dialFake(t, ctx, f)
+	err := m.run(ctx, "migrate", map[string]any{"uri": "exec:cat > /x"}, nil)
+	if err == nil {
+		t.Fatal("an error reply gave no error")
+	}
+	for _, want := range []string{"migrate", "GenericError", "There's a migration process in progress"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not contain %q", err, want)
+		}
+	}
+	// The session is still usable after an error reply.
+	if err := m.run(ctx, "stop", nil, nil); err != nil {
+		t.Errorf("command after an error reply: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "migrate", "stop")
+}
+
+// runAsync runs one command in the background; the test fails rather than
+// hangs if it never returns.
+func runAsync(m *monitor, ctx context.Context, command string) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- m.run(ctx, command, nil, nil) }()
+	return done
+}
+
+func waitErr(t *testing.T, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(5 * time.Second):
+		t.Fatal("run did not return after its context ended")
+		return nil
+	}
+}
+
+func TestQMPNoAnswerDeadline(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{"query-status": seq(silence)})
+	m := dialFake(t, testCtx(t), f)
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	err := waitErr(t, runAsync(m, ctx, "query-status"))
+	if err == nil {
+		t.Fatal("run returned no error though the server never answered")
+	}
+	if !strings.Contains(err.Error(), "query-status") {
+		t.Errorf("error %q does not name the command", err)
+	}
+	// The context's deadline, whichever of its timer and the socket's
+	// (set to the same time) fired first.
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("error %v is not a deadline error", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "query-status")
+}
+
+func TestQMPNoAnswerCancel(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{"query-migrate": seq(silence)})
+	m := dialFake(t, testCtx(t), f)
+	<-f.received // qmp_capabilities
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := runAsync(m, ctx, "query-migrate")
+	select {
+	case c := <-f.received:
+		if c.Name != "query-migrate" {
+			t.Fatalf("server got %s, want query-migrate", c.Name)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("query-migrate never reached the server")
+	}
+	cancel()
+	if err := waitErr(t, done); !errors.Is(err, context.Canceled) {
+		t.Errorf("run after cancel: got %v, want context.Canceled", err)
+	}
+
+	// An already cancelled context fails at once, for dial and for run.
+	if _, err := dialQMP(ctx, f.path); err == nil {
+		t.Error("dialQMP with a cancelled context succeeded")
+	}
+	if err := waitErr(t, runAsync(m, ctx, "stop")); !errors.Is(err, context.Canceled) {
+		t.Errorf("run with a cancelled context: got %v, want context.Canceled", err)
+	}
+}
+
+func TestSaveSequence(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"stop": seq(qmpEvent("STOP") + "\n" + qmpOK),
+		"query-migrate": seq(
+			`{"return":{"status":"active","ram":{"transferred":1}}}`,
+			qmpEvent("MIGRATION")+"\n"+`{"return":{"status":"active"}}`,
+			`{"return":{"status":"completed"}}`,
+		),
+	})
+	const state = "/var/lib/smolvm/templates/t1/state"
+	if err := New().Save(testCtx(t), fakeInstance(f), state); err != nil {
+		t.Fatalf("Save: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "migrate",
+		"query-migrate", "query-migrate", "query-migrate", "quit")
+	if got := f.args(t, "migrate", 0)["uri"]; got != "exec:cat > "+state {
+		t.Errorf("migrate uri %q, want %q", got, "exec:cat > "+state)
+	}
+	if got := f.args(t, "migrate-set-parameters", 0)["max-bandwidth"]; got != float64(int64(1)<<40) {
+		t.Errorf("max-bandwidth %v, want %d", got, int64(1)<<40)
+	}
+}
+
+func TestSaveQuitHangsUp(t *testing.T) {
+	t.Parallel()
+	// QEMU may exit before it answers quit; the process being gone is
+	// what counts.
+	f := newFakeQMP(t, script{
+		"query-migrate": seq(`{"return":{"status":"completed"}}`),
+		"quit":          seq(hangUp),
+	})
+	if err := New().Save(testCtx(t), fakeInstance(f), "/s/state"); err != nil {
+		t.Fatalf("Save with quit unanswered: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "migrate", "query-migrate", "quit")
+}
+
+func TestSaveFailedMigration(t *testing.T) {
+	t.Parallel()
+	for _, status := range []string{"failed", "cancelled"} {
+		t.Run(status, func(t *testing.T) {
+			t.Parallel()
+			f := newFakeQMP(t, script{
+				"query-migrate": seq(
+					`{"return":{"status":"active"}}`,
+					`{"return":{"status":"`+status+`","error-desc":"write to pipe: No space left on device"}}`,
+				),
+			})
+			err := New().Save(testCtx(t), fakeInstance(f), "/s/state")
+			if err == nil {
+				t.Fatal("Save succeeded though the migration " + status)
+			}
+			for _, want := range []string{"migration " + status, "No space left on device"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error %q does not contain %q", err, want)
+				}
+			}
+			// Nothing after the failed poll: the VM is not quit.
+			wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "migrate",
+				"query-migrate", "query-migrate")
+		})
+	}
+}
+
+func TestSaveCommandError(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"stop": seq(`{"error":{"class":"GenericError","desc":"cannot stop"}}`),
+	})
+	err := New().Save(testCtx(t), fakeInstance(f), "/s/state")
+	if err == nil || !strings.Contains(err.Error(), "cannot stop") {
+		t.Fatalf("Save with stop refused: got %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "stop")
+}
+
+func TestSaveRefusesUnsafePath(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, nil)
+	for _, p := range []string{"/s/my state", `/s/st'ate`, `/s/st"ate`, `/s/st\ate`, "/s/$(id)", "/s/a;b", "/s/a|b", "/s/a`b`", "/s/a\nb", "/s/a>b", ""} {
+		err := New().Save(testCtx(t), fakeInstance(f), p)
+		if err == nil || !strings.Contains(err.Error(), "a shell would interpret") {
+			t.Errorf("Save(%q): got %v, want the path refused", p, err)
+		}
+	}
+	// Save returns before dialling, so nothing can still be on its way.
+	if n := f.connections(); n != 0 {
+		t.Errorf("Save connected %d times for refused paths", n)
+	}
+	wantNames(t, f)
+}
+
+func TestSaveProcessStaysAlive(t *testing.T) {
+	t.Parallel()
+	// A process that does not go away after quit: Save waits for it until
+	// its context ends and reports that. This test's own process stands
+	// in for QEMU (its command line contains the empty marker).
+	f := newFakeQMP(t, script{"query-migrate": seq(`{"return":{"status":"completed"}}`)})
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	inst := vmm.Instance{QMPSocket: f.path, PID: os.Getpid()}
+	err := New().Save(ctx, inst, "/s/state")
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Save with a process that stays: got %v, want a deadline error", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "migrate", "query-migrate", "quit")
+}
+
+func TestResumeSequence(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"query-status": seq(
+			`{"return":{"status":"inmigrate","running":false}}`,
+			qmpEvent("MIGRATION")+"\n"+`{"return":{"status":"inmigrate","running":false}}`,
+			qmpEvent("STOP")+"\n"+`{"return":{"status":"paused","running":false}}`,
+		),
+		"cont": seq(qmpEvent("RESUME") + "\n" + qmpOK),
+	})
+	const state = "/var/lib/smolvm/templates/t1/state"
+	if err := New().resume(testCtx(t), fakeInstance(f), state); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "migrate-incoming",
+		"query-status", "query-status", "query-status", "cont")
+	if got := f.args(t, "migrate-incoming", 0)["uri"]; got != "exec:cat "+state {
+		t.Errorf("migrate-incoming uri %q, want %q", got, "exec:cat "+state)
+	}
+}
+
+func TestResumeAlreadyRunning(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"query-status": seq(
+			`{"return":{"status":"inmigrate","running":false}}`,
+			`{"return":{"status":"running","running":true}}`,
+		),
+	})
+	if err := New().resume(testCtx(t), fakeInstance(f), "/s/state"); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "migrate-incoming", "query-status", "query-status")
+}
+
+func TestResumeErrors(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name   string
+		script script
+		want   string
+		sent   []string
+	}{
+		{
+			name:   "migrate-incoming refused",
+			script: script{"migrate-incoming": seq(`{"error":{"class":"GenericError","desc":"not in -incoming mode"}}`)},
+			want:   "not in -incoming mode",
+			sent:   []string{"qmp_capabilities", "migrate-incoming"},
+		},
+		{
+			// A state that fails to load ends QEMU, and so the session.
+			name: "QEMU exits while loading",
+			script: script{"query-status": seq(
+				`{"return":{"status":"inmigrate"}}`,
+				hangUp,
+			)},
+			want: "load VM state",
+			sent: []string{"qmp_capabilities", "migrate-incoming", "query-status", "query-status"},
+		},
+		{
+			name: "cont refused",
+			script: script{
+				"query-status": seq(`{"return":{"status":"paused"}}`),
+				"cont":         seq(`{"error":{"class":"GenericError","desc":"cannot continue"}}`),
+			},
+			want: "cannot continue",
+			sent: []string{"qmp_capabilities", "migrate-incoming", "query-status", "cont"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f := newFakeQMP(t, tc.script)
+			err := New().resume(testCtx(t), fakeInstance(f), "/s/state")
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("resume: got %v, want an error containing %q", err, tc.want)
+			}
+			wantNames(t, f, tc.sent...)
+		})
+	}
+}
+
+func TestStatusAndResize(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{
+		"query-status": seq(qmpEvent("RESUME") + "\n" + `{"return":{"status":"running","running":true}}`),
+	})
+	ctx := testCtx(t)
+	d := New()
+	inst := fakeInstance(f)
+	st, err := d.Status(ctx, inst)
+	if err != nil || st != "running" {
+		t.Errorf("Status: got %q, %v; want running", st, err)
+	}
+	if err := d.Resize(ctx, inst, 8<<30); err != nil {
+		t.Errorf("Resize: %v", err)
+	}
+	// Each call is its own session, with its own handshake.
+	wantNames(t, f, "qmp_capabilities", "query-status", "qmp_capabilities", "block_resize")
+	a := f.args(t, "block_resize", 0)
+	if a["device"] != "root" || a["size"] != float64(8<<30) {
+		t.Errorf("block_resize arguments %v", a)
+	}
+}
