@@ -112,8 +112,12 @@ type Info struct {
 	UptimeMS int64  `json:"uptime_ms"`
 }
 
-// WriteFrame writes one frame.
+// WriteFrame writes one frame; a payload over MaxFrame is refused, since
+// the reader would refuse it.
 func WriteFrame(w io.Writer, typ byte, payload []byte) error {
+	if len(payload) > MaxFrame {
+		return fmt.Errorf("frame of %d bytes exceeds the %d limit", len(payload), MaxFrame)
+	}
 	var hdr [5]byte
 	hdr[0] = typ
 	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
@@ -143,6 +147,9 @@ func ReadFrame(r io.Reader, buf []byte) (byte, []byte, error) {
 	}
 	buf = buf[:n]
 	if _, err := io.ReadFull(r, buf); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF // a header was read: the stream was cut
+		}
 		return 0, nil, fmt.Errorf("read frame payload: %w", err)
 	}
 	return hdr[0], buf, nil
@@ -168,38 +175,51 @@ func LastHello(b []byte) []byte {
 
 // AwaitHello discards input until a hello line and returns its nonce.
 func AwaitHello(r *bufio.Reader) (string, error) {
-	for {
-		line, err := r.ReadSlice('\n')
-		if errors.Is(err, bufio.ErrBufferFull) {
-			continue // a long run of stale bytes; keep discarding
-		}
-		if err != nil {
-			return "", err
-		}
+	var nonce string
+	err := awaitLine(r, func(line []byte) bool {
 		i := bytes.Index(line, []byte(helloPrefix))
 		if i < 0 {
-			continue
+			return false
 		}
-		nonce := bytes.TrimSpace(line[i+len(helloPrefix):])
-		if len(nonce) != nonceLen {
-			continue
+		n := bytes.TrimSpace(line[i+len(helloPrefix):])
+		if len(n) != nonceLen {
+			return false
 		}
-		return string(nonce), nil
-	}
+		nonce = string(n)
+		return true
+	})
+	return nonce, err
 }
 
 // AwaitReady discards input until the ready line for nonce.
 func AwaitReady(r *bufio.Reader, nonce string) error {
 	want := []byte(readyPrefix + nonce)
+	return awaitLine(r, func(line []byte) bool { return bytes.Contains(line, want) })
+}
+
+// handshakeLineMax is longer than either handshake line.
+const handshakeLineMax = len(helloPrefix) + nonceLen + 2
+
+// awaitLine reads lines until match accepts one. A run of stale bytes
+// longer than r's buffer is discarded but for its end, which may be the
+// start of the line waited for.
+func awaitLine(r *bufio.Reader, match func(line []byte) bool) error {
+	var carry []byte
 	for {
-		line, err := r.ReadSlice('\n')
+		chunk, err := r.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) {
+			carry = append(carry[:0], chunk[max(0, len(chunk)-handshakeLineMax):]...)
 			continue
 		}
 		if err != nil {
 			return err
 		}
-		if bytes.Contains(line, want) {
+		line := chunk
+		if len(carry) > 0 {
+			line = append(carry, chunk...)
+			carry = line[:0]
+		}
+		if match(line) {
 			return nil
 		}
 	}
