@@ -20,7 +20,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/api"
 	"github.com/smolvm/smolvm/internal/sandbox"
-	"github.com/smolvm/smolvm/internal/vmm/qemu"
+	"github.com/smolvm/smolvm/internal/vmm"
 )
 
 // Options size a run.
@@ -120,16 +120,22 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		return nil, err
 	}
 	defer m.Close()
-	spec, err := m.BootSpec(ctx, o.MemoryMiB)
+	drv, spec, err := m.BootSpec(ctx, o.MemoryMiB)
 	if err != nil {
 		return nil, err
+	}
+	prober, ok := drv.(interface {
+		ProbeCommand(context.Context, vmm.Spec) *exec.Cmd
+	})
+	if !ok {
+		return nil, fmt.Errorf("backend %s cannot boot a bare kernel for the baseline", drv.Name())
 	}
 	spec.Cmdline += " smolvm.probe=poweroff"
 	fmt.Fprintf(log, "baseline: %d raw boots of %s...\n", o.Boots, spec.Kernel)
 	for range o.Boots {
 		start := time.Now()
 		bctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-		out, err := exec.CommandContext(bctx, qemu.Binary(), qemu.ProbeArgs(spec)...).CombinedOutput()
+		out, err := prober.ProbeCommand(bctx, spec).CombinedOutput()
 		cancel()
 		if err != nil {
 			return nil, fmt.Errorf("baseline boot: %v: %s", err, out)

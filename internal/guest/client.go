@@ -25,22 +25,25 @@ type Client struct {
 	sess *yamux.Session
 }
 
-// Dial connects to the agent's socket and completes the handshake. It keeps
-// trying until ctx ends, so it doubles as "wait until the guest has booted".
+// Dialer opens a byte stream to a guest's agent port, as
+// vmm.Machine.DialAgent does.
+type Dialer func(ctx context.Context) (net.Conn, error)
+
+// Dial connects to the agent and completes the handshake. It keeps trying
+// until ctx ends, so it doubles as "wait until the guest has booted".
 //
 // An attempt that gets no answer reconnects rather than waiting on: when a
 // previous host has only just gone, the agent's old session can swallow the
 // new hello before it notices the disconnect, and only a fresh connection
 // makes the agent start listening again.
-func Dial(ctx context.Context, socket string) (*Client, error) {
-	var d net.Dialer
+func Dial(ctx context.Context, dial Dialer) (*Client, error) {
 	wait := time.Second
 	for {
-		conn, err := d.DialContext(ctx, "unix", socket)
+		conn, err := dial(ctx)
 		if err != nil {
 			select {
 			case <-ctx.Done():
-				return nil, fmt.Errorf("connect to agent socket %s: %w", socket, err)
+				return nil, fmt.Errorf("connect to the agent: %w", err)
 			case <-time.After(10 * time.Millisecond):
 			}
 			continue

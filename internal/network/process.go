@@ -39,6 +39,11 @@ func (f Files) logFile() string { return filepath.Join(f.Dir, "net.log") }
 // marker identifies the process on its command line, beside its pid.
 func (f Files) marker() string { return "--dir=" + f.Dir }
 
+// All are the files a network process keeps in its directory.
+func (f Files) All() []string {
+	return []string{f.Link(), f.Control(), f.pidFile(), f.logFile()}
+}
+
 // ErrPathTooLong means the sandbox directory is too deep for its sockets.
 var ErrPathTooLong = errors.New("socket path too long")
 

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -27,7 +28,7 @@ import (
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
-	"github.com/smolvm/smolvm/internal/vmm/qemu"
+	"github.com/smolvm/smolvm/internal/vmm/drivers"
 )
 
 // Options configure a Manager.
@@ -40,8 +41,11 @@ type Options struct {
 	// NetPath is the sandbox network helper (cmd/smolvm-net); "" locates
 	// it ($SMOLVM_NET, then next to the running executable, then $PATH).
 	NetPath string
-	// Accel forces an accelerator ("kvm" or "tcg"); "" picks KVM only where
-	// it really works ($SMOLVM_ACCEL overrides).
+	// Drivers are the VMM backends sandboxes may use; nil means every
+	// driver of this build, with Accel.
+	Drivers *vmm.Registry
+	// Accel forces an accelerator ("kvm" or "tcg") on the default drivers;
+	// "" picks KVM only where it really works ($SMOLVM_ACCEL overrides).
 	Accel string
 	// Progress receives human-readable lines about long work (image builds).
 	Progress io.Writer
@@ -81,12 +85,11 @@ const connectTimeout = 15 * time.Second
 type Manager struct {
 	opts    Options
 	store   *store.Store
-	drivers map[string]vmm.Driver
+	drivers *vmm.Registry
 
-	mu          sync.Mutex
-	clients     map[string]*guest.Client
-	locks       map[string]*sync.Mutex
-	vmmVersions map[vmm.Versioner]string
+	mu      sync.Mutex
+	clients map[string]*guest.Client
+	locks   map[string]*sync.Mutex
 
 	stopPool func()
 	poolWake chan struct{}
@@ -137,11 +140,13 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	q := qemu.New()
+	if opts.Drivers == nil {
+		opts.Drivers = drivers.Default(opts.Accel)
+	}
 	m := &Manager{
 		opts:     opts,
 		store:    st,
-		drivers:  map[string]vmm.Driver{q.Name(): q},
+		drivers:  opts.Drivers,
 		clients:  make(map[string]*guest.Client),
 		locks:    make(map[string]*sync.Mutex),
 		progress: make(map[string]Progress),
@@ -223,7 +228,7 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 		req.VCPUs = DefaultVCPUs
 	}
 	if req.Backend == "" {
-		req.Backend = DefaultBackend
+		req.Backend = m.drivers.Default().Name()
 	}
 	if req.MemoryMiB < MinMemoryMiB || req.MemoryMiB > MaxMemoryMiB {
 		return nil, invalid("invalid_memory", "memory", "memory must be between %d and %d MiB, got %d", MinMemoryMiB, MaxMemoryMiB, req.MemoryMiB)
@@ -242,18 +247,17 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 	default:
 		return nil, invalid("unknown_os", "os", "unknown os %q: use alpine, ubuntu, debian or windows, or omit it", req.OS)
 	}
-	switch req.Backend {
-	case "qemu":
-	case "firecracker", "libkrun":
-		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend",
-			Message: fmt.Sprintf("backend %s is not available on this host: this build runs sandboxes with qemu only", req.Backend)}
-	default:
-		return nil, invalid("unknown_backend", "backend", "unknown backend %q: use qemu, firecracker or libkrun", req.Backend)
+	drv, err := m.drivers.Get(req.Backend)
+	if err != nil {
+		if slices.Contains(Backends, req.Backend) {
+			return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend",
+				Message: fmt.Sprintf("backend %s is not available on this host: this build runs sandboxes with %s", req.Backend, strings.Join(m.drivers.Names(), ", "))}
+		}
+		return nil, invalid("unknown_backend", "backend", "unknown backend %q: use %s", req.Backend, strings.Join(Backends, ", "))
 	}
 	if err := normalizeNetwork(req); err != nil {
 		return nil, err
 	}
-	drv := m.drivers[req.Backend]
 	if err := drv.Available(); err != nil {
 		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend", Message: err.Error()}
 	}
@@ -265,7 +269,6 @@ type assets struct {
 	kernel *kernel.Kernel
 	initrd string
 	base   *image.Base
-	accel  string
 }
 
 func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int, progress func(image.Progress)) (assets, error) {
@@ -291,10 +294,6 @@ func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int, pro
 		return a, invalid("invalid_disk_size", "disk_size", "disk_size %d MiB is smaller than the image (%d MiB): ask for at least %d", diskMiB, imageMiB, imageMiB)
 	}
 	a.kernel, a.initrd, a.base = k, initrd, base
-	a.accel = m.opts.Accel
-	if a.accel == "" {
-		a.accel, _ = doctor.Accelerator()
-	}
 	return a, nil
 }
 
@@ -508,17 +507,18 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	if keepFailure {
-		if inst, ierr := instance(*rec); ierr == nil {
-			drv.Kill(cctx, inst)
+		terr := m.halt(cctx, *rec)
+		if rerr := os.RemoveAll(rec.Dir); rerr != nil {
+			terr = errors.Join(terr, rerr)
 		}
-		m.dropClient(rec.ID)
-		network.Stop(cctx, rec.Dir)
-		os.RemoveAll(rec.Dir)
 		rec.Status, rec.PID, rec.Runtime, rec.Error = string(StatusError), 0, "", err.Error()
-		m.store.Update(cctx, *rec)
+		if uerr := m.store.Update(cctx, *rec); uerr != nil {
+			terr = errors.Join(terr, uerr)
+		}
+		m.logTeardown(rec.ID, "failed create", terr)
 		return Info{}, err
 	}
-	m.destroy(cctx, drv, *rec)
+	m.logTeardown(rec.ID, "failed create", m.destroy(cctx, *rec))
 	return Info{}, err
 }
 
@@ -552,15 +552,12 @@ func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store
 		if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
 			return Info{}, fmt.Errorf("create sandbox directory: %w", err)
 		}
-		if err := drv.CreateDisk(ctx, spec); err != nil {
-			return Info{}, err
-		}
 	}
-	inst, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Instance, error) { return drv.Boot(ctx, s) })
+	mach, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Machine, error) { return drv.Start(ctx, s) })
 	if err != nil {
 		return Info{}, err
 	}
-	c, err := m.waitAgent(ctx, drv, inst, rec, m.opts.BootTimeout)
+	c, err := m.waitAgent(ctx, mach, rec, m.opts.BootTimeout)
 	if err != nil {
 		return Info{}, err
 	}
@@ -573,21 +570,20 @@ func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
 		Cmdline:   bootCmdline(rec.ID, readNet(*rec).Policy.Enabled()),
 		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
-		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs, Accel: a.accel,
+		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs,
 	}
 }
 
 // waitAgent records inst on rec and waits up to timeout for the agent to
 // answer, giving up at once if the VM process dies or the guest crashes.
-func (m *Manager) waitAgent(ctx context.Context, drv vmm.Driver, inst vmm.Instance, rec *store.Record, timeout time.Duration) (*guest.Client, error) {
-	rt, _ := json.Marshal(inst)
-	rec.PID, rec.Runtime = inst.PID, string(rt)
+func (m *Manager) waitAgent(ctx context.Context, mach vmm.Machine, rec *store.Record, timeout time.Duration) (*guest.Client, error) {
+	rec.PID, rec.Runtime = mach.PID(), string(mach.Runtime())
 	if err := m.store.Update(ctx, *rec); err != nil {
-		return nil, errors.Join(fmt.Errorf("record sandbox: %w", err), drv.Kill(context.WithoutCancel(ctx), inst))
+		return nil, errors.Join(fmt.Errorf("record sandbox: %w", err), mach.Kill(context.WithoutCancel(ctx)))
 	}
-	c, err := dialWhileAlive(ctx, drv, inst, timeout)
+	c, err := dialWhileAlive(ctx, mach, timeout)
 	if err != nil {
-		return nil, errors.Join(err, drv.Kill(context.WithoutCancel(ctx), inst))
+		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
 	return c, nil
 }
@@ -602,14 +598,14 @@ var errGuestCrashed = errors.New("the guest crashed")
 // dialWhileAlive connects to inst's agent, watching the VM meanwhile: a VM
 // process that ends or a console that shows a kernel crash ends the wait
 // within a tick, instead of after timeout.
-func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, timeout time.Duration) (*guest.Client, error) {
+func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration) (*guest.Client, error) {
 	bctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var why error // set before cancel, read after Dial returns
 	watched := make(chan struct{})
 	go func() {
 		defer close(watched)
-		console := &consoleWatch{path: inst.Console}
+		console := &consoleWatch{path: mach.ConsoleLog()}
 		t := time.NewTicker(50 * time.Millisecond)
 		defer t.Stop()
 		for {
@@ -622,7 +618,7 @@ func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, time
 					cancel()
 					return
 				}
-				if !drv.Alive(inst) {
+				if !mach.Alive() {
 					why = errVMExited
 					if line := console.crash(); line != "" {
 						why = fmt.Errorf("%w (%q)", errGuestCrashed, line)
@@ -633,19 +629,19 @@ func dialWhileAlive(ctx context.Context, drv vmm.Driver, inst vmm.Instance, time
 			}
 		}
 	}()
-	c, err := guest.Dial(bctx, inst.AgentSocket)
+	c, err := guest.Dial(bctx, mach.DialAgent)
 	cancel()
 	<-watched
 	if err == nil {
 		return c, nil
 	}
 	if why != nil {
-		return nil, fmt.Errorf("%w; console output:\n%s", why, consoleTail(inst.Console))
+		return nil, fmt.Errorf("%w; console output:\n%s", why, consoleTail(mach.ConsoleLog()))
 	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
-	return nil, fmt.Errorf("the guest did not answer within %s: %w; console output:\n%s", timeout, err, consoleTail(inst.Console))
+	return nil, fmt.Errorf("the guest did not answer within %s: %w; console output:\n%s", timeout, err, consoleTail(mach.ConsoleLog()))
 }
 
 // finish gives the guest its identity and marks the sandbox running.
@@ -740,13 +736,13 @@ func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, 
 	if c != nil && !c.Closed() {
 		return c, nil
 	}
-	inst, err := instance(rec)
+	_, mach, err := m.machine(rec)
 	if err != nil {
 		return nil, err
 	}
 	dctx, cancel := context.WithTimeout(ctx, connectTimeout)
 	defer cancel()
-	c, err = guest.Dial(dctx, inst.AgentSocket)
+	c, err = guest.Dial(dctx, mach.DialAgent)
 	if err != nil {
 		return nil, &Error{Kind: KindConflict, Code: "agent_unreachable",
 			Message: fmt.Sprintf("sandbox %s did not answer; if another smolvm process (a server) is using it, go through that process (--url)", rec.ID), Err: err}
@@ -755,15 +751,47 @@ func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, 
 	return c, nil
 }
 
-func instance(rec store.Record) (vmm.Instance, error) {
-	var inst vmm.Instance
+// machine finds rec's VM again through its driver and runtime record.
+func (m *Manager) machine(rec store.Record) (vmm.Driver, vmm.Machine, error) {
+	drv, err := m.drivers.Get(rec.Backend)
+	if err != nil {
+		return nil, nil, fmt.Errorf("sandbox %s: %w", rec.ID, err)
+	}
 	if rec.Runtime == "" {
-		return inst, fmt.Errorf("sandbox %s has no runtime record", rec.ID)
+		return drv, nil, fmt.Errorf("sandbox %s has no runtime record", rec.ID)
 	}
-	if err := json.Unmarshal([]byte(rec.Runtime), &inst); err != nil {
-		return inst, fmt.Errorf("sandbox %s: bad runtime record: %w", rec.ID, err)
+	mach, err := drv.Attach(json.RawMessage(rec.Runtime))
+	if err != nil {
+		return drv, nil, fmt.Errorf("sandbox %s: %w", rec.ID, err)
 	}
-	return inst, nil
+	return drv, mach, nil
+}
+
+// halt ends what rec runs on this host: its agent session, its VM and its
+// network process. It is the one teardown every path uses; the errors of
+// all three are joined.
+func (m *Manager) halt(ctx context.Context, rec store.Record) error {
+	m.dropClient(rec.ID)
+	var errs []error
+	if _, mach, err := m.machine(rec); err == nil {
+		if err := mach.Kill(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("stop VM: %w", err))
+		}
+	}
+	if rec.Dir != "" {
+		if err := network.Stop(ctx, rec.Dir); err != nil {
+			errs = append(errs, fmt.Errorf("stop network: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// logTeardown logs a teardown's error for the operator: the caller's own
+// error has already been returned, and this one must not be lost.
+func (m *Manager) logTeardown(id, what string, err error) {
+	if err != nil {
+		m.opts.Logger.Error("cleanup after "+what+" failed", "sandbox", id, "err", err)
+	}
 }
 
 func toInfo(r store.Record) Info {
@@ -800,9 +828,8 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	if rec.Status != string(StatusRunning) {
 		return rec
 	}
-	drv, ok := m.drivers[rec.Backend]
-	inst, err := instance(rec)
-	if !ok || err != nil || drv.Alive(inst) {
+	_, mach, err := m.machine(rec)
+	if err != nil || mach.Alive() {
 		return rec
 	}
 	reason := fmt.Sprintf("the VM process (pid %d) exited unexpectedly", rec.PID)
@@ -830,10 +857,7 @@ func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Recor
 		}
 		return rec
 	}
-	if drv, inst, err := m.driverFor(rec); err == nil {
-		drv.Kill(ctx, inst)
-	}
-	network.Stop(ctx, rec.Dir)
+	m.logTeardown(rec.ID, "an interrupted create", m.halt(ctx, rec))
 	os.Remove(filepath.Join(rec.Dir, creationLock))
 	rec.Status, rec.Error, rec.PID = string(StatusError), reason, 0
 	return rec
@@ -948,7 +972,7 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	case string(StatusCreating):
 		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
-	drv, inst, err := m.driverFor(rec)
+	_, mach, err := m.machine(rec)
 	if err != nil {
 		return err
 	}
@@ -959,7 +983,7 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	c := m.clients[id]
 	m.mu.Unlock()
 	if c == nil || c.Closed() {
-		if dialed, err := guest.Dial(sctx, inst.AgentSocket); err == nil {
+		if dialed, err := guest.Dial(sctx, mach.DialAgent); err == nil {
 			defer dialed.Close()
 			c = dialed
 		}
@@ -971,13 +995,14 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	m.dropClient(id)
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := drv.Wait(wctx, inst); err != nil {
-		if err := drv.Kill(ctx, inst); err != nil {
-			return err
-		}
+	if mach.Wait(wctx) != nil {
+		// It did not power off in time; halt kills it. The network
+		// process ends by itself once the VM is gone; halt makes sure.
+		m.opts.Logger.Warn("VM did not shut down in time; killing it", "sandbox", id)
 	}
-	// It ends by itself once the VM is gone; this makes sure.
-	network.Stop(ctx, rec.Dir)
+	if err := m.halt(ctx, rec); err != nil {
+		return fmt.Errorf("stop sandbox %s: %w", id, err)
+	}
 	rec.Status, rec.PID, rec.Error = string(StatusStopped), 0, ""
 	return m.store.Update(ctx, rec)
 }
@@ -999,9 +1024,9 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	case string(StatusCreating):
 		return Info{}, &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
-	drv, ok := m.drivers[rec.Backend]
-	if !ok {
-		return Info{}, fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
+	drv, err := m.drivers.Get(rec.Backend)
+	if err != nil {
+		return Info{}, fmt.Errorf("sandbox %s: %w", id, err)
 	}
 	a, err := m.assets(ctx, sourceOf(rec), rec.DiskSizeMiB, nil)
 	if err != nil {
@@ -1009,24 +1034,16 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	}
 	info, err := m.boot(ctx, drv, a, &rec, false, string(StatusRunning))
 	if err != nil {
-		if inst, ierr := instance(rec); ierr == nil {
-			drv.Kill(context.WithoutCancel(ctx), inst)
-		}
-		network.Stop(context.WithoutCancel(ctx), rec.Dir)
+		cctx := context.WithoutCancel(ctx)
+		terr := m.halt(cctx, rec)
 		rec.Status, rec.PID, rec.Error = string(StatusError), 0, err.Error()
-		m.store.Update(context.WithoutCancel(ctx), rec)
+		if uerr := m.store.Update(cctx, rec); uerr != nil {
+			terr = errors.Join(terr, uerr)
+		}
+		m.logTeardown(id, "failed start", terr)
 		return Info{}, err
 	}
 	return info, nil
-}
-
-func (m *Manager) driverFor(rec store.Record) (vmm.Driver, vmm.Instance, error) {
-	drv, ok := m.drivers[rec.Backend]
-	if !ok {
-		return nil, vmm.Instance{}, fmt.Errorf("sandbox %s uses unknown backend %q", rec.ID, rec.Backend)
-	}
-	inst, err := instance(rec)
-	return drv, inst, err
 }
 
 // Delete stops the VM and removes every file it made, and its record.
@@ -1062,30 +1079,19 @@ func (m *Manager) remove(ctx context.Context, rec store.Record) error {
 	if err != nil {
 		return err
 	}
-	rec = fresh
-	drv, ok := m.drivers[rec.Backend]
-	if !ok {
-		return fmt.Errorf("sandbox %s uses unknown backend %q", id, rec.Backend)
-	}
-	return m.destroy(ctx, drv, rec)
+	return m.destroy(ctx, fresh)
 }
 
 // destroy kills the VM, removes its directory, then its record, in that
 // order, so a failure part-way leaves a record that Delete can retry.
-func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record) error {
-	m.dropClient(rec.ID)
+func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 	m.mu.Lock()
 	delete(m.configs, rec.ID)
 	m.mu.Unlock()
-	if inst, err := instance(rec); err == nil {
-		if err := drv.Kill(ctx, inst); err != nil {
-			return fmt.Errorf("stop sandbox %s: %w", rec.ID, err)
-		}
+	if err := m.halt(ctx, rec); err != nil {
+		return fmt.Errorf("stop sandbox %s: %w", rec.ID, err)
 	}
 	if rec.Dir != "" {
-		if err := network.Stop(ctx, rec.Dir); err != nil {
-			return fmt.Errorf("stop sandbox %s network: %w", rec.ID, err)
-		}
 		if err := os.RemoveAll(rec.Dir); err != nil {
 			return fmt.Errorf("remove sandbox %s files: %w", rec.ID, err)
 		}
@@ -1096,17 +1102,17 @@ func (m *Manager) destroy(ctx context.Context, drv vmm.Driver, rec store.Record)
 	return nil
 }
 
-// BootSpec returns the kernel, initramfs, command line and accelerator a
-// new sandbox of memMiB would boot with, without starting anything. The
-// benchmark boots it bare as its baseline.
-func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Spec, error) {
+// BootSpec returns the driver and the kernel, initramfs and command line a
+// new default sandbox of memMiB would boot with, without starting
+// anything. The benchmark boots it bare as its baseline.
+func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Driver, vmm.Spec, error) {
 	a, err := m.assets(ctx, image.Source{}, MaxDiskMiB, nil)
 	if err != nil {
-		return vmm.Spec{}, err
+		return nil, vmm.Spec{}, err
 	}
-	return vmm.Spec{
+	return m.drivers.Default(), vmm.Spec{
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("probe", false),
-		BaseImage: a.base.Path, MemoryMiB: memMiB, VCPUs: DefaultVCPUs, Accel: a.accel,
+		BaseImage: a.base.Path, MemoryMiB: memMiB, VCPUs: DefaultVCPUs,
 	}, nil
 }
 

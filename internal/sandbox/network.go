@@ -124,22 +124,24 @@ func (m *Manager) startNetwork(ctx context.Context, dir string, p network.Policy
 		}
 		return fmt.Errorf("start the sandbox network: %w", err)
 	}
-	spec.NetSocket = network.Files{Dir: dir}.Link()
-	spec.NetMAC = network.GuestMAC
+	spec.Net = &vmm.NetAttachment{Kind: vmm.NetStream, Socket: network.Files{Dir: dir}.Link(), MAC: network.GuestMAC}
 	return nil
 }
 
 // startVM starts rec's network, if it has one, then its VM with start; if
 // the VM does not start, the network goes too.
-func (m *Manager) startVM(ctx context.Context, rec *store.Record, spec vmm.Spec, start func(vmm.Spec) (vmm.Instance, error)) (vmm.Instance, error) {
+func (m *Manager) startVM(ctx context.Context, rec *store.Record, spec vmm.Spec, start func(vmm.Spec) (vmm.Machine, error)) (vmm.Machine, error) {
 	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
-		return vmm.Instance{}, err
+		return nil, err
 	}
-	inst, err := start(spec)
+	mach, err := start(spec)
 	if err != nil {
-		network.Stop(context.WithoutCancel(ctx), rec.Dir)
+		if nerr := network.Stop(context.WithoutCancel(ctx), rec.Dir); nerr != nil {
+			m.opts.Logger.Error("stop the network of a VM that did not start", "sandbox", rec.ID, "err", nerr)
+		}
+		return nil, err
 	}
-	return inst, err
+	return mach, nil
 }
 
 // applyPorts opens rec's recorded forwards on its (new) network process

@@ -145,7 +145,7 @@ func (m *Manager) fillPool(ctx context.Context) error {
 				continue
 			}
 			// A member made before sandboxes had networks cannot serve.
-			if drv, inst, err := m.driverFor(r); err == nil && drv.Alive(inst) && readNet(r).Policy.Enabled() {
+			if _, mach, err := m.machine(r); err == nil && mach.Alive() && readNet(r).Policy.Enabled() {
 				ready++
 				continue
 			}

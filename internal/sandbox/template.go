@@ -1,7 +1,6 @@
 package sandbox
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -41,11 +40,11 @@ type Template struct {
 	MemoryMiB int    `json:"memory"`
 	VCPUs     int    `json:"vcpus"`
 	DiskMiB   int    `json:"disk_size"`
-	Accel     string `json:"accel"`
 	Backend   string `json:"backend"`
 	// Network says whether the saved machine has a network interface.
-	Network   bool      `json:"network"`
-	VMM       string    `json:"vmm_version"`
+	Network bool `json:"network"`
+	// VMM is the driver's identity: its version and accelerator.
+	VMM       string    `json:"vmm"`
 	CreatedAt time.Time `json:"created_at"`
 	BuildMS   int64     `json:"build_ms"`
 	SizeBytes int64     `json:"size_bytes"`
@@ -54,26 +53,20 @@ type Template struct {
 	Retired bool `json:"retired,omitempty"`
 }
 
-func (t *Template) disk() string  { return filepath.Join(t.Dir, "disk.qcow2") }
-func (t *Template) state() string { return filepath.Join(t.Dir, "state") }
-
 // templateKey names everything a saved VM depends on; a clone may only be
 // restored from a template whose key matches exactly, so a new kernel,
 // agent (inside the initramfs's hash), image, QEMU or machine shape never
 // restores a stale template.
 func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
-	version := ""
-	if v, ok := drv.(vmm.Versioner); ok {
-		var err error
-		if version, err = m.vmmVersion(ctx, v); err != nil {
-			return nil, err
-		}
+	identity, err := drv.Identity(ctx)
+	if err != nil {
+		return nil, err
 	}
 	t := &Template{
 		Kernel: a.kernel.Version, Initrd: filepath.Base(a.initrd),
 		Image: a.base.Name, Digest: a.base.Digest,
-		MemoryMiB: memMiB, VCPUs: vcpus, Accel: a.accel,
-		Backend: drv.Name(), VMM: version,
+		MemoryMiB: memMiB, VCPUs: vcpus,
+		Backend: drv.Name(), VMM: identity,
 		DiskMiB: templateDiskMiB(a, diskMiB),
 		Network: net,
 	}
@@ -95,27 +88,6 @@ func templateDiskMiB(a assets, diskMiB int) int {
 	return max(imageMiB, min(diskMiB, DefaultDiskMiB))
 }
 
-func (m *Manager) vmmVersion(ctx context.Context, v vmm.Versioner) (string, error) {
-	m.mu.Lock()
-	s, ok := m.vmmVersions[v]
-	m.mu.Unlock()
-	if ok {
-		return s, nil
-	}
-	// Run outside the lock: the Manager's mutex guards maps, not commands.
-	s, err := v.Version(ctx)
-	if err != nil {
-		return "", err
-	}
-	m.mu.Lock()
-	if m.vmmVersions == nil {
-		m.vmmVersions = make(map[vmm.Versioner]string)
-	}
-	m.vmmVersions[v] = s
-	m.mu.Unlock()
-	return s, nil
-}
-
 // launch brings rec's VM up from a template when it can, and cold when it
 // cannot; a template that fails is retired at once, logged with why, and
 // never returned as a broken sandbox.
@@ -127,7 +99,7 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB, readNet(*rec).Policy.Enabled())
 	var warning string
 	if err == nil {
-		info, rerr := m.restore(ctx, drv, snap, t, a, rec, final)
+		info, console, rerr := m.restore(ctx, drv, snap, t, a, rec, final)
 		if rerr == nil {
 			return info, nil
 		}
@@ -141,18 +113,18 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 		}
 		// A crash the console shows says more than the broken
 		// connection it caused.
-		if line := (&consoleWatch{path: filepath.Join(rec.Dir, "console.log")}).crash(); line != "" && !errors.Is(rerr, errGuestCrashed) {
+		if line := (&consoleWatch{path: console}).crash(); line != "" && !errors.Is(rerr, errGuestCrashed) {
 			rerr = fmt.Errorf("%w (%q): %w", errGuestCrashed, line, rerr)
 		}
 		err = rerr
 		// Whatever went wrong, the next create builds a fresh template
 		// rather than trying this one again.
-		if berr := markBad(t, rerr); berr != nil {
+		if berr := markBad(snap, t, rerr); berr != nil {
 			m.opts.Logger.Error("retire template", "template", t.Key, "err", berr)
 		}
 		m.opts.Logger.Warn("template clone failed; template retired, booting cold",
 			"sandbox", rec.ID, "template", t.Key, "build", filepath.Base(t.Dir), "err", firstLine(rerr),
-			"console", consoleTail(filepath.Join(rec.Dir, "console.log")))
+			"console", consoleTail(console))
 		warning = fmt.Sprintf("booted cold: the clone of template %s failed (%s); the template is retired", t.Key, firstLine(rerr))
 	} else {
 		if ctx.Err() != nil {
@@ -162,12 +134,13 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 		warning = fmt.Sprintf("booted cold: no template could be built (%s)", firstLine(err))
 	}
 	fmt.Fprintf(m.opts.Progress, "smolvm: %s: %s\n", rec.ID, warning)
-	if err := network.Stop(context.WithoutCancel(ctx), rec.Dir); err != nil {
-		m.opts.Logger.Warn("stop network of failed clone", "sandbox", rec.ID, "err", err)
+	// The failed clone's VM is gone; its network and files go too
+	// (image.json stays).
+	terr := m.halt(context.WithoutCancel(ctx), *rec)
+	if err := drv.Clear(rec.Dir); err != nil {
+		terr = errors.Join(terr, err)
 	}
-	for _, f := range []string{"disk.qcow2", "agent.sock", "qmp.sock", "qemu.pid", "console.log"} {
-		os.Remove(filepath.Join(rec.Dir, f)) // image.json stays
-	}
+	m.logTeardown(rec.ID, "a failed clone", terr)
 	info, err := m.boot(ctx, drv, a, rec, true, final)
 	if err != nil {
 		return Info{}, err
@@ -189,28 +162,23 @@ func firstLine(err error) string {
 const restoreTimeout = 30 * time.Second
 
 // restore starts rec's VM from t, grows its disk to the size asked for, and
-// gives it its identity.
-func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final string) (Info, error) {
+// gives it its identity. It returns the clone's console log too, which says
+// why when a clone fails.
+func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final string) (Info, string, error) {
 	spec := m.spec(a, rec)
-	spec.BaseImage = t.disk()
-	// The clone starts with exactly the template's disk so the restored
-	// device matches; growing it afterwards is what tells the guest.
-	spec.DiskMiB = t.DiskMiB
 	if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
-		return Info{}, fmt.Errorf("create sandbox directory: %w", err)
-	}
-	if err := drv.CreateDisk(ctx, spec); err != nil {
-		return Info{}, err
+		return Info{}, "", fmt.Errorf("create sandbox directory: %w", err)
 	}
 	// Each clone gets a network process of its own; the saved machine
 	// holds only the guest's side of the link.
-	inst, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Instance, error) { return snap.Restore(ctx, s, t.state()) })
+	mach, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Machine, error) { return snap.Restore(ctx, s, t.Dir) })
 	if err != nil {
-		return Info{}, err
+		return Info{}, "", err
 	}
-	c, err := m.waitAgent(ctx, drv, inst, rec, min(restoreTimeout, m.opts.BootTimeout))
+	console := mach.ConsoleLog()
+	c, err := m.waitAgent(ctx, mach, rec, min(restoreTimeout, m.opts.BootTimeout))
 	if err != nil {
-		return Info{}, err
+		return Info{}, console, err
 	}
 	if m.afterRestore != nil {
 		m.afterRestore(ctx, func(cmd string) error {
@@ -218,20 +186,25 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 			return err
 		})
 	}
+	// The clone starts with exactly the template's disk so the restored
+	// device matches; growing it afterwards is what tells the guest.
 	var diskBytes int64
 	if rec.DiskSizeMiB > t.DiskMiB {
 		diskBytes = int64(rec.DiskSizeMiB) << 20
-		if err := snap.Resize(ctx, inst, diskBytes); err != nil {
+		err := fmt.Errorf("backend %s cannot grow a disk", drv.Name())
+		if r, ok := drv.(vmm.DiskResizer); ok {
+			err = r.Resize(ctx, mach, diskBytes)
+		}
+		if err != nil {
 			c.Close()
-			drv.Kill(context.WithoutCancel(ctx), inst)
-			return Info{}, fmt.Errorf("grow disk: %w", err)
+			return Info{}, console, errors.Join(fmt.Errorf("grow disk: %w", err), mach.Kill(context.WithoutCancel(ctx)))
 		}
 	}
 	info, err := m.finish(ctx, c, rec, diskBytes, BootTemplate, final)
 	if err != nil {
-		drv.Kill(context.WithoutCancel(ctx), inst)
+		return Info{}, console, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
-	return info, err
+	return info, console, nil
 }
 
 // ensureTemplate returns the template for this machine, building it first
@@ -243,7 +216,7 @@ func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.S
 		return nil, err
 	}
 	root := m.opts.DataDir.Templates()
-	if findTemplate(root, t) {
+	if findTemplate(root, snap, t) {
 		return t, nil
 	}
 	if err := os.MkdirAll(root, 0o755); err != nil {
@@ -254,7 +227,7 @@ func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.S
 		return nil, err
 	}
 	defer unlock()
-	if findTemplate(root, t) {
+	if findTemplate(root, snap, t) {
 		return t, nil
 	}
 	fmt.Fprintf(m.opts.Progress, "smolvm: building a template for %s, %d MiB memory, %d vCPU, %d MiB disk (one cold boot)...\n", a.base.Name, memMiB, vcpus, t.DiskMiB)
@@ -285,10 +258,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 		ID: "tpl-" + t.Key[:8], Dir: tmp,
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("template", t.Network),
 		BaseImage: a.base.Path, DiskMiB: t.DiskMiB,
-		MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs, Accel: a.accel,
-	}
-	if err := drv.CreateDisk(ctx, spec); err != nil {
-		return err
+		MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
 	}
 	if t.Network {
 		// The template runs no commands; its network refuses everything.
@@ -297,15 +267,21 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 		}
 		defer network.Stop(context.WithoutCancel(ctx), tmp)
 	}
-	inst, err := drv.Boot(ctx, spec)
+	mach, err := drv.Start(ctx, spec)
 	if err != nil {
 		return err
 	}
-	defer drv.Kill(context.WithoutCancel(ctx), inst)
-	if b, err := json.Marshal(buildVM{Backend: drv.Name(), Instance: inst}); err == nil {
-		os.WriteFile(filepath.Join(tmp, buildVMFile), b, 0o644)
+	defer func() {
+		if err := mach.Kill(context.WithoutCancel(ctx)); err != nil {
+			m.opts.Logger.Error("stop template build VM", "template", t.Key, "err", err)
+		}
+	}()
+	if b, err := json.Marshal(buildVM{Backend: drv.Name(), Runtime: mach.Runtime()}); err == nil {
+		if err := os.WriteFile(filepath.Join(tmp, buildVMFile), b, 0o644); err != nil {
+			return fmt.Errorf("record template build: %w", err)
+		}
 	}
-	c, err := dialWhileAlive(ctx, drv, inst, m.opts.BootTimeout)
+	c, err := dialWhileAlive(ctx, mach, m.opts.BootTimeout)
 	if err != nil {
 		return err
 	}
@@ -317,23 +293,27 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	}
 	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	if err := snap.Save(sctx, inst, filepath.Join(tmp, "state")); err != nil {
+	if err := snap.Save(sctx, mach, tmp); err != nil {
 		return err
 	}
 	// A guest that oopsed before it was stopped would hand the oops to
 	// every clone; such a state is never kept.
-	if line := (&consoleWatch{path: inst.Console}).crash(); line != "" {
-		return fmt.Errorf("%w while it was saved (%q); console output:\n%s", errGuestCrashed, line, consoleTail(inst.Console))
+	console := mach.ConsoleLog()
+	if line := (&consoleWatch{path: console}).crash(); line != "" {
+		return fmt.Errorf("%w while it was saved (%q); console output:\n%s", errGuestCrashed, line, consoleTail(console))
 	}
-	network.Stop(ctx, tmp)
-	for _, f := range []string{"agent.sock", "qmp.sock", "qemu.pid", "console.log", "net.sock", "net.ctl", "net.pid", "net.log", buildVMFile, creationLock} {
-		os.Remove(filepath.Join(tmp, f))
+	if err := network.Stop(ctx, tmp); err != nil {
+		return fmt.Errorf("stop the template's network: %w", err)
 	}
-	if err := os.Chmod(filepath.Join(tmp, "disk.qcow2"), 0o444); err != nil {
-		return err
+	// Only the snapshot and template.json stay.
+	leftovers := append(network.Files{Dir: tmp}.All(), console, filepath.Join(tmp, buildVMFile), filepath.Join(tmp, creationLock))
+	for _, f := range leftovers {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("tidy the template: %w", err)
+		}
 	}
 	t.CreatedAt = time.Now().UTC()
-	for _, f := range []string{"disk.qcow2", "state"} {
+	for _, f := range snap.SnapshotFiles() {
 		if st, err := os.Stat(filepath.Join(tmp, f)); err == nil {
 			t.SizeBytes += st.Size()
 		}
@@ -354,8 +334,8 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 
 // buildVM is how a template build's VM is found again if its process dies.
 type buildVM struct {
-	Backend  string       `json:"backend"`
-	Instance vmm.Instance `json:"instance"`
+	Backend string          `json:"backend"`
+	Runtime json.RawMessage `json:"instance"`
 }
 
 const buildVMFile = "vm.json"
@@ -368,24 +348,29 @@ func (m *Manager) sweepBuilds(ctx context.Context) {
 		if !abandonedCreation(dir) {
 			continue // being built, or not ours
 		}
+		var errs []error
 		var vm buildVM
 		if b, err := os.ReadFile(filepath.Join(dir, buildVMFile)); err == nil && json.Unmarshal(b, &vm) == nil {
-			if drv, ok := m.drivers[vm.Backend]; ok {
-				drv.Kill(ctx, vm.Instance)
+			if drv, err := m.drivers.Get(vm.Backend); err == nil {
+				if mach, err := drv.Attach(vm.Runtime); err == nil {
+					errs = append(errs, mach.Kill(ctx))
+				}
 			}
 		}
-		network.Stop(ctx, dir)
-		os.RemoveAll(dir)
+		errs = append(errs, network.Stop(ctx, dir), os.RemoveAll(dir))
+		if err := errors.Join(errs...); err != nil {
+			m.opts.Logger.Error("sweep an abandoned template build", "dir", dir, "err", err)
+		}
 	}
 }
 
 // findTemplate points t at the newest usable build of its key.
-func findTemplate(root string, t *Template) bool {
+func findTemplate(root string, snap vmm.Snapshotter, t *Template) bool {
 	builds, _ := filepath.Glob(filepath.Join(root, t.Key+".*", "template.json"))
 	sort.Sort(sort.Reverse(sort.StringSlice(builds)))
 	for _, meta := range builds {
 		dir := filepath.Dir(meta)
-		if usable(dir) {
+		if usable(snap, dir) {
 			t.Dir = dir
 			return true
 		}
@@ -393,8 +378,9 @@ func findTemplate(root string, t *Template) bool {
 	return false
 }
 
-func usable(dir string) bool {
-	for _, f := range []string{"template.json", "disk.qcow2", "state"} {
+// usable reports whether the build in dir is complete and not retired.
+func usable(snap vmm.Snapshotter, dir string) bool {
+	for _, f := range append(snap.SnapshotFiles(), "template.json") {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 			return false
 		}
@@ -403,15 +389,24 @@ func usable(dir string) bool {
 	return os.IsNotExist(err)
 }
 
-// markBad retires a template build after a failed restore: its state goes,
-// its disk stays for the sandboxes already overlaying it.
-func markBad(t *Template, why error) error {
+// markBad retires a template build after a failed restore: what a restore
+// needs goes, its disk stays for the sandboxes already overlaying it.
+func markBad(snap vmm.Snapshotter, t *Template, why error) error {
 	werr := os.WriteFile(filepath.Join(t.Dir, "bad"), []byte(why.Error()+"\n"), 0o644)
-	rerr := os.Remove(t.state())
-	if errors.Is(rerr, os.ErrNotExist) {
-		rerr = nil // retired by another create already
+	return errors.Join(werr, snap.DropState(t.Dir))
+}
+
+// snapshotter is the driver that made a template, as a Snapshotter.
+func (m *Manager) snapshotter(backend string) (vmm.Snapshotter, error) {
+	drv, err := m.drivers.Get(backend)
+	if err != nil {
+		return nil, err
 	}
-	return errors.Join(werr, rerr)
+	snap, ok := drv.(vmm.Snapshotter)
+	if !ok {
+		return nil, fmt.Errorf("backend %s makes no templates", backend)
+	}
+	return snap, nil
 }
 
 // lockFile takes an exclusive flock, waiting (within ctx) for another
@@ -456,7 +451,8 @@ func (m *Manager) Templates() ([]Template, error) {
 			continue
 		}
 		t.Dir = filepath.Dir(p)
-		t.Retired = !usable(t.Dir)
+		snap, err := m.snapshotter(t.Backend)
+		t.Retired = err != nil || !usable(snap, t.Dir)
 		out = append(out, t)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].CreatedAt.After(out[j].CreatedAt) })
@@ -517,30 +513,21 @@ func (m *Manager) PruneTemplates(ctx context.Context) ([]Template, error) {
 	return removed, nil
 }
 
-// templateUsers counts sandboxes whose disk overlays t's disk.
+// templateUsers counts sandboxes whose disk is made over t's.
 func (m *Manager) templateUsers(ctx context.Context, t Template) (int, error) {
+	snap, err := m.snapshotter(t.Backend)
+	if err != nil {
+		return 0, err
+	}
 	recs, err := m.store.List(ctx)
 	if err != nil {
 		return 0, err
 	}
 	n := 0
 	for _, r := range recs {
-		if backedBy(filepath.Join(r.Dir, "disk.qcow2"), t.Dir) {
+		if snap.Uses(r.Dir, t.Dir) {
 			n++
 		}
 	}
 	return n, nil
-}
-
-// backedBy reports whether the qcow2 file at disk names a backing file in
-// dir. The backing file name sits in the header's first cluster.
-func backedBy(disk, dir string) bool {
-	f, err := os.Open(disk)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	header := make([]byte, 64<<10)
-	n, _ := io.ReadFull(f, header)
-	return bytes.Contains(header[:n], []byte(dir+"/"))
 }

@@ -51,6 +51,10 @@ const (
 	DefaultBackend   = "qemu"
 )
 
+// Backends are the backend names the API knows; a driver registry may hold
+// fewer, and a known name it lacks is refused as unavailable, not unknown.
+var Backends = []string{"qemu", "firecracker", "libkrun"}
+
 // CreateRequest describes a sandbox to create. Zero values take defaults.
 type CreateRequest struct {
 	OS          string // "" (default Linux), "alpine", "ubuntu", "debian", "windows"

@@ -1,11 +1,17 @@
 // Package vmm defines what smolvm needs from a virtual machine monitor.
-// Each backend (qemu, and later firecracker and libkrun) implements Driver;
-// the sandbox manager never builds a VMM command line itself.
+// Each backend (qemu, and later firecracker and libkrun) implements Driver
+// and owns everything about its VMM: command lines, file names, disk
+// format, snapshot layout, accelerator, and how the agent is dialled. The
+// sandbox manager sees only Spec, Machine and the optional interfaces.
 package vmm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
+	"slices"
 )
 
 // Spec is everything a driver needs to boot one sandbox.
@@ -16,29 +22,55 @@ type Spec struct {
 	Kernel  string
 	Initrd  string
 	Cmdline string
-	// BaseImage is the read-only root filesystem the sandbox disk overlays.
+	// BaseImage is the read-only root filesystem the sandbox disk is made
+	// over, when the disk does not exist yet.
 	BaseImage string
 	DiskMiB   int
 	MemoryMiB int
 	VCPUs     int
-	// Accel is "kvm" or "tcg".
-	Accel string
-	// NetSocket, when set, is a unix socket whose listener carries the
-	// guest's network interface (frames framed as QEMU's stream netdev
-	// does); "" gives the guest no interface but loopback.
-	NetSocket string
-	// NetMAC is the guest interface's MAC address.
-	NetMAC string
+	// Net attaches the guest's network interface; nil gives the guest no
+	// interface but loopback.
+	Net *NetAttachment
 }
 
-// Instance is how a running VM is found again, possibly by a later process.
-// It is stored as JSON with the sandbox record.
-type Instance struct {
-	PID         int    `json:"pid"`
-	AgentSocket string `json:"agent_socket"`
-	QMPSocket   string `json:"qmp_socket,omitempty"`
-	Console     string `json:"console,omitempty"`
-	Disk        string `json:"disk"`
+// NetKind is how a guest's network interface reaches the host.
+type NetKind string
+
+// NetStream is a unix stream socket carrying Ethernet frames, each after
+// its length as 4 bytes big-endian (QEMU's stream netdev framing).
+const NetStream NetKind = "stream"
+
+// NetAttachment is the host end of a guest's network interface.
+type NetAttachment struct {
+	Kind NetKind
+	// Socket is the listening unix socket, for NetStream.
+	Socket string
+	// MAC is the guest interface's address.
+	MAC string
+}
+
+// Machine is one VM, running or found again from its runtime record. Its
+// methods may be called from any process, not only the one that started
+// it: VMs outlive the process that made them.
+type Machine interface {
+	// Runtime is how a later process finds this machine again
+	// (Driver.Attach); smolvm stores it with the sandbox record.
+	Runtime() json.RawMessage
+	// PID is the VMM process's id.
+	PID() int
+	// Alive reports whether the VMM process still runs.
+	Alive() bool
+	// Kill ends the VMM process at once and waits until it is gone.
+	Kill(ctx context.Context) error
+	// Wait waits for the VMM process to exit on its own (after the guest
+	// powered off), until ctx ends.
+	Wait(ctx context.Context) error
+	// DialAgent opens a byte stream to the guest agent's port. The agent
+	// handshake runs over it; a driver whose transport needs an exchange
+	// of its own first (a vsock CONNECT) does it here.
+	DialAgent(ctx context.Context) (net.Conn, error)
+	// ConsoleLog is the file the guest's serial console is written to.
+	ConsoleLog() string
 }
 
 // Driver runs VMs with one VMM.
@@ -47,38 +79,82 @@ type Driver interface {
 	Name() string
 	// Available returns an error naming what this host lacks, if anything.
 	Available() error
-	// CreateDisk makes the sandbox's writable disk over spec.BaseImage.
-	CreateDisk(ctx context.Context, spec Spec) error
-	// Boot starts the VM process and returns once it runs; the guest may
-	// still be booting. The process outlives the caller.
-	Boot(ctx context.Context, spec Spec) (Instance, error)
-	// Alive reports whether inst's VM process is still running.
-	Alive(inst Instance) bool
-	// Kill ends the VM process at once and waits until it is gone.
-	Kill(ctx context.Context, inst Instance) error
-	// Wait waits for the VM process to exit on its own (after the guest
-	// powered off), until ctx ends.
-	Wait(ctx context.Context, inst Instance) error
+	// Identity names what a saved VM state depends on besides the guest:
+	// the VMM's version and the accelerator. Templates are keyed by it.
+	Identity(ctx context.Context) (string, error)
+	// Start makes the sandbox's disk over spec.BaseImage if spec.Dir has
+	// none yet, starts the VM and returns once it runs; the guest may still
+	// be booting. The process outlives the caller.
+	Start(ctx context.Context, spec Spec) (Machine, error)
+	// Attach finds a machine again from what its Runtime returned.
+	Attach(runtime json.RawMessage) (Machine, error)
+	// Clear removes what the driver keeps in dir for a machine (its disk,
+	// sockets, console), leaving the directory and others' files.
+	Clear(dir string) error
+}
+
+// Snapshotter is a Driver that can save a running VM and start copies of
+// it, which is how templates make creation fast. A snapshot lives in a
+// directory whose layout is the driver's.
+type Snapshotter interface {
+	// Save stops m, writes its memory and device state and its disk into
+	// dir (the directory m was started in) and ends it. What stays in dir
+	// is the snapshot, and m's console log for the caller to read.
+	Save(ctx context.Context, m Machine, dir string) error
+	// Restore starts a copy of the snapshot in snapDir. spec describes the
+	// same machine (memory, vCPUs, network) in a directory of its own;
+	// its disk is made over the snapshot's, at the snapshot's size.
+	Restore(ctx context.Context, spec Spec, snapDir string) (Machine, error)
+	// SnapshotFiles are the files a complete snapshot in a directory has.
+	SnapshotFiles() []string
+	// DropState removes what a restore needs from a snapshot while keeping
+	// what the copies already made still use (their disks' base).
+	DropState(snapDir string) error
+	// Uses reports whether the machine in dir depends on the snapshot in
+	// snapDir, so the snapshot must not be removed.
+	Uses(dir, snapDir string) bool
+}
+
+// DiskResizer is a Driver that can grow a running VM's root disk.
+type DiskResizer interface {
+	Resize(ctx context.Context, m Machine, bytes int64) error
 }
 
 // ErrUnknownBackend is returned for a backend name smolvm does not know.
 var ErrUnknownBackend = errors.New("unknown backend")
 
-// Snapshotter is a Driver that can save a running VM and start copies of
-// it, which is how templates make creation fast.
-type Snapshotter interface {
-	// Save pauses the VM, writes its state to statePath and ends it. Its
-	// disk must not be written again; clones overlay it.
-	Save(ctx context.Context, inst Instance, statePath string) error
-	// Restore starts a VM from a saved state. spec describes the same
-	// machine as the saved one, with spec.BaseImage the saved VM's disk.
-	Restore(ctx context.Context, spec Spec, statePath string) (Instance, error)
-	// Resize grows the running VM's root disk to bytes.
-	Resize(ctx context.Context, inst Instance, bytes int64) error
+// Registry is the set of drivers a Manager may use, by name.
+type Registry struct {
+	drivers map[string]Driver
+	names   []string
 }
 
-// Versioner reports the VMM's version, which templates are keyed by: a
-// state saved by one version may not load in another.
-type Versioner interface {
-	Version(ctx context.Context) (string, error)
+// NewRegistry holds drivers; the first is the default.
+func NewRegistry(drivers ...Driver) *Registry {
+	r := &Registry{drivers: make(map[string]Driver)}
+	for _, d := range drivers {
+		r.drivers[d.Name()] = d
+		r.names = append(r.names, d.Name())
+	}
+	return r
 }
+
+// Get returns the driver called name.
+func (r *Registry) Get(name string) (Driver, error) {
+	d, ok := r.drivers[name]
+	if !ok {
+		return nil, fmt.Errorf("%w %q", ErrUnknownBackend, name)
+	}
+	return d, nil
+}
+
+// Default is the first driver registered.
+func (r *Registry) Default() Driver {
+	if len(r.names) == 0 {
+		return nil
+	}
+	return r.drivers[r.names[0]]
+}
+
+// Names lists the registered drivers, the default first.
+func (r *Registry) Names() []string { return slices.Clone(r.names) }

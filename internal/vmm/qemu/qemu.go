@@ -6,12 +6,16 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/vmm"
@@ -27,13 +31,34 @@ const (
 	maxSocketPath = 107
 )
 
+// Options configure the driver.
+type Options struct {
+	// Accel is "kvm" or "tcg"; "" means tcg.
+	Accel string
+}
+
 // Driver is the QEMU backend.
-type Driver struct{}
+type Driver struct {
+	accel string
+
+	versionOnce sync.Once
+	version     string
+	versionErr  error
+}
 
 // New returns the QEMU driver.
-func New() *Driver { return &Driver{} }
+func New(o Options) *Driver {
+	accel := o.Accel
+	if accel == "" {
+		accel = "tcg"
+	}
+	return &Driver{accel: accel}
+}
 
 func (d *Driver) Name() string { return "qemu" }
+
+// Accel is the accelerator the driver runs guests with.
+func (d *Driver) Accel() string { return d.accel }
 
 func (d *Driver) Available() error {
 	for _, bin := range []string{qemuBinary, imgBinary} {
@@ -48,17 +73,98 @@ func (d *Driver) Available() error {
 	return nil
 }
 
-func paths(dir string) vmm.Instance {
-	return vmm.Instance{
-		AgentSocket: filepath.Join(dir, "agent.sock"),
-		QMPSocket:   filepath.Join(dir, "qmp.sock"),
-		Console:     filepath.Join(dir, "console.log"),
-		Disk:        filepath.Join(dir, "disk.qcow2"),
+// Identity is QEMU's version and the accelerator: a state saved by one
+// QEMU may not load in another, nor under another accelerator.
+func (d *Driver) Identity(ctx context.Context) (string, error) {
+	d.versionOnce.Do(func() { d.version, d.versionErr = version(ctx) })
+	if d.versionErr != nil {
+		return "", d.versionErr
+	}
+	return d.version + "; accel " + d.accel, nil
+}
+
+// The files of a machine in its directory. They are this driver's alone:
+// nothing outside vmm/qemu names them.
+const (
+	fileDisk    = "disk.qcow2"
+	fileAgent   = "agent.sock"
+	fileQMP     = "qmp.sock"
+	filePID     = "qemu.pid"
+	fileConsole = "console.log"
+	fileState   = "state"
+)
+
+func paths(dir string) runtime {
+	return runtime{
+		AgentSocket: filepath.Join(dir, fileAgent),
+		QMPSocket:   filepath.Join(dir, fileQMP),
+		Console:     filepath.Join(dir, fileConsole),
+		Disk:        filepath.Join(dir, fileDisk),
 	}
 }
 
-func (d *Driver) CreateDisk(ctx context.Context, spec vmm.Spec) error {
-	base, err := filepath.Abs(spec.BaseImage)
+// runtime is a machine's runtime record. Its JSON is what earlier
+// versions stored, so a newer smolvm finds their VMs again.
+type runtime struct {
+	PID         int    `json:"pid"`
+	AgentSocket string `json:"agent_socket"`
+	QMPSocket   string `json:"qmp_socket,omitempty"`
+	Console     string `json:"console,omitempty"`
+	Disk        string `json:"disk"`
+}
+
+// machine is one QEMU process.
+type machine struct{ rt runtime }
+
+func (m *machine) Runtime() json.RawMessage {
+	b, _ := json.Marshal(m.rt)
+	return b
+}
+func (m *machine) PID() int           { return m.rt.PID }
+func (m *machine) ConsoleLog() string { return m.rt.Console }
+
+// marker identifies a sandbox's QEMU process on its command line, which
+// guards against a recycled pid.
+func (m *machine) marker() string { return m.rt.AgentSocket }
+
+func (m *machine) Alive() bool { return vmm.ProcessAlive(m.rt.PID, m.marker()) }
+
+func (m *machine) Kill(ctx context.Context) error { return vmm.KillProcess(ctx, m.rt.PID, m.marker()) }
+
+func (m *machine) Wait(ctx context.Context) error { return vmm.WaitGone(ctx, m.rt.PID, m.marker()) }
+
+// DialAgent connects to the virtio-serial port's chardev socket.
+func (m *machine) DialAgent(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", m.rt.AgentSocket)
+}
+
+func (d *Driver) Attach(raw json.RawMessage) (vmm.Machine, error) {
+	var rt runtime
+	if err := json.Unmarshal(raw, &rt); err != nil {
+		return nil, fmt.Errorf("qemu runtime record: %w", err)
+	}
+	if rt.AgentSocket == "" {
+		return nil, fmt.Errorf("qemu runtime record names no agent socket")
+	}
+	return &machine{rt: rt}, nil
+}
+
+// Clear removes a machine's files from dir.
+func (d *Driver) Clear(dir string) error {
+	var errs []error
+	for _, f := range []string{fileDisk, fileAgent, fileQMP, filePID, fileConsole} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// createDisk makes a qcow2 overlay at disk over base, of sizeMiB (0: the
+// base's size).
+func createDisk(ctx context.Context, base, disk string, sizeMiB int) error {
+	base, err := filepath.Abs(base)
 	if err != nil {
 		return err
 	}
@@ -66,9 +172,11 @@ func (d *Driver) CreateDisk(ctx context.Context, spec vmm.Spec) error {
 	if strings.HasSuffix(base, ".qcow2") {
 		format = "qcow2" // a template's frozen disk
 	}
-	disk := paths(spec.Dir).Disk
-	out, err := exec.CommandContext(ctx, imgBinary, "create", "-q", "-f", "qcow2",
-		"-F", format, "-b", base, disk, strconv.Itoa(spec.DiskMiB)+"M").CombinedOutput()
+	args := []string{"create", "-q", "-f", "qcow2", "-F", format, "-b", base, disk}
+	if sizeMiB > 0 {
+		args = append(args, strconv.Itoa(sizeMiB)+"M")
+	}
+	out, err := exec.CommandContext(ctx, imgBinary, args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("create disk overlay: %v: %s", err, bytes.TrimSpace(out))
 	}
@@ -78,13 +186,13 @@ func (d *Driver) CreateDisk(ctx context.Context, spec vmm.Spec) error {
 // machineArgs is the VM itself: machine, accelerator, CPU, memory, firmware
 // and kernel. Args and ProbeArgs share it so the baseline boots exactly the
 // VM that sandboxes do.
-func machineArgs(spec vmm.Spec) []string {
+func machineArgs(spec vmm.Spec, accel string) []string {
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-m", strconv.Itoa(spec.MemoryMiB),
 		"-smp", strconv.Itoa(spec.VCPUs),
 	}
-	if spec.Accel == "kvm" {
+	if accel == "kvm" {
 		args = append(args, "-machine", "q35", "-accel", "kvm", "-cpu", "host")
 	} else {
 		tcg := "tcg"
@@ -107,17 +215,17 @@ func machineArgs(spec vmm.Spec) []string {
 	)
 }
 
-// Args builds the QEMU command line for a sandbox.
-func Args(spec vmm.Spec) []string {
+// args builds the QEMU command line for a sandbox.
+func (d *Driver) args(spec vmm.Spec) []string {
 	p := paths(spec.Dir)
-	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec)...)
-	if spec.NetSocket != "" {
+	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec, d.accel)...)
+	if n := spec.Net; n != nil {
 		// The other end is smolvm's own network stack, not QEMU's slirp,
 		// which could not keep the guest from the host's loopback. No
 		// option ROM: nothing boots from the network.
 		args = append(args,
-			"-netdev", "stream,id=net0,server=off,addr.type=unix,addr.path="+spec.NetSocket,
-			"-device", "virtio-net-pci,netdev=net0,romfile=,mac="+spec.NetMAC)
+			"-netdev", "stream,id=net0,server=off,addr.type=unix,addr.path="+n.Socket,
+			"-device", "virtio-net-pci,netdev=net0,romfile=,mac="+n.MAC)
 	}
 	return append(args,
 		"-drive", "file="+p.Disk+",if=none,id=root,format=qcow2,discard=unmap",
@@ -127,72 +235,65 @@ func Args(spec vmm.Spec) []string {
 		"-device", "virtserialport,bus=vser.0,chardev=agent,name="+wire.PortName,
 		"-qmp", "unix:"+p.QMPSocket+",server=on,wait=off",
 		"-serial", "file:"+p.Console,
-		"-daemonize", "-pidfile", filepath.Join(spec.Dir, "qemu.pid"),
+		"-daemonize", "-pidfile", filepath.Join(spec.Dir, filePID),
 	)
 }
 
-// ProbeArgs boots spec's kernel and initramfs with no devices; with
+// ProbeCommand boots spec's kernel and initramfs with no devices; with
 // "smolvm.probe=poweroff" on the command line the agent powers off the
 // moment it starts as /init, so the process's run time is the raw cost of
-// booting this kernel to /init.
-func ProbeArgs(spec vmm.Spec) []string {
-	return append(machineArgs(spec), "-serial", "none")
+// booting this kernel to /init, the baseline the benchmarks compare with.
+func (d *Driver) ProbeCommand(ctx context.Context, spec vmm.Spec) *exec.Cmd {
+	return exec.CommandContext(ctx, qemuBinary, append(machineArgs(spec, d.accel), "-serial", "none")...)
 }
 
-// Binary is the QEMU system emulator the driver runs.
-func Binary() string { return qemuBinary }
-
-func (d *Driver) Boot(ctx context.Context, spec vmm.Spec) (vmm.Instance, error) {
+// Start makes the sandbox's disk if it has none yet and boots the VM.
+func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
+	disk := filepath.Join(spec.Dir, fileDisk)
+	if _, err := os.Stat(disk); errors.Is(err, os.ErrNotExist) {
+		if err := createDisk(ctx, spec.BaseImage, disk, spec.DiskMiB); err != nil {
+			return nil, err
+		}
+	}
 	return d.start(ctx, spec)
 }
 
-func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (vmm.Instance, error) {
-	inst := paths(spec.Dir)
-	if len(inst.AgentSocket) > maxSocketPath {
-		return vmm.Instance{}, fmt.Errorf("socket path %s is longer than %d bytes: use a shorter data directory (SMOLVM_DATA_DIR)", inst.AgentSocket, maxSocketPath)
+func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (*machine, error) {
+	rt := paths(spec.Dir)
+	if len(rt.AgentSocket) > maxSocketPath {
+		return nil, fmt.Errorf("socket path %s is longer than %d bytes: use a shorter data directory (SMOLVM_DATA_DIR)", rt.AgentSocket, maxSocketPath)
 	}
-	os.Remove(inst.AgentSocket)
-	os.Remove(inst.QMPSocket)
-	pidfile := filepath.Join(spec.Dir, "qemu.pid")
-	os.Remove(pidfile)
+	pidfile := filepath.Join(spec.Dir, filePID)
+	for _, f := range []string{rt.AgentSocket, rt.QMPSocket, pidfile} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("remove stale %s: %w", f, err)
+		}
+	}
 	// With -daemonize the command returns once QEMU has set up the VM and
 	// forked; errors in the configuration come back here, on stderr.
-	cmd := exec.CommandContext(ctx, qemuBinary, append(Args(spec), extra...)...)
+	cmd := exec.CommandContext(ctx, qemuBinary, append(d.args(spec), extra...)...)
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
-		return vmm.Instance{}, fmt.Errorf("start qemu: %v: %s", err, strings.TrimSpace(stderr.String()))
+		return nil, fmt.Errorf("start qemu: %v: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	b, err := os.ReadFile(pidfile)
 	if err != nil {
 		// QEMU removes its pid file when it exits: it failed after
 		// daemonizing, as it does when a saved state will not load.
-		return vmm.Instance{}, fmt.Errorf("qemu exited during start-up (%w)", err)
+		return nil, fmt.Errorf("qemu exited during start-up (%w)", err)
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		return vmm.Instance{}, fmt.Errorf("parse qemu pid file: %w", err)
+		return nil, fmt.Errorf("parse qemu pid file: %w", err)
 	}
-	inst.PID = pid
-	return inst, nil
+	rt.PID = pid
+	return &machine{rt: rt}, nil
 }
 
-// marker identifies a sandbox's QEMU process on its command line.
-func marker(inst vmm.Instance) string { return inst.AgentSocket }
-
-func (d *Driver) Alive(inst vmm.Instance) bool { return vmm.ProcessAlive(inst.PID, marker(inst)) }
-
-func (d *Driver) Kill(ctx context.Context, inst vmm.Instance) error {
-	return vmm.KillProcess(ctx, inst.PID, marker(inst))
-}
-
-func (d *Driver) Wait(ctx context.Context, inst vmm.Instance) error {
-	return vmm.WaitGone(ctx, inst.PID, marker(inst))
-}
-
-// Version is the first line of `qemu-system-x86_64 --version`.
-func (d *Driver) Version(ctx context.Context) (string, error) {
+// version is the first line of `qemu-system-x86_64 --version`.
+func version(ctx context.Context) (string, error) {
 	out, err := exec.CommandContext(ctx, qemuBinary, "--version").Output()
 	if err != nil {
 		return "", fmt.Errorf("%s --version: %w", qemuBinary, err)
@@ -200,3 +301,9 @@ func (d *Driver) Version(ctx context.Context) (string, error) {
 	line, _, _ := strings.Cut(string(out), "\n")
 	return strings.TrimSpace(line), nil
 }
+
+var (
+	_ vmm.Driver      = (*Driver)(nil)
+	_ vmm.Snapshotter = (*Driver)(nil)
+	_ vmm.DiskResizer = (*Driver)(nil)
+)

@@ -13,8 +13,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/smolvm/smolvm/internal/vmm"
 )
 
 // The tests below run the QMP client and the snapshot code against a fake
@@ -232,8 +230,8 @@ func wantNames(t *testing.T, f *fakeQMP, want ...string) {
 
 // fakeInstance is a VM whose process is already gone (PID 0), so Wait
 // returns at once.
-func fakeInstance(f *fakeQMP) vmm.Instance {
-	return vmm.Instance{QMPSocket: f.path, PID: 0, AgentSocket: "x"}
+func fakeInstance(f *fakeQMP) *machine {
+	return &machine{rt: runtime{QMPSocket: f.path, PID: 0, AgentSocket: "x"}}
 }
 
 func TestQMPHandshakeAndEventsSkipped(t *testing.T) {
@@ -394,9 +392,19 @@ func TestSaveSequence(t *testing.T) {
 			`{"return":{"status":"completed"}}`,
 		),
 	})
-	const state = "/var/lib/smolvm/templates/t1/state"
-	if err := New().Save(testCtx(t), fakeInstance(f), state); err != nil {
+	dir := snapshotDir(t)
+	state := filepath.Join(dir, fileState)
+	if err := New(Options{}).Save(testCtx(t), fakeInstance(f), dir); err != nil {
 		t.Fatalf("Save: %v", err)
+	}
+	// What stays is the snapshot, its disk read-only.
+	if st, err := os.Stat(filepath.Join(dir, fileDisk)); err != nil || st.Mode().Perm() != 0o444 {
+		t.Errorf("the saved disk: %v %v, want mode 0444", st, err)
+	}
+	for _, f := range []string{fileAgent, fileQMP, filePID} {
+		if _, err := os.Stat(filepath.Join(dir, f)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left after Save: %v", f, err)
+		}
 	}
 	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "migrate",
 		"query-migrate", "query-migrate", "query-migrate", "quit")
@@ -416,7 +424,7 @@ func TestSaveQuitHangsUp(t *testing.T) {
 		"query-migrate": seq(`{"return":{"status":"completed"}}`),
 		"quit":          seq(hangUp),
 	})
-	if err := New().Save(testCtx(t), fakeInstance(f), "/s/state"); err != nil {
+	if err := New(Options{}).Save(testCtx(t), fakeInstance(f), snapshotDir(t)); err != nil {
 		t.Fatalf("Save with quit unanswered: %v", err)
 	}
 	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "migrate", "query-migrate", "quit")
@@ -433,7 +441,7 @@ func TestSaveFailedMigration(t *testing.T) {
 					`{"return":{"status":"`+status+`","error-desc":"write to pipe: No space left on device"}}`,
 				),
 			})
-			err := New().Save(testCtx(t), fakeInstance(f), "/s/state")
+			err := New(Options{}).Save(testCtx(t), fakeInstance(f), snapshotDir(t))
 			if err == nil {
 				t.Fatal("Save succeeded though the migration " + status)
 			}
@@ -454,7 +462,7 @@ func TestSaveCommandError(t *testing.T) {
 	f := newFakeQMP(t, script{
 		"stop": seq(`{"error":{"class":"GenericError","desc":"cannot stop"}}`),
 	})
-	err := New().Save(testCtx(t), fakeInstance(f), "/s/state")
+	err := New(Options{}).Save(testCtx(t), fakeInstance(f), snapshotDir(t))
 	if err == nil || !strings.Contains(err.Error(), "cannot stop") {
 		t.Fatalf("Save with stop refused: got %v", err)
 	}
@@ -464,8 +472,8 @@ func TestSaveCommandError(t *testing.T) {
 func TestSaveRefusesUnsafePath(t *testing.T) {
 	t.Parallel()
 	f := newFakeQMP(t, nil)
-	for _, p := range []string{"/s/my state", `/s/st'ate`, `/s/st"ate`, `/s/st\ate`, "/s/$(id)", "/s/a;b", "/s/a|b", "/s/a`b`", "/s/a\nb", "/s/a>b", ""} {
-		err := New().Save(testCtx(t), fakeInstance(f), p)
+	for _, p := range []string{"/s/my state", `/s/st'ate`, `/s/st"ate`, `/s/st\ate`, "/s/$(id)", "/s/a;b", "/s/a|b", "/s/a`b`", "/s/a\nb", "/s/a>b"} {
+		err := New(Options{}).Save(testCtx(t), fakeInstance(f), p)
 		if err == nil || !strings.Contains(err.Error(), "a shell would interpret") {
 			t.Errorf("Save(%q): got %v, want the path refused", p, err)
 		}
@@ -485,8 +493,8 @@ func TestSaveProcessStaysAlive(t *testing.T) {
 	f := newFakeQMP(t, script{"query-migrate": seq(`{"return":{"status":"completed"}}`)})
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	defer cancel()
-	inst := vmm.Instance{QMPSocket: f.path, PID: os.Getpid()}
-	err := New().Save(ctx, inst, "/s/state")
+	inst := &machine{rt: runtime{QMPSocket: f.path, PID: os.Getpid()}}
+	err := New(Options{}).Save(ctx, inst, snapshotDir(t))
 	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Save with a process that stays: got %v, want a deadline error", err)
 	}
@@ -504,7 +512,7 @@ func TestResumeSequence(t *testing.T) {
 		"cont": seq(qmpEvent("RESUME") + "\n" + qmpOK),
 	})
 	const state = "/var/lib/smolvm/templates/t1/state"
-	if err := New().resume(testCtx(t), fakeInstance(f), state); err != nil {
+	if err := New(Options{}).resume(testCtx(t), fakeInstance(f), state); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
 	wantNames(t, f, "qmp_capabilities", "migrate-incoming",
@@ -522,7 +530,7 @@ func TestResumeAlreadyRunning(t *testing.T) {
 			`{"return":{"status":"running","running":true}}`,
 		),
 	})
-	if err := New().resume(testCtx(t), fakeInstance(f), "/s/state"); err != nil {
+	if err := New(Options{}).resume(testCtx(t), fakeInstance(f), "/s/state"); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
 	wantNames(t, f, "qmp_capabilities", "migrate-incoming", "query-status", "query-status")
@@ -565,7 +573,7 @@ func TestResumeErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			f := newFakeQMP(t, tc.script)
-			err := New().resume(testCtx(t), fakeInstance(f), "/s/state")
+			err := New(Options{}).resume(testCtx(t), fakeInstance(f), "/s/state")
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("resume: got %v, want an error containing %q", err, tc.want)
 			}
@@ -580,7 +588,7 @@ func TestStatusAndResize(t *testing.T) {
 		"query-status": seq(qmpEvent("RESUME") + "\n" + `{"return":{"status":"running","running":true}}`),
 	})
 	ctx := testCtx(t)
-	d := New()
+	d := New(Options{})
 	inst := fakeInstance(f)
 	st, err := d.Status(ctx, inst)
 	if err != nil || st != "running" {
@@ -595,4 +603,16 @@ func TestStatusAndResize(t *testing.T) {
 	if a["device"] != "root" || a["size"] != float64(8<<30) {
 		t.Errorf("block_resize arguments %v", a)
 	}
+}
+
+// snapshotDir is a machine directory with a disk, for Save to finish in.
+func snapshotDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, f := range []string{fileDisk, fileAgent, fileQMP, filePID} {
+		if err := os.WriteFile(filepath.Join(dir, f), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
 }

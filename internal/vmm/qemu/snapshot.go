@@ -1,31 +1,40 @@
 package qemu
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
-// Save writes the VM's whole state (memory and devices) to statePath and
-// ends the process. The disk it ran on is then consistent with the saved
-// memory and must never be written again: clones overlay it.
+// Save writes the VM's whole state (memory and devices) into dir, the
+// directory it runs in, and ends the process. The disk it ran on is then
+// consistent with the saved memory and is never written again: clones
+// overlay it.
 //
 // The VM is stopped first and saved in one pass. A live save copies memory
 // while the guest runs and relies on dirty-page tracking to resend what
-// changed; under TCG that produced states whose clones oopsed at once
-// (docs/architecture.md, "Why templates are saved stopped"). A stopped
-// guest sits on an instruction boundary with nothing in flight, and the
-// saved state says "paused", so Restore resumes it explicitly.
-func (d *Driver) Save(ctx context.Context, inst vmm.Instance, statePath string) error {
+// changed; the clones of one live-saved template were seen to oops at once
+// under TCG (docs/architecture.md, "Why templates are saved stopped"). A
+// stopped guest sits on an instruction boundary with nothing in flight,
+// and the saved state says "paused", so Restore resumes it explicitly.
+func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
+	qm, ok := vm.(*machine)
+	if !ok {
+		return fmt.Errorf("save: %T is not a QEMU machine", vm)
+	}
+	statePath := filepath.Join(dir, fileState)
 	if err := checkStatePath(statePath); err != nil {
 		return err
 	}
-	m, err := dialQMP(ctx, inst.QMPSocket)
+	m, err := dialQMP(ctx, qm.rt.QMPSocket)
 	if err != nil {
 		return err
 	}
@@ -47,10 +56,21 @@ func (d *Driver) Save(ctx context.Context, inst vmm.Instance, statePath string) 
 	// QEMU may close the socket before it answers quit; whether the
 	// process ends is what counts.
 	qerr := m.run(ctx, "quit", nil, nil)
-	if err := d.Wait(ctx, inst); err != nil {
+	if err := qm.Wait(ctx); err != nil {
 		return errors.Join(err, qerr)
 	}
-	return nil
+	// What stays is the snapshot, and the console for the caller. The
+	// disk is never written again: clones overlay it.
+	var errs []error
+	for _, f := range []string{fileAgent, fileQMP, filePID} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.Chmod(filepath.Join(dir, fileDisk), 0o444); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // waitMigration polls query-migrate until the migration in either
@@ -78,38 +98,69 @@ func waitMigration(ctx context.Context, m *monitor, what string) error {
 	}
 }
 
-// Restore starts a VM from a state written by Save. spec must describe the
-// same machine (memory, vCPUs, devices) as the saved one; its disk is an
-// overlay over the frozen disk of the saved VM. QEMU starts waiting for
-// the state (-incoming defer), loads it, and the guest resumes where it
-// was stopped.
-func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, statePath string) (vmm.Instance, error) {
+// Restore starts a VM from a snapshot written by Save. spec must describe
+// the same machine (memory, vCPUs, devices) as the saved one; its disk is
+// a new overlay over the snapshot's frozen disk, at the same size. QEMU
+// starts waiting for the state (-incoming defer), loads it, and the guest
+// resumes where it was stopped.
+func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vmm.Machine, error) {
+	statePath := filepath.Join(snapDir, fileState)
 	if _, err := os.Stat(statePath); err != nil {
-		return vmm.Instance{}, fmt.Errorf("template state: %w", err)
+		return nil, fmt.Errorf("template state: %w", err)
 	}
 	if err := checkStatePath(statePath); err != nil {
-		return vmm.Instance{}, err
+		return nil, err
 	}
-	inst, err := d.start(ctx, spec, "-incoming", "defer")
+	if err := createDisk(ctx, filepath.Join(snapDir, fileDisk), filepath.Join(spec.Dir, fileDisk), 0); err != nil {
+		return nil, err
+	}
+	qm, err := d.start(ctx, spec, "-incoming", "defer")
 	if err != nil {
-		return vmm.Instance{}, err
+		return nil, err
 	}
-	if err := d.resume(ctx, inst, statePath); err != nil {
-		if !d.Alive(inst) {
+	if err := d.resume(ctx, qm, statePath); err != nil {
+		if !qm.Alive() {
 			err = fmt.Errorf("QEMU exited while loading the saved state %s (is it damaged?): %w", statePath, err)
 		}
-		if kerr := d.Kill(context.WithoutCancel(ctx), inst); kerr != nil {
-			return vmm.Instance{}, errors.Join(err, kerr)
+		if kerr := qm.Kill(context.WithoutCancel(ctx)); kerr != nil {
+			return nil, errors.Join(err, kerr)
 		}
-		return vmm.Instance{}, err
+		return nil, err
 	}
-	return inst, nil
+	return qm, nil
+}
+
+// SnapshotFiles are the files of a complete snapshot.
+func (d *Driver) SnapshotFiles() []string { return []string{fileDisk, fileState} }
+
+// DropState removes a snapshot's saved state; its disk stays for the
+// machines made over it.
+func (d *Driver) DropState(snapDir string) error {
+	err := os.Remove(filepath.Join(snapDir, fileState))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// Uses reports whether the disk of the machine in dir overlays the
+// snapshot's disk in snapDir. The backing file's name sits in the qcow2
+// header's first cluster.
+func (d *Driver) Uses(dir, snapDir string) bool {
+	f, err := os.Open(filepath.Join(dir, fileDisk))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	header := make([]byte, 64<<10)
+	n, _ := io.ReadFull(f, header)
+	return bytes.Contains(header[:n], []byte(filepath.Join(snapDir, fileDisk)))
 }
 
 // resume loads statePath into a VM started with -incoming defer and lets
 // it run.
-func (d *Driver) resume(ctx context.Context, inst vmm.Instance, statePath string) error {
-	m, err := dialQMP(ctx, inst.QMPSocket)
+func (d *Driver) resume(ctx context.Context, qm *machine, statePath string) error {
+	m, err := dialQMP(ctx, qm.rt.QMPSocket)
 	if err != nil {
 		return err
 	}
@@ -143,8 +194,12 @@ func (d *Driver) resume(ctx context.Context, inst vmm.Instance, statePath string
 }
 
 // Resize grows the VM's root disk; the guest sees the new size at once.
-func (d *Driver) Resize(ctx context.Context, inst vmm.Instance, bytes int64) error {
-	m, err := dialQMP(ctx, inst.QMPSocket)
+func (d *Driver) Resize(ctx context.Context, vm vmm.Machine, bytes int64) error {
+	qm, ok := vm.(*machine)
+	if !ok {
+		return fmt.Errorf("resize: %T is not a QEMU machine", vm)
+	}
+	m, err := dialQMP(ctx, qm.rt.QMPSocket)
 	if err != nil {
 		return err
 	}
@@ -154,8 +209,12 @@ func (d *Driver) Resize(ctx context.Context, inst vmm.Instance, bytes int64) err
 
 // Status is the VM's run state as QEMU reports it ("running", "inmigrate",
 // "paused", ...).
-func (d *Driver) Status(ctx context.Context, inst vmm.Instance) (string, error) {
-	m, err := dialQMP(ctx, inst.QMPSocket)
+func (d *Driver) Status(ctx context.Context, vm vmm.Machine) (string, error) {
+	qm, ok := vm.(*machine)
+	if !ok {
+		return "", fmt.Errorf("status: %T is not a QEMU machine", vm)
+	}
+	m, err := dialQMP(ctx, qm.rt.QMPSocket)
 	if err != nil {
 		return "", err
 	}
