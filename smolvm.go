@@ -13,6 +13,7 @@ package smolvm
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"time"
@@ -109,6 +110,71 @@ type Result struct {
 type Sandbox struct {
 	m  *sandbox.Manager
 	id string
+	// owned is set on handles from New and Attach, which each open a
+	// Manager of their own and close it with the handle.
+	owned bool
+}
+
+// Host is smolvm on this machine: one data directory and one connection to
+// each sandbox's agent, shared by every handle it gives out. Open one per
+// process and create or attach sandboxes through it: a guest agent serves
+// one connection at a time, so two independent handles on one sandbox in
+// one process would wait on each other.
+type Host struct {
+	m *sandbox.Manager
+}
+
+// Open opens the host's sandboxes. Sandboxes outlive the Host; Close
+// releases only this process's connections.
+func Open(ctx context.Context, o Options) (*Host, error) {
+	m, err := open(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	return &Host{m: m}, nil
+}
+
+// Create creates a sandbox, boots it, and returns once it answers
+// commands. cfg.Host is ignored: the Host's options apply.
+func (h *Host) Create(ctx context.Context, cfg Config) (*Sandbox, error) {
+	info, err := h.m.Create(ctx, createRequest(cfg))
+	if err != nil {
+		return nil, err
+	}
+	return &Sandbox{m: h.m, id: info.ID}, nil
+}
+
+// Attach returns a handle on an existing sandbox, possibly created by
+// another process.
+func (h *Host) Attach(ctx context.Context, id string) (*Sandbox, error) {
+	if _, err := h.m.Get(ctx, id); err != nil {
+		return nil, err
+	}
+	return &Sandbox{m: h.m, id: id}, nil
+}
+
+// List returns the ids of the host's sandboxes, oldest first.
+func (h *Host) List(ctx context.Context) ([]string, error) {
+	infos, err := h.m.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]string, len(infos))
+	for i, info := range infos {
+		ids[i] = info.ID
+	}
+	return ids, nil
+}
+
+// Close releases the Host's connections; its sandboxes keep running, and
+// handles it gave out stop working.
+func (h *Host) Close() error { return h.m.Close() }
+
+func createRequest(cfg Config) sandbox.CreateRequest {
+	return sandbox.CreateRequest{
+		OS: cfg.OS, Image: cfg.Image, MemoryMiB: cfg.Memory, DiskSizeMiB: cfg.DiskSize,
+		VCPUs: cfg.VCPUs, Backend: cfg.Backend, Network: cfg.Network, Ports: cfg.Ports,
+	}
 }
 
 func open(ctx context.Context, o Options) (*sandbox.Manager, error) {
@@ -119,24 +185,23 @@ func open(ctx context.Context, o Options) (*sandbox.Manager, error) {
 }
 
 // New creates a sandbox, boots it, and returns once it answers commands.
+// The handle has a Host of its own; a process that works with several
+// sandboxes, or with one through several handles, should Open one Host.
 func New(ctx context.Context, cfg Config) (*Sandbox, error) {
 	m, err := open(ctx, cfg.Host)
 	if err != nil {
 		return nil, err
 	}
-	info, err := m.Create(ctx, sandbox.CreateRequest{
-		OS: cfg.OS, Image: cfg.Image, MemoryMiB: cfg.Memory, DiskSizeMiB: cfg.DiskSize,
-		VCPUs: cfg.VCPUs, Backend: cfg.Backend, Network: cfg.Network, Ports: cfg.Ports,
-	})
+	info, err := m.Create(ctx, createRequest(cfg))
 	if err != nil {
 		m.Close()
 		return nil, err
 	}
-	return &Sandbox{m: m, id: info.ID}, nil
+	return &Sandbox{m: m, id: info.ID, owned: true}, nil
 }
 
 // Attach returns a handle on an existing sandbox, possibly created by
-// another process.
+// another process, with a Host of its own (see New).
 func Attach(ctx context.Context, id string, o Options) (*Sandbox, error) {
 	m, err := open(ctx, o)
 	if err != nil {
@@ -146,7 +211,7 @@ func Attach(ctx context.Context, id string, o Options) (*Sandbox, error) {
 		m.Close()
 		return nil, err
 	}
-	return &Sandbox{m: m, id: id}, nil
+	return &Sandbox{m: m, id: id, owned: true}, nil
 }
 
 // ID is the sandbox's id, "vm-" and 8 hex digits.
@@ -209,9 +274,16 @@ func (s *Sandbox) Start(ctx context.Context) error {
 // Delete stops the VM, removes everything it made, and releases the handle.
 func (s *Sandbox) Delete(ctx context.Context) error {
 	err := s.m.Delete(ctx, s.id)
-	s.m.Close()
+	if s.owned {
+		return errors.Join(err, s.m.Close())
+	}
 	return err
 }
 
 // Close releases the handle; the sandbox keeps running.
-func (s *Sandbox) Close() error { return s.m.Close() }
+func (s *Sandbox) Close() error {
+	if s.owned {
+		return s.m.Close()
+	}
+	return nil
+}

@@ -353,3 +353,51 @@ func TestBadConfig(t *testing.T) {
 		t.Errorf("rejected configs left %d sandbox directories", len(entries))
 	}
 }
+
+// One Host serves several handles on one sandbox in one process: they
+// share the agent connection instead of waiting on each other.
+func TestHostSharesOneConnection(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	h, err := smolvm.Open(ctx, hostOptions(t, testenv.DataDir(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	sb, err := h.Create(ctx, smolvm.Config{Memory: 256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sb.Delete(ctx)
+	again, err := h.Attach(ctx, sb.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i, handle := range []*smolvm.Sandbox{sb, again, sb, again} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			res, err := handle.Run(rctx, fmt.Sprintf("echo %d", i), smolvm.RunOptions{Shell: smolvm.ShellRaw})
+			if err != nil || res.Stdout != fmt.Sprintf("%d\n", i) {
+				t.Errorf("handle %d: %+v %v", i, res, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if err := again.Close(); err != nil {
+		t.Errorf("closing a Host's handle: %v", err)
+	}
+	if res := run(t, sb, "echo still", smolvm.RunOptions{}); res.Stdout != "still\n" {
+		t.Errorf("after closing the other handle: %q", res.Stdout)
+	}
+	ids, err := h.List(ctx)
+	if err != nil || len(ids) != 1 || ids[0] != sb.ID() {
+		t.Errorf("List = %v %v, want [%s]", ids, err, sb.ID())
+	}
+	if _, err := h.Attach(ctx, "vm-00000000"); err == nil {
+		t.Error("attached to a sandbox that does not exist")
+	}
+}
