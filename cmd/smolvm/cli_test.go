@@ -82,6 +82,7 @@ func TestCLI(t *testing.T) {
 	}
 	id := created.Data.ID
 	t.Cleanup(func() { c.run("sandbox", "delete", id) })
+	t.Logf("create: %s", errOut)
 
 	t.Run("exec passes output and exit status", func(t *testing.T) {
 		out, errOut, code := c.run("sandbox", "exec", id, "--", "echo out; echo err >&2; exit 3")

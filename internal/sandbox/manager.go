@@ -328,16 +328,16 @@ func newID() string { return "vm-" + randomHex(4) }
 // Create boots a sandbox and returns once its agent answers. On failure
 // nothing is left behind: no process, no files, no record.
 func (m *Manager) Create(ctx context.Context, req CreateRequest) (Info, error) {
-	return m.create(ctx, req, string(StatusRunning))
+	return m.create(ctx, req, StatusRunning)
 }
 
 // create makes a sandbox that ends in status (running, or pooled).
-func (m *Manager) create(ctx context.Context, req CreateRequest, status string) (Info, error) {
+func (m *Manager) create(ctx context.Context, req CreateRequest, status Status) (Info, error) {
 	drv, err := m.normalize(&req)
 	if err != nil {
 		return Info{}, err
 	}
-	if status == string(StatusRunning) && poolable(req) {
+	if status == StatusRunning && poolable(req) {
 		if info, ok, err := m.takePooled(ctx, req); ok || err != nil {
 			return info, err
 		}
@@ -373,7 +373,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 	if closing {
 		return Info{}, &Error{Kind: KindUnavailable, Code: "shutting_down", Message: "smolvm is shutting down; create the sandbox after it restarts"}
 	}
-	rec, release, err := m.insert(ctx, req, drv, string(StatusRunning))
+	rec, release, err := m.insert(ctx, req, drv, StatusRunning)
 	if err != nil {
 		m.async.Done()
 		return Info{}, err
@@ -392,16 +392,16 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 			m.mu.Unlock()
 			cancel()
 		}()
-		m.build(bctx, drv, req, &rec, string(StatusRunning), true)
+		m.build(bctx, drv, req, &rec, StatusRunning, true)
 	}(rec)
 	return info, nil
 }
 
 // insert records a new sandbox before any work is done for it, so it can
 // be seen (and its progress read) while its image is prepared.
-func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver, status string) (store.Record, func(), error) {
-	initial := string(StatusCreating)
-	if status != string(StatusRunning) {
+func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver, status Status) (store.Record, func(), error) {
+	initial := StatusCreating
+	if status != StatusRunning {
 		initial = status // pool members stay hidden from the start
 	}
 	rec := store.Record{
@@ -485,7 +485,7 @@ func abandonedCreation(dir string) bool {
 // build prepares the image and boots rec's VM. On failure nothing of the
 // VM is left; the record goes too, unless keepFailure asks that it stay in
 // the error state to tell an asynchronous caller why.
-func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, rec *store.Record, status string, keepFailure bool) (Info, error) {
+func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, rec *store.Record, status Status, keepFailure bool) (Info, error) {
 	unlock := m.lock(rec.ID)
 	defer unlock()
 	defer m.setProgress(rec.ID, nil)
@@ -511,9 +511,9 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 		if rerr := os.RemoveAll(rec.Dir); rerr != nil {
 			terr = errors.Join(terr, rerr)
 		}
-		rec.Status, rec.PID, rec.Runtime, rec.Error = string(StatusError), 0, "", err.Error()
-		if uerr := m.store.Update(cctx, *rec); uerr != nil {
-			terr = errors.Join(terr, uerr)
+		rec.PID, rec.Runtime, rec.Error = 0, "", err.Error()
+		if terr2 := m.transition(cctx, rec, StatusError); terr2 != nil {
+			terr = errors.Join(terr, terr2)
 		}
 		m.logTeardown(rec.ID, "failed create", terr)
 		return Info{}, err
@@ -546,7 +546,7 @@ func (m *Manager) withProgress(info Info) Info {
 
 // boot starts the VM for rec cold (making its disk first when fresh) and
 // waits for the agent.
-func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool, final string) (Info, error) {
+func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool, final Status) (Info, error) {
 	spec := m.spec(a, rec)
 	if fresh {
 		if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
@@ -578,8 +578,8 @@ func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
 // answer, giving up at once if the VM process dies or the guest crashes.
 func (m *Manager) waitAgent(ctx context.Context, mach vmm.Machine, rec *store.Record, timeout time.Duration) (*guest.Client, error) {
 	rec.PID, rec.Runtime = mach.PID(), string(mach.Runtime())
-	if err := m.store.Update(ctx, *rec); err != nil {
-		return nil, errors.Join(fmt.Errorf("record sandbox: %w", err), mach.Kill(context.WithoutCancel(ctx)))
+	if err := m.transition(ctx, rec, rec.Status); err != nil {
+		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
 	c, err := dialWhileAlive(ctx, mach, timeout)
 	if err != nil {
@@ -645,7 +645,7 @@ func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration
 }
 
 // finish gives the guest its identity and marks the sandbox running.
-func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind, final string) (Info, error) {
+func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind, final Status) (Info, error) {
 	id := wire.Identity{
 		Hostname:  rec.ID,
 		MachineID: randomHex(16),
@@ -663,10 +663,10 @@ func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record
 		c.Close()
 		return Info{}, err
 	}
-	rec.Status, rec.Error = final, ""
-	if err := m.store.Update(ctx, *rec); err != nil {
+	rec.Error = ""
+	if err := m.transition(ctx, rec, final); err != nil {
 		c.Close()
-		return Info{}, fmt.Errorf("record sandbox: %w", err)
+		return Info{}, err
 	}
 	m.setClient(rec.ID, c)
 	info := toInfo(*rec)
@@ -767,6 +767,35 @@ func (m *Manager) machine(rec store.Record) (vmm.Driver, vmm.Machine, error) {
 	return drv, mach, nil
 }
 
+// transition records rec with status to, provided the stored status is
+// still one of from (by default, rec's own): every state change is one
+// compare-and-set, so what another process changed meanwhile is not
+// overwritten but reported.
+func (m *Manager) transition(ctx context.Context, rec *store.Record, to Status, from ...Status) error {
+	if len(from) == 0 {
+		from = []Status{rec.Status}
+	}
+	next := *rec
+	next.Status = to
+	changed, err := m.store.Transition(ctx, next, from...)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return notFound(rec.ID)
+		}
+		return fmt.Errorf("record sandbox %s: %w", rec.ID, err)
+	}
+	if !changed {
+		now := "changed"
+		if cur, err := m.store.Get(ctx, rec.ID); err == nil {
+			now = string(cur.Status)
+		}
+		return &Error{Kind: KindConflict, Code: "conflict",
+			Message: fmt.Sprintf("sandbox %s changed meanwhile (it is %s now); try again", rec.ID, now)}
+	}
+	*rec = next
+	return nil
+}
+
 // halt ends what rec runs on this host: its agent session, its VM and its
 // network process. It is the one teardown every path uses; the errors of
 // all three are joined.
@@ -797,7 +826,7 @@ func (m *Manager) logTeardown(id, what string, err error) {
 func toInfo(r store.Record) Info {
 	ns := readNet(r)
 	return Info{
-		ID: r.ID, Status: Status(r.Status), OS: r.OS, Image: r.Image, Backend: r.Backend,
+		ID: r.ID, Status: r.Status, OS: r.OS, Image: r.Image, Backend: r.Backend,
 		MemoryMiB: r.MemoryMiB, DiskSizeMiB: r.DiskSizeMiB, VCPUs: r.VCPUs, PID: r.PID,
 		CreatedAt: r.CreatedAt, Error: r.Error,
 		Network: ns.Policy, Ports: ns.forwards(),
@@ -822,10 +851,10 @@ func (m *Manager) get(ctx context.Context, id string) (store.Record, error) {
 // reconcile marks a running sandbox whose VM process is gone as stopped,
 // and one whose creating process died as failed (ending what it started).
 func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record {
-	if rec.Status == string(StatusCreating) && abandonedCreation(rec.Dir) {
+	if rec.Status == StatusCreating && abandonedCreation(rec.Dir) {
 		return m.interrupted(ctx, rec)
 	}
-	if rec.Status != string(StatusRunning) {
+	if rec.Status != StatusRunning {
 		return rec
 	}
 	_, mach, err := m.machine(rec)
@@ -833,7 +862,7 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 		return rec
 	}
 	reason := fmt.Sprintf("the VM process (pid %d) exited unexpectedly", rec.PID)
-	changed, err := m.store.MarkExited(ctx, rec.ID, rec.PID, string(StatusStopped), reason)
+	changed, err := m.store.MarkExited(ctx, rec.ID, rec.PID, StatusStopped, reason)
 	if err != nil || !changed {
 		// Someone else changed the record meanwhile: theirs is newer.
 		if fresh, gerr := m.store.Get(ctx, rec.ID); gerr == nil {
@@ -842,7 +871,7 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 		return rec
 	}
 	m.dropClient(rec.ID)
-	rec.Status, rec.Error, rec.PID = string(StatusStopped), reason, 0
+	rec.Status, rec.Error, rec.PID = StatusStopped, reason, 0
 	return rec
 }
 
@@ -859,7 +888,7 @@ func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Recor
 	}
 	m.logTeardown(rec.ID, "an interrupted create", m.halt(ctx, rec))
 	os.Remove(filepath.Join(rec.Dir, creationLock))
-	rec.Status, rec.Error, rec.PID = string(StatusError), reason, 0
+	rec.Status, rec.Error, rec.PID = StatusError, reason, 0
 	return rec
 }
 
@@ -911,7 +940,7 @@ func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout
 	if err != nil {
 		return ExecResult{}, err
 	}
-	if rec.Status != string(StatusRunning) {
+	if rec.Status != StatusRunning {
 		return ExecResult{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
@@ -937,7 +966,7 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Reques
 	if err != nil {
 		if errors.Is(err, guest.ErrSessionClosed) {
 			m.dropClient(id)
-			if r := m.reconcile(ctx, rec); r.Status != string(StatusRunning) {
+			if r := m.reconcile(ctx, rec); r.Status != StatusRunning {
 				return res, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 					Message: fmt.Sprintf("sandbox %s stopped while the command ran", id), Err: err}
 			}
@@ -967,9 +996,9 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 		return err
 	}
 	switch rec.Status {
-	case string(StatusStopped), string(StatusError):
+	case StatusStopped, StatusError:
 		return nil
-	case string(StatusCreating):
+	case StatusCreating:
 		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
 	_, mach, err := m.machine(rec)
@@ -1003,8 +1032,8 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	if err := m.halt(ctx, rec); err != nil {
 		return fmt.Errorf("stop sandbox %s: %w", id, err)
 	}
-	rec.Status, rec.PID, rec.Error = string(StatusStopped), 0, ""
-	return m.store.Update(ctx, rec)
+	rec.PID, rec.Error = 0, ""
+	return m.transition(ctx, &rec, StatusStopped, StatusRunning)
 }
 
 // Start boots a stopped sandbox again from its own disk.
@@ -1019,9 +1048,9 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 		return Info{}, err
 	}
 	switch rec.Status {
-	case string(StatusRunning):
+	case StatusRunning:
 		return toInfo(rec), nil
-	case string(StatusCreating):
+	case StatusCreating:
 		return Info{}, &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
 	drv, err := m.drivers.Get(rec.Backend)
@@ -1032,12 +1061,12 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	info, err := m.boot(ctx, drv, a, &rec, false, string(StatusRunning))
+	info, err := m.boot(ctx, drv, a, &rec, false, StatusRunning)
 	if err != nil {
 		cctx := context.WithoutCancel(ctx)
 		terr := m.halt(cctx, rec)
-		rec.Status, rec.PID, rec.Error = string(StatusError), 0, err.Error()
-		if uerr := m.store.Update(cctx, rec); uerr != nil {
+		rec.PID, rec.Error = 0, err.Error()
+		if uerr := m.transition(cctx, &rec, StatusError); uerr != nil {
 			terr = errors.Join(terr, uerr)
 		}
 		m.logTeardown(id, "failed start", terr)
@@ -1123,7 +1152,7 @@ func (m *Manager) Ping(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if rec.Status != string(StatusRunning) {
+	if rec.Status != StatusRunning {
 		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
 	c, err := m.client(ctx, rec)

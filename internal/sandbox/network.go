@@ -204,7 +204,7 @@ func (m *Manager) runningNet(ctx context.Context, id string) (store.Record, netS
 	if err != nil {
 		return rec, netState{}, err
 	}
-	if rec.Status != string(StatusRunning) {
+	if rec.Status != StatusRunning {
 		return rec, netState{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
@@ -276,7 +276,7 @@ func (m *Manager) ClosePort(ctx context.Context, id string, guest int) (network.
 		return network.Forward{}, err
 	}
 	s := readNet(rec)
-	running := rec.Status == string(StatusRunning) && s.Policy.Enabled()
+	running := rec.Status == StatusRunning && s.Policy.Enabled()
 	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
 	i := -1
 	for j, p := range s.Ports {

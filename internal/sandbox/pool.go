@@ -14,10 +14,10 @@ import (
 // statusPooled marks a sandbox restored ahead of time and not yet handed
 // out. Pooled sandboxes are real, running VMs, but no caller sees them
 // until a Create claims one.
-const statusPooled = "pooled"
+const statusPooled = store.StatusPooled
 
 // statusWarming marks a pool member still running its warm-up commands.
-const statusWarming = "warming"
+const statusWarming = store.StatusWarming
 
 // poolShape is the one create request the pool serves: the defaults.
 func poolShape() CreateRequest {
@@ -61,12 +61,12 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 			continue
 		}
 		now := time.Now().UTC()
-		ok, err := m.store.Claim(ctx, r.ID, statusPooled, string(StatusRunning), now)
+		ok, err := m.store.Claim(ctx, r.ID, statusPooled, StatusRunning, now)
 		if err != nil || !ok {
 			m.dropClient(r.ID)
 			continue
 		}
-		r.Status, r.CreatedAt = string(StatusRunning), now
+		r.Status, r.CreatedAt = StatusRunning, now
 		if err := m.configureClaimed(ctx, &r, req); err != nil {
 			m.remove(context.WithoutCancel(ctx), r)
 			if e, ok := AsError(err); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {
@@ -96,7 +96,7 @@ func (m *Manager) configureClaimed(ctx context.Context, r *store.Record, req Cre
 	if err := m.applyPorts(ctx, r); err != nil {
 		return err
 	}
-	return m.store.Update(ctx, *r)
+	return m.transition(ctx, r, StatusRunning, StatusRunning)
 }
 
 func (m *Manager) wakePool() {

@@ -91,7 +91,7 @@ func templateDiskMiB(a assets, diskMiB int) int {
 // launch brings rec's VM up from a template when it can, and cold when it
 // cannot; a template that fails is retired at once, logged with why, and
 // never returned as a broken sandbox.
-func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final string) (Info, error) {
+func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final Status) (Info, error) {
 	snap, ok := drv.(vmm.Snapshotter)
 	if !ok || m.opts.NoTemplates {
 		return m.boot(ctx, drv, a, rec, true, final)
@@ -164,7 +164,7 @@ const restoreTimeout = 30 * time.Second
 // restore starts rec's VM from t, grows its disk to the size asked for, and
 // gives it its identity. It returns the clone's console log too, which says
 // why when a clone fails.
-func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final string) (Info, string, error) {
+func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final Status) (Info, string, error) {
 	spec := m.spec(a, rec)
 	if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
 		return Info{}, "", fmt.Errorf("create sandbox directory: %w", err)

@@ -6,16 +6,17 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/network"
+	"github.com/smolvm/smolvm/internal/store"
 )
 
-// Status is a sandbox's lifecycle state.
-type Status string
+// Status is a sandbox's lifecycle state, as the store records it.
+type Status = store.Status
 
 const (
-	StatusCreating Status = "creating"
-	StatusRunning  Status = "running"
-	StatusStopped  Status = "stopped"
-	StatusError    Status = "error"
+	StatusCreating = store.StatusCreating
+	StatusRunning  = store.StatusRunning
+	StatusStopped  = store.StatusStopped
+	StatusError    = store.StatusError
 )
 
 // Shell selects how a command string is run in the guest.

@@ -24,10 +24,24 @@ var ErrNotFound = errors.New("sandbox not found")
 // ErrExists is returned by Insert when a sandbox with the same id is recorded.
 var ErrExists = errors.New("sandbox already exists")
 
+// Status is a sandbox's lifecycle state as recorded.
+type Status string
+
+const (
+	StatusCreating Status = "creating"
+	StatusRunning  Status = "running"
+	StatusStopped  Status = "stopped"
+	StatusError    Status = "error"
+	// StatusWarming and StatusPooled are members of a warm pool: running
+	// VMs that no caller sees until a create claims one.
+	StatusWarming Status = "warming"
+	StatusPooled  Status = "pooled"
+)
+
 // Record is one sandbox as stored.
 type Record struct {
 	ID          string
-	Status      string
+	Status      Status
 	OS          string
 	Image       string
 	Backend     string
@@ -189,20 +203,34 @@ func (s *Store) Insert(ctx context.Context, r Record) error {
 	return nil
 }
 
-// Update replaces every field of the recorded sandbox r.ID except CreatedAt,
-// and sets UpdatedAt to now. It returns an error wrapping ErrNotFound if
-// there is no such sandbox.
-func (s *Store) Update(ctx context.Context, r Record) error {
-	res, err := s.db.ExecContext(ctx,
+// Transition replaces every field of the recorded sandbox r.ID except
+// CreatedAt, and sets UpdatedAt to now, but only if its status is still one
+// of from:
+// each state change is one compare-and-set, so of two processes changing
+// a sandbox at once the second sees that the first did. It reports whether
+// the record changed; a missing record is ErrNotFound.
+func (s *Store) Transition(ctx context.Context, r Record, from ...Status) (bool, error) {
+	if len(from) == 0 {
+		return false, fmt.Errorf("transition sandbox %s: no status to move from", r.ID)
+	}
+	args := []any{r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
+		r.Dir, r.Runtime, r.Network, r.Error, time.Now().UnixNano(), r.ID}
+	marks := make([]string, len(from))
+	for i, st := range from {
+		marks[i] = "?"
+		args = append(args, st)
+	}
+	changed, err := s.updateIf(ctx, "update", r.ID,
 		`UPDATE sandboxes SET status = ?, os = ?, image = ?, backend = ?, memory_mib = ?,
 			disk_size_mib = ?, vcpus = ?, pid = ?, dir = ?, runtime = ?, network = ?, error = ?, updated_at = ?
-		WHERE id = ?`,
-		r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
-		r.Dir, r.Runtime, r.Network, r.Error, time.Now().UnixNano(), r.ID)
-	if err != nil {
-		return fmt.Errorf("update sandbox %s: %w", r.ID, err)
+		WHERE id = ? AND status IN (`+strings.Join(marks, ", ")+`)`, args...)
+	if err != nil || changed {
+		return changed, err
 	}
-	return affectedOne(res, "update", r.ID)
+	if _, err := s.Get(ctx, r.ID); err != nil {
+		return false, err
+	}
+	return false, nil
 }
 
 // SetNetwork replaces only the network settings of sandbox id, so a change
@@ -219,7 +247,7 @@ func (s *Store) SetNetwork(ctx context.Context, id, network string) error {
 // MarkExited records that a running sandbox's VM process (pid) is gone, only
 // if the record still says it runs with that pid: a Stop or Start that
 // finished meanwhile in another goroutine or process is not overwritten.
-func (s *Store) MarkExited(ctx context.Context, id string, pid int, status, reason string) (bool, error) {
+func (s *Store) MarkExited(ctx context.Context, id string, pid int, status Status, reason string) (bool, error) {
 	return s.updateIf(ctx, "update", id,
 		`UPDATE sandboxes SET status = ?, pid = 0, error = ?, updated_at = ? WHERE id = ? AND status = 'running' AND pid = ?`,
 		status, reason, time.Now().UnixNano(), id, pid)
@@ -236,7 +264,7 @@ func (s *Store) MarkInterrupted(ctx context.Context, id, reason string) (bool, e
 // Claim moves the sandbox id from status from to status to, and sets its
 // creation time, only if it still has status from. It reports whether it
 // did: of several processes claiming one record, exactly one wins.
-func (s *Store) Claim(ctx context.Context, id, from, to string, createdAt time.Time) (bool, error) {
+func (s *Store) Claim(ctx context.Context, id string, from, to Status, createdAt time.Time) (bool, error) {
 	return s.updateIf(ctx, "claim", id,
 		`UPDATE sandboxes SET status = ?, created_at = ?, updated_at = ? WHERE id = ? AND status = ?`,
 		to, createdAt.UnixNano(), time.Now().UnixNano(), id, from)

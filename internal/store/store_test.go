@@ -56,12 +56,13 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatalf("Get = %+v\nwant %+v", got, want)
 	}
 
+	from := got.Status
 	got.Status = "error"
 	got.Error = "qemu exited: status 1"
 	got.PID = 0
 	before := time.Now()
-	if err := s.Update(ctx, got); err != nil {
-		t.Fatalf("Update: %v", err)
+	if ok, err := s.Transition(ctx, got, from); err != nil || !ok {
+		t.Fatalf("Transition: %v %v", ok, err)
 	}
 	again, err := s.Get(ctx, want.ID)
 	if err != nil {
@@ -91,8 +92,8 @@ func TestNotFound(t *testing.T) {
 	if _, err := s.Get(ctx, "vm-00000000"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Get: %v, want ErrNotFound", err)
 	}
-	if err := s.Update(ctx, sample("vm-00000000")); !errors.Is(err, ErrNotFound) {
-		t.Errorf("Update: %v, want ErrNotFound", err)
+	if _, err := s.Transition(ctx, sample("vm-00000000"), StatusRunning); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Transition: %v, want ErrNotFound", err)
 	}
 	if err := s.Delete(ctx, "vm-00000000"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Delete: %v, want ErrNotFound", err)
@@ -177,9 +178,10 @@ func TestConcurrentStoresOnOneFile(t *testing.T) {
 					errs <- err
 					continue
 				}
+				from := r.Status
 				r.Status = "stopped"
-				if err := s.Update(ctx, r); err != nil {
-					errs <- err
+				if ok, err := s.Transition(ctx, r, from); err != nil || !ok {
+					errs <- fmt.Errorf("transition %s: %v %v", r.ID, ok, err)
 				}
 				if _, err := s.List(ctx); err != nil {
 					errs <- err
@@ -321,5 +323,36 @@ func TestClaimHasOneWinner(t *testing.T) {
 	r, err := a.Get(ctx, "vm-0000000a")
 	if err != nil || r.Status != "running" {
 		t.Errorf("after claim: %+v %v", r, err)
+	}
+}
+
+// A transition happens only from the statuses it names: of two processes
+// moving one sandbox at once, the second sees that the first did.
+func TestTransitionComparesAndSets(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTemp(t)
+	r := sample("vm-0000000b")
+	r.Status = StatusRunning
+	if err := s.Insert(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	stopped := r
+	stopped.Status, stopped.PID = StatusStopped, 0
+	if ok, err := s.Transition(ctx, stopped, StatusRunning); err != nil || !ok {
+		t.Fatalf("running -> stopped: %v %v", ok, err)
+	}
+	// A second stop, from a caller that still believes it runs, changes
+	// nothing and says so.
+	failed := r
+	failed.Status, failed.Error = StatusError, "late"
+	if ok, err := s.Transition(ctx, failed, StatusRunning, StatusCreating); err != nil || ok {
+		t.Fatalf("transition from a status the record no longer has: %v %v", ok, err)
+	}
+	got, err := s.Get(ctx, r.ID)
+	if err != nil || got.Status != StatusStopped || got.Error != "" {
+		t.Errorf("after the refused transition: %+v %v", got, err)
+	}
+	if _, err := s.Transition(ctx, failed); err == nil {
+		t.Error("a transition from no status was accepted")
 	}
 }
