@@ -73,8 +73,10 @@ func TestCLI(t *testing.T) {
 	var created struct {
 		OK   bool `json:"ok"`
 		Data struct {
-			ID     string `json:"id"`
-			Status string `json:"status"`
+			ID       string   `json:"id"`
+			Status   string   `json:"status"`
+			Boot     string   `json:"boot"`
+			Warnings []string `json:"warnings"`
 		} `json:"data"`
 	}
 	if err := json.Unmarshal([]byte(out), &created); err != nil || !created.OK || created.Data.Status != "running" {
@@ -82,7 +84,10 @@ func TestCLI(t *testing.T) {
 	}
 	id := created.Data.ID
 	t.Cleanup(func() { c.run("sandbox", "delete", id) })
-	t.Logf("create: %s", errOut)
+	// The first create of a shape builds its template and restores from it.
+	if created.Data.Boot != "template" || len(created.Data.Warnings) > 0 {
+		t.Errorf("create booted %q, warnings %q; stderr:\n%s", created.Data.Boot, created.Data.Warnings, errOut)
+	}
 
 	t.Run("exec passes output and exit status", func(t *testing.T) {
 		out, errOut, code := c.run("sandbox", "exec", id, "--", "echo out; echo err >&2; exit 3")
