@@ -23,6 +23,21 @@ import (
 type Client struct {
 	conn net.Conn
 	sess *yamux.Session
+	peer wire.Peer
+}
+
+// Peer is what the agent said of itself on connect.
+func (c *Client) Peer() wire.Peer { return c.peer }
+
+// VersionError is an agent speaking a protocol version this host does not
+// serve: one from an older smolvm that VMs outlived, or a newer one.
+type VersionError struct{ Agent int }
+
+func (e *VersionError) Error() string {
+	if e.Agent < wire.MinVersion {
+		return fmt.Sprintf("the guest agent speaks protocol version %d, older than this smolvm serves (%d to %d); stop and start the sandbox to boot it with this smolvm's agent", e.Agent, wire.MinVersion, wire.Version)
+	}
+	return fmt.Sprintf("the guest agent speaks protocol version %d, newer than this smolvm serves (%d to %d); use the smolvm that created the sandbox, or a newer one", e.Agent, wire.MinVersion, wire.Version)
 }
 
 // Dialer opens a byte stream to a guest's agent port, as
@@ -55,6 +70,10 @@ func Dial(ctx context.Context, dial Dialer) (*Client, error) {
 			return c, nil
 		}
 		conn.Close()
+		var ve *VersionError
+		if errors.As(err, &ve) {
+			return nil, err // asking again gets the same answer
+		}
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("agent did not answer: %w", ctx.Err())
 		}
@@ -73,7 +92,8 @@ func handshake(ctx context.Context, conn net.Conn) (*Client, error) {
 		return nil, fmt.Errorf("agent handshake: %w", err)
 	}
 	br := bufio.NewReaderSize(conn, 64<<10)
-	if err := wire.AwaitReady(br, nonce); err != nil {
+	peer, err := wire.AwaitReady(br, nonce)
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("agent did not answer: %w", ctx.Err())
 		}
@@ -83,11 +103,14 @@ func handshake(ctx context.Context, conn net.Conn) (*Client, error) {
 		return nil, fmt.Errorf("agent did not answer: %w", ctx.Err())
 	}
 	conn.SetDeadline(time.Time{})
+	if peer.Version < wire.MinVersion || peer.Version > wire.Version {
+		return nil, &VersionError{Agent: peer.Version}
+	}
 	sess, err := yamux.Client(&readerConn{Conn: conn, r: br}, wire.YamuxConfig())
 	if err != nil {
 		return nil, fmt.Errorf("agent session: %w", err)
 	}
-	return &Client{conn: conn, sess: sess}, nil
+	return &Client{conn: conn, sess: sess, peer: peer}, nil
 }
 
 // readerConn reads through the handshake's buffer so no byte after the

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"github.com/hashicorp/yamux"
 
 	"github.com/smolvm/smolvm/internal/agent/wire"
+	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
@@ -97,6 +99,9 @@ func (d *fakeDriver) machine(t *testing.T) *fakeMachine {
 type fakeMachine struct {
 	dir    string
 	silent bool
+	// readyLine, when set, replaces the agent's ready line (a nonce goes
+	// where %s is).
+	readyLine string
 
 	mu    sync.Mutex
 	alive bool
@@ -172,7 +177,13 @@ func (fm *fakeMachine) serve(conn net.Conn) {
 	if err != nil {
 		return
 	}
-	if _, err := conn.Write(wire.ReadyLine(nonce)); err != nil {
+	ready := wire.ReadyLine(nonce)
+	fm.mu.Lock()
+	if fm.readyLine != "" {
+		ready = []byte(fmt.Sprintf(fm.readyLine, nonce))
+	}
+	fm.mu.Unlock()
+	if _, err := conn.Write(ready); err != nil {
 		return
 	}
 	sess, err := yamux.Server(struct {
@@ -244,9 +255,14 @@ func (fm *fakeMachine) handle(st net.Conn) {
 // fakeManager opens a Manager whose only driver is d.
 func fakeManager(t *testing.T, d *fakeDriver, bootTimeout time.Duration) *sandbox.Manager {
 	t.Helper()
+	return fakeManagerAt(t, testenv.DataDir(t), d, bootTimeout)
+}
+
+func fakeManagerAt(t *testing.T, dir datadir.Dir, d *fakeDriver, bootTimeout time.Duration) *sandbox.Manager {
+	t.Helper()
 	ctx := context.Background()
 	m, err := sandbox.Open(ctx, sandbox.Options{
-		DataDir: testenv.DataDir(t), AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t),
+		DataDir: dir, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t),
 		Drivers: vmm.NewRegistry(d), BootTimeout: bootTimeout, Progress: io.Discard,
 	})
 	if err != nil {
@@ -437,4 +453,38 @@ func TestFakeFailedStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertGone(t, m, nil)
+}
+
+// A sandbox whose agent speaks a protocol this smolvm does not serve (one
+// started by another smolvm) is answered with a clear 409, at once, not
+// after the reconnect timeout.
+func TestFakeAgentOfAnotherVersion(t *testing.T) {
+	t.Parallel()
+	d := newFakeDriver()
+	dir := testenv.DataDir(t)
+	first := fakeManagerAt(t, dir, d, 10*time.Second)
+	ctx := context.Background()
+	info, err := first.Create(ctx, offline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Close() // the session goes; the VM stays
+	fm := d.machine(t)
+	fm.mu.Lock()
+	fm.readyLine = "SMOLVM1 READY %s v=99 caps=exec,files\n"
+	fm.mu.Unlock()
+
+	second := fakeManagerAt(t, dir, d, 10*time.Second)
+	start := time.Now()
+	_, err = second.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "echo hi"})
+	e, ok := sandbox.AsError(err)
+	if !ok || e.Code != "agent_incompatible" || !strings.Contains(e.Message, "version 99") {
+		t.Fatalf("exec with an agent of version 99: %v", err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("refused after %s: the handshake was retried", took)
+	}
+	if err := second.Delete(ctx, info.ID); err != nil {
+		t.Errorf("delete: %v", err)
+	}
 }

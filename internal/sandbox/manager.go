@@ -638,6 +638,9 @@ func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration
 	if why != nil {
 		return nil, fmt.Errorf("%w; console output:\n%s", why, consoleTail(mach.ConsoleLog()))
 	}
+	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
+		return nil, err
+	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
@@ -743,6 +746,9 @@ func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, 
 	dctx, cancel := context.WithTimeout(ctx, connectTimeout)
 	defer cancel()
 	c, err = guest.Dial(dctx, mach.DialAgent)
+	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
+		return nil, &Error{Kind: KindConflict, Code: "agent_incompatible", Message: fmt.Sprintf("sandbox %s: %v", rec.ID, ve), Err: err}
+	}
 	if err != nil {
 		return nil, &Error{Kind: KindConflict, Code: "agent_unreachable",
 			Message: fmt.Sprintf("sandbox %s did not answer; if another smolvm process (a server) is using it, go through that process (--url)", rec.ID), Err: err}

@@ -20,13 +20,41 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/yamux"
 )
 
-// Version is bumped whenever the protocol changes incompatibly.
-const Version = 1
+// Version is bumped whenever the protocol changes incompatibly. The agent
+// announces its version on connect; a host serves agents from MinVersion
+// to Version, since VMs outlive the smolvm that started them.
+const (
+	Version    = 1
+	MinVersion = 1
+)
+
+// Capabilities an agent announces on connect; a host asks only for what an
+// agent named.
+const (
+	CapExec     = "exec"
+	CapIdentity = "identity"
+	CapShutdown = "shutdown"
+)
+
+// Capabilities are what this agent serves.
+func Capabilities() []string { return []string{CapExec, CapIdentity, CapShutdown} }
+
+// Peer is what an agent said of itself on connect.
+type Peer struct {
+	Version int
+	Caps    []string
+}
+
+// Has reports whether the agent named capability c.
+func (p Peer) Has(c string) bool { return slices.Contains(p.Caps, c) }
 
 // PortName is the virtio-serial port name the agent looks for.
 const PortName = "org.smolvm.agent"
@@ -161,8 +189,11 @@ func NewNonce(random []byte) string { return hex.EncodeToString(random) }
 // HelloLine is what the host sends to open a session.
 func HelloLine(nonce string) []byte { return []byte(helloPrefix + nonce + "\n") }
 
-// ReadyLine is the agent's answer.
-func ReadyLine(nonce string) []byte { return []byte(readyPrefix + nonce + "\n") }
+// ReadyLine is the agent's answer: the nonce, then its version and
+// capabilities.
+func ReadyLine(nonce string) []byte {
+	return []byte(readyPrefix + nonce + " v=" + strconv.Itoa(Version) + " caps=" + strings.Join(Capabilities(), ",") + "\n")
+}
 
 // LastHello returns b from the start of its last hello line, or nil.
 func LastHello(b []byte) []byte {
@@ -191,14 +222,39 @@ func AwaitHello(r *bufio.Reader) (string, error) {
 	return nonce, err
 }
 
-// AwaitReady discards input until the ready line for nonce.
-func AwaitReady(r *bufio.Reader, nonce string) error {
+// AwaitReady discards input until the ready line for nonce and returns what
+// the agent said of itself. The first agents sent the nonce alone: they
+// are version 1 with exec, identity and shutdown.
+func AwaitReady(r *bufio.Reader, nonce string) (Peer, error) {
 	want := []byte(readyPrefix + nonce)
-	return awaitLine(r, func(line []byte) bool { return bytes.Contains(line, want) })
+	var peer Peer
+	err := awaitLine(r, func(line []byte) bool {
+		i := bytes.Index(line, want)
+		if i < 0 {
+			return false
+		}
+		rest := line[i+len(want):]
+		if len(rest) > 0 && rest[0] != ' ' && rest[0] != '\r' && rest[0] != '\n' {
+			return false // a longer nonce: not ours
+		}
+		peer = Peer{Version: 1, Caps: []string{CapExec, CapIdentity, CapShutdown}}
+		for _, f := range strings.Fields(string(rest)) {
+			switch k, v, _ := strings.Cut(f, "="); k {
+			case "v":
+				if n, err := strconv.Atoi(v); err == nil {
+					peer.Version = n
+				}
+			case "caps":
+				peer.Caps = strings.Split(v, ",")
+			}
+		}
+		return true
+	})
+	return peer, err
 }
 
-// handshakeLineMax is longer than either handshake line.
-const handshakeLineMax = len(helloPrefix) + nonceLen + 2
+// handshakeLineMax is longer than any handshake line.
+const handshakeLineMax = 512
 
 // awaitLine reads lines until match accepts one. A run of stale bytes
 // longer than r's buffer is discarded but for its end, which may be the

@@ -105,7 +105,7 @@ func TestNonceAndLines(t *testing.T) {
 			if got, want := string(HelloLine(n)), "SMOLVM1 HELLO "+n+"\n"; got != want {
 				t.Errorf("HelloLine = %q, want %q", got, want)
 			}
-			if got, want := string(ReadyLine(n)), "SMOLVM1 READY "+n+"\n"; got != want {
+			if got, want := string(ReadyLine(n)), "SMOLVM1 READY "+n+" v=1 caps=exec,identity,shutdown\n"; got != want {
 				t.Errorf("ReadyLine = %q, want %q", got, want)
 			}
 			// A nonce made the way the host makes it is accepted by
@@ -197,7 +197,7 @@ func TestAwaitHelloReadError(t *testing.T) {
 	if _, err := AwaitHello(bufio.NewReader(r)); !errors.Is(err, boom) {
 		t.Fatalf("AwaitHello error = %v, want %v", err, boom)
 	}
-	if err := AwaitReady(bufio.NewReader(iotest.ErrReader(boom)), nonceOf(1)); !errors.Is(err, boom) {
+	if _, err := AwaitReady(bufio.NewReader(iotest.ErrReader(boom)), nonceOf(1)); !errors.Is(err, boom) {
 		t.Fatalf("AwaitReady error = %v, want %v", err, boom)
 	}
 }
@@ -229,7 +229,7 @@ func TestAwaitReady(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			br := bufio.NewReaderSize(bytes.NewReader(tt.in), portBuf)
-			err := AwaitReady(br, n)
+			_, err := AwaitReady(br, n)
 			if tt.wantErr != nil {
 				if !errors.Is(err, tt.wantErr) {
 					t.Fatalf("AwaitReady = %v, want %v", err, tt.wantErr)
@@ -255,7 +255,7 @@ func TestAwaitReadyWrongNonceKeepsWaiting(t *testing.T) {
 	host, agent := pipe(t)
 	go agent.Write(ReadyLine(nonceOf(0x99)))
 	host.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-	err := AwaitReady(bufio.NewReaderSize(host, portBuf), nonceOf(0x11))
+	_, err := AwaitReady(bufio.NewReaderSize(host, portBuf), nonceOf(0x11))
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("AwaitReady = %v, want the deadline to end the wait", err)
 	}
@@ -275,7 +275,7 @@ func TestAwaitLineAcrossBufferBoundary(t *testing.T) {
 		if err != nil || got != n {
 			missed = append(missed, "hello with "+strconv.Itoa(straddle)+" bytes in the full buffer: "+errString(err))
 		}
-		err = AwaitReady(bufio.NewReaderSize(bytes.NewReader(cat(junk, ReadyLine(n))), portBuf), n)
+		_, err = AwaitReady(bufio.NewReaderSize(bytes.NewReader(cat(junk, ReadyLine(n))), portBuf), n)
 		if err != nil {
 			missed = append(missed, "ready with "+strconv.Itoa(straddle)+" bytes in the full buffer: "+errString(err))
 		}
@@ -410,7 +410,7 @@ func TestHandshake(t *testing.T) {
 				t.Fatalf("host write hello: %v", err)
 			}
 			br := bufio.NewReaderSize(host, portBuf)
-			if err := AwaitReady(br, n); err != nil {
+			if _, err := AwaitReady(br, n); err != nil {
 				t.Fatalf("AwaitReady: %v", err)
 			}
 			if rest, err := br.ReadString('\n'); err != nil || rest != "to-host\n" {
@@ -951,7 +951,7 @@ func TestGarbage(t *testing.T) {
 		if got, err := AwaitHello(bufio.NewReaderSize(bytes.NewReader(in), portBuf)); err == nil && len(got) != 32 {
 			t.Fatalf("input %d: AwaitHello returned a %d-byte nonce", i, len(got))
 		}
-		if err := AwaitReady(bufio.NewReaderSize(bytes.NewReader(in), portBuf), n); err == nil {
+		if _, err := AwaitReady(bufio.NewReaderSize(bytes.NewReader(in), portBuf), n); err == nil {
 			t.Fatalf("input %d: AwaitReady accepted garbage", i)
 		}
 		if h := LastHello(in); h != nil && !bytes.HasPrefix(h, []byte("SMOLVM1 HELLO ")) {
@@ -1041,7 +1041,7 @@ func TestSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	br := bufio.NewReaderSize(hostConn, portBuf)
-	if err := AwaitReady(br, n); err != nil {
+	if _, err := AwaitReady(br, n); err != nil {
 		t.Fatalf("AwaitReady: %v", err)
 	}
 	if err := <-serverErr; err != nil {
@@ -1172,4 +1172,39 @@ func FuzzReadFrame(f *testing.F) {
 			t.Fatalf("re-encoded frames differ from the input")
 		}
 	})
+}
+
+// The ready line carries the agent's version and capabilities; the first
+// agents sent the nonce alone and are version 1 with the first three.
+func TestAwaitReadyPeer(t *testing.T) {
+	t.Parallel()
+	n := nonceOf(0x42)
+	for _, tt := range []struct {
+		name string
+		line string
+		want Peer
+		ok   bool
+	}{
+		{"this agent", string(ReadyLine(n)), Peer{Version: Version, Caps: Capabilities()}, true},
+		{"the first agents", "SMOLVM1 READY " + n + "\n", Peer{Version: 1, Caps: []string{CapExec, CapIdentity, CapShutdown}}, true},
+		{"a newer agent", "SMOLVM1 READY " + n + " v=7 caps=exec,files,pty x=unknown\r\n", Peer{Version: 7, Caps: []string{"exec", "files", "pty"}}, true},
+		{"a longer nonce is another's", "SMOLVM1 READY " + n + "ff v=1\n", Peer{}, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			got, err := AwaitReady(bufio.NewReader(strings.NewReader(tt.line)), n)
+			if !tt.ok {
+				if err == nil {
+					t.Fatalf("accepted %q as %+v", tt.line, got)
+				}
+				return
+			}
+			if err != nil || got.Version != tt.want.Version || strings.Join(got.Caps, ",") != strings.Join(tt.want.Caps, ",") {
+				t.Errorf("AwaitReady(%q) = %+v, %v; want %+v", tt.line, got, err, tt.want)
+			}
+			if tt.ok && !got.Has(tt.want.Caps[0]) {
+				t.Errorf("Has(%q) is false", tt.want.Caps[0])
+			}
+		})
+	}
 }

@@ -146,7 +146,7 @@ export interface components {
         };
         CommandTimeoutProblem: {
             /**
-             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off). New codes may be added.
+             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off). New codes may be added.
              * @example sandbox_not_found
              */
             code: string;
@@ -391,7 +391,7 @@ export interface components {
         };
         Problem: {
             /**
-             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off). New codes may be added.
+             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off). New codes may be added.
              * @example sandbox_not_found
              */
             code: string;
