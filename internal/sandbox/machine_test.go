@@ -260,16 +260,7 @@ func fakeManager(t *testing.T, d *fakeDriver, bootTimeout time.Duration) *sandbo
 
 func fakeManagerAt(t *testing.T, dir datadir.Dir, d *fakeDriver, bootTimeout time.Duration) *sandbox.Manager {
 	t.Helper()
-	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{
-		DataDir: dir, AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t),
-		Drivers: vmm.NewRegistry(d), BootTimeout: bootTimeout, Progress: io.Discard,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
+	return testenv.ManagerWith(t, sandbox.Options{DataDir: dir, Drivers: vmm.NewRegistry(d), BootTimeout: bootTimeout, Progress: io.Discard})
 }
 
 var offline = sandbox.CreateRequest{MemoryMiB: 256, Network: network.Policy{Mode: network.ModeOff}}

@@ -282,19 +282,7 @@ func TestCrashedCloneRetiresItsTemplate(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	logs := &logRecorder{}
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: testenv.DataDir(t), AgentPath: testenv.AgentPath(t),
-		NetPath: testenv.NetPath(t), Logger: slog.New(logs)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if list, err := m.List(ctx); err == nil {
-			for _, s := range list {
-				m.Delete(ctx, s.ID)
-			}
-		}
-		m.Close()
-	})
+	m := testenv.ManagerWith(t, sandbox.Options{Logger: slog.New(logs)})
 	req := sandbox.CreateRequest{MemoryMiB: 256, Network: network.Policy{Mode: network.ModeOff}}
 	first, err := m.Create(ctx, req)
 	if err != nil {

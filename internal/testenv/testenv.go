@@ -164,8 +164,27 @@ func Manager(t testing.TB) *sandbox.Manager {
 // ManagerAt opens a Manager on d with the test agent; cleanup as Manager.
 func ManagerAt(t testing.TB, d datadir.Dir) *sandbox.Manager {
 	t.Helper()
+	return ManagerWith(t, sandbox.Options{DataDir: d})
+}
+
+// ManagerWith opens a Manager with o, whose empty data directory, agent,
+// network helper and progress writer are the test's; cleanup as Manager.
+func ManagerWith(t testing.TB, o sandbox.Options) *sandbox.Manager {
+	t.Helper()
 	ctx := context.Background()
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: AgentPath(t), NetPath: NetPath(t), Progress: logWriter{t}})
+	if o.DataDir == "" {
+		o.DataDir = DataDir(t)
+	}
+	if o.AgentPath == "" {
+		o.AgentPath = AgentPath(t)
+	}
+	if o.NetPath == "" {
+		o.NetPath = NetPath(t)
+	}
+	if o.Progress == nil {
+		o.Progress = logWriter{t}
+	}
+	m, err := sandbox.Open(ctx, o)
 	if err != nil {
 		t.Fatal(err)
 	}
