@@ -67,10 +67,17 @@ type Result struct {
 	// IdleRSS is the resident memory of one idle sandbox's VMM process, in
 	// bytes (a template restore of MemoryMiB).
 	IdleRSS int64
+	// FreshPSS and UsedPSS are the proportional set size of that process
+	// (pages shared with other clones counted in part) fresh from the
+	// template after one command, and after the round trips.
+	FreshPSS, UsedPSS int64
 	// Density is how many 256 MiB sandboxes ran at once; DensityLimit says
 	// why it stopped (the cap, or the first failure).
 	Density      int
 	DensityLimit string
+	// DensityMemory is how much of the host's available memory the
+	// sandboxes of the density run took, measured with all of them up.
+	DensityMemory int64
 
 	Baseline       Figure // raw QEMU boot to /init
 	Create         Figure // library: create to first command answered, cold boot
@@ -161,6 +168,9 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	}
 	keep = list[len(list)-1].ID
 	defer m.Delete(context.WithoutCancel(ctx), keep)
+	if info, err := m.Get(ctx, keep); err == nil {
+		r.FreshPSS = pss(info.PID)
+	}
 
 	if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "head -c 1048576 /dev/urandom > /tmp/1m"}); err != nil {
 		return nil, err
@@ -229,7 +239,7 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	r.IdleRSS = rss(info.PID)
+	r.IdleRSS, r.UsedPSS = rss(info.PID), pss(info.PID)
 	// After the RSS figure: the file served sits in the guest's memory.
 	if o.Transfers > 0 {
 		fmt.Fprintf(log, "transfers: %d fetches of %d MiB through an exposed port...\n", o.Transfers, r.TransferMiB)
@@ -247,13 +257,21 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 }
 
 // rss is a process's resident set size in bytes, 0 if unknown.
-func rss(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+func rss(pid int) int64 { return procKB(fmt.Sprintf("/proc/%d/status", pid), "VmRSS:") }
+
+// pss is a process's proportional set size in bytes: its private pages,
+// and each page it shares divided by the number of processes sharing it.
+func pss(pid int) int64 { return procKB(fmt.Sprintf("/proc/%d/smaps_rollup", pid), "Pss:") }
+
+// procKB reads the "key: N kB" line of a /proc file, in bytes; 0 if
+// unknown.
+func procKB(path, key string) int64 {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, key); ok {
 			var kb int64
 			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
 			return kb << 10
@@ -273,6 +291,12 @@ func density(ctx context.Context, m *sandbox.Manager, max int, r *Result, log io
 		}
 	}()
 	r.DensityLimit = fmt.Sprintf("stopped at the cap of %d", max)
+	before := procKB("/proc/meminfo", "MemAvailable:")
+	defer func() {
+		if len(ids) > 0 {
+			r.DensityMemory = before - procKB("/proc/meminfo", "MemAvailable:")
+		}
+	}()
 	for len(ids) < max {
 		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
 		if err == nil {
@@ -466,9 +490,11 @@ func (r *Result) Print(w io.Writer) {
 		fmt.Fprintf(w, "\nthroughput of an exposed port: %.1f MiB/s (host loopback: %.0f MiB/s)\n",
 			MiBps(r.TransferMiB, r.Transfer.Median()), MiBps(r.TransferMiB, r.TransferBase.Median()))
 	}
-	fmt.Fprintf(w, "\nidle sandbox VMM RSS: %.0f MiB (a %s restore)\n", float64(r.IdleRSS)/(1<<20), "template")
+	fmt.Fprintf(w, "\nidle sandbox VMM RSS: %.0f MiB (a template restore after %d commands)\n", float64(r.IdleRSS)/(1<<20), 2*len(r.RoundTrip.Samples)+2)
+	fmt.Fprintf(w, "idle sandbox VMM PSS: %.0f MiB fresh from the template, %.0f MiB after those commands\n", float64(r.FreshPSS)/(1<<20), float64(r.UsedPSS)/(1<<20))
 	if r.DensityLimit != "" {
-		fmt.Fprintf(w, "sandboxes of 256 MiB running at once: %d (%s)\n", r.Density, r.DensityLimit)
+		fmt.Fprintf(w, "sandboxes of 256 MiB running at once: %d (%s); they took %.0f MiB of the host's available memory\n",
+			r.Density, r.DensityLimit, float64(r.DensityMemory)/(1<<20))
 	}
 }
 

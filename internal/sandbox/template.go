@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,7 +26,7 @@ import (
 
 // templateFormat is part of every template key: bump it when what a
 // template holds, or how a clone is made from it, changes.
-const templateFormat = 3
+const templateFormat = 4
 
 // Template is a booted VM saved to disk: its memory and device state, and
 // the frozen disk it ran on. Sandboxes are restored from it instead of
@@ -259,6 +260,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("template", t.Network),
 		BaseImage: a.base.Path, DiskMiB: t.DiskMiB,
 		MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
+		ForSnapshot: true,
 	}
 	if t.Network {
 		// The template runs no commands; its network refuses everything.
@@ -314,8 +316,13 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	}
 	t.CreatedAt = time.Now().UTC()
 	for _, f := range snap.SnapshotFiles() {
+		// What the files hold on disk: a RAM file is sparse.
 		if st, err := os.Stat(filepath.Join(tmp, f)); err == nil {
-			t.SizeBytes += st.Size()
+			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+				t.SizeBytes += sys.Blocks * 512
+			} else {
+				t.SizeBytes += st.Size()
+			}
 		}
 	}
 	meta, _ := json.MarshalIndent(t, "", "  ")

@@ -31,6 +31,10 @@ type Spec struct {
 	// Net attaches the guest's network interface; nil gives the guest no
 	// interface but loopback.
 	Net *NetAttachment
+	// ForSnapshot says the machine will be saved as a template: a driver
+	// may lay out its memory so that the copies restored from it share
+	// the pages none of them has written.
+	ForSnapshot bool
 }
 
 // NetKind is how a guest's network interface reaches the host.

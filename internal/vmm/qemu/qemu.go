@@ -92,6 +92,10 @@ const (
 	filePID     = "qemu.pid"
 	fileConsole = "console.log"
 	fileState   = "state"
+	// fileMemory is a template's RAM, a file the template VM maps shared
+	// and every clone maps private, so clones share the pages none of
+	// them has written through the host's page cache.
+	fileMemory = "memory"
 )
 
 func paths(dir string) runtime {
@@ -111,6 +115,8 @@ type runtime struct {
 	QMPSocket   string `json:"qmp_socket,omitempty"`
 	Console     string `json:"console,omitempty"`
 	Disk        string `json:"disk"`
+	// MemoryFile is the file the guest's RAM is mapped from, if any.
+	MemoryFile string `json:"memory_file,omitempty"`
 }
 
 // machine is one QEMU process.
@@ -186,25 +192,36 @@ func createDisk(ctx context.Context, base, disk string, sizeMiB int) error {
 // machineArgs is the VM itself: machine, accelerator, CPU, memory, firmware
 // and kernel. Args and ProbeArgs share it so the baseline boots exactly the
 // VM that sandboxes do.
-func machineArgs(spec vmm.Spec, accel string) []string {
+func machineArgs(spec vmm.Spec, accel string, mem memory) []string {
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-m", strconv.Itoa(spec.MemoryMiB),
 		"-smp", strconv.Itoa(spec.VCPUs),
 	}
+	machine := "q35"
+	if mem.file != "" {
+		share := "off"
+		if mem.shared {
+			share = "on"
+		}
+		args = append(args, "-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=%s", spec.MemoryMiB, mem.file, share))
+		machine += ",memory-backend=ram0"
+	}
 	if accel == "kvm" {
-		args = append(args, "-machine", "q35", "-accel", "kvm", "-cpu", "host")
+		args = append(args, "-machine", machine, "-accel", "kvm", "-cpu", "host")
 	} else {
 		tcg := "tcg"
 		if spec.VCPUs > 1 {
 			tcg += ",thread=multi"
 		}
-		args = append(args, "-machine", "q35", "-accel", tcg, "-cpu", "max")
+		args = append(args, "-machine", machine, "-accel", tcg, "-cpu", "max")
 	}
 	// vmgenid would be wanted for clones, but qboot hangs with it.
 	if _, err := os.Stat(qbootROM); err == nil {
 		args = append(args, "-bios", qbootROM)
 	}
+	// A restore needs no kernel, but -kernel adds the PVH option ROM as a
+	// RAM block, and a clone must have every block its template had.
 	return append(args,
 		"-kernel", spec.Kernel,
 		"-initrd", spec.Initrd,
@@ -215,10 +232,16 @@ func machineArgs(spec vmm.Spec, accel string) []string {
 	)
 }
 
+// memory is how a machine's RAM is laid out.
+type memory struct {
+	file   string // "" for anonymous memory
+	shared bool   // map file shared (a template) or private (a clone)
+}
+
 // args builds the QEMU command line for a sandbox.
-func (d *Driver) args(spec vmm.Spec) []string {
+func (d *Driver) args(spec vmm.Spec, mem memory) []string {
 	p := paths(spec.Dir)
-	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec, d.accel)...)
+	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec, d.accel, mem)...)
 	if n := spec.Net; n != nil {
 		// The other end is smolvm's own network stack, not QEMU's slirp,
 		// which could not keep the guest from the host's loopback. No
@@ -244,7 +267,7 @@ func (d *Driver) args(spec vmm.Spec) []string {
 // moment it starts as /init, so the process's run time is the raw cost of
 // booting this kernel to /init, the baseline the benchmarks compare with.
 func (d *Driver) ProbeCommand(ctx context.Context, spec vmm.Spec) *exec.Cmd {
-	return exec.CommandContext(ctx, qemuBinary, append(machineArgs(spec, d.accel), "-serial", "none")...)
+	return exec.CommandContext(ctx, qemuBinary, append(machineArgs(spec, d.accel, memory{}), "-serial", "none")...)
 }
 
 // Start makes the sandbox's disk if it has none yet and boots the VM.
@@ -255,10 +278,14 @@ func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) 
 			return nil, err
 		}
 	}
-	return d.start(ctx, spec)
+	var mem memory
+	if spec.ForSnapshot {
+		mem = memory{file: filepath.Join(spec.Dir, fileMemory), shared: true}
+	}
+	return d.start(ctx, spec, mem)
 }
 
-func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (*machine, error) {
+func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...string) (*machine, error) {
 	rt := paths(spec.Dir)
 	if len(rt.AgentSocket) > maxSocketPath {
 		return nil, fmt.Errorf("socket path %s is longer than %d bytes: use a shorter data directory (SMOLVM_DATA_DIR)", rt.AgentSocket, maxSocketPath)
@@ -271,7 +298,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (*ma
 	}
 	// With -daemonize the command returns once QEMU has set up the VM and
 	// forked; errors in the configuration come back here, on stderr.
-	cmd := exec.CommandContext(ctx, qemuBinary, append(d.args(spec), extra...)...)
+	cmd := exec.CommandContext(ctx, qemuBinary, append(d.args(spec, mem), extra...)...)
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
@@ -288,7 +315,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, extra ...string) (*ma
 	if err != nil {
 		return nil, fmt.Errorf("parse qemu pid file: %w", err)
 	}
-	rt.PID = pid
+	rt.PID, rt.MemoryFile = pid, mem.file
 	return &machine{rt: rt}, nil
 }
 

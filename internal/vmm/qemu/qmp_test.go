@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/smolvm/smolvm/internal/vmm"
 )
 
 // The tests below run the QMP client and the snapshot code against a fake
@@ -615,4 +617,48 @@ func snapshotDir(t *testing.T) string {
 		}
 	}
 	return dir
+}
+
+// A machine whose RAM is mapped from a file is saved and loaded with
+// x-ignore-shared set first, so only its devices go through the stream.
+func TestMemoryFileSaveAndResume(t *testing.T) {
+	t.Parallel()
+	f := newFakeQMP(t, script{"query-migrate": seq(`{"return":{"status":"completed"}}`)})
+	vm := fakeInstance(f)
+	vm.rt.MemoryFile = "/s/memory"
+	if err := New(Options{}).Save(testCtx(t), vm, snapshotDir(t)); err != nil {
+		t.Fatalf("Save: %v", err)
+	}
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-capabilities", "migrate-set-parameters", "migrate", "query-migrate", "quit")
+	caps, _ := f.args(t, "migrate-set-capabilities", 0)["capabilities"].([]any)
+	if len(caps) != 1 || caps[0].(map[string]any)["capability"] != "x-ignore-shared" || caps[0].(map[string]any)["state"] != true {
+		t.Errorf("capabilities %v, want x-ignore-shared on", caps)
+	}
+
+	g := newFakeQMP(t, script{"query-status": seq(`{"return":{"status":"paused","running":false}}`)})
+	clone := fakeInstance(g)
+	clone.rt.MemoryFile = "/s/memory"
+	if err := New(Options{}).resume(testCtx(t), clone, "/s/state"); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	wantNames(t, g, "qmp_capabilities", "migrate-set-capabilities", "migrate-incoming", "query-status", "cont")
+}
+
+// A template's RAM is a file it maps shared; a clone maps the same file
+// private, and boots with the same devices (and the kernel option ROM).
+func TestMemoryBackendArgs(t *testing.T) {
+	t.Parallel()
+	spec := vmm.Spec{ID: "vm-1", Dir: "/d", Kernel: "/k", Initrd: "/i", Cmdline: "c", MemoryMiB: 256, VCPUs: 1}
+	joined := func(m memory) string { return strings.Join(New(Options{}).args(spec, m), " ") }
+	tpl := joined(memory{file: "/t/memory", shared: true})
+	if !strings.Contains(tpl, "memory-backend-file,id=ram0,size=256M,mem-path=/t/memory,share=on") || !strings.Contains(tpl, "-machine q35,memory-backend=ram0") {
+		t.Errorf("template args: %s", tpl)
+	}
+	clone := joined(memory{file: "/t/memory"})
+	if !strings.Contains(clone, "mem-path=/t/memory,share=off") || !strings.Contains(clone, "-kernel /k") {
+		t.Errorf("clone args: %s", clone)
+	}
+	if plain := joined(memory{}); strings.Contains(plain, "memory-backend") || !strings.Contains(plain, "-machine q35 ") {
+		t.Errorf("a machine of its own: %s", plain)
+	}
 }

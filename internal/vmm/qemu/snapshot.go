@@ -42,6 +42,12 @@ func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
 	if err := m.run(ctx, "stop", nil, nil); err != nil {
 		return err
 	}
+	if qm.rt.MemoryFile != "" {
+		// The RAM is already in its file: save only the devices.
+		if err := ignoreShared(ctx, m); err != nil {
+			return err
+		}
+	}
 	// The default bandwidth cap (32 MiB/s) is for live migration over a
 	// network; a paused VM going to a local file should go at disk speed.
 	if err := m.run(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil); err != nil {
@@ -114,7 +120,11 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	if err := createDisk(ctx, filepath.Join(snapDir, fileDisk), filepath.Join(spec.Dir, fileDisk), 0); err != nil {
 		return nil, err
 	}
-	qm, err := d.start(ctx, spec, "-incoming", "defer")
+	var mem memory
+	if f := filepath.Join(snapDir, fileMemory); fileExists(f) {
+		mem = memory{file: f}
+	}
+	qm, err := d.start(ctx, spec, mem, "-incoming", "defer")
 	if err != nil {
 		return nil, err
 	}
@@ -130,17 +140,33 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	return qm, nil
 }
 
-// SnapshotFiles are the files of a complete snapshot.
-func (d *Driver) SnapshotFiles() []string { return []string{fileDisk, fileState} }
+// SnapshotFiles are the files of a complete snapshot: the disk, the
+// device state, and the RAM.
+func (d *Driver) SnapshotFiles() []string { return []string{fileDisk, fileState, fileMemory} }
 
-// DropState removes a snapshot's saved state; its disk stays for the
-// machines made over it.
+// DropState removes what a restore reads from a snapshot; its disk stays
+// for the machines made over it (the clones that map its RAM keep their
+// mappings).
 func (d *Driver) DropState(snapDir string) error {
-	err := os.Remove(filepath.Join(snapDir, fileState))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
+	var errs []error
+	for _, f := range []string{fileState, fileMemory} {
+		if err := os.Remove(filepath.Join(snapDir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
-	return err
+	return errors.Join(errs...)
+}
+
+// ignoreShared makes a migration skip RAM mapped shared from a file.
+func ignoreShared(ctx context.Context, m *monitor) error {
+	return m.run(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
+	}, nil)
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // Uses reports whether the disk of the machine in dir overlays the
@@ -165,6 +191,13 @@ func (d *Driver) resume(ctx context.Context, qm *machine, statePath string) erro
 		return err
 	}
 	defer m.Close()
+	// With the RAM mapped from the template's file, only the devices are
+	// in the stream; the capability must be set before it is read.
+	if qm.rt.MemoryFile != "" {
+		if err := ignoreShared(ctx, m); err != nil {
+			return err
+		}
+	}
 	if err := m.run(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat " + statePath}, nil); err != nil {
 		return err
 	}
