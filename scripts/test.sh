@@ -11,7 +11,7 @@ cd "$repo"
 # machine has no sudo) run as is; otherwise start again under sudo.
 if [ "$(id -u)" -ne 0 ]; then
 	command -v sudo >/dev/null 2>&1 || { echo "$(basename "$0"): run as root, or install sudo" >&2; exit 1; }
-	exec sudo env "PATH=/usr/local/go/bin:$PATH" ${CI:+CI=$CI} ${SMOLVM_DATA_DIR:+SMOLVM_DATA_DIR=$SMOLVM_DATA_DIR} bash "$repo/scripts/$(basename "$0")" "$@"
+	exec sudo env "PATH=/usr/local/go/bin:$PATH" ${CI:+CI=$CI} ${SMOLVM_DATA_DIR:+SMOLVM_DATA_DIR=$SMOLVM_DATA_DIR} ${PORT:+PORT=$PORT} bash "$repo/scripts/$(basename "$0")" "$@"
 fi
 export PATH="/usr/local/go/bin:$PATH"
 # Under sudo, git may refuse a checkout owned by another user; the builds
