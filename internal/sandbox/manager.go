@@ -87,9 +87,10 @@ type Manager struct {
 	store   *store.Store
 	drivers *vmm.Registry
 
-	mu      sync.Mutex
-	clients map[string]*guest.Client
-	locks   map[string]*sync.Mutex
+	sessions *sessions
+
+	// mu guards the maps below and closing.
+	mu sync.Mutex
 
 	stopPool func()
 	poolWake chan struct{}
@@ -147,8 +148,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		opts:     opts,
 		store:    st,
 		drivers:  opts.Drivers,
-		clients:  make(map[string]*guest.Client),
-		locks:    make(map[string]*sync.Mutex),
+		sessions: newSessions(),
 		progress: make(map[string]Progress),
 		warming:  make(map[string]bool),
 		cancels:  make(map[string]func()),
@@ -190,27 +190,12 @@ func (m *Manager) Close() error {
 			cancel()
 		}
 	}
-	m.mu.Lock()
-	for id, c := range m.clients {
-		c.Close()
-		delete(m.clients, id)
-	}
-	m.mu.Unlock()
+	m.sessions.closeAll()
 	return m.store.Close()
 }
 
 // lock serialises lifecycle changes to one sandbox within this process.
-func (m *Manager) lock(id string) func() {
-	m.mu.Lock()
-	l, ok := m.locks[id]
-	if !ok {
-		l = &sync.Mutex{}
-		m.locks[id] = l
-	}
-	m.mu.Unlock()
-	l.Lock()
-	return l.Unlock
-}
+func (m *Manager) lock(id string) func() { return m.sessions.lock(id) }
 
 func invalid(code, field, format string, args ...any) error {
 	return &Error{Kind: KindInvalid, Code: code, Field: field, Message: fmt.Sprintf(format, args...)}
@@ -671,7 +656,7 @@ func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record
 		c.Close()
 		return Info{}, err
 	}
-	m.setClient(rec.ID, c)
+	m.sessions.set(rec.ID, c)
 	info := toInfo(*rec)
 	info.Boot = how
 	return info, nil
@@ -702,41 +687,15 @@ func bootCmdline(id string, net bool) string {
 	return strings.Join(args, " ")
 }
 
-func (m *Manager) setClient(id string, c *guest.Client) {
-	m.mu.Lock()
-	old := m.clients[id]
-	m.clients[id] = c
-	m.mu.Unlock()
-	if old != nil && old != c {
-		old.Close()
-	}
-}
-
-func (m *Manager) dropClient(id string) {
-	m.mu.Lock()
-	c := m.clients[id]
-	delete(m.clients, id)
-	m.mu.Unlock()
-	if c != nil {
-		c.Close()
-	}
-}
-
 // client returns a live session with the sandbox's agent, connecting (or
 // reconnecting, after another process or a restart) when needed.
 func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, error) {
-	m.mu.Lock()
-	c := m.clients[rec.ID]
-	m.mu.Unlock()
-	if c != nil && !c.Closed() {
+	if c := m.sessions.live(rec.ID); c != nil {
 		return c, nil
 	}
 	unlock := m.lock(rec.ID)
 	defer unlock()
-	m.mu.Lock()
-	c = m.clients[rec.ID]
-	m.mu.Unlock()
-	if c != nil && !c.Closed() {
+	if c := m.sessions.live(rec.ID); c != nil {
 		return c, nil
 	}
 	_, mach, err := m.machine(rec)
@@ -745,7 +704,7 @@ func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, 
 	}
 	dctx, cancel := context.WithTimeout(ctx, connectTimeout)
 	defer cancel()
-	c, err = guest.Dial(dctx, mach.DialAgent)
+	c, err := guest.Dial(dctx, mach.DialAgent)
 	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
 		return nil, &Error{Kind: KindConflict, Code: "agent_incompatible", Message: fmt.Sprintf("sandbox %s: %v", rec.ID, ve), Err: err}
 	}
@@ -753,7 +712,7 @@ func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, 
 		return nil, &Error{Kind: KindConflict, Code: "agent_unreachable",
 			Message: fmt.Sprintf("sandbox %s did not answer; if another smolvm process (a server) is using it, go through that process (--url)", rec.ID), Err: err}
 	}
-	m.setClient(rec.ID, c)
+	m.sessions.set(rec.ID, c)
 	return c, nil
 }
 
@@ -806,7 +765,7 @@ func (m *Manager) transition(ctx context.Context, rec *store.Record, to Status, 
 // network process. It is the one teardown every path uses; the errors of
 // all three are joined.
 func (m *Manager) halt(ctx context.Context, rec store.Record) error {
-	m.dropClient(rec.ID)
+	m.sessions.drop(rec.ID)
 	var errs []error
 	if _, mach, err := m.machine(rec); err == nil {
 		if err := mach.Kill(ctx); err != nil {
@@ -876,7 +835,7 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 		}
 		return rec
 	}
-	m.dropClient(rec.ID)
+	m.sessions.drop(rec.ID)
 	rec.Status, rec.Error, rec.PID = StatusStopped, reason, 0
 	return rec
 }
@@ -971,7 +930,7 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Reques
 	res := ExecResult{ExitCode: exit.ExitCode, TimedOut: exit.TimedOut, Duration: time.Since(start)}
 	if err != nil {
 		if errors.Is(err, guest.ErrSessionClosed) {
-			m.dropClient(id)
+			m.sessions.drop(id)
 			if r := m.reconcile(ctx, rec); r.Status != StatusRunning {
 				return res, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 					Message: fmt.Sprintf("sandbox %s stopped while the command ran", id), Err: err}
@@ -1014,10 +973,8 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	// A clean shutdown when the agent answers; m.client would take the
 	// lock this call holds, so dial directly when nothing is cached.
 	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	m.mu.Lock()
-	c := m.clients[id]
-	m.mu.Unlock()
-	if c == nil || c.Closed() {
+	c := m.sessions.live(id)
+	if c == nil {
 		if dialed, err := guest.Dial(sctx, mach.DialAgent); err == nil {
 			defer dialed.Close()
 			c = dialed
@@ -1027,7 +984,7 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 		c.Shutdown(sctx)
 	}
 	cancel()
-	m.dropClient(id)
+	m.sessions.drop(id)
 	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if mach.Wait(wctx) != nil {

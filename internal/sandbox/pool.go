@@ -63,7 +63,7 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 		now := time.Now().UTC()
 		ok, err := m.store.Claim(ctx, r.ID, statusPooled, StatusRunning, now)
 		if err != nil || !ok {
-			m.dropClient(r.ID)
+			m.sessions.drop(r.ID)
 			continue
 		}
 		r.Status, r.CreatedAt = StatusRunning, now
