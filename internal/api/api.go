@@ -184,6 +184,6 @@ Errors are RFC 9457 problem details (application/problem+json) with a stable sna
 | 500 | internal_error | a failure on the server's side; the detail says what failed |
 | 503 | shutting_down | the server stopped before the request finished |
 
-The sandbox manager adds more specific codes with the same statuses, for example invalid_disk_size (422: smaller than the image), unsupported_image (422), kernel_missing (422: run smolvm setup) agent_unreachable (409: the VM does not answer) and agent_incompatible (409: the guest agent speaks a protocol version this server does not serve; stop and start the sandbox).
+The sandbox manager adds more specific codes with the same statuses, for example invalid_disk_size (422: smaller than the image), unsupported_image (422), kernel_missing (422: run smolvm setup), agent_unreachable (409: the VM does not answer) and agent_incompatible (409: the guest agent speaks a protocol version this server does not serve; stop and start the sandbox).
 
 The server accepts only requests addressed to it by its own host name (Host header) and refuses requests made by web pages from other origins. Request bodies must be sent as application/json.`
