@@ -144,10 +144,15 @@ func newAPI(mux *http.ServeMux, m *sandbox.Manager) huma.API {
 	// Either the bearer token or nothing: the token is optional.
 	config.Security = []map[string][]string{{"bearerAuth": {}}, {}}
 	config.Transformers = []huma.Transformer{setInstance}
-	config.Tags = []*huma.Tag{{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."}}
+	config.Tags = []*huma.Tag{
+		{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."},
+		{Name: "host", Description: "What this server and host support, and the host's checks."},
+	}
 
 	hapi := humago.New(mux, config)
-	registerSandboxes(hapi, &handlers{m: m})
+	h := &handlers{m: m}
+	registerSandboxes(hapi, h)
+	h.routes = operations(hapi.OpenAPI())
 	return hapi
 }
 

@@ -110,6 +110,9 @@ type execOutput struct{ Body ExecResult }
 
 type handlers struct {
 	m *sandbox.Manager
+	// routes are the operations served, for GET /capabilities; set once
+	// every operation is registered.
+	routes []string
 }
 
 func registerSandboxes(hapi huma.API, h *handlers) {
@@ -193,6 +196,7 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 	}, h.delete)
 
 	registerPorts(hapi, h, common, withBody)
+	registerHost(hapi, h, common)
 }
 
 // plausibleID rejects ids that no sandbox can have before they reach the

@@ -46,9 +46,9 @@ func (h Helper) Locate(override string) string {
 	return ""
 }
 
-func checkHelper(h Helper) Check {
+func checkHelper(h Helper, override string) Check {
 	c := Check{Name: h.Name}
-	if p := h.Locate(""); p != "" {
+	if p := h.Locate(override); p != "" {
 		c.Status, c.Detail = StatusOK, p
 		return c
 	}

@@ -9,7 +9,7 @@ import (
 func TestHelperLocate(t *testing.T) {
 	h := Helper{Name: "smolvm-test-helper-absent", Env: "SMOLVM_TEST_HELPER", Purpose: "a test"}
 	t.Setenv(h.Env, "")
-	if c := checkHelper(h); c.Status != StatusMissing || c.Fix == "" {
+	if c := checkHelper(h, ""); c.Status != StatusMissing || c.Fix == "" {
 		t.Fatalf("absent helper: %+v", c)
 	}
 	p := filepath.Join(t.TempDir(), "helper")
@@ -17,7 +17,7 @@ func TestHelperLocate(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv(h.Env, p)
-	if c := checkHelper(h); c.Status != StatusOK || c.Detail != p {
+	if c := checkHelper(h, ""); c.Status != StatusOK || c.Detail != p {
 		t.Fatalf("helper named by $%s: %+v", h.Env, c)
 	}
 	other := filepath.Join(t.TempDir(), "other")

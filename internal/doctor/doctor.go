@@ -73,15 +73,23 @@ func MissingPackages() []string {
 // faster than SeaBIOS.
 const qbootPath = "/usr/share/qemu/qboot.rom"
 
-// Run inspects the host and the data directory d.
-func Run(ctx context.Context, d datadir.Dir) []Check {
+// Run inspects the host and the data directory d. located gives the path
+// of a helper (by name) that a caller was configured with, which wins over
+// the usual places.
+func Run(ctx context.Context, d datadir.Dir, located ...map[string]string) []Check {
 	imageCheck, imageBuilt := checkImage(d)
 	var checks []Check
 	for _, t := range Tools() {
 		checks = append(checks, checkTool(ctx, t, imageBuilt))
 	}
 	for _, h := range Helpers {
-		checks = append(checks, checkHelper(h))
+		override := ""
+		for _, l := range located {
+			if p := l[h.Name]; p != "" {
+				override = p
+			}
+		}
+		checks = append(checks, checkHelper(h, override))
 	}
 	checks = append(checks, checkQboot(qbootPath))
 	checks = append(checks, checkAccelerator())

@@ -1125,3 +1125,46 @@ func (m *Manager) Ping(ctx context.Context, id string) error {
 	_, err = c.Ping(ctx)
 	return err
 }
+
+// BackendStatus says whether a backend can run sandboxes on this host.
+type BackendStatus struct {
+	Name      string
+	Available bool
+	// Reason says what is missing when the backend is not available.
+	Reason  string
+	Default bool
+}
+
+// Backends reports every backend the API knows, in its order: those of
+// this build's registry with what their host lacks, and the others as not
+// built in.
+func (m *Manager) Backends() []BackendStatus {
+	def := m.drivers.Default()
+	var out []BackendStatus
+	for _, name := range Backends {
+		s := BackendStatus{Name: name}
+		drv, err := m.drivers.Get(name)
+		switch {
+		case err != nil:
+			s.Reason = fmt.Sprintf("this build of smolvm has no %s driver; it runs sandboxes with %s", name, strings.Join(m.drivers.Names(), ", "))
+		default:
+			if aerr := drv.Available(); aerr != nil {
+				s.Reason = aerr.Error()
+			} else {
+				s.Available = true
+			}
+			s.Default = def != nil && drv.Name() == def.Name()
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// DataDir is where the Manager keeps its state.
+func (m *Manager) DataDir() datadir.Dir { return m.opts.DataDir }
+
+// Helpers are the helper binaries (by name) this Manager was configured
+// with, for host checks.
+func (m *Manager) Helpers() map[string]string {
+	return map[string]string{doctor.Agent.Name: m.opts.AgentPath, doctor.Net.Name: m.opts.NetPath}
+}

@@ -3,9 +3,11 @@ import createClient, { type Client } from "openapi-fetch";
 import { SmolvmConnectionError, SmolvmError } from "./errors.js";
 import type { paths } from "./generated/openapi.js";
 import type {
+  Capabilities,
   ClosePortResult,
   CreateSandboxRequest,
   DeleteResult,
+  Diagnostics,
   ExecRequest,
   ExecResult,
   Port,
@@ -181,6 +183,16 @@ export class Smolvm {
         );
       },
     };
+  }
+
+  /** GET /capabilities: which backends, OSes and network modes this server's host runs (and why not), and the operations it serves. */
+  async capabilities(options?: RequestOptions): Promise<Capabilities> {
+    return this.call(options, this.timeoutMs, (signal) => this.client.GET("/capabilities", { signal }));
+  }
+
+  /** GET /diagnostics: the host checks of `smolvm doctor`, with `ready` false and a fix for anything missing. */
+  async diagnostics(options?: RequestOptions): Promise<Diagnostics> {
+    return this.call(options, this.timeoutMs, (signal) => this.client.GET("/diagnostics", { signal }));
   }
 
   private execTimeoutMs(body: ExecRequest): number | undefined {

@@ -44,3 +44,13 @@ export type Problem = Schemas["Problem"];
 export type CommandTimeoutProblem = Schemas["CommandTimeoutProblem"];
 /** One validation failure inside `Problem.errors`. */
 export type ErrorDetail = Schemas["ErrorDetail"];
+/** Body of `smolvm.capabilities()`: backends, OSes and network modes, whether this host runs each, and the server's operations. */
+export type Capabilities = Schemas["Capabilities"];
+/** A backend on the server's host, with why it is unavailable if it is. */
+export type BackendCapability = Schemas["BackendCapability"];
+/** An `os` value of create, with the image it boots. */
+export type OSCapability = Schemas["OSCapability"];
+/** Body of `smolvm.diagnostics()`: the host checks of `smolvm doctor`. */
+export type Diagnostics = Schemas["Diagnostics"];
+/** One host check, with the command that fixes it when it is not ok. */
+export type DiagnosticCheck = Schemas["DiagnosticCheck"];

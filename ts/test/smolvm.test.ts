@@ -222,6 +222,23 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
   });
 });
 
+test("capabilities and diagnostics describe the server's host", async () => {
+  const smolvm = new Smolvm({ baseUrl });
+  const caps = await smolvm.capabilities();
+  const qemu = caps.backends.find((b) => b.name === "qemu");
+  assert.equal(qemu?.available, true);
+  assert.equal(qemu?.default, true);
+  const firecracker = caps.backends.find((b) => b.name === "firecracker");
+  assert.equal(firecracker?.available, false);
+  assert.ok(firecracker?.reason, "an unavailable backend says why");
+  assert.ok(caps.routes.includes("POST /sandboxes/{id}/exec"));
+  assert.deepEqual(caps.network_modes, ["open", "off", "restricted"]);
+
+  const diag = await smolvm.diagnostics();
+  assert.equal(diag.ready, true, JSON.stringify(diag.checks));
+  assert.ok(diag.checks.some((c) => c.name === "kernel" && c.status === "ok"));
+});
+
 test("get of an unknown id is a 404 SmolvmError", async () => {
   const smolvm = new Smolvm({ baseUrl });
   const err = await rejection(smolvm.sandbox.get("vm-00000000"));

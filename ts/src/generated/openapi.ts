@@ -4,6 +4,46 @@
  */
 
 export interface paths {
+    "/capabilities": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * What this server supports
+         * @description Lists the backends, operating systems and network modes create accepts, whether this host can run each (and why not), and the operations this server serves.
+         */
+        get: operations["getCapabilities"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/diagnostics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Host checks
+         * @description Runs the checks of `smolvm doctor` (host programs, guest kernel, default image, accelerator, data directory) and answers them as JSON, with the command that fixes anything missing.
+         */
+        get: operations["getDiagnostics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/sandboxes": {
         parameters: {
             query?: never;
@@ -120,6 +160,56 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        BackendCapability: {
+            /**
+             * @description Whether sandboxes can be created with it here.
+             * @example true
+             */
+            available: boolean;
+            /**
+             * @description Whether create uses it when backend is omitted.
+             * @example true
+             */
+            default: boolean;
+            /**
+             * @description Backend name, as create's backend takes it.
+             * @example qemu
+             */
+            name: string;
+            /**
+             * @description When not available: what is missing, and what to do.
+             * @example this build of smolvm has no firecracker driver; it runs sandboxes with qemu
+             */
+            reason?: string;
+        };
+        Capabilities: {
+            /**
+             * @description Version of this HTTP interface (the OpenAPI document's info.version).
+             * @example 1.0.0
+             */
+            api_version: string;
+            /** @description Every backend the API names, whether this host can run it, and why not. */
+            backends: components["schemas"]["BackendCapability"][];
+            /**
+             * @description The values of network.mode on create.
+             * @example [
+             *       "open",
+             *       "off",
+             *       "restricted"
+             *     ]
+             */
+            network_modes: string[];
+            /** @description The values of os on create, whether this host can run them, and the image each boots. */
+            os: components["schemas"]["OSCapability"][];
+            /**
+             * @description Every operation this server serves, as METHOD /path.
+             * @example [
+             *       "POST /sandboxes",
+             *       "GET /capabilities"
+             *     ]
+             */
+            routes: string[];
+        };
         ClosePortResult: {
             /**
              * @description Always true: the host port no longer accepts connections.
@@ -271,6 +361,43 @@ export interface components {
              */
             id: string;
         };
+        DiagnosticCheck: {
+            /**
+             * @description What was found.
+             * @example QEMU emulator version 7.2.22
+             */
+            detail: string;
+            /**
+             * @description For anything not ok: the command that fixes it.
+             * @example apt-get install qemu-system-x86
+             */
+            fix?: string;
+            /**
+             * @description What was checked.
+             * @example qemu-system-x86_64
+             */
+            name: string;
+            /**
+             * @description ok; warn: works, slower or built later on demand; missing: smolvm cannot work until it is fixed.
+             * @example ok
+             * @enum {string}
+             */
+            status: "ok" | "warn" | "missing";
+        };
+        Diagnostics: {
+            /**
+             * @description The accelerator VMs run with: kvm, or tcg (software emulation).
+             * @example tcg
+             */
+            accelerator: string;
+            /** @description The checks of smolvm doctor, in its order. */
+            checks: components["schemas"]["DiagnosticCheck"][];
+            /**
+             * @description Whether every check that smolvm needs passed: sandboxes can be created.
+             * @example true
+             */
+            ready: boolean;
+        };
         ErrorDetail: {
             /** @description Where the error occurred, e.g. 'body.items[3].tags' or 'path.thing-id' */
             location?: string;
@@ -344,6 +471,28 @@ export interface components {
              * @enum {string}
              */
             mode?: "open" | "off" | "restricted";
+        };
+        OSCapability: {
+            /**
+             * @description Whether sandboxes of it can be created here.
+             * @example true
+             */
+            available: boolean;
+            /**
+             * @description The image it boots: an OCI reference, or debian-bookworm for the default image built on this host.
+             * @example alpine:3.20
+             */
+            image?: string;
+            /**
+             * @description The os value.
+             * @example alpine
+             */
+            name: string;
+            /**
+             * @description When not available: why.
+             * @example windows guests are not supported yet
+             */
+            reason?: string;
         };
         Port: {
             /**
@@ -579,6 +728,118 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
+    getCapabilities: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Capabilities"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getDiagnostics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Diagnostics"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     listSandboxes: {
         parameters: {
             query?: never;
