@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -138,11 +139,15 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if !c.quiet {
 		logger = slog.New(slog.NewTextHandler(stderr, nil))
 	}
+	// Closed when shutdown begins, so open event streams end instead of
+	// holding the shutdown for its whole grace period.
+	stopStreams := make(chan struct{})
 	handler := api.New(m, api.Options{
 		Token:   c.token,
 		Addr:    shown,
 		Version: serverVersion(),
 		Logger:  logger,
+		Stop:    stopStreams,
 	})
 
 	// Requests get a context of their own, not the signal context: a signal
@@ -166,6 +171,8 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	fmt.Fprintf(stdout, "SmolVM HTTP API listening on http://%s\n", shown)
 	fmt.Fprintf(stdout, "OpenAPI spec: http://%s/openapi.json\n", shown)
 
+	var stopOnce sync.Once // Shutdown may be called twice, and runs this each time
+	srv.RegisterOnShutdown(func() { stopOnce.Do(func() { close(stopStreams) }) })
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 

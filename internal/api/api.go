@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"time"
 
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/danielgtaylor/huma/v2/adapters/humago"
@@ -40,6 +41,12 @@ type Options struct {
 	Version string
 	// Logger receives one line per request; nil logs nothing.
 	Logger *slog.Logger
+	// Stop, when closed, ends the long-lived responses (GET /events), which
+	// a graceful shutdown would otherwise wait for.
+	Stop <-chan struct{}
+	// Keepalive is how often an idle event stream gets a comment; 0 means
+	// every 15 s.
+	Keepalive time.Duration
 }
 
 func init() {
@@ -73,7 +80,12 @@ func setInstance(hctx huma.Context, _ string, v any) (any, error) {
 // OpenAPI document.
 func New(m *sandbox.Manager, opts Options) http.Handler {
 	mux := http.NewServeMux()
-	hapi := newAPI(mux, m)
+	hapi, hs := newAPI(mux, m)
+	hs.stop, hs.keepalive = opts.Stop, opts.Keepalive
+	if hs.keepalive <= 0 {
+		hs.keepalive = eventsKeepalive
+	}
+	mux.HandleFunc("GET /events", hs.events)
 
 	doc := hapi.OpenAPI()
 	specJSON, err := json.Marshal(doc)
@@ -106,7 +118,7 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 // OpenAPIDocument returns the OpenAPI document, indented, exactly as it is
 // committed in api/openapi.json.
 func OpenAPIDocument() ([]byte, error) {
-	hapi := newAPI(http.NewServeMux(), nil)
+	hapi, _ := newAPI(http.NewServeMux(), nil)
 	b, err := json.Marshal(hapi.OpenAPI())
 	if err != nil {
 		return nil, fmt.Errorf("marshal OpenAPI document: %w", err)
@@ -123,7 +135,7 @@ func indent(b []byte) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-func newAPI(mux *http.ServeMux, m *sandbox.Manager) huma.API {
+func newAPI(mux *http.ServeMux, m *sandbox.Manager) (huma.API, *handlers) {
 	config := huma.DefaultConfig("SmolVM HTTP API", APIVersion)
 	// No $schema links in bodies: responses keep exactly the shape the
 	// specification shows.
@@ -152,8 +164,9 @@ func newAPI(mux *http.ServeMux, m *sandbox.Manager) huma.API {
 	hapi := humago.New(mux, config)
 	h := &handlers{m: m}
 	registerSandboxes(hapi, h)
+	documentEvents(hapi)
 	h.routes = operations(hapi.OpenAPI())
-	return hapi
+	return hapi, h
 }
 
 func serveStatic(mux *http.ServeMux, pattern, contentType string, body []byte) {

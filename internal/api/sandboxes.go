@@ -113,6 +113,9 @@ type handlers struct {
 	// routes are the operations served, for GET /capabilities; set once
 	// every operation is registered.
 	routes []string
+	// stop ends event streams; keepalive paces their comments.
+	stop      <-chan struct{}
+	keepalive time.Duration
 }
 
 func registerSandboxes(hapi huma.API, h *handlers) {

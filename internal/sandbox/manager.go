@@ -88,6 +88,7 @@ type Manager struct {
 	drivers *vmm.Registry
 
 	sessions *sessions
+	events   *events
 
 	// mu guards the maps below and closing.
 	mu sync.Mutex
@@ -149,6 +150,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		store:    st,
 		drivers:  opts.Drivers,
 		sessions: newSessions(),
+		events:   newEvents(),
 		progress: make(map[string]Progress),
 		warming:  make(map[string]bool),
 		cancels:  make(map[string]func()),
@@ -414,6 +416,7 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 		}
 		err = m.store.Insert(ctx, rec)
 		if err == nil {
+			m.publishSandbox(EventSandboxCreated, toInfo(rec))
 			return rec, release, nil
 		}
 		release()
@@ -515,6 +518,8 @@ func (m *Manager) setProgress(id string, p *image.Progress) {
 		return
 	}
 	m.progress[id] = Progress{Phase: p.Phase, Done: p.Done, Total: p.Total}
+	pr := m.progress[id]
+	m.events.publish(Event{Type: EventImagePull, SandboxID: id, Progress: &pr})
 }
 
 func (m *Manager) withProgress(info Info) Info {
@@ -757,6 +762,9 @@ func (m *Manager) transition(ctx context.Context, rec *store.Record, to Status, 
 		return &Error{Kind: KindConflict, Code: "conflict",
 			Message: fmt.Sprintf("sandbox %s changed meanwhile (it is %s now); try again", rec.ID, now)}
 	}
+	if to != rec.Status || next.Network != rec.Network {
+		m.publishSandbox(EventSandboxUpdated, toInfo(next))
+	}
 	*rec = next
 	return nil
 }
@@ -837,6 +845,7 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	}
 	m.sessions.drop(rec.ID)
 	rec.Status, rec.Error, rec.PID = StatusStopped, reason, 0
+	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return rec
 }
 
@@ -854,6 +863,7 @@ func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Recor
 	m.logTeardown(rec.ID, "an interrupted create", m.halt(ctx, rec))
 	os.Remove(filepath.Join(rec.Dir, creationLock))
 	rec.Status, rec.Error, rec.PID = StatusError, reason, 0
+	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return rec
 }
 
@@ -928,6 +938,10 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Reques
 	start := time.Now()
 	exit, err := c.Do(rctx, wreq, stdout, stderr)
 	res := ExecResult{ExitCode: exit.ExitCode, TimedOut: exit.TimedOut, Duration: time.Since(start)}
+	if err == nil {
+		m.events.publish(Event{Type: EventProcessExited, SandboxID: id,
+			Exit: &ExitEvent{ExitCode: res.ExitCode, TimedOut: res.TimedOut, Duration: res.Duration}})
+	}
 	if err != nil {
 		if errors.Is(err, guest.ErrSessionClosed) {
 			m.sessions.drop(id)
@@ -1088,7 +1102,9 @@ func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 			return fmt.Errorf("remove sandbox %s files: %w", rec.ID, err)
 		}
 	}
-	if err := m.store.Delete(ctx, rec.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+	if err := m.store.Delete(ctx, rec.ID); err == nil && visible(rec) {
+		m.events.publish(Event{Type: EventSandboxDeleted, SandboxID: rec.ID})
+	} else if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("remove sandbox %s record: %w", rec.ID, err)
 	}
 	return nil

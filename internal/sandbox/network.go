@@ -258,6 +258,7 @@ func (m *Manager) ExposePort(ctx context.Context, id string, f network.Forward) 
 		c.Unexpose(context.WithoutCancel(ctx), got.Guest)
 		return f, fmt.Errorf("record port: %w", err)
 	}
+	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return got, nil
 }
 
@@ -302,6 +303,7 @@ func (m *Manager) ClosePort(ctx context.Context, id string, guest int) (network.
 	if err := m.store.SetNetwork(ctx, id, rec.Network); err != nil {
 		return network.Forward{}, fmt.Errorf("record port: %w", err)
 	}
+	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return closed, nil
 }
 

@@ -67,6 +67,7 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 			continue
 		}
 		r.Status, r.CreatedAt = StatusRunning, now
+		m.publishSandbox(EventSandboxCreated, toInfo(r))
 		if err := m.configureClaimed(ctx, &r, req); err != nil {
 			m.remove(context.WithoutCancel(ctx), r)
 			if e, ok := AsError(err); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {

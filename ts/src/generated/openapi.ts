@@ -44,6 +44,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Stream events
+         * @description Server-Sent Events of what happens to this server's sandboxes: `sandbox.created`, `sandbox.updated` (status or ports changed), `sandbox.deleted`, `image.pull` (at most one a second per sandbox, the last always sent), and `process.exited`. Each event has an increasing `id`; reconnecting with `Last-Event-ID` resumes after it from a backlog of the last 1024 events, and a `stream.gap` event says when some were no longer kept. A comment line every 15 s keeps proxies from closing an idle stream. The data of every event is a JSON object.
+         */
+        get: operations["streamEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/sandboxes": {
         parameters: {
             query?: never;
@@ -406,6 +426,40 @@ export interface components {
             /** @description The value at the given location */
             value?: unknown;
         };
+        EventData: {
+            /**
+             * Format: int64
+             * @description process.exited: how long the command ran.
+             * @example 12
+             */
+            duration_ms?: number;
+            /**
+             * Format: int64
+             * @description process.exited: the command's exit status.
+             * @example 0
+             */
+            exit_code?: number;
+            /** @description image.pull: how far preparing the sandbox's image has come. */
+            progress?: components["schemas"]["SandboxProgress"];
+            /** @description sandbox.created and sandbox.updated: the sandbox as it is now. */
+            sandbox?: components["schemas"]["Sandbox"];
+            /**
+             * @description The sandbox the event is about.
+             * @example vm-a1b2c3d4
+             */
+            sandbox_id: string;
+            /**
+             * Format: date-time
+             * @description When it happened (RFC 3339).
+             * @example 2026-06-24T10:00:00Z
+             */
+            time: string;
+            /**
+             * @description process.exited: whether the command ran past its timeout.
+             * @example false
+             */
+            timed_out?: boolean;
+        };
         ExecRequest: {
             /**
              * @description Command to run inside the sandbox.
@@ -450,6 +504,13 @@ export interface components {
              * @example Python 3.12.3
              */
             stdout: string;
+        };
+        GapData: {
+            /**
+             * @description Why events were missed; list the sandboxes again to catch up.
+             * @example events after 17 are no longer kept
+             */
+            reason: string;
         };
         NetworkSpec: {
             /**
@@ -831,6 +892,38 @@ export interface operations {
             };
             /** @description Service Unavailable */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    streamEvents: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description The id of the last event received: the stream resumes after it. */
+                "Last-Event-ID"?: string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description An event stream that lasts until the client or the server ends it. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["EventData"] | components["schemas"]["GapData"];
+                };
+            };
+            /** @description The server has a token and the request did not carry it. */
+            401: {
                 headers: {
                     [name: string]: unknown;
                 };
