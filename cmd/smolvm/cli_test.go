@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -170,6 +172,15 @@ func TestCLI(t *testing.T) {
 			t.Errorf("exec while the server runs: exit %d stdout %q stderr %q after %s", code, out, errOut, time.Since(start))
 		}
 
+		// An open event stream does not hold the shutdown: it is ended,
+		// not waited for until the grace period runs out.
+		events, err := http.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/events")
+		if err != nil || events.StatusCode != http.StatusOK {
+			t.Fatalf("GET /events: %v %v", err, events)
+		}
+		defer events.Body.Close()
+		go io.Copy(io.Discard, events.Body)
+
 		if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
@@ -182,6 +193,9 @@ func TestCLI(t *testing.T) {
 			}
 		case <-time.After(60 * time.Second):
 			t.Fatal("server did not exit after SIGTERM")
+		}
+		if strings.Contains(stderr.String(), "cancelling requests") {
+			t.Errorf("the open event stream held the shutdown until its grace ran out: %s", stderr.String())
 		}
 		// Sandboxes are the user's data: they outlive the server.
 		out, _, code = c.run("sandbox", "exec", id, "--", "echo still-here")
