@@ -47,7 +47,7 @@ func documentEvents(hapi huma.API) {
 			"Each event has an increasing `id`; reconnecting with `Last-Event-ID` resumes after it from a backlog of the last " + strconv.Itoa(sandbox.EventBacklog) + " events, and a `stream.gap` event says when some were no longer kept. " +
 			"A comment line every 15 s keeps proxies from closing an idle stream. The data of every event is a JSON object.",
 		Parameters: []*huma.Param{{
-			Name: "Last-Event-ID", In: "header", Description: "The id of the last event received: the stream resumes after it.",
+			Name: "Last-Event-ID", In: "header", Description: "The id of the last event received: the stream resumes after it. 0 replays every event still kept.",
 			Schema: &huma.Schema{Type: "string"},
 		}},
 		Responses: map[string]*huma.Response{
@@ -71,7 +71,8 @@ func (h *handlers) events(w http.ResponseWriter, r *http.Request) {
 	}
 	m := h.m
 	var after uint64
-	if v := r.Header.Get("Last-Event-ID"); v != "" {
+	v := r.Header.Get("Last-Event-ID")
+	if v != "" {
 		n, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
 			p := newProblem(http.StatusBadRequest, CodeValidationFailed, fmt.Sprintf("Last-Event-ID %q is not an event id (a whole number)", v))
@@ -81,7 +82,7 @@ func (h *handlers) events(w http.ResponseWriter, r *http.Request) {
 		}
 		after = n
 	}
-	past, complete, next, cancel := m.Subscribe(after)
+	past, complete, next, cancel := m.Subscribe(after, v != "")
 	defer cancel()
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "text/event-stream")

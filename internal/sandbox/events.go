@@ -90,16 +90,16 @@ func (e *events) publish(ev Event) {
 	}
 }
 
-// Subscribe returns the events after the one with id after (0: none of
-// the past), and a channel of those that follow, closed when the
-// subscriber falls too far behind or cancels. complete is false when some
-// events after it have left the backlog.
-func (m *Manager) Subscribe(after uint64) (past []Event, complete bool, next <-chan Event, cancel func()) {
+// Subscribe returns, when resume is set, the past events after the one
+// with id after (0: every event kept), and a channel of those that follow,
+// closed when the subscriber falls too far behind or cancels. complete is
+// false when some events after it have left the backlog.
+func (m *Manager) Subscribe(after uint64, resume bool) (past []Event, complete bool, next <-chan Event, cancel func()) {
 	e := m.events
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	complete = true
-	if after > 0 {
+	if resume {
 		if len(e.backlog) > 0 && e.backlog[0].ID > after+1 {
 			complete = false
 		}

@@ -4,7 +4,7 @@ import "testing"
 
 func TestEventBacklogAndSlowSubscribers(t *testing.T) {
 	m := &Manager{events: newEvents()}
-	_, _, slow, cancelSlow := m.Subscribe(0)
+	_, _, slow, cancelSlow := m.Subscribe(0, false)
 	defer cancelSlow()
 	for range EventBacklog + 100 {
 		m.events.publish(Event{Type: EventSandboxUpdated, SandboxID: "vm-1"})
@@ -17,12 +17,12 @@ func TestEventBacklogAndSlowSubscribers(t *testing.T) {
 	if n != subscriberBuffer {
 		t.Errorf("the slow subscriber got %d events before it was let go, want %d", n, subscriberBuffer)
 	}
-	past, complete, _, cancel := m.Subscribe(1)
+	past, complete, _, cancel := m.Subscribe(1, true)
 	cancel()
 	if complete || len(past) != EventBacklog || past[0].ID != 101 {
 		t.Errorf("resume from 1: complete %v, %d events from %d; want incomplete, the whole backlog from 101", complete, len(past), past[0].ID)
 	}
-	past, complete, _, cancel = m.Subscribe(1000)
+	past, complete, _, cancel = m.Subscribe(1000, true)
 	cancel()
 	if !complete || len(past) != EventBacklog+100-1000 || past[0].ID != 1001 {
 		t.Errorf("resume from 1000: complete %v, %d events", complete, len(past))
@@ -36,10 +36,15 @@ func TestImagePullEventsArePaced(t *testing.T) {
 	}
 	m.events.publish(Event{Type: EventImagePull, SandboxID: "vm-2", Progress: &Progress{Phase: "pull"}})
 	m.events.publish(Event{Type: EventImagePull, SandboxID: "vm-1", Progress: &Progress{Phase: "ready"}})
-	past, _, _, cancel := m.Subscribe(0)
+	past, _, _, cancel := m.Subscribe(0, false)
 	cancel()
 	if len(past) != 0 {
-		t.Errorf("Subscribe(0) replayed %d past events", len(past))
+		t.Errorf("a new subscriber got %d past events", len(past))
+	}
+	past, _, _, cancel = m.Subscribe(0, true)
+	cancel()
+	if len(past) != 3 {
+		t.Errorf("resuming from 0 replayed %d events, want all 3", len(past))
 	}
 	got := m.events.backlog
 	if len(got) != 3 || got[0].SandboxID != "vm-1" || got[1].SandboxID != "vm-2" || got[2].Progress.Phase != "ready" {

@@ -9,6 +9,7 @@ import type {
   DeleteResult,
   Diagnostics,
   ExecRequest,
+  SmolvmEvent,
   ExecResult,
   Port,
   PortSpec,
@@ -193,6 +194,58 @@ export class Smolvm {
   /** GET /diagnostics: the host checks of `smolvm doctor`, with `ready` false and a fix for anything missing. */
   async diagnostics(options?: RequestOptions): Promise<Diagnostics> {
     return this.call(options, this.timeoutMs, (signal) => this.client.GET("/diagnostics", { signal }));
+  }
+
+  /**
+   * GET /events: the server's events as they happen, until `signal` aborts
+   * or the server ends the stream (it does when it shuts down). With
+   * `lastEventId` the stream resumes after that event, from the server's
+   * backlog; a `stream.gap` event says when some were no longer kept (list
+   * the sandboxes again to catch up).
+   *
+   * ```ts
+   * for await (const ev of smolvm.events({ signal })) console.log(ev.type, ev.data.sandbox_id);
+   * ```
+   */
+  async *events(options?: { lastEventId?: number; signal?: AbortSignal }): AsyncGenerator<SmolvmEvent> {
+    const header = options?.lastEventId === undefined ? undefined : { "Last-Event-ID": String(options.lastEventId) };
+    const body = await this.call({ signal: options?.signal }, undefined, (signal) =>
+      this.client.GET("/events", { params: { header }, parseAs: "stream", signal }),
+    );
+    if (!body) {
+      return;
+    }
+    const lines = body.pipeThrough(new TextDecoderStream()).getReader();
+    let pending = "";
+    let event: { id?: number; type?: string; data?: string } = {};
+    try {
+      for (;;) {
+        const { value, done } = await lines.read();
+        if (done) {
+          return;
+        }
+        pending += value;
+        let nl: number;
+        while ((nl = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, nl).replace(/\r$/, "");
+          pending = pending.slice(nl + 1);
+          if (line === "") {
+            if (event.type !== undefined && event.data !== undefined) {
+              yield { id: event.id, type: event.type, data: JSON.parse(event.data) } as SmolvmEvent;
+            }
+            event = {};
+          } else if (line.startsWith("id: ")) {
+            event.id = Number(line.slice(4));
+          } else if (line.startsWith("event: ")) {
+            event.type = line.slice(7);
+          } else if (line.startsWith("data: ")) {
+            event.data = line.slice(6);
+          } // ":" lines are keepalive comments
+        }
+      }
+    } finally {
+      await lines.cancel().catch(() => {});
+    }
   }
 
   private execTimeoutMs(body: ExecRequest): number | undefined {

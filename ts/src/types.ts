@@ -54,3 +54,16 @@ export type OSCapability = Schemas["OSCapability"];
 export type Diagnostics = Schemas["Diagnostics"];
 /** One host check, with the command that fixes it when it is not ok. */
 export type DiagnosticCheck = Schemas["DiagnosticCheck"];
+/** The data of a sandbox event from `smolvm.events()`. */
+export type EventData = Schemas["EventData"];
+/** The data of a `stream.gap` event: events after the resume point were no longer kept. */
+export type GapData = Schemas["GapData"];
+/** One event of `smolvm.events()`. */
+export type SmolvmEvent =
+  | {
+      /** Increasing within the server process; pass it as `lastEventId` to resume after it. */
+      id: number;
+      type: "sandbox.created" | "sandbox.updated" | "sandbox.deleted" | "image.pull" | "process.exited";
+      data: EventData;
+    }
+  | { id: undefined; type: "stream.gap"; data: GapData };

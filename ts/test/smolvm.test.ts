@@ -6,7 +6,7 @@ import { randomBytes } from "node:crypto";
 import { connect } from "node:net";
 import { after, before, describe, test } from "node:test";
 
-import { type Port, type Sandbox, Smolvm, SmolvmConnectionError, SmolvmError } from "smolvm";
+import { type Port, type Sandbox, Smolvm, SmolvmConnectionError, SmolvmError, type SmolvmEvent } from "smolvm";
 
 import { freePort, startServer, type TestServer } from "./server.js";
 
@@ -237,6 +237,47 @@ test("capabilities and diagnostics describe the server's host", async () => {
   const diag = await smolvm.diagnostics();
   assert.equal(diag.ready, true, JSON.stringify(diag.checks));
   assert.ok(diag.checks.some((c) => c.name === "kernel" && c.status === "ok"));
+});
+
+test("events follow a sandbox from creation to deletion, and resume", { timeout: 120_000 }, async () => {
+  const smolvm = new Smolvm({ baseUrl });
+  const sandbox = await create(smolvm, { memory: 256, network: { mode: "off" } });
+  await smolvm.sandbox.delete(sandbox.id);
+  created.delete(sandbox.id);
+
+  // lastEventId 0 replays every event the server still keeps, so nothing
+  // depends on when the stream was opened.
+  const read = async (lastEventId: number, until: (ev: SmolvmEvent) => boolean) => {
+    const abort = new AbortController();
+    const seen: SmolvmEvent[] = [];
+    for await (const ev of smolvm.events({ lastEventId, signal: abort.signal })) {
+      seen.push(ev);
+      if (until(ev)) {
+        abort.abort();
+        break;
+      }
+    }
+    return seen;
+  };
+  const isDelete = (ev: SmolvmEvent) => ev.type === "sandbox.deleted" && ev.data.sandbox_id === sandbox.id;
+  const mine = (await read(0, isDelete)).filter(
+    (ev) => ev.type !== "stream.gap" && ev.data.sandbox_id === sandbox.id,
+  );
+  const types = mine.map((ev) => ev.type);
+  assert.equal(types[0], "sandbox.created");
+  assert.ok(types.includes("sandbox.updated"), types.join(","));
+  assert.equal(types.at(-1), "sandbox.deleted");
+
+  // Resuming after the first of them replays the rest, in order.
+  const first = mine[0];
+  assert.ok(first?.id !== undefined);
+  const rest = (await read(first.id, isDelete)).filter(
+    (ev) => ev.type !== "stream.gap" && ev.data.sandbox_id === sandbox.id,
+  );
+  assert.deepEqual(
+    rest.map((ev) => ev.id),
+    mine.slice(1).map((ev) => ev.id),
+  );
 });
 
 test("get of an unknown id is a 404 SmolvmError", async () => {

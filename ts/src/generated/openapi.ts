@@ -905,7 +905,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description The id of the last event received: the stream resumes after it. */
+                /** @description The id of the last event received: the stream resumes after it. 0 replays every event still kept. */
                 "Last-Event-ID"?: string;
             };
             path?: never;
