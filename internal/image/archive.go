@@ -12,6 +12,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
+
+	"github.com/smolvm/smolvm/internal/qcow2"
 )
 
 // Magic numbers of the formats a file or S3 source may hold.
@@ -20,7 +22,7 @@ const (
 	magicZstd  = "\x28\xb5\x2f\xfd"
 	magicXz    = "\xfd7zXZ\x00"
 	magicBzip2 = "BZh"
-	magicQcow2 = "QFI\xfb"
+	magicQcow2 = qcow2.Magic
 )
 
 // decompress returns the tar stream inside r, recognising gzip, zstd, xz and

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/qcow2"
 )
 
 // The cache under d.Images():
@@ -537,7 +537,7 @@ func InUse(d datadir.Dir) (func(*Base) bool, error) {
 		if !e.Type().IsRegular() {
 			return nil
 		}
-		if backing, ok := qcow2Backing(p); ok {
+		if backing, ok := qcow2.Backing(p); ok {
 			if !filepath.IsAbs(backing) {
 				backing = filepath.Join(filepath.Dir(p), backing)
 			}
@@ -549,43 +549,4 @@ func InUse(d datadir.Dir) (func(*Base) bool, error) {
 		return nil, fmt.Errorf("find sandbox disks: %w", err)
 	}
 	return func(b *Base) bool { return used[filepath.Clean(b.Path)] }, nil
-}
-
-// qcow2Backing reads the backing file name from a qcow2 header.
-func qcow2Backing(path string) (string, bool) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", false
-	}
-	defer f.Close()
-	var h [20]byte
-	if _, err := io.ReadFull(f, h[:]); err != nil || string(h[:4]) != magicQcow2 {
-		return "", false
-	}
-	off := int64(be64(h[8:16]))
-	size := int64(be32(h[16:20]))
-	if off == 0 || size == 0 || size > 4096 {
-		return "", false
-	}
-	name := make([]byte, size)
-	if _, err := f.ReadAt(name, off); err != nil {
-		return "", false
-	}
-	return string(name), true
-}
-
-func be64(b []byte) uint64 {
-	var v uint64
-	for _, c := range b[:8] {
-		v = v<<8 | uint64(c)
-	}
-	return v
-}
-
-func be32(b []byte) uint32 {
-	var v uint32
-	for _, c := range b[:4] {
-		v = v<<8 | uint32(c)
-	}
-	return v
 }

@@ -1,16 +1,15 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/qcow2"
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
@@ -170,17 +169,17 @@ func fileExists(p string) bool {
 }
 
 // Uses reports whether the disk of the machine in dir overlays the
-// snapshot's disk in snapDir. The backing file's name sits in the qcow2
-// header's first cluster.
+// snapshot's disk in snapDir.
 func (d *Driver) Uses(dir, snapDir string) bool {
-	f, err := os.Open(filepath.Join(dir, fileDisk))
-	if err != nil {
+	backing, ok := qcow2.Backing(filepath.Join(dir, fileDisk))
+	if !ok {
 		return false
 	}
-	defer f.Close()
-	header := make([]byte, 64<<10)
-	n, _ := io.ReadFull(f, header)
-	return bytes.Contains(header[:n], []byte(filepath.Join(snapDir, fileDisk)))
+	if !filepath.IsAbs(backing) {
+		backing = filepath.Join(dir, backing)
+	}
+	want, err := filepath.Abs(filepath.Join(snapDir, fileDisk))
+	return err == nil && filepath.Clean(backing) == want
 }
 
 // resume loads statePath into a VM started with -incoming defer and lets
