@@ -2,8 +2,10 @@ package sandbox
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"os"
+	"strings"
 )
 
 // crashMarkers begin the lines a Linux kernel prints on its console when it
@@ -40,7 +42,13 @@ func (w *consoleWatch) crash() string {
 		return ""
 	}
 	defer f.Close()
-	buf := make([]byte, maxConsoleRead)
+	// Read only what was added since the last poll: most polls find
+	// nothing new.
+	st, err := f.Stat()
+	if err != nil || st.Size() <= w.off {
+		return ""
+	}
+	buf := make([]byte, min(st.Size()-w.off, maxConsoleRead))
 	n, _ := f.ReadAt(buf, w.off)
 	if n <= 0 {
 		return ""
@@ -63,6 +71,25 @@ func (w *consoleWatch) crash() string {
 	}
 	w.tail = append([]byte(nil), data...)
 	return ""
+}
+
+// consoleError is a failure of a guest whose console says why; its message
+// carries the console's tail, and summary is the failure alone.
+type consoleError struct {
+	err     error
+	console string
+}
+
+func (e *consoleError) Error() string { return e.err.Error() + "; console output:\n" + e.console }
+func (e *consoleError) Unwrap() error { return e.err }
+
+// summary is err without a console it carries, for one-line messages.
+func summary(err error) string {
+	var ce *consoleError
+	if errors.As(err, &ce) {
+		return strings.Replace(err.Error(), "; console output:\n"+ce.console, "", 1)
+	}
+	return err.Error()
 }
 
 // consoleTail is the last 4 KiB of a console log, for error messages.

@@ -1,6 +1,8 @@
 package sandbox
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -51,5 +53,21 @@ func TestConsoleWatchPanic(t *testing.T) {
 	}
 	if tail := consoleTail(filepath.Join(t.TempDir(), "none")); tail != "(no console output)" {
 		t.Errorf("missing console: %q", tail)
+	}
+}
+
+// A failure that carries a console reads as one line in summaries, however
+// it was wrapped.
+func TestSummaryLeavesTheConsoleOut(t *testing.T) {
+	ce := &consoleError{err: errors.New("the guest did not answer within 30s"), console: "[ 1.0] line one\n[ 1.1] line two\n"}
+	wrapped := fmt.Errorf("%w (%q): %w", errGuestCrashed, "Kernel panic", ce)
+	if got := summary(wrapped); got != `the guest crashed ("Kernel panic"): the guest did not answer within 30s` {
+		t.Errorf("summary = %q", got)
+	}
+	if !strings.Contains(wrapped.Error(), "line two") {
+		t.Errorf("the error lost its console: %q", wrapped.Error())
+	}
+	if got := summary(errors.New("plain")); got != "plain" {
+		t.Errorf("summary of a plain error = %q", got)
 	}
 }

@@ -626,7 +626,7 @@ func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration
 		return c, nil
 	}
 	if why != nil {
-		return nil, fmt.Errorf("%w; console output:\n%s", why, consoleTail(mach.ConsoleLog()))
+		return nil, &consoleError{err: why, console: consoleTail(mach.ConsoleLog())}
 	}
 	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
 		return nil, err
@@ -634,7 +634,7 @@ func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
-	return nil, fmt.Errorf("the guest did not answer within %s: %w; console output:\n%s", timeout, err, consoleTail(mach.ConsoleLog()))
+	return nil, &consoleError{err: fmt.Errorf("the guest did not answer within %s: %w", timeout, err), console: consoleTail(mach.ConsoleLog())}
 }
 
 // finish gives the guest its identity and marks the sandbox running.

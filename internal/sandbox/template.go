@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -124,15 +123,15 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 			m.opts.Logger.Error("retire template", "template", t.Key, "err", berr)
 		}
 		m.opts.Logger.Warn("template clone failed; template retired, booting cold",
-			"sandbox", rec.ID, "template", t.Key, "build", filepath.Base(t.Dir), "err", firstLine(rerr),
+			"sandbox", rec.ID, "template", t.Key, "build", filepath.Base(t.Dir), "err", summary(rerr),
 			"console", consoleTail(console))
-		warning = fmt.Sprintf("booted cold: the clone of template %s failed (%s); the template is retired", t.Key, firstLine(rerr))
+		warning = fmt.Sprintf("booted cold: the clone of template %s failed (%s); the template is retired", t.Key, summary(rerr))
 	} else {
 		if ctx.Err() != nil {
 			return Info{}, err
 		}
 		m.opts.Logger.Warn("no template; booting cold", "sandbox", rec.ID, "err", err)
-		warning = fmt.Sprintf("booted cold: no template could be built (%s)", firstLine(err))
+		warning = fmt.Sprintf("booted cold: no template could be built (%s)", summary(err))
 	}
 	fmt.Fprintf(m.opts.Progress, "smolvm: %s: %s\n", rec.ID, warning)
 	// The failed clone's VM is gone; its network and files go too
@@ -148,13 +147,6 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 	}
 	info.Warnings = append(info.Warnings, warning)
 	return info, nil
-}
-
-// firstLine is an error's first line, for one-line summaries of errors
-// that carry a console log.
-func firstLine(err error) string {
-	s, _, _ := strings.Cut(err.Error(), "\n")
-	return strings.TrimSuffix(strings.TrimSpace(s), "; console output:")
 }
 
 // restoreTimeout bounds how long a clone may take to answer. A restore
@@ -302,7 +294,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	// every clone; such a state is never kept.
 	console := mach.ConsoleLog()
 	if line := (&consoleWatch{path: console}).crash(); line != "" {
-		return fmt.Errorf("%w while it was saved (%q); console output:\n%s", errGuestCrashed, line, consoleTail(console))
+		return &consoleError{err: fmt.Errorf("%w while it was saved (%q)", errGuestCrashed, line), console: consoleTail(console)}
 	}
 	if err := network.Stop(ctx, tmp); err != nil {
 		return fmt.Errorf("stop the template's network: %w", err)
