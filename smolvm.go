@@ -89,6 +89,17 @@ type Error = sandbox.Error
 type RunOptions struct {
 	Timeout time.Duration // 0 means 30 s
 	Shell   Shell         // "" means ShellLogin
+	// Argv, when set, is run exactly with no shell, and the command
+	// string must be empty.
+	Argv []string
+	// Cwd is an absolute path in the guest; "" means the image's working
+	// directory, else the user's home.
+	Cwd string
+	// Env is added to the command's environment.
+	Env map[string]string
+	// Stdin, when not nil, is fed to the command, which then reads end of
+	// file.
+	Stdin []byte
 	// Stdout and Stderr, when set, receive output as it arrives and the
 	// Result's fields stay empty: for output too large to hold.
 	Stdout, Stderr io.Writer
@@ -225,7 +236,8 @@ func (s *Sandbox) Status(ctx context.Context) (Status, error) {
 
 // Run runs command and waits for it to finish or time out.
 func (s *Sandbox) Run(ctx context.Context, command string, o RunOptions) (*Result, error) {
-	req := sandbox.ExecRequest{Command: command, Timeout: o.Timeout, Shell: o.Shell}
+	req := sandbox.ExecRequest{Command: command, Argv: o.Argv, Timeout: o.Timeout, Shell: o.Shell,
+		Cwd: o.Cwd, Env: o.Env, Stdin: o.Stdin}
 	var res sandbox.ExecResult
 	var err error
 	if o.Stdout != nil || o.Stderr != nil {

@@ -125,14 +125,29 @@ func TestShells(t *testing.T) {
 	if raw.ExitCode == 0 || raw.Stdout != "" {
 		t.Errorf("raw: got exit %d stdout %q, want the variable unset", raw.ExitCode, raw.Stdout)
 	}
-	argv := run(t, sb, `printf %s "a b"`, smolvm.RunOptions{Shell: smolvm.ShellRaw})
-	if argv.Stdout != "a b" {
-		t.Errorf(`raw printf %%s "a b": got %q, want "a b"`, argv.Stdout)
+	// Raw is /bin/sh -c: pipes work.
+	pipe := run(t, sb, `echo a | wc -c`, smolvm.RunOptions{Shell: smolvm.ShellRaw})
+	if pipe.Stdout != "2\n" {
+		t.Errorf("raw echo a | wc -c: got %q, want 2", pipe.Stdout)
 	}
-	// No shell means no expansion either.
-	lit := run(t, sb, `echo $HOME`, smolvm.RunOptions{Shell: smolvm.ShellRaw})
-	if lit.Stdout != "$HOME\n" {
-		t.Errorf("raw echo $HOME: got %q, want it unexpanded", lit.Stdout)
+	// Argv arrives exactly, spaces, quotes and dollars intact.
+	argv := run(t, sb, "", smolvm.RunOptions{Argv: []string{"printf", "[%s]", `a "b" c`, "$HOME", "it's"}})
+	if argv.Stdout != `[a "b" c][$HOME][it's]` {
+		t.Errorf("argv: got %q", argv.Stdout)
+	}
+	opts := smolvm.RunOptions{Shell: smolvm.ShellRaw, Cwd: "/usr/share", Env: map[string]string{"GREETING": "hi there", "PATH": "/usr/bin:/bin"},
+		Stdin: []byte("from stdin\n")}
+	got := run(t, sb, `pwd; echo "$GREETING $PATH"; cat`, opts)
+	if got.Stdout != "/usr/share\nhi there /usr/bin:/bin\nfrom stdin\n" {
+		t.Errorf("cwd, env and stdin: got %q", got.Stdout)
+	}
+	_, err := sb.Run(context.Background(), "true", smolvm.RunOptions{Cwd: "/no/such/dir"})
+	if e := (*smolvm.Error)(nil); !errors.As(err, &e) || e.Code != "invalid_cwd" || e.Field != "cwd" {
+		t.Errorf("a missing cwd: %v, want invalid_cwd", err)
+	}
+	_, err = sb.Run(context.Background(), "true", smolvm.RunOptions{Env: map[string]string{"1BAD": "x"}})
+	if e := (*smolvm.Error)(nil); !errors.As(err, &e) || e.Code != "invalid_env" {
+		t.Errorf("a bad env name: %v, want invalid_env", err)
 	}
 }
 

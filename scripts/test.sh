@@ -22,12 +22,15 @@ fi
 
 bash scripts/setup.sh
 
-# Test-only dependency: the image tests build OCI images around Debian's
-# static busybox.
-if [ ! -x /bin/busybox ]; then
-	echo "installing busybox-static for the image tests"
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static ||
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static; }
+# Test-only dependencies: the image tests build OCI images around Debian's
+# static busybox; the agent API's drift test regenerates its code with protoc.
+need=()
+[ -x /bin/busybox ] || need+=(busybox-static)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ ${#need[@]} -gt 0 ]; then
+	echo "installing ${need[*]} for the tests"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" ||
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
 fi
 
 echo "== gofmt and go vet"

@@ -98,7 +98,8 @@ func TestCLI(t *testing.T) {
 		}
 	})
 	t.Run("exec timeout exits 124", func(t *testing.T) {
-		out, _, code := c.run("sandbox", "exec", id, "--timeout", "1", "--", "echo before; sleep 30")
+		// The timeout leaves the login shell time to start on a loaded host.
+		out, _, code := c.run("sandbox", "exec", id, "--timeout", "5", "--", "echo before; sleep 60")
 		if code != 124 || out != "before\n" {
 			t.Errorf("exit %d stdout %q", code, out)
 		}

@@ -8,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/smolvm/smolvm/internal/agent/wire"
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
 )
 
 // RNDADDENTROPY and RNDRESEEDCRNG from <linux/random.h>.
@@ -18,12 +18,9 @@ const (
 	entropyMaxSeed = 512
 )
 
-// applyIdentity turns a VM restored from a template into a sandbox of its
+// ApplyIdentity turns a VM restored from a template into a sandbox of its
 // own: name, machine id, clock, random state and disk size.
-func (a *agent) applyIdentity(id *wire.Identity) error {
-	if id == nil {
-		return fmt.Errorf("identity request without identity")
-	}
+func (guestSystem) ApplyIdentity(id *agentpb.SetIdentityRequest) error {
 	if id.UnixNano != 0 {
 		ts := unix.NsecToTimespec(id.UnixNano)
 		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
@@ -34,15 +31,14 @@ func (a *agent) applyIdentity(id *wire.Identity) error {
 		return err
 	}
 	if id.Hostname != "" {
-		a.setHostname(id.Hostname)
 		if err := unix.Sethostname([]byte(id.Hostname)); err != nil {
 			return fmt.Errorf("sethostname: %w", err)
 		}
 		writeIfChanged("/etc/hostname", id.Hostname+"\n")
 		writeIfChanged("/etc/hosts", hostsFile(id.Hostname))
 	}
-	if id.MachineID != "" {
-		writeIfChanged("/etc/machine-id", id.MachineID+"\n")
+	if id.MachineId != "" {
+		writeIfChanged("/etc/machine-id", id.MachineId+"\n")
 	}
 	if id.DiskBytes > 0 {
 		if err := waitDiskSize(rootDevice, uint64(id.DiskBytes), 5*time.Second); err != nil {

@@ -14,16 +14,27 @@ import (
 // inherits every orphan; a second waiter (such as exec.Cmd.Wait) would race
 // it for exit statuses, so commands are started through start, which
 // registers the child before the reaper can see it exit.
+//
+// Outside a guest (a test serving the agent API in-process) the reaper
+// waits for its own children only, one wait4 each, and leaves every other
+// child of the process to whoever started it.
 type reaper struct {
+	all     bool
 	mu      sync.Mutex
 	waiters map[int]chan unix.WaitStatus
+	done    chan struct{}
+	once    sync.Once
 }
 
-func newReaper() *reaper {
-	r := &reaper{waiters: make(map[int]chan unix.WaitStatus)}
+func newReaper(all bool) *reaper {
+	r := &reaper{all: all, waiters: make(map[int]chan unix.WaitStatus), done: make(chan struct{})}
+	if !all {
+		return r
+	}
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs, syscall.SIGCHLD)
 	go func() {
+		defer signal.Stop(sigs)
 		// SIGCHLD coalesces; the ticker catches any exit a lost signal hid.
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
@@ -31,12 +42,16 @@ func newReaper() *reaper {
 			select {
 			case <-sigs:
 			case <-t.C:
+			case <-r.done:
+				return
 			}
 			r.reapAll()
 		}
 	}()
 	return r
 }
+
+func (r *reaper) stop() { r.once.Do(func() { close(r.done) }) }
 
 func (r *reaper) reapAll() {
 	for {
@@ -67,6 +82,19 @@ func (r *reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int
 		return 0, nil, err
 	}
 	ch := make(chan unix.WaitStatus, 1)
+	if !r.all {
+		go func() {
+			var ws unix.WaitStatus
+			for {
+				_, err := unix.Wait4(pid, &ws, 0, nil)
+				if err != unix.EINTR {
+					break
+				}
+			}
+			ch <- ws
+		}()
+		return pid, ch, nil
+	}
 	r.waiters[pid] = ch
 	return pid, ch, nil
 }

@@ -1,29 +1,38 @@
 // Package guest is the host side of the agent protocol: it connects to a
-// sandbox's agent and runs requests over the multiplexed session.
+// sandbox's agent over whatever stream its machine's DialAgent gives,
+// checks what the agent said of itself, and calls the agent API (package
+// agentpb) over one HTTP/2 connection.
 package guest
 
 import (
 	"bufio"
 	"context"
 	"crypto/rand"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
+	"net/http"
+	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/yamux"
+	"connectrpc.com/connect"
+	"golang.org/x/net/http2"
 
+	"github.com/smolvm/smolvm/internal/agent/agentpb/agentpbconnect"
 	"github.com/smolvm/smolvm/internal/agent/wire"
 )
 
 // Client is one session with a guest agent. It is safe for concurrent use;
-// every request runs on its own stream.
+// every call runs on its own HTTP/2 stream.
 type Client struct {
-	conn net.Conn
-	sess *yamux.Session
-	peer wire.Peer
+	conn   net.Conn
+	cc     *http2.ClientConn
+	peer   wire.Peer
+	broken atomic.Bool
+
+	system  agentpbconnect.SystemClient
+	process agentpbconnect.ProcessClient
+	files   agentpbconnect.FilesystemClient
 }
 
 // Peer is what the agent said of itself on connect.
@@ -81,6 +90,15 @@ func Dial(ctx context.Context, dial Dialer) (*Client, error) {
 	}
 }
 
+// transport's limits suit an emulated guest, which can stall for seconds
+// under load: a peer is given up only after a minute of silence.
+var transport = &http2.Transport{
+	AllowHTTP:        true,
+	ReadIdleTimeout:  15 * time.Second,
+	PingTimeout:      60 * time.Second,
+	WriteByteTimeout: 60 * time.Second,
+}
+
 func handshake(ctx context.Context, conn net.Conn) (*Client, error) {
 	// A blocked read cannot see ctx; closing the deadline in is what ends it.
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
@@ -106,11 +124,36 @@ func handshake(ctx context.Context, conn net.Conn) (*Client, error) {
 	if peer.Version < wire.MinVersion || peer.Version > wire.Version {
 		return nil, &VersionError{Agent: peer.Version}
 	}
-	sess, err := yamux.Client(&readerConn{Conn: conn, r: br}, wire.YamuxConfig())
+	cc, err := transport.NewClientConn(&readerConn{Conn: conn, r: br})
 	if err != nil {
 		return nil, fmt.Errorf("agent session: %w", err)
 	}
-	return &Client{conn: conn, sess: sess, peer: peer}, nil
+	c := &Client{conn: conn, cc: cc, peer: peer}
+	opts := []connect.ClientOption{
+		connect.WithAcceptCompression("gzip", nil, nil),
+		connect.WithReadMaxBytes(wire.MaxMessage),
+	}
+	hc := &connClient{c: c}
+	c.system = agentpbconnect.NewSystemClient(hc, baseURL, opts...)
+	c.process = agentpbconnect.NewProcessClient(hc, baseURL, opts...)
+	c.files = agentpbconnect.NewFilesystemClient(hc, baseURL, opts...)
+	return c, nil
+}
+
+// baseURL names the agent in requests; the connection is already chosen.
+const baseURL = "http://agent"
+
+// connClient sends every request on the session's one connection.
+type connClient struct{ c *Client }
+
+func (h *connClient) Do(req *http.Request) (*http.Response, error) {
+	resp, err := h.c.cc.RoundTrip(req)
+	if err != nil && req.Context().Err() == nil {
+		if st := h.c.cc.State(); st.Closed || st.Closing {
+			h.c.broken.Store(true)
+		}
+	}
+	return resp, err
 }
 
 // readerConn reads through the handshake's buffer so no byte after the
@@ -122,101 +165,46 @@ type readerConn struct {
 
 func (c *readerConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
-// Close ends the session. Commands still running in the guest are killed.
-func (c *Client) Close() error { return c.sess.Close() }
+// Close ends the session. Commands still running in the guest that were
+// not started detached are killed.
+func (c *Client) Close() error {
+	c.broken.Store(true)
+	err := c.cc.Close()
+	if cerr := c.conn.Close(); err == nil && !errors.Is(cerr, net.ErrClosed) {
+		err = cerr
+	}
+	return err
+}
 
 // Closed reports whether the session has ended (the VM stopped, or the
 // agent restarted its side).
-func (c *Client) Closed() bool { return c.sess.IsClosed() }
+func (c *Client) Closed() bool {
+	if c.broken.Load() {
+		return true
+	}
+	st := c.cc.State()
+	return st.Closed || st.Closing
+}
 
 // ErrSessionClosed means the connection to the agent was lost mid-request.
 var ErrSessionClosed = errors.New("connection to the guest agent was lost")
 
-// Do sends req and copies output frames to stdout and stderr until the exit
-// frame. Cancelling ctx closes the stream, which makes the agent kill the
-// command.
-func (c *Client) Do(ctx context.Context, req wire.Request, stdout, stderr io.Writer) (wire.Exit, error) {
-	st, err := c.sess.OpenStream()
-	if err != nil {
-		return wire.Exit{}, fmt.Errorf("%w: %v", ErrSessionClosed, err)
+// callErr turns a failed call into what the caller acts on: its own
+// cancellation, a lost session, or the agent's answer as an *Error.
+func (c *Client) callErr(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
 	}
-	defer st.Close()
-	stop := context.AfterFunc(ctx, func() { st.Close() })
-	defer stop()
-	line, err := json.Marshal(req)
-	if err != nil {
-		return wire.Exit{}, err
-	}
-	if _, err := st.Write(append(line, '\n')); err != nil {
-		return wire.Exit{}, c.streamErr(ctx, err)
-	}
-	br := bufio.NewReaderSize(st, 64<<10)
-	buf := make([]byte, 64<<10)
-	for {
-		typ, p, err := wire.ReadFrame(br, buf)
-		if err != nil {
-			return wire.Exit{}, c.streamErr(ctx, err)
-		}
-		switch typ {
-		case wire.FrameStdout:
-			if stdout != nil {
-				if _, err := stdout.Write(p); err != nil {
-					return wire.Exit{}, fmt.Errorf("write stdout: %w", err)
-				}
-			}
-		case wire.FrameStderr:
-			if stderr != nil {
-				if _, err := stderr.Write(p); err != nil {
-					return wire.Exit{}, fmt.Errorf("write stderr: %w", err)
-				}
-			}
-		case wire.FrameExit:
-			var e wire.Exit
-			if err := json.Unmarshal(p, &e); err != nil {
-				return wire.Exit{}, fmt.Errorf("agent sent a bad exit frame: %w", err)
-			}
-			if e.Error != "" {
-				return e, fmt.Errorf("agent: %s", e.Error)
-			}
-			return e, nil
-		default:
-			return wire.Exit{}, fmt.Errorf("agent sent unknown frame type %d", typ)
-		}
-	}
-}
-
-func (c *Client) streamErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	if c.sess.IsClosed() {
+	var ce *connect.Error
+	if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable || c.Closed() {
+		c.broken.Store(true)
 		return fmt.Errorf("%w: %v", ErrSessionClosed, err)
 	}
-	return fmt.Errorf("agent stream: %w", err)
-}
-
-// Ping asks the agent for facts about the guest; it is also the cheapest
-// round trip.
-func (c *Client) Ping(ctx context.Context) (*wire.Info, error) {
-	e, err := c.Do(ctx, wire.Request{Op: wire.OpPing}, nil, nil)
-	if err != nil {
-		return nil, err
+	if errors.As(err, &ce) {
+		return &Error{Code: codeOf(ce.Code()), Message: ce.Message()}
 	}
-	return e.Info, nil
-}
-
-// Shutdown asks the guest to sync its disks and power off.
-func (c *Client) Shutdown(ctx context.Context) error {
-	_, err := c.Do(ctx, wire.Request{Op: wire.OpShutdown}, nil, nil)
-	return err
-}
-
-// Identity gives the guest its own name, machine id, clock, random state
-// and disk size.
-func (c *Client) Identity(ctx context.Context, id wire.Identity) (*wire.Info, error) {
-	e, err := c.Do(ctx, wire.Request{Op: wire.OpIdentity, Identity: &id}, nil, nil)
-	if err != nil {
-		return nil, err
-	}
-	return e.Info, nil
+	return fmt.Errorf("agent: %w", err)
 }

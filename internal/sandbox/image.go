@@ -7,7 +7,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/smolvm/smolvm/internal/agent/wire"
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/store"
 )
@@ -60,11 +60,9 @@ func (m *Manager) imageConfig(rec store.Record) image.Config {
 
 // applyImageConfig gives a command the image's environment, working
 // directory and user, as a container runtime would.
-func applyImageConfig(w *wire.Request, cfg image.Config) {
+func applyImageConfig(w *agentpb.ProcessConfig, cfg image.Config) {
 	w.Env = append(append([]string(nil), cfg.Env...), w.Env...)
-	if w.Dir == "" {
-		w.Dir = cfg.WorkingDir
-	}
+	w.DefaultCwd = cfg.WorkingDir
 	if w.User == "" {
 		w.User = cfg.User
 	}

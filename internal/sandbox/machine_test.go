@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/yamux"
-
+	"github.com/smolvm/smolvm/internal/agent"
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/network"
@@ -26,10 +26,9 @@ import (
 )
 
 // The tests in this file run the Manager on a fake driver: no VM boots.
-// Each fake machine's DialAgent is one end of a net.Pipe whose other end
-// speaks the agent protocol (handshake, yamux, framed replies) with a
-// small command set: "echo WORDS", "sleep" (until the timeout), "crash"
-// (the machine dies under the command).
+// Each fake machine's DialAgent is one end of a net.Pipe whose other end is
+// served by the real agent (package agent) in this process, so commands
+// run on the test's host; killing the machine ends its agent and commands.
 
 type fakeDriver struct {
 	mu       sync.Mutex
@@ -58,6 +57,7 @@ func (d *fakeDriver) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, err
 		return nil, err
 	}
 	fm := &fakeMachine{dir: spec.Dir, alive: true, silent: d.silent, gone: make(chan struct{})}
+	fm.srv = agent.NewServer(agent.Options{System: fm, Hostname: "fake"})
 	d.machines[spec.Dir] = fm
 	return fm, nil
 }
@@ -99,6 +99,7 @@ func (d *fakeDriver) machine(t *testing.T) *fakeMachine {
 type fakeMachine struct {
 	dir    string
 	silent bool
+	srv    *agent.Server
 	// readyLine, when set, replaces the agent's ready line (a nonce goes
 	// where %s is).
 	readyLine string
@@ -136,6 +137,7 @@ func (fm *fakeMachine) die() {
 	for _, c := range fm.conns {
 		c.Close()
 	}
+	fm.srv.Close() // its commands die with the machine
 }
 
 func (fm *fakeMachine) Kill(context.Context) error {
@@ -169,88 +171,29 @@ func (fm *fakeMachine) DialAgent(ctx context.Context) (net.Conn, error) {
 	return host, nil
 }
 
-// serve is the guest side of one connection.
+// serve is the guest side of one connection: the real agent API, served
+// in this process, unless the machine is set to answer the handshake with
+// another line.
 func (fm *fakeMachine) serve(conn net.Conn) {
-	defer conn.Close()
-	br := bufio.NewReader(conn)
-	nonce, err := wire.AwaitHello(br)
-	if err != nil {
-		return
-	}
-	ready := wire.ReadyLine(nonce)
 	fm.mu.Lock()
-	if fm.readyLine != "" {
-		ready = []byte(fmt.Sprintf(fm.readyLine, nonce))
-	}
+	readyLine := fm.readyLine
 	fm.mu.Unlock()
-	if _, err := conn.Write(ready); err != nil {
+	if readyLine == "" {
+		fm.srv.ServeConn(context.Background(), conn)
 		return
 	}
-	sess, err := yamux.Server(struct {
-		io.Reader
-		io.WriteCloser
-	}{br, conn}, wire.YamuxConfig())
+	defer conn.Close()
+	nonce, err := wire.AwaitHello(bufio.NewReader(conn))
 	if err != nil {
 		return
 	}
-	defer sess.Close()
-	for {
-		st, err := sess.AcceptStream()
-		if err != nil {
-			return
-		}
-		go fm.handle(st)
-	}
+	conn.Write([]byte(fmt.Sprintf(readyLine, nonce)))
+	io.Copy(io.Discard, conn)
 }
 
-func (fm *fakeMachine) handle(st net.Conn) {
-	defer st.Close()
-	line, err := bufio.NewReader(st).ReadBytes('\n')
-	if err != nil {
-		return
-	}
-	var req wire.Request
-	if err := json.Unmarshal(line, &req); err != nil {
-		return
-	}
-	reply := func(e wire.Exit) {
-		b, _ := json.Marshal(e)
-		wire.WriteFrame(st, wire.FrameExit, b)
-	}
-	info := &wire.Info{Kernel: "fake", Version: wire.Version}
-	switch req.Op {
-	case wire.OpPing, wire.OpIdentity:
-		reply(wire.Exit{Info: info})
-	case wire.OpShutdown:
-		reply(wire.Exit{})
-		go fm.die()
-	case wire.OpExec:
-		cmd := req.Login
-		if cmd == "" {
-			cmd = strings.Join(req.Argv, " ")
-		}
-		switch name, rest, _ := strings.Cut(cmd, " "); name {
-		case "echo":
-			wire.WriteFrame(st, wire.FrameStdout, []byte(rest+"\n"))
-			reply(wire.Exit{})
-		case "sleep":
-			wire.WriteFrame(st, wire.FrameStdout, []byte("started\n"))
-			select {
-			case <-time.After(time.Duration(req.TimeoutMS) * time.Millisecond):
-				reply(wire.Exit{ExitCode: 137, TimedOut: true, Signal: 9})
-			case <-fm.gone:
-			}
-		case "crash":
-			wire.WriteFrame(st, wire.FrameStdout, []byte("going\n"))
-			fm.die()
-		default:
-			wire.WriteFrame(st, wire.FrameStderr, []byte(name+": not found\n"))
-			reply(wire.Exit{ExitCode: 127})
-		}
-	default:
-		reply(wire.Exit{Error: "unknown op"})
-	}
-}
+// ApplyIdentity and Poweroff make the fake machine the agent's System.
+func (fm *fakeMachine) ApplyIdentity(*agentpb.SetIdentityRequest) error { return nil }
+func (fm *fakeMachine) Poweroff()                                       { go fm.die() }
 
 // fakeManager opens a Manager whose only driver is d.
 func fakeManager(t *testing.T, d *fakeDriver, bootTimeout time.Duration) *sandbox.Manager {
@@ -298,8 +241,8 @@ func TestFakeCreateExecDelete(t *testing.T) {
 	if err != nil || string(res.Stdout) != "hello there\n" || res.ExitCode != 0 {
 		t.Errorf("exec: %q exit %d: %v", res.Stdout, res.ExitCode, err)
 	}
-	res, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "nosuch"})
-	if err != nil || res.ExitCode != 127 || string(res.Stderr) != "nosuch: not found\n" {
+	res, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Argv: []string{"nosuch"}})
+	if err != nil || res.ExitCode != 127 || string(res.Stderr) != "smolvm: nosuch: command not found\n" {
 		t.Errorf("a failing command: exit %d stderr %q: %v", res.ExitCode, res.Stderr, err)
 	}
 	fm := d.machine(t)
@@ -317,7 +260,7 @@ func TestFakeExecTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "sleep", Timeout: time.Second})
+	res, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "echo started; sleep 30", Timeout: time.Second})
 	if err != nil || !res.TimedOut || string(res.Stdout) != "started\n" {
 		t.Errorf("timed out %v, stdout %q, err %v; want the partial output and timed out", res.TimedOut, res.Stdout, err)
 	}
@@ -330,13 +273,25 @@ func TestFakeExecTimeout(t *testing.T) {
 // the sandbox says it stopped.
 func TestFakeCrashDuringExec(t *testing.T) {
 	t.Parallel()
-	m := fakeManager(t, newFakeDriver(), 10*time.Second)
+	d := newFakeDriver()
+	m := fakeManager(t, d, 10*time.Second)
 	ctx := context.Background()
 	info, err := m.Create(ctx, offline)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "crash"})
+	// The machine dies once the command has started.
+	marker := filepath.Join(t.TempDir(), "started")
+	go func() {
+		for {
+			if _, err := os.Stat(marker); err == nil {
+				d.machine(t).die()
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "touch " + marker + "; sleep 30"})
 	if e, ok := sandbox.AsError(err); !ok || e.Code != "sandbox_not_running" {
 		t.Fatalf("exec in a crashing VM: %v, want sandbox_not_running", err)
 	}

@@ -19,7 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/smolvm/smolvm/internal/agent/wire"
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
@@ -639,9 +639,9 @@ func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration
 
 // finish gives the guest its identity and marks the sandbox running.
 func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind, final Status) (Info, error) {
-	id := wire.Identity{
+	id := &agentpb.SetIdentityRequest{
 		Hostname:  rec.ID,
-		MachineID: randomHex(16),
+		MachineId: randomHex(16),
 		UnixNano:  time.Now().UnixNano(),
 		Seed:      randomBytes(64),
 		DiskBytes: diskBytes,
@@ -919,12 +919,12 @@ func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout
 		return ExecResult{}, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
-	applyImageConfig(&wreq, m.imageConfig(rec))
+	applyImageConfig(wreq.Process, m.imageConfig(rec))
 	return m.stream(ctx, rec, wreq, stdout, stderr)
 }
 
 // stream runs wreq in rec's VM, which the caller found running.
-func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Request, stdout, stderr io.Writer) (ExecResult, error) {
+func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.StartRequest, stdout, stderr io.Writer) (ExecResult, error) {
 	id := rec.ID
 	c, err := m.client(ctx, rec)
 	if err != nil {
@@ -932,11 +932,11 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Reques
 	}
 	// The agent enforces the timeout; this one only guards against an
 	// agent that stopped answering.
-	timeout := time.Duration(wreq.TimeoutMS) * time.Millisecond
+	timeout := time.Duration(wreq.TimeoutMs) * time.Millisecond
 	rctx, cancel := context.WithTimeout(ctx, timeout+30*time.Second)
 	defer cancel()
 	start := time.Now()
-	exit, err := c.Do(rctx, wreq, stdout, stderr)
+	exit, err := c.Exec(rctx, wreq, stdout, stderr)
 	res := ExecResult{ExitCode: exit.ExitCode, TimedOut: exit.TimedOut, Duration: time.Since(start)}
 	if err == nil {
 		m.events.publish(Event{Type: EventProcessExited, SandboxID: id,
@@ -953,8 +953,12 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq wire.Reques
 		if ctx.Err() != nil {
 			return res, ctx.Err()
 		}
-		if exit.Error != "" {
-			return res, &Error{Kind: KindInvalid, Code: "invalid_command", Field: "command", Message: exit.Error}
+		if cwd := wreq.Process.Cwd; cwd != "" && (guest.IsCode(err, guest.CodeNotFound) || guest.IsCode(err, guest.CodeWrongState)) {
+			return res, &Error{Kind: KindInvalid, Code: "invalid_cwd", Field: "cwd",
+				Message: fmt.Sprintf("cwd %s is not a directory in the sandbox", cwd), Err: err}
+		}
+		if guest.IsCode(err, guest.CodeInvalid) {
+			return res, &Error{Kind: KindInvalid, Code: "invalid_command", Field: "command", Message: err.Error()}
 		}
 		return res, fmt.Errorf("run command in %s: %w", id, err)
 	}

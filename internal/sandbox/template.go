@@ -17,7 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/smolvm/smolvm/internal/agent/wire"
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
@@ -175,7 +175,7 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 	}
 	if m.afterRestore != nil {
 		m.afterRestore(ctx, func(cmd string) error {
-			_, err := c.Do(ctx, wire.Request{Op: wire.OpExec, Argv: []string{"/bin/sh", "-c", cmd}}, io.Discard, io.Discard)
+			_, err := c.Exec(ctx, &agentpb.StartRequest{Process: &agentpb.ProcessConfig{Script: cmd, Shell: agentpb.Shell_SHELL_RAW}}, io.Discard, io.Discard)
 			return err
 		})
 	}

@@ -26,8 +26,7 @@ const (
 	// ShellLogin runs the command through the image's login shell (bash, else
 	// sh) so /etc/profile applies.
 	ShellLogin Shell = "login"
-	// ShellRaw splits the command like a POSIX shell would and runs the argv
-	// directly, with no shell in between.
+	// ShellRaw runs the command with /bin/sh -c and no login profile.
 	ShellRaw Shell = "raw"
 )
 
@@ -120,9 +119,19 @@ const (
 
 // ExecRequest is one command to run in a sandbox.
 type ExecRequest struct {
+	// Command is a command line for Shell; Argv is run exactly, with no
+	// shell. Exactly one is set.
 	Command string
+	Argv    []string
 	Timeout time.Duration // 0 means DefaultTimeout
 	Shell   Shell         // "" means ShellLogin
+	// Cwd is an absolute guest path; "" means the image's working
+	// directory, else the user's home.
+	Cwd string
+	// Env is added to the command's environment, over the image's.
+	Env map[string]string
+	// Stdin, when not nil, is fed to the command, then closed.
+	Stdin []byte
 }
 
 // ExecResult is the outcome of a command. A non-zero ExitCode is a normal

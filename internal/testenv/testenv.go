@@ -46,7 +46,8 @@ func build(t testing.TB) {
 		builds.agent = filepath.Join(dir, "smolvm-agent")
 		builds.net = filepath.Join(dir, "smolvm-net")
 		for out, pkg := range map[string]string{builds.agent: "./cmd/smolvm-agent", builds.net: "./cmd/smolvm-net"} {
-			cmd := exec.Command("go", "build", "-o", out, pkg)
+			// Stripped as scripts/setup.sh builds them.
+			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", out, pkg)
 			cmd.Dir = RepoRoot()
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 			if b, err := cmd.CombinedOutput(); err != nil {

@@ -1,51 +1,60 @@
 // Package wire is the protocol between the host and the guest agent.
 //
-// One byte stream joins them (a virtio-serial port under QEMU). Either side
-// may have been restarted since the stream last carried traffic, so a session
-// opens with a line handshake carrying a fresh nonce: each side discards
-// bytes until it sees the other's line for this nonce, which drops anything
-// stale left in the pipe by an earlier session. After the handshake the stream
-// carries yamux; every request is its own yamux stream, so many commands run
-// at once and a slow one never blocks the rest.
+// One byte stream joins them: a virtio-serial port under QEMU, a vsock
+// port under Firecracker and libkrun. Either side may have been restarted
+// since the stream last carried traffic, so a session opens with a line
+// handshake carrying a fresh nonce: each side discards bytes until it sees
+// the other's line for this nonce, which drops anything stale left in the
+// pipe by an earlier session. The agent's line also carries its protocol
+// version and capabilities, so a host can refuse an agent it cannot serve
+// before sending it anything.
 //
-// On a request stream the host writes one JSON Request line; the agent
-// answers with frames: a type byte, a big-endian uint32 length, the payload.
+// After the handshake the stream carries HTTP/2, and on it the agent API of
+// package agentpb (Connect protocol, binary protobuf): every call is its own
+// HTTP/2 stream, so many commands run at once and a slow one never blocks
+// the rest.
 package wire
 
 import (
 	"bufio"
 	"bytes"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
-	"fmt"
-	"io"
 	"slices"
 	"strconv"
 	"strings"
-	"time"
-
-	"github.com/hashicorp/yamux"
 )
 
 // Version is bumped whenever the protocol changes incompatibly. The agent
 // announces its version on connect; a host serves agents from MinVersion
 // to Version, since VMs outlive the smolvm that started them.
 const (
-	Version    = 1
-	MinVersion = 1
+	Version    = 2
+	MinVersion = 2
 )
 
 // Capabilities an agent announces on connect; a host asks only for what an
 // agent named.
 const (
-	CapExec     = "exec"
-	CapIdentity = "identity"
-	CapShutdown = "shutdown"
+	CapProcess  = "process"  // the Process service, streams and signals
+	CapPTY      = "pty"      // processes on a terminal
+	CapFiles    = "files"    // the Filesystem service
+	CapIdentity = "identity" // System.SetIdentity
+	CapShutdown = "shutdown" // System.Shutdown
 )
 
 // Capabilities are what this agent serves.
-func Capabilities() []string { return []string{CapExec, CapIdentity, CapShutdown} }
+func Capabilities() []string {
+	return []string{CapProcess, CapPTY, CapFiles, CapIdentity, CapShutdown}
+}
+
+// MaxMessage bounds one message of the agent API either way; file and
+// output streams are cut into chunks far below it.
+const MaxMessage = 16 << 20
+
+// VsockPort is the vsock port the agent listens on where the backend gives
+// the guest a vsock device instead of a virtio-serial port.
+const VsockPort = 1024
 
 // Peer is what an agent said of itself on connect.
 type Peer struct {
@@ -64,124 +73,6 @@ const (
 	readyPrefix = "SMOLVM1 READY "
 	nonceLen    = 32 // hex characters
 )
-
-// Ops a Request may carry.
-const (
-	OpExec     = "exec"
-	OpPing     = "ping"
-	OpShutdown = "shutdown"
-	// OpIdentity gives a VM restored from a template its own identity.
-	OpIdentity = "identity"
-)
-
-// Identity is what makes a clone distinct from its template and siblings.
-type Identity struct {
-	Hostname  string `json:"hostname"`
-	MachineID string `json:"machine_id"` // 32 lower-case hex digits
-	// UnixNano is the host's wall clock when sent; the restored guest's
-	// clock is the template's until set.
-	UnixNano int64 `json:"unix_nano"`
-	// Seed is mixed into the guest's random pool, which is then reseeded,
-	// so clones never share random output.
-	Seed []byte `json:"seed"`
-	// DiskBytes is the root disk's new size; the agent waits for the
-	// device to report it and grows the filesystem.
-	DiskBytes int64 `json:"disk_bytes,omitempty"`
-}
-
-// Request opens a stream.
-type Request struct {
-	Op string `json:"op"`
-	// Argv is run directly (raw mode) when Login is empty.
-	Argv []string `json:"argv,omitempty"`
-	// Login is a command string run through the image's login shell.
-	Login string `json:"login,omitempty"`
-	// Env entries (KEY=VALUE) added to the agent's default environment.
-	Env []string `json:"env,omitempty"`
-	// Dir is the working directory; "" means the user's home.
-	Dir string `json:"dir,omitempty"`
-	// Identity is set on OpIdentity.
-	Identity *Identity `json:"identity,omitempty"`
-	// User runs the command as this user, in the forms an OCI image config
-	// uses: "name", "uid", "uid:gid", "name:group"; "" means root.
-	User string `json:"user,omitempty"`
-	// TimeoutMS kills the command's process group after this long; 0 means never.
-	TimeoutMS int64 `json:"timeout_ms,omitempty"`
-}
-
-// Frame types sent by the agent on a request stream.
-const (
-	FrameStdout byte = 1
-	FrameStderr byte = 2
-	FrameExit   byte = 3 // payload: JSON Exit; always the last frame
-)
-
-// MaxFrame bounds a frame's payload so a corrupt length cannot make a reader
-// allocate without limit.
-const MaxFrame = 1 << 20
-
-// Exit ends a request stream.
-type Exit struct {
-	ExitCode int  `json:"exit_code"`
-	TimedOut bool `json:"timed_out,omitempty"`
-	// Signal is the signal that killed the process, if one did.
-	Signal int `json:"signal,omitempty"`
-	// Error is set when the request itself failed (not the command).
-	Error string `json:"error,omitempty"`
-	// Info answers a ping: facts about the guest.
-	Info *Info `json:"info,omitempty"`
-}
-
-// Info describes the running guest.
-type Info struct {
-	Kernel   string `json:"kernel"`
-	Hostname string `json:"hostname"`
-	Version  int    `json:"version"`
-	UptimeMS int64  `json:"uptime_ms"`
-}
-
-// WriteFrame writes one frame; a payload over MaxFrame is refused, since
-// the reader would refuse it.
-func WriteFrame(w io.Writer, typ byte, payload []byte) error {
-	if len(payload) > MaxFrame {
-		return fmt.Errorf("frame of %d bytes exceeds the %d limit", len(payload), MaxFrame)
-	}
-	var hdr [5]byte
-	hdr[0] = typ
-	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
-	if _, err := w.Write(hdr[:]); err != nil {
-		return err
-	}
-	if len(payload) == 0 {
-		return nil
-	}
-	_, err := w.Write(payload)
-	return err
-}
-
-// ReadFrame reads one frame into buf (grown as needed) and returns its type
-// and payload.
-func ReadFrame(r io.Reader, buf []byte) (byte, []byte, error) {
-	var hdr [5]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return 0, nil, err
-	}
-	n := binary.BigEndian.Uint32(hdr[1:])
-	if n > MaxFrame {
-		return 0, nil, fmt.Errorf("frame of %d bytes exceeds the %d limit", n, MaxFrame)
-	}
-	if cap(buf) < int(n) {
-		buf = make([]byte, n)
-	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF // a header was read: the stream was cut
-		}
-		return 0, nil, fmt.Errorf("read frame payload: %w", err)
-	}
-	return hdr[0], buf, nil
-}
 
 // NewNonce encodes 16 random bytes for a handshake.
 func NewNonce(random []byte) string { return hex.EncodeToString(random) }
@@ -237,7 +128,7 @@ func AwaitReady(r *bufio.Reader, nonce string) (Peer, error) {
 		if len(rest) > 0 && rest[0] != ' ' && rest[0] != '\r' && rest[0] != '\n' {
 			return false // a longer nonce: not ours
 		}
-		peer = Peer{Version: 1, Caps: []string{CapExec, CapIdentity, CapShutdown}}
+		peer = Peer{Version: 1, Caps: []string{"exec", CapIdentity, CapShutdown}}
 		for _, f := range strings.Fields(string(rest)) {
 			switch k, v, _ := strings.Cut(f, "="); k {
 			case "v":
@@ -279,17 +170,4 @@ func awaitLine(r *bufio.Reader, match func(line []byte) bool) error {
 			return nil
 		}
 	}
-}
-
-// YamuxConfig is shared by both ends so their limits agree.
-func YamuxConfig() *yamux.Config {
-	c := yamux.DefaultConfig()
-	c.AcceptBacklog = 1024
-	c.LogOutput = io.Discard
-	// Emulated guests can stall for seconds under load; a short write
-	// timeout would tear down every stream in the session.
-	c.ConnectionWriteTimeout = 60 * time.Second
-	c.KeepAliveInterval = 15 * time.Second
-	c.MaxStreamWindowSize = 1 << 20
-	return c
 }

@@ -42,6 +42,11 @@ func dialQMP(ctx context.Context, socket string) (*monitor, error) {
 func (m *monitor) Close() error { return m.conn.Close() }
 
 func (m *monitor) within(ctx context.Context, fn func() error) error {
+	// AfterFunc runs in its own goroutine, even for a context already
+	// done: without this check fn could finish before it fires.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	dl, ok := ctx.Deadline()
 	if !ok {
 		dl = time.Now().Add(time.Minute)

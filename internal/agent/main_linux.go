@@ -1,0 +1,62 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Main runs the agent as PID 1. It never returns: on a fatal error it powers
+// the VM off so the host sees the failure instead of a hung guest.
+func Main() {
+	if err := mountEarly(); err != nil {
+		logf("boot failed: %v", err)
+		poweroff()
+	}
+	params := readBootParams()
+	if params.probe == "poweroff" {
+		// Benchmarks time a boot to this point as their baseline.
+		poweroff()
+	}
+	if err := boot(params); err != nil {
+		logf("boot failed: %v", err)
+		poweroff()
+	}
+	srv := NewServer(Options{System: guestSystem{}, Hostname: params.hostname, ReapAll: true, Logf: logf})
+	for {
+		l, err := listen(10 * time.Second)
+		if err != nil {
+			logf("%v", err)
+			time.Sleep(time.Second)
+			continue
+		}
+		if err := srv.Serve(context.Background(), l); err != nil {
+			logf("serve: %v", err)
+		}
+		l.Close()
+		time.Sleep(time.Second)
+	}
+}
+
+func boot(p bootParams) error {
+	if err := loadModules(); err != nil {
+		return err
+	}
+	if err := switchRoot(p.rootFS); err != nil {
+		return err
+	}
+	prepareRoot(p)
+	return nil
+}
+
+// guestSystem is the machine the agent is PID 1 of.
+type guestSystem struct{}
+
+func (guestSystem) Poweroff() { poweroff() }
+
+func poweroff() {
+	unix.Sync()
+	unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+	select {}
+}

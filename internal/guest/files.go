@@ -1,0 +1,161 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"connectrpc.com/connect"
+
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
+)
+
+// writeChunk is the most one Write message carries.
+const writeChunk = 256 << 10
+
+// Stat describes a path without following a final symlink.
+func (c *Client) Stat(ctx context.Context, path string) (*agentpb.EntryInfo, error) {
+	resp, err := c.files.Stat(ctx, connect.NewRequest(&agentpb.StatRequest{Path: path}))
+	if err != nil {
+		return nil, c.callErr(ctx, err)
+	}
+	return resp.Msg.Entry, nil
+}
+
+// ListDir lists a directory, sorted by name.
+func (c *Client) ListDir(ctx context.Context, path string) ([]*agentpb.EntryInfo, error) {
+	resp, err := c.files.ListDir(ctx, connect.NewRequest(&agentpb.ListDirRequest{Path: path}))
+	if err != nil {
+		return nil, c.callErr(ctx, err)
+	}
+	return resp.Msg.Entries, nil
+}
+
+// MakeDir creates a directory (and its parents, when asked).
+func (c *Client) MakeDir(ctx context.Context, path string, parents bool, mode uint32) (*agentpb.EntryInfo, error) {
+	resp, err := c.files.MakeDir(ctx, connect.NewRequest(&agentpb.MakeDirRequest{Path: path, Parents: parents, Mode: mode}))
+	if err != nil {
+		return nil, c.callErr(ctx, err)
+	}
+	return resp.Msg.Entry, nil
+}
+
+// Move renames a path.
+func (c *Client) Move(ctx context.Context, src, dst string) (*agentpb.EntryInfo, error) {
+	resp, err := c.files.Move(ctx, connect.NewRequest(&agentpb.MoveRequest{Source: src, Destination: dst}))
+	if err != nil {
+		return nil, c.callErr(ctx, err)
+	}
+	return resp.Msg.Entry, nil
+}
+
+// Remove deletes a path; a directory with its contents when recursive.
+func (c *Client) Remove(ctx context.Context, path string, recursive bool) error {
+	_, err := c.files.Remove(ctx, connect.NewRequest(&agentpb.RemoveRequest{Path: path, Recursive: recursive}))
+	return c.callErr(ctx, err)
+}
+
+// FileReader is a file being read from the guest.
+type FileReader struct {
+	c      *Client
+	ctx    context.Context
+	cancel context.CancelFunc
+	stream *connect.ServerStreamForClient[agentpb.ReadResponse]
+	// Entry describes the file.
+	Entry *agentpb.EntryInfo
+	rest  []byte
+}
+
+// OpenFile starts reading a regular file from offset; length 0 means to
+// its end. The caller reads the bytes from the FileReader and closes it.
+func (c *Client) OpenFile(ctx context.Context, path string, offset, length int64) (*FileReader, error) {
+	sctx, cancel := context.WithCancel(ctx)
+	stream, err := c.files.Read(sctx, connect.NewRequest(&agentpb.ReadRequest{Path: path, Offset: offset, Length: length}))
+	if err != nil {
+		cancel()
+		return nil, c.callErr(ctx, err)
+	}
+	r := &FileReader{c: c, ctx: ctx, cancel: cancel, stream: stream}
+	if !stream.Receive() {
+		err := stream.Err()
+		r.Close()
+		if err == nil {
+			err = errors.New("the agent answered a read with nothing")
+		}
+		return nil, c.callErr(ctx, err)
+	}
+	r.Entry = stream.Msg().GetEntry()
+	if r.Entry == nil {
+		r.Close()
+		return nil, fmt.Errorf("the agent's read did not open with the file's entry")
+	}
+	return r, nil
+}
+
+func (r *FileReader) Read(p []byte) (int, error) {
+	for len(r.rest) == 0 {
+		if !r.stream.Receive() {
+			if err := r.stream.Err(); err != nil {
+				return 0, r.c.callErr(r.ctx, err)
+			}
+			return 0, io.EOF
+		}
+		r.rest = r.stream.Msg().GetData()
+	}
+	n := copy(p, r.rest)
+	r.rest = r.rest[n:]
+	return n, nil
+}
+
+// Close stops the read.
+func (r *FileReader) Close() error {
+	r.cancel()
+	return r.stream.Close()
+}
+
+// WriteFile streams r into a file in the guest. The file appears under
+// its name only once every byte arrived; on any failure (or ctx ending)
+// the guest keeps what was there before.
+func (c *Client) WriteFile(ctx context.Context, h *agentpb.WriteHeader, r io.Reader) (*agentpb.EntryInfo, error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream := c.files.Write(sctx)
+	if err := stream.Send(&agentpb.WriteRequest{Event: &agentpb.WriteRequest_Header{Header: h}}); err != nil {
+		return nil, c.writeErr(ctx, stream, err)
+	}
+	buf := make([]byte, writeChunk)
+	for {
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			if err := stream.Send(&agentpb.WriteRequest{Event: &agentpb.WriteRequest_Data{Data: buf[:n]}}); err != nil {
+				return nil, c.writeErr(ctx, stream, err)
+			}
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			// Cancelling before closing makes the agent drop what it has.
+			cancel()
+			stream.CloseAndReceive()
+			return nil, fmt.Errorf("read the file to send: %w", rerr)
+		}
+	}
+	resp, err := stream.CloseAndReceive()
+	if err != nil {
+		return nil, c.callErr(ctx, err)
+	}
+	return resp.Msg.Entry, nil
+}
+
+// writeErr finds out why a send failed: the agent's answer is on the
+// response side.
+func (c *Client) writeErr(ctx context.Context, stream *connect.ClientStreamForClient[agentpb.WriteRequest, agentpb.WriteResponse], err error) error {
+	if errors.Is(err, io.EOF) {
+		if _, rerr := stream.CloseAndReceive(); rerr != nil {
+			return c.callErr(ctx, rerr)
+		}
+	}
+	return c.callErr(ctx, err)
+}
