@@ -1,16 +1,19 @@
 package smolvm_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -415,4 +418,59 @@ func TestHostSharesOneConnection(t *testing.T) {
 	if _, err := h.Attach(ctx, "vm-00000000"); err == nil {
 		t.Error("attached to a sandbox that does not exist")
 	}
+}
+
+func TestStartProcess(t *testing.T) {
+	t.Parallel()
+	sb, _ := newSandbox(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var out, errOut syncBuffer
+	p, err := sb.StartProcess(ctx, "while read l; do echo got $l; echo e >&2; done; exit 4",
+		smolvm.ProcessOptions{Shell: smolvm.ShellRaw, Stdout: &out, Stderr: &errOut})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(p.Stdin, "one\ntwo\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := p.Wait(ctx)
+	if err != nil || res.ExitCode != 4 {
+		t.Fatalf("wait: %+v %v", res, err)
+	}
+	if out.String() != "got one\ngot two\n" || errOut.String() != "e\ne\n" {
+		t.Errorf("stdout %q stderr %q", out.String(), errOut.String())
+	}
+
+	q, err := sb.StartProcess(ctx, "", smolvm.ProcessOptions{Argv: []string{"sleep", "600"}, Tag: "sleeper"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Signal(ctx, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := q.Wait(ctx); err != nil || res.ExitCode != 128+15 {
+		t.Errorf("after SIGTERM: %+v %v", res, err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the writer goroutine and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -23,10 +23,12 @@ fi
 bash scripts/setup.sh
 
 # Test-only dependencies: the image tests build OCI images around Debian's
-# static busybox; the agent API's drift test regenerates its code with protoc.
+# static busybox; the agent API's drift test regenerates its code with
+# protoc; the shell test drives a terminal with tmux.
 need=()
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "installing ${need[*]} for the tests"
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" ||

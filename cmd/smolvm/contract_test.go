@@ -3,12 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -67,7 +69,26 @@ func TestHTTPClientFollowsTheDocument(t *testing.T) {
 		inner.ServeHTTP(rec, r)
 		out := &openapi3filter.ResponseValidationInput{RequestValidationInput: in, Status: rec.Code,
 			Header: rec.Header(), Body: io.NopCloser(bytes.NewReader(rec.Body.Bytes()))}
-		if err := openapi3filter.ValidateResponse(r.Context(), out); err != nil {
+		if ct := rec.Header().Get("Content-Type"); ct == "text/event-stream" {
+			// A stream is many values: each event's data is held to the
+			// media type's schema.
+			mt := route.Operation.Responses.Status(rec.Code).Value.Content.Get(ct)
+			if mt == nil {
+				fault("response %d to %s %s: %s is not documented", rec.Code, r.Method, r.URL.Path, ct)
+			}
+			for _, line := range strings.Split(rec.Body.String(), "\n") {
+				data, ok := strings.CutPrefix(line, "data: ")
+				if !ok || mt == nil {
+					continue
+				}
+				var v any
+				if err := json.Unmarshal([]byte(data), &v); err != nil {
+					fault("event of %s %s: %v", r.Method, r.URL.Path, err)
+				} else if err := mt.Schema.Value.VisitJSON(v); err != nil {
+					fault("event %s of %s %s: %v", data, r.Method, r.URL.Path, err)
+				}
+			}
+		} else if err := openapi3filter.ValidateResponse(r.Context(), out); err != nil {
 			fault("response %d to %s %s: %v", rec.Code, r.Method, r.URL.Path, err)
 		}
 		for k, v := range rec.Header() {
@@ -111,8 +132,17 @@ func TestHTTPClientFollowsTheDocument(t *testing.T) {
 		t.Errorf("exec: %+v %v", res, err)
 	}
 	var te *timeoutError
-	if _, err := c.Exec(ctx, sb.ID, api.ExecRequest{Command: "echo before; sleep 30", Timeout: 1}); !errors.As(err, &te) {
+	if _, err := c.Exec(ctx, sb.ID, api.ExecRequest{Command: "echo before; sleep 30", Timeout: 3}); !errors.As(err, &te) {
 		t.Errorf("exec past its timeout: %v, want a timeout error", err)
+	}
+	var out, errOut bytes.Buffer
+	env := map[string]string{"WHO": "stream"}
+	if res, err := c.Stream(ctx, sb.ID, api.ExecRequest{Command: "echo $WHO; echo e >&2; exit 2", Env: env, Cwd: "/tmp"}, &out, &errOut); err != nil ||
+		res.ExitCode != 2 || out.String() != "stream\n" || errOut.String() != "e\n" {
+		t.Errorf("stream: %+v %q %q %v", res, out.String(), errOut.String(), err)
+	}
+	if _, err := c.Stream(ctx, sb.ID, api.ExecRequest{Command: "true", Cwd: "/none"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "invalid_cwd") {
+		t.Errorf("stream with a missing cwd: %v", err)
 	}
 	if p, err := c.ExposePort(ctx, sb.ID, api.PortSpec{Guest: 9000}); err != nil || p.Host == 0 {
 		t.Errorf("expose: %+v %v", p, err)

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -56,6 +58,7 @@ share. --json prints {"ok": true, "data": ...} or {"ok": false, "error":
 		newSandboxListCmd(&sf),
 		newSandboxGetCmd(&sf),
 		newSandboxExecCmd(&sf),
+		newSandboxShellCmd(&sf),
 		newSandboxDeleteCmd(&sf),
 		newSandboxPortCmd(&sf),
 	)
@@ -157,13 +160,16 @@ func newSandboxDeleteCmd(sf *sandboxFlags) *cobra.Command {
 
 func newSandboxExecCmd(sf *sandboxFlags) *cobra.Command {
 	var timeout int
-	var shell string
+	var shell, cwd string
+	var env []string
+	var tty, interactive bool
 	cmd := &cobra.Command{
 		Use:   "exec ID -- COMMAND [ARG...]",
 		Short: "Run a command in a sandbox; exits with the command's status",
 		Long: `Run a command in a sandbox and exit with its exit status. Its stdout and
-stderr are printed to this program's stdout and stderr. A command that runs
-past --timeout is killed: what it wrote is printed and the exit status is 124.
+stderr are printed to this program's stdout and stderr as it writes them
+(with --json, once it ends). A command that runs past --timeout is killed:
+what it wrote is printed and the exit status is 124.
 
 A single COMMAND argument is passed as written, so shell syntax works:
   smolvm sandbox exec ID -- 'ls / | wc -l'
@@ -184,8 +190,42 @@ Several arguments are quoted so that each stays one word.`,
 				return fmt.Errorf("--shell %q: use login or raw", shell)
 			}
 			id, command := args[0], joinCommand(args[1:])
-			req := api.ExecRequest{Command: command, Timeout: timeout, Shell: shell}
+			if tty {
+				if cwd != "" || len(env) > 0 {
+					return errors.New("-t runs the command through the login shell on a terminal: put cd and variables in the command instead of --cwd and --env")
+				}
+				return runTerminal(cmd, sf, id, command)
+			}
+			if interactive {
+				return errors.New("-i needs -t: input goes to a command on a terminal (smolvm sandbox exec -it ID -- CMD)")
+			}
+			req := api.ExecRequest{Command: command, Timeout: timeout, Shell: shell, Cwd: cwd}
+			for _, kv := range env {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok {
+					return fmt.Errorf("--env %q: want KEY=VALUE", kv)
+				}
+				if req.Env == nil {
+					req.Env = map[string]string{}
+				}
+				req.Env[k] = v
+			}
 			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
+				if !sf.asJSON {
+					// Output is printed as the command writes it.
+					res, err := c.Stream(ctx, id, req, cmd.OutOrStdout(), cmd.ErrOrStderr())
+					var to *timeoutError
+					if errors.As(err, &to) {
+						return reportTimeout(cmd, sf, to)
+					}
+					if err != nil {
+						return err
+					}
+					if res.ExitCode != 0 {
+						return exitCode(res.ExitCode)
+					}
+					return nil
+				}
 				res, err := c.Exec(ctx, id, req)
 				var to *timeoutError
 				if errors.As(err, &to) {
@@ -211,7 +251,11 @@ Several arguments are quoted so that each stays one word.`,
 	}
 	f := cmd.Flags()
 	f.IntVar(&timeout, "timeout", int(sandbox.DefaultTimeout.Seconds()), "seconds to wait before the command is killed")
-	f.StringVar(&shell, "shell", string(sandbox.ShellLogin), "login: run through the guest's login shell; raw: split into words and run directly")
+	f.StringVar(&shell, "shell", string(sandbox.ShellLogin), "login: run through the guest's login shell; raw: run with /bin/sh -c, no profile")
+	f.StringVar(&cwd, "cwd", "", "absolute working directory in the guest (default: the image's, else the user's home)")
+	f.StringArrayVar(&env, "env", nil, "KEY=VALUE added to the command's environment (repeatable)")
+	f.BoolVarP(&tty, "tty", "t", false, "run the command on a terminal in the guest, this terminal in raw mode (as smolvm sandbox shell does)")
+	f.BoolVarP(&interactive, "interactive", "i", false, "with -t: pass this program's input to the command")
 	return cmd
 }
 
@@ -236,7 +280,7 @@ func reportTimeout(cmd *cobra.Command, sf *sandboxFlags, to *timeoutError) error
 
 // joinCommand makes one command string from argv: a single argument is taken
 // as written (it may use shell syntax); several are each quoted as needed, so
-// both the login shell and raw splitting see the same words.
+// both shells see the same words.
 func joinCommand(argv []string) string {
 	if len(argv) == 1 {
 		return argv[0]
@@ -273,6 +317,13 @@ type sandboxClient interface {
 	Get(ctx context.Context, id string) (api.Sandbox, error)
 	// Exec returns a *timeoutError when the command ran past its timeout.
 	Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error)
+	// Stream writes the command's output as it comes; it too returns a
+	// *timeoutError (with no output: it was written) on a timeout.
+	Stream(ctx context.Context, id string, req api.ExecRequest, stdout, stderr io.Writer) (api.ExecExitEvent, error)
+	// Terminal runs command (the login shell when empty) on a PTY of
+	// size, copying in to it and its output to out, and returns its
+	// exit status.
+	Terminal(ctx context.Context, id, command string, size sandbox.TerminalSize, in io.Reader, out io.Writer, resize <-chan sandbox.TerminalSize) (int, error)
 	Delete(ctx context.Context, id string) error
 	ExposePort(ctx context.Context, id string, spec api.PortSpec) (api.Port, error)
 	Ports(ctx context.Context, id string) (api.PortList, error)
@@ -384,11 +435,7 @@ func (c localSandboxClient) Get(ctx context.Context, id string) (api.Sandbox, er
 }
 
 func (c localSandboxClient) Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error) {
-	res, err := c.m.Exec(ctx, id, sandbox.ExecRequest{
-		Command: req.Command,
-		Timeout: time.Duration(req.Timeout) * time.Second,
-		Shell:   sandbox.Shell(req.Shell),
-	})
+	res, err := c.m.Exec(ctx, id, req.Request())
 	if err != nil {
 		return api.ExecResult{}, err
 	}
@@ -399,6 +446,17 @@ func (c localSandboxClient) Exec(ctx context.Context, id string, req api.ExecReq
 		ExitCode: res.ExitCode, Stdout: string(res.Stdout), Stderr: string(res.Stderr),
 		DurationMS: res.Duration.Milliseconds(),
 	}, nil
+}
+
+func (c localSandboxClient) Stream(ctx context.Context, id string, req api.ExecRequest, stdout, stderr io.Writer) (api.ExecExitEvent, error) {
+	res, err := c.m.Stream(ctx, id, req.Request(), stdout, stderr)
+	if err != nil {
+		return api.ExecExitEvent{}, err
+	}
+	if res.TimedOut {
+		return api.ExecExitEvent{}, &timeoutError{timeout: req.Timeout}
+	}
+	return api.ExecExitEvent{ExitCode: res.ExitCode, DurationMS: res.Duration.Milliseconds()}, nil
 }
 
 func (c localSandboxClient) Delete(ctx context.Context, id string) error {
@@ -507,6 +565,90 @@ func (c *httpSandboxClient) Exec(ctx context.Context, id string, req api.ExecReq
 	var res api.ExecResult
 	err := c.do(ctx, http.MethodPost, "/sandboxes/"+url.PathEscape(id)+"/exec", req, &res)
 	return res, err
+}
+
+// Stream asks for the exec's Server-Sent Events and writes the output as
+// each event arrives.
+func (c *httpSandboxClient) Stream(ctx context.Context, id string, req api.ExecRequest, stdout, stderr io.Writer) (api.ExecExitEvent, error) {
+	path := "/sandboxes/" + url.PathEscape(id) + "/exec"
+	b, err := json.Marshal(req)
+	if err != nil {
+		return api.ExecExitEvent{}, fmt.Errorf("encode request: %w", err)
+	}
+	u := c.base.JoinPath(path)
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(b))
+	if err != nil {
+		return api.ExecExitEvent{}, fmt.Errorf("POST %s: %w", u.Path, err)
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	hreq.Header.Set("Accept", "text/event-stream, application/problem+json")
+	if c.token != "" {
+		hreq.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(hreq)
+	if err != nil {
+		return api.ExecExitEvent{}, fmt.Errorf("reach smolvm server at %s: %w (is `smolvm server start` running?)", c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		data, _ := io.ReadAll(resp.Body)
+		var p api.Problem
+		if err := json.Unmarshal(data, &p); err != nil || p.Code == "" {
+			return api.ExecExitEvent{}, fmt.Errorf("POST %s: %s: %s", u.Path, resp.Status, strings.TrimSpace(string(data)))
+		}
+		return api.ExecExitEvent{}, &problemError{p: p}
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	var event string
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "event: "):
+			event = strings.TrimPrefix(line, "event: ")
+		case strings.HasPrefix(line, "data: "):
+			data := []byte(strings.TrimPrefix(line, "data: "))
+			switch event {
+			case "stdout", "stderr":
+				var ev api.ExecOutputEvent
+				if err := json.Unmarshal(data, &ev); err != nil {
+					return api.ExecExitEvent{}, fmt.Errorf("the server sent a bad %s event: %w", event, err)
+				}
+				chunk := []byte(ev.Text)
+				if ev.Base64 != "" {
+					if chunk, err = base64.StdEncoding.DecodeString(ev.Base64); err != nil {
+						return api.ExecExitEvent{}, fmt.Errorf("the server sent a bad %s event: %w", event, err)
+					}
+				}
+				w := stdout
+				if event == "stderr" {
+					w = stderr
+				}
+				if _, err := w.Write(chunk); err != nil {
+					return api.ExecExitEvent{}, err
+				}
+			case "exit":
+				var ev api.ExecExitEvent
+				if err := json.Unmarshal(data, &ev); err != nil {
+					return api.ExecExitEvent{}, fmt.Errorf("the server sent a bad exit event: %w", err)
+				}
+				if ev.TimedOut {
+					return ev, &timeoutError{timeout: req.Timeout}
+				}
+				return ev, nil
+			case "error":
+				var p api.Problem
+				if err := json.Unmarshal(data, &p); err != nil {
+					return api.ExecExitEvent{}, fmt.Errorf("the server sent a bad error event: %w", err)
+				}
+				return api.ExecExitEvent{}, &problemError{p: p}
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return api.ExecExitEvent{}, fmt.Errorf("read the exec stream: %w", err)
+	}
+	return api.ExecExitEvent{}, errors.New("the server ended the exec stream before the command ended")
 }
 
 func (c *httpSandboxClient) Delete(ctx context.Context, id string) error {

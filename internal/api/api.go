@@ -86,6 +86,7 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 		hs.keepalive = eventsKeepalive
 	}
 	mux.HandleFunc("GET /events", hs.events)
+	mux.HandleFunc("GET /sandboxes/{id}/pty", hs.terminal)
 
 	doc := hapi.OpenAPI()
 	specJSON, err := json.Marshal(doc)
@@ -104,7 +105,7 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 	mux.HandleFunc("/", fallback(mux))
 
 	g := newGuard(opts)
-	var h http.Handler = g.wrap(mux)
+	var h http.Handler = g.wrap(streamExec(hs, mux))
 	h = recoverer(h, opts.Logger)
 	if opts.Logger != nil {
 		h = logRequests(h, opts.Logger)
@@ -159,11 +160,14 @@ func newAPI(mux *http.ServeMux, m *sandbox.Manager) (huma.API, *handlers) {
 	config.Tags = []*huma.Tag{
 		{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."},
 		{Name: "host", Description: "What this server and host support, and the host's checks."},
+		{Name: "processes", Description: "Background processes in a sandbox: start, list, read and follow output, write input, signal."},
 	}
 
 	hapi := humago.New(mux, config)
 	h := &handlers{m: m}
 	registerSandboxes(hapi, h)
+	documentExecStream(hapi)
+	documentTerminal(hapi)
 	documentEvents(hapi)
 	h.routes = operations(hapi.OpenAPI())
 	return hapi, h

@@ -121,7 +121,7 @@ func TestBadInput(t *testing.T) {
 		field  string
 	}{
 		{"unknown field", create, `{"os":"ubuntu","colour":"blue"}`, nil, 422, "validation_failed", "colour"},
-		{"unknown field exec", exec, `{"command":"true","cwd":"/"}`, nil, 422, "validation_failed", "cwd"},
+		{"unknown field exec", exec, `{"command":"true","workdir":"/"}`, nil, 422, "validation_failed", "workdir"},
 		{"memory wrong type", create, `{"memory":"512"}`, nil, 422, "validation_failed", "memory"},
 		{"memory fractional", create, `{"memory":512.5}`, nil, 422, "validation_failed", "memory"},
 		{"memory zero", create, `{"memory":0}`, nil, 422, "validation_failed", "memory"},
@@ -147,6 +147,7 @@ func TestBadInput(t *testing.T) {
 		{"blank command", exec, `{"command":"  \t "}`, nil, 422, "validation_failed", "command"},
 		{"missing command", exec, `{"timeout":5}`, nil, 422, "validation_failed", "command"},
 		{"null command", exec, `{"command":null}`, nil, 422, "validation_failed", "command"},
+		{"command and argv", exec, `{"command":"true","argv":["true"]}`, nil, 422, "validation_failed", "argv"},
 		{"command wrong type", exec, `{"command":["ls","-l"]}`, nil, 422, "validation_failed", "command"},
 		{"unknown shell", exec, `{"command":"true","shell":"zsh"}`, nil, 422, "validation_failed", "shell"},
 		{"exec without body", exec, nil, nil, 400, "body_required", ""},

@@ -69,10 +69,14 @@ type DeleteResult struct {
 
 // ExecRequest is the body of POST /sandboxes/{id}/exec.
 type ExecRequest struct {
-	_       struct{} `json:"-" additionalProperties:"false"`
-	Command string   `json:"command" minLength:"1" maxLength:"131072" pattern:"\\S" example:"python3 --version" doc:"Command to run inside the sandbox."`
-	Timeout int      `json:"timeout,omitempty" minimum:"1" maximum:"3600" default:"30" example:"30" doc:"Maximum seconds to wait for the command. Past it the command is killed and the response is 408 command_timeout with the output so far."`
-	Shell   string   `json:"shell,omitempty" enum:"login,raw" default:"login" example:"login" doc:"Use login for the guest login shell, or raw to run the command without shell wrapping (split into words like a POSIX shell would, then run directly)."`
+	_       struct{}          `json:"-" additionalProperties:"false"`
+	Command string            `json:"command,omitempty" maxLength:"131072" example:"python3 --version" doc:"Command line to run inside the sandbox, through the shell named by shell. Exclusive with argv; one of them is required."`
+	Argv    []string          `json:"argv,omitempty" minItems:"1" maxItems:"4096" example:"[\"python3\", \"-c\", \"print('hi')\"]" doc:"Program and arguments, run exactly as given with no shell. Exclusive with command."`
+	Timeout int               `json:"timeout,omitempty" minimum:"1" maximum:"3600" default:"30" example:"30" doc:"Maximum seconds to wait for the command. Past it the command is killed and the response is 408 command_timeout with the output so far."`
+	Shell   string            `json:"shell,omitempty" enum:"login,raw" default:"login" example:"login" doc:"How command is run: login through the guest's login shell (bash, else sh, with -l so profiles apply), raw with /bin/sh -c and no profile. Ignored with argv."`
+	Cwd     string            `json:"cwd,omitempty" maxLength:"4096" example:"/root" doc:"Absolute working directory in the guest; it must exist. Defaults to the image's working directory, else the user's home."`
+	Env     map[string]string `json:"env,omitempty" example:"{\"DEBUG\": \"1\"}" doc:"Environment variables added for this command, over the image's. Names are a letter or underscore, then letters, digits and underscores."`
+	Stdin   *string           `json:"stdin,omitempty" maxLength:"8388608" example:"hello\n" doc:"Text fed to the command's standard input, which is then closed. Without it the command reads end of file."`
 }
 
 // ExecResult is the 200 body of exec, whatever the command's exit code.
@@ -199,6 +203,7 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 	}, h.delete)
 
 	registerPorts(hapi, h, common, withBody)
+	registerProcesses(hapi, h, common, withBody)
 	registerHost(hapi, h, common)
 }
 
@@ -293,15 +298,14 @@ func (h *handlers) delete(ctx context.Context, in *sandboxID) (*deleteOutput, er
 }
 
 func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error) {
+	if p := in.Body.validate(); p != nil {
+		return nil, p
+	}
 	m, err := h.manager(in.ID)
 	if err != nil {
 		return nil, err
 	}
-	res, err := m.Exec(ctx, in.ID, sandbox.ExecRequest{
-		Command: in.Body.Command,
-		Timeout: time.Duration(in.Body.Timeout) * time.Second,
-		Shell:   sandbox.Shell(in.Body.Shell),
-	})
+	res, err := m.Exec(ctx, in.ID, in.Body.Request())
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
@@ -330,6 +334,43 @@ func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error)
 		Stderr:     string(res.Stderr),
 		DurationMS: res.Duration.Milliseconds(),
 	}}, nil
+}
+
+// validate refuses what the schema cannot say: one of command and argv,
+// not both, and a command that is more than blanks.
+func (b ExecRequest) validate() *Problem {
+	field, msg := "", ""
+	switch {
+	case b.Command != "" && len(b.Argv) > 0:
+		field, msg = "argv", "command and argv are exclusive: give a command line or an argv array, not both"
+	case len(b.Argv) > 0:
+		return nil
+	case strings.TrimSpace(b.Command) == "":
+		field, msg = "command", "command (or argv) is required and must not be blank"
+	default:
+		return nil
+	}
+	p := newProblem(http.StatusUnprocessableEntity, CodeValidationFailed, msg)
+	p.Field = field
+	p.Errors = []*huma.ErrorDetail{{Message: msg, Location: "body." + field}}
+	return p
+}
+
+// Request is what the Manager runs for an exec body; the CLI's local path
+// shares it.
+func (b ExecRequest) Request() sandbox.ExecRequest {
+	r := sandbox.ExecRequest{
+		Command: b.Command,
+		Argv:    b.Argv,
+		Timeout: time.Duration(b.Timeout) * time.Second,
+		Shell:   sandbox.Shell(b.Shell),
+		Cwd:     b.Cwd,
+		Env:     b.Env,
+	}
+	if b.Stdin != nil {
+		r.Stdin = []byte(*b.Stdin)
+	}
+	return r
 }
 
 // SandboxFromInfo is the API representation of a sandbox, shared with the

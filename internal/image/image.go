@@ -72,7 +72,9 @@ func defaultRecipe() recipe {
 		Name:    "debian-bookworm",
 		Suite:   "bookworm",
 		Variant: "minbase",
-		Include: []string{"python3-minimal"},
+		// The full python3 (http.server, venv, json...) and ps are what
+		// agents reach for first.
+		Include: []string{"python3", "procps"},
 		Format:  formatVersion,
 	}
 }

@@ -43,6 +43,18 @@ export interface RequestOptions {
   timeoutMs?: number;
 }
 
+/**
+ * Options of `sandbox.exec()`. With `onStdout` or `onStderr` the command's
+ * output is streamed (Server-Sent Events) and each callback gets every chunk
+ * as the guest writes it; the result still holds all of it.
+ */
+export interface ExecOptions extends RequestOptions {
+  /** Called with each chunk of standard output: as text, and as the bytes written. */
+  onStdout?: (text: string, bytes: Uint8Array) => void;
+  /** Called with each chunk of standard error. */
+  onStderr?: (text: string, bytes: Uint8Array) => void;
+}
+
 /** The sandbox operations, one per route of the API. */
 export interface SandboxApi {
   /**
@@ -61,7 +73,7 @@ export interface SandboxApi {
    * is a normal result; a command past its timeout throws a SmolvmError with
    * code "command_timeout" carrying the partial stdout and stderr.
    */
-  exec(id: string, body: ExecRequest, options?: RequestOptions): Promise<ExecResult>;
+  exec(id: string, body: ExecRequest, options?: ExecOptions): Promise<ExecResult>;
   /** DELETE /sandboxes/{id}: stop the sandbox and remove everything it had. */
   delete(id: string, options?: RequestOptions): Promise<DeleteResult>;
   /**
@@ -154,8 +166,16 @@ export class Smolvm {
       },
       exec: async (id, body, opts) => {
         const params = pathParams(id);
-        return this.call(opts, this.execTimeoutMs(body), (signal) =>
-          client.POST("/sandboxes/{id}/exec", { params, body, signal }),
+        if (opts?.onStdout || opts?.onStderr) {
+          return this.execStream(id, body, opts);
+        }
+        // The 200 response also documents the streamed media types; this
+        // request asks for JSON, so the answer is an ExecResult.
+        return this.call(
+          opts,
+          this.execTimeoutMs(body),
+          (signal) =>
+            client.POST("/sandboxes/{id}/exec", { params, body, signal }) as Promise<ApiResult<ExecResult>>,
         );
       },
       delete: async (id, opts) => {
@@ -215,37 +235,61 @@ export class Smolvm {
     if (!body) {
       return;
     }
-    const lines = body.pipeThrough(new TextDecoderStream()).getReader();
-    let pending = "";
-    let event: { id?: number; type?: string; data?: string } = {};
-    try {
-      for (;;) {
-        const { value, done } = await lines.read();
-        if (done) {
-          return;
-        }
-        pending += value;
-        let nl: number;
-        while ((nl = pending.indexOf("\n")) >= 0) {
-          const line = pending.slice(0, nl).replace(/\r$/, "");
-          pending = pending.slice(nl + 1);
-          if (line === "") {
-            if (event.type !== undefined && event.data !== undefined) {
-              yield { id: event.id, type: event.type, data: JSON.parse(event.data) } as SmolvmEvent;
-            }
-            event = {};
-          } else if (line.startsWith("id: ")) {
-            event.id = Number(line.slice(4));
-          } else if (line.startsWith("event: ")) {
-            event.type = line.slice(7);
-          } else if (line.startsWith("data: ")) {
-            event.data = line.slice(6);
-          } // ":" lines are keepalive comments
-        }
+    for await (const ev of readEvents(body)) {
+      if (ev.type !== undefined && ev.data !== undefined) {
+        yield { id: ev.id, type: ev.type, data: JSON.parse(ev.data) } as SmolvmEvent;
       }
-    } finally {
-      await lines.cancel().catch(() => {});
     }
+  }
+
+  /** exec over the streamed route: output to the callbacks as it comes. */
+  private async execStream(id: string, body: ExecRequest, opts: ExecOptions): Promise<ExecResult> {
+    const params = pathParams(id);
+    const stream = await this.call(opts, this.execTimeoutMs(body), (signal) =>
+      this.client.POST("/sandboxes/{id}/exec", {
+        params,
+        body,
+        signal,
+        parseAs: "stream",
+        headers: { Accept: "text/event-stream" },
+      }),
+    );
+    const out = { stdout: "", stderr: "" };
+    if (!stream) {
+      throw new Error("the server answered a streamed exec with no body");
+    }
+    for await (const ev of readEvents(stream)) {
+      if (ev.type === undefined || ev.data === undefined) {
+        continue;
+      }
+      const data = JSON.parse(ev.data);
+      if (ev.type === "stdout" || ev.type === "stderr") {
+        const bytes = data.base64 !== undefined ? base64Bytes(data.base64) : new TextEncoder().encode(data.text ?? "");
+        const text = data.text ?? new TextDecoder().decode(bytes);
+        out[ev.type] += text;
+        (ev.type === "stdout" ? opts.onStdout : opts.onStderr)?.(text, bytes);
+      } else if (ev.type === "exit") {
+        if (data.timed_out) {
+          const timeout = body.timeout ?? DEFAULT_EXEC_TIMEOUT_S;
+          throw new SmolvmError(408, {
+            type: "about:blank",
+            title: "Request Timeout",
+            status: 408,
+            code: "command_timeout",
+            field: "timeout",
+            detail: `the command did not finish within its timeout of ${timeout}s and was killed`,
+            timeout,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            duration_ms: data.duration_ms,
+          });
+        }
+        return { exit_code: data.exit_code, stdout: out.stdout, stderr: out.stderr, duration_ms: data.duration_ms };
+      } else if (ev.type === "error") {
+        throw new SmolvmError(data.status ?? 500, data);
+      }
+    }
+    throw new Error("the exec stream ended before the command did");
   }
 
   private execTimeoutMs(body: ExecRequest): number | undefined {
@@ -310,4 +354,49 @@ function portPathParams(id: string, guest: number) {
     throw new TypeError(`guest port must be an integer, got ${String(guest)}`);
   }
   return { path: { ...pathParams(id).path, guest } };
+}
+
+/** Reads Server-Sent Events off a response body; ":" lines (keepalives) are skipped. */
+async function* readEvents(
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  body: ReadableStream<any>,
+): AsyncGenerator<{ id?: number; type?: string; data?: string }> {
+  const lines = body.pipeThrough(new TextDecoderStream()).getReader();
+  let pending = "";
+  let event: { id?: number; type?: string; data?: string } = {};
+  try {
+    for (;;) {
+      const { value, done } = await lines.read();
+      if (done) {
+        return;
+      }
+      pending += value;
+      let nl: number;
+      while ((nl = pending.indexOf("\n")) >= 0) {
+        const line = pending.slice(0, nl).replace(/\r$/, "");
+        pending = pending.slice(nl + 1);
+        if (line === "") {
+          yield event;
+          event = {};
+        } else if (line.startsWith("id: ")) {
+          event.id = Number(line.slice(4));
+        } else if (line.startsWith("event: ")) {
+          event.type = line.slice(7);
+        } else if (line.startsWith("data: ")) {
+          event.data = line.slice(6);
+        }
+      }
+    }
+  } finally {
+    await lines.cancel().catch(() => {});
+  }
+}
+
+function base64Bytes(b64: string): Uint8Array {
+  const bin = atob(b64);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) {
+    bytes[i] = bin.charCodeAt(i);
+  }
+  return bytes;
 }

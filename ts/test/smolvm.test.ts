@@ -118,7 +118,7 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
 
   test("a command timeout is a SmolvmError with the partial output", async () => {
     const err = await rejection(
-      smolvm.sandbox.exec(sandbox.id, { command: "echo before; sleep 30", timeout: 1 }),
+      smolvm.sandbox.exec(sandbox.id, { command: "echo before; sleep 30", timeout: 3 }),
     );
     assert.ok(err instanceof SmolvmError, String(err));
     assert.equal(err.status, 408);
@@ -126,6 +126,34 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
     assert.equal(err.stdout, "before\n");
     assert.equal(err.stderr, "");
     assert.equal(err.problem.status, 408);
+  });
+
+  test("exec with callbacks streams output as it is written", async () => {
+    const seen: { text: string; at: number }[] = [];
+    const errs: Uint8Array[] = [];
+    const result = await smolvm.sandbox.exec(
+      sandbox.id,
+      { command: "echo first; sleep 2; echo second; printf '\\377' >&2", cwd: "/tmp", env: { X: "1" } },
+      { onStdout: (text) => seen.push({ text, at: Date.now() }), onStderr: (_t, bytes) => errs.push(bytes) },
+    );
+    assert.deepEqual(
+      seen.map((s) => s.text),
+      ["first\n", "second\n"],
+    );
+    assert.ok(seen[1]!.at - seen[0]!.at >= 1000, "the first line was held back until the second");
+    assert.equal(result.exit_code, 0);
+    assert.equal(result.stdout, "first\nsecond\n");
+    assert.deepEqual(Array.from(errs[0] ?? []), [255]);
+    const err = await rejection(
+      smolvm.sandbox.exec(sandbox.id, { command: "echo before; sleep 30", timeout: 3 }, { onStdout: () => {} }),
+    );
+    assert.ok(err instanceof SmolvmError, String(err));
+    assert.equal(err.code, "command_timeout");
+    assert.equal(err.stdout, "before\n");
+    const bad = await rejection(smolvm.sandbox.exec(sandbox.id, { command: "true", cwd: "/nope" }, { onStdout: () => {} }));
+    assert.ok(bad instanceof SmolvmError, String(bad));
+    assert.equal(bad.code, "invalid_cwd");
+    assert.equal(bad.status, 422);
   });
 
   test("an aborted request rejects with an AbortError and the sandbox still answers", async () => {

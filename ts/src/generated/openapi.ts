@@ -123,7 +123,7 @@ export interface paths {
         put?: never;
         /**
          * Run a command in a sandbox
-         * @description Runs a command to completion and returns its exit code and output. A non-zero exit code is a 200 response. A command that runs past its timeout is killed and answered with 408 (code command_timeout) carrying its partial output; the sandbox keeps running.
+         * @description Runs a command to completion and returns its exit code and output. A non-zero exit code is a 200 response. A command that runs past its timeout is killed and answered with 408 (code command_timeout) carrying its partial output; the sandbox keeps running. With Accept: text/event-stream or application/x-ndjson the output is streamed as it is written instead (see the 200 response); a timeout then ends the stream with an exit event whose timed_out is true.
          */
         post: operations["execSandbox"];
         delete?: never;
@@ -171,6 +171,127 @@ export interface paths {
          * @description Stops forwarding the host port to the guest port: new connections are refused, connections already open finish. A guest port that is not exposed is 404 port_not_exposed.
          */
         delete: operations["closePort"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/processes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List processes
+         * @description Lists the processes started through the API that the guest still knows: those running (commands of exec included) and the last 64 that ended.
+         */
+        get: operations["listProcesses"];
+        put?: never;
+        /**
+         * Start a background process
+         * @description Starts a command that runs on after the answer (a dev server, a watcher) and answers 201 with its pid at once. It outlives the request and a server restart, and ends on its own, by a signal or with the sandbox. Its output is kept (the last MiB) for GET .../output.
+         */
+        post: operations["startProcess"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/processes/{pid}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get a process */
+        get: operations["getProcess"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/processes/{pid}/output": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read or follow a process's output
+         * @description Answers what the process wrote so far (the last MiB; dropped_bytes counts what came before). With Accept: text/event-stream it replays that and then follows the output as it comes: a `dropped` event ({bytes}) first when output was no longer kept, `stdout` and `stderr` events ({text} or {base64}), and an `exit` event (the process) when it ends. Reconnecting replays again.
+         */
+        get: operations["getProcessOutput"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/processes/{pid}/signal": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Signal a process
+         * @description Sends a signal to the process and everything it started (its process group). A process that ended is 409 process_not_running.
+         */
+        post: operations["signalProcess"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/processes/{pid}/stdin": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Write to a process's input
+         * @description Writes data to the process's standard input (or terminal), and closes the input when eof is set. A process that ended or whose input is closed is 409 process_not_running.
+         */
+        post: operations["writeProcessStdin"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/pty": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Open a terminal
+         * @description Upgrades to a WebSocket carrying a real terminal in the guest: a login shell (or `command`, through the login shell) on a PTY. Binary frames are terminal bytes both ways; a JSON text frame `{"resize": {"cols", "rows"}}` from the client resizes it; the server's last frame is a JSON text frame `{"exit_code": N}`, then it closes the socket. Closing the socket ends the shell. The same token, Host and Origin checks apply to the upgrade as to every request.
+         */
+        get: operations["openTerminal"];
+        put?: never;
+        post?: never;
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -418,6 +539,13 @@ export interface components {
              */
             ready: boolean;
         };
+        DroppedEvent: {
+            /**
+             * Format: int64
+             * @description Bytes written before the oldest the guest still kept, so not replayed.
+             */
+            bytes: number;
+        };
         ErrorDetail: {
             /** @description Where the error occurred, e.g. 'body.items[3].tags' or 'path.thing-id' */
             location?: string;
@@ -460,19 +588,88 @@ export interface components {
              */
             timed_out?: boolean;
         };
+        ExecExitEvent: {
+            /**
+             * Format: int64
+             * @description How long the command ran.
+             * @example 12
+             */
+            duration_ms: number;
+            /**
+             * Format: int64
+             * @description The command's exit status, 128 plus the signal that killed it, or 137 after a timeout.
+             * @example 0
+             */
+            exit_code: number;
+            /**
+             * @description Whether the command ran past its timeout and was killed.
+             * @example false
+             */
+            timed_out: boolean;
+            /**
+             * @description NDJSON only: the event type.
+             * @enum {string}
+             */
+            type?: "exit";
+        };
+        ExecOutputEvent: {
+            /**
+             * @description The bytes written, base64-encoded, when they are not valid UTF-8.
+             * @example /w==
+             */
+            base64?: string;
+            /**
+             * @description The bytes written, when they are valid UTF-8.
+             * @example hello
+             */
+            text?: string;
+            /**
+             * @description NDJSON only: the event type (SSE carries it as the event name).
+             * @enum {string}
+             */
+            type?: "stdout" | "stderr";
+        };
         ExecRequest: {
             /**
-             * @description Command to run inside the sandbox.
+             * @description Program and arguments, run exactly as given with no shell. Exclusive with command.
+             * @example [
+             *       "python3",
+             *       "-c",
+             *       "print('hi')"
+             *     ]
+             */
+            argv?: string[] | null;
+            /**
+             * @description Command line to run inside the sandbox, through the shell named by shell. Exclusive with argv; one of them is required.
              * @example python3 --version
              */
-            command: string;
+            command?: string;
             /**
-             * @description Use login for the guest login shell, or raw to run the command without shell wrapping (split into words like a POSIX shell would, then run directly).
+             * @description Absolute working directory in the guest; it must exist. Defaults to the image's working directory, else the user's home.
+             * @example /root
+             */
+            cwd?: string;
+            /**
+             * @description Environment variables added for this command, over the image's. Names are a letter or underscore, then letters, digits and underscores.
+             * @example {
+             *       "DEBUG": "1"
+             *     }
+             */
+            env?: {
+                [key: string]: string;
+            };
+            /**
+             * @description How command is run: login through the guest's login shell (bash, else sh, with -l so profiles apply), raw with /bin/sh -c and no profile. Ignored with argv.
              * @default login
              * @example login
              * @enum {string}
              */
             shell?: "login" | "raw";
+            /**
+             * @description Text fed to the command's standard input, which is then closed. Without it the command reads end of file.
+             * @example hello
+             */
+            stdin?: string;
             /**
              * Format: int64
              * @description Maximum seconds to wait for the command. Past it the command is killed and the response is 408 command_timeout with the output so far.
@@ -641,6 +838,107 @@ export interface components {
              */
             type: string;
         };
+        Process: {
+            /** @description Its argv, when started with one. */
+            argv?: string[] | null;
+            /**
+             * @description Its command line (an argv joined with spaces).
+             * @example python3 -m http.server 8080
+             */
+            command: string;
+            /**
+             * Format: int64
+             * @description Once it ended: its exit status, or 128 plus the signal that killed it.
+             * @example 0
+             */
+            exit_code?: number;
+            /**
+             * Format: int64
+             * @description The process id in the guest.
+             * @example 412
+             */
+            pid: number;
+            /**
+             * @description Whether it still runs.
+             * @example true
+             */
+            running: boolean;
+            /**
+             * Format: int64
+             * @description The signal that killed it, if one did.
+             * @example 9
+             */
+            signal?: number;
+            /**
+             * Format: date-time
+             * @description When it started (RFC 3339).
+             * @example 2026-06-24T10:00:00Z
+             */
+            started_at: string;
+            /**
+             * @description The tag it was started with.
+             * @example web
+             */
+            tag?: string;
+            /** @description Whether its timeout killed it. */
+            timed_out?: boolean;
+        };
+        ProcessList: {
+            /** @description The processes the guest still knows, oldest first: running ones, and the last ones that ended. */
+            processes: components["schemas"]["Process"][];
+        };
+        ProcessOutputResult: {
+            /**
+             * Format: int64
+             * @description Bytes written before the oldest still kept: the guest keeps the last MiB of each process's output.
+             */
+            dropped_bytes: number;
+            /** @description The process's state. */
+            process: components["schemas"]["Process"];
+            /** @description What it wrote to standard error so far, as far as kept. */
+            stderr: string;
+            /** @description What it wrote to standard output (or its terminal) so far, as far as kept (invalid UTF-8 is replaced with U+FFFD). */
+            stdout: string;
+        };
+        ProcessRequest: {
+            /** @description Program and arguments, run exactly as given with no shell. */
+            argv?: string[] | null;
+            /**
+             * @description Command line to run, through the shell named by shell. Exclusive with argv; one of them is required.
+             * @example python3 -m http.server 8080
+             */
+            command?: string;
+            /**
+             * @description Absolute working directory in the guest; it must exist.
+             * @example /root
+             */
+            cwd?: string;
+            /** @description Environment variables added for this process. */
+            env?: {
+                [key: string]: string;
+            };
+            /** @description Run the process on a terminal of this size: its output is then one stream (reported as stdout). */
+            pty?: components["schemas"]["TerminalSize"];
+            /**
+             * @description login: the guest's login shell; raw: /bin/sh -c with no profile.
+             * @default login
+             * @enum {string}
+             */
+            shell?: "login" | "raw";
+            /** @description Text written to the process's standard input first; the input stays open for POST .../stdin. */
+            stdin?: string;
+            /**
+             * @description A name for the process, unique among the sandbox's running ones.
+             * @example web
+             */
+            tag?: string;
+            /**
+             * Format: int64
+             * @description Kill the process after this many seconds; 0 (the default) lets it run until it ends, is signalled, or the sandbox stops.
+             * @default 0
+             */
+            timeout?: number;
+        };
         Sandbox: {
             /**
              * @description Runtime backend running the VM.
@@ -779,6 +1077,45 @@ export interface components {
              * @example 31457280
              */
             total_bytes: number;
+        };
+        SignalRequest: {
+            /**
+             * @description A signal name (TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP, CONT, ...; SIG prefix optional) or number, sent to the process and everything it started.
+             * @example TERM
+             */
+            signal: string;
+        };
+        StdinRequest: {
+            /**
+             * @description Text to write to the process's standard input (or terminal).
+             * @example print(1)
+             */
+            data?: string;
+            /** @description Close the input after data, so the process reads end of file. */
+            eof?: boolean;
+        };
+        TerminalMessage: {
+            /**
+             * Format: int64
+             * @description Server to client, last: the shell's exit status (128 plus the signal that killed it).
+             */
+            exit_code?: number;
+            /** @description Client to server: the terminal's new size. */
+            resize?: components["schemas"]["TerminalSize"];
+        };
+        TerminalSize: {
+            /**
+             * Format: int64
+             * @description Columns.
+             * @example 80
+             */
+            cols: number;
+            /**
+             * Format: int64
+             * @description Rows.
+             * @example 24
+             */
+            rows: number;
         };
     };
     responses: never;
@@ -1292,6 +1629,8 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ExecResult"];
+                    "application/x-ndjson": components["schemas"]["ExecOutputEvent"] | components["schemas"]["ExecExitEvent"] | components["schemas"]["Problem"];
+                    "text/event-stream": components["schemas"]["ExecOutputEvent"] | components["schemas"]["ExecExitEvent"] | components["schemas"]["Problem"];
                 };
             };
             /** @description Bad Request */
@@ -1668,6 +2007,678 @@ export interface operations {
             };
             /** @description Service Unavailable */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    listProcesses: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProcessList"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    startProcess: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ProcessRequest"];
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Process"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getProcess: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id. */
+                id: string;
+                /** @description Process id in the guest. */
+                pid: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Process"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getProcessOutput: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id. */
+                id: string;
+                /** @description Process id in the guest. */
+                pid: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProcessOutputResult"];
+                    "text/event-stream": components["schemas"]["DroppedEvent"] | components["schemas"]["ExecOutputEvent"] | components["schemas"]["Process"] | components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    signalProcess: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id. */
+                id: string;
+                /** @description Process id in the guest. */
+                pid: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["SignalRequest"];
+            };
+        };
+        responses: {
+            /** @description No Content */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    writeProcessStdin: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id. */
+                id: string;
+                /** @description Process id in the guest. */
+                pid: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["StdinRequest"];
+            };
+        };
+        responses: {
+            /** @description No Content */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    openTerminal: {
+        parameters: {
+            query?: {
+                /** @description Columns. */
+                cols?: number;
+                /** @description Rows. */
+                rows?: number;
+                /** @description A command to run instead of the login shell. */
+                command?: string;
+            };
+            header?: never;
+            path: {
+                /** @description Sandbox id. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Switching to the WebSocket protocol. Text frames carry this object. */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TerminalMessage"];
+                };
+            };
+            /** @description No such sandbox. */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The sandbox is not running. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A bad size or command. */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
