@@ -1,6 +1,7 @@
 package smolvm_test
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -473,4 +474,105 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+func TestFiles(t *testing.T) {
+	t.Parallel()
+	sb, _ := newSandbox(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	data := make([]byte, 256*300)
+	for i := range data {
+		data[i] = byte(i)
+	}
+	if err := sb.WriteFile(ctx, "/root/data.bin", data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := sb.ReadFile(ctx, "/root/data.bin"); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back %d bytes: %v", len(got), err)
+	}
+	w, err := sb.Create(ctx, "/root/streamed.txt", 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "part one, ")
+	if _, err := sb.Stat(ctx, "/root/streamed.txt"); err == nil {
+		t.Error("the file exists before Close")
+	}
+	io.WriteString(w, "part two")
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := sb.ReadFile(ctx, "/root/streamed.txt"); string(got) != "part one, part two" {
+		t.Errorf("streamed file %q", got)
+	}
+
+	// A tree out and back: modes, a symlink and an empty directory.
+	src := t.TempDir()
+	os.MkdirAll(filepath.Join(src, "pkg", "sub"), 0o755)
+	os.Mkdir(filepath.Join(src, "empty"), 0o700)
+	os.WriteFile(filepath.Join(src, "pkg", "sub", "a.txt"), []byte("a"), 0o640)
+	os.WriteFile(filepath.Join(src, "run.sh"), []byte("echo run"), 0o755)
+	os.Symlink("pkg/sub/a.txt", filepath.Join(src, "link"))
+	if err := sb.CopyTo(ctx, src, "/opt/tree"); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := sb.ReadDir(ctx, "/opt/tree")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, fmt.Sprintf("%s:%s:%o", e.Name, e.Type, e.Mode))
+	}
+	if strings.Join(names, " ") != "empty:directory:700 link:symlink:777 pkg:directory:755 run.sh:file:755" {
+		t.Errorf("copied tree %v", names)
+	}
+	back := filepath.Join(t.TempDir(), "back")
+	if err := sb.CopyFrom(ctx, "/opt/tree", back); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(back, "link")); err != nil || string(b) != "a" {
+		t.Errorf("link through the copy: %q %v", b, err)
+	}
+	if fi, err := os.Stat(filepath.Join(back, "pkg", "sub", "a.txt")); err != nil || fi.Mode().Perm() != 0o640 {
+		t.Errorf("a.txt: %v %v", fi, err)
+	}
+	if fi, err := os.Stat(filepath.Join(back, "empty")); err != nil || !fi.IsDir() {
+		t.Errorf("empty dir: %v %v", fi, err)
+	}
+	if err := sb.Remove(ctx, "/opt/tree", true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sb.Stat(ctx, "/opt/tree"); err == nil {
+		t.Error("the tree is still there")
+	} else if e := (*smolvm.Error)(nil); !errors.As(err, &e) || e.Code != "file_not_found" {
+		t.Errorf("stat after remove: %v", err)
+	}
+}
+
+// TestReadTarStaysInside: a tar from a guest cannot write outside the
+// directory it is unpacked into, by name or through a symlink.
+func TestReadTarStaysInside(t *testing.T) {
+	t.Parallel()
+	outside := t.TempDir()
+	for _, entries := range [][]tar.Header{
+		{{Name: "../escape", Typeflag: tar.TypeReg}},
+		{{Name: "a/../../escape", Typeflag: tar.TypeReg}},
+		{{Name: "l", Typeflag: tar.TypeSymlink, Linkname: outside}, {Name: "l/escape", Typeflag: tar.TypeReg}},
+	} {
+		var b bytes.Buffer
+		tw := tar.NewWriter(&b)
+		for _, h := range entries {
+			h.Mode = 0o644
+			tw.WriteHeader(&h)
+		}
+		tw.Close()
+		if err := smolvm.ReadTar(&b, t.TempDir()); err == nil {
+			t.Errorf("%v unpacked", entries)
+		}
+		if _, err := os.Stat(filepath.Join(outside, "escape")); err == nil {
+			t.Fatalf("%v wrote outside", entries)
+		}
+	}
 }

@@ -144,6 +144,19 @@ func TestHTTPClientFollowsTheDocument(t *testing.T) {
 	if _, err := c.Stream(ctx, sb.ID, api.ExecRequest{Command: "true", Cwd: "/none"}, &out, &errOut); err == nil || !strings.Contains(err.Error(), "invalid_cwd") {
 		t.Errorf("stream with a missing cwd: %v", err)
 	}
+	if err := c.Upload(ctx, sb.ID, "/tmp/f", strings.NewReader("12345"), 5, 0o600); err != nil {
+		t.Errorf("upload: %v", err)
+	}
+	if e, err := c.StatPath(ctx, sb.ID, "/tmp/f"); err != nil || e.Size != 5 || e.Mode != "0600" {
+		t.Errorf("stat: %+v %v", e, err)
+	}
+	var got bytes.Buffer
+	if err := c.Download(ctx, sb.ID, "/tmp/f", &got); err != nil || got.String() != "12345" {
+		t.Errorf("download: %q %v", got.String(), err)
+	}
+	if _, err := c.StatPath(ctx, sb.ID, "/tmp/none"); !fileNotFound(err) {
+		t.Errorf("stat of nothing: %v", err)
+	}
 	if p, err := c.ExposePort(ctx, sb.ID, api.PortSpec{Guest: 9000}); err != nil || p.Host == 0 {
 		t.Errorf("expose: %+v %v", p, err)
 	}

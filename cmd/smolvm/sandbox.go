@@ -59,6 +59,7 @@ share. --json prints {"ok": true, "data": ...} or {"ok": false, "error":
 		newSandboxGetCmd(&sf),
 		newSandboxExecCmd(&sf),
 		newSandboxShellCmd(&sf),
+		newSandboxCpCmd(&sf),
 		newSandboxDeleteCmd(&sf),
 		newSandboxPortCmd(&sf),
 	)
@@ -324,6 +325,12 @@ type sandboxClient interface {
 	// size, copying in to it and its output to out, and returns its
 	// exit status.
 	Terminal(ctx context.Context, id, command string, size sandbox.TerminalSize, in io.Reader, out io.Writer, resize <-chan sandbox.TerminalSize) (int, error)
+	// The file operations behind cp (cp.go).
+	StatPath(ctx context.Context, id, p string) (api.FileEntry, error)
+	Download(ctx context.Context, id, p string, w io.Writer) error
+	DownloadTar(ctx context.Context, id, p string, w io.Writer) error
+	Upload(ctx context.Context, id, p string, r io.Reader, size int64, mode uint32) error
+	UploadTar(ctx context.Context, id, p string, r io.Reader) error
 	Delete(ctx context.Context, id string) error
 	ExposePort(ctx context.Context, id string, spec api.PortSpec) (api.Port, error)
 	Ports(ctx context.Context, id string) (api.PortList, error)
@@ -506,7 +513,9 @@ func (c *httpSandboxClient) do(ctx context.Context, method, path string, in, out
 		}
 		body = bytes.NewReader(b)
 	}
-	u := c.base.JoinPath(path)
+	p, query, _ := strings.Cut(path, "?")
+	u := c.base.JoinPath(p)
+	u.RawQuery = query
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", method, u.Path, err)

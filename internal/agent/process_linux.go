@@ -635,6 +635,23 @@ func (p *proc) pump() {
 		buf := make([]byte, chunkSize)
 		for {
 			n, err := r.Read(buf)
+			// Take what else is already waiting, without waiting for
+			// more: a fast writer's many small writes then travel as one
+			// event, and a slow one's bytes are not held back.
+			for n > 0 && err == nil && n < len(buf) {
+				r.SetReadDeadline(time.Now())
+				m, merr := r.Read(buf[n:])
+				n += m
+				if m == 0 || merr != nil {
+					break
+				}
+			}
+			// Clear the probe's deadline, then look again: an exit
+			// noticed meanwhile set the drain deadline, which must stand.
+			r.SetReadDeadline(time.Time{})
+			if exited.Load() {
+				r.SetReadDeadline(time.Now().Add(drainGrace))
+			}
 			if n > 0 {
 				p.publish(wrap(append([]byte(nil), buf[:n]...)))
 				if exited.Load() {

@@ -81,6 +81,11 @@ func NewServer(opts Options) *Server {
 			ReadIdleTimeout:  15 * time.Second,
 			PingTimeout:      60 * time.Second,
 			WriteByteTimeout: 60 * time.Second,
+			// Few large frames: every frame costs a pass through the
+			// emulated guest's code.
+			MaxReadFrameSize:             1 << 20,
+			MaxUploadBufferPerStream:     4 << 20,
+			MaxUploadBufferPerConnection: 16 << 20,
 		},
 	}
 	s.procs = newProcessTable(s)

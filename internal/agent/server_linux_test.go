@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -672,4 +673,89 @@ func TestReplayIsBounded(t *testing.T) {
 	if f.Dropped == 0 || replayed > 1<<20+64<<10 || int64(replayed)+f.Dropped != int64(total) || !strings.HasSuffix(out.String(), "done\n") {
 		t.Errorf("replayed %d bytes, dropped %d, of %d written", replayed, f.Dropped, total)
 	}
+}
+
+// TestTarRoundTrip: a tree with a symlink, an empty directory and modes
+// goes out as a tar and back in as the same tree.
+func TestTarRoundTrip(t *testing.T) {
+	t.Parallel()
+	c, _ := connect(t)
+	ctx := testCtx(t)
+	src, dst := t.TempDir(), filepath.Join(t.TempDir(), "new", "dir")
+	os.MkdirAll(filepath.Join(src, "a", "b"), 0o755)
+	os.Mkdir(filepath.Join(src, "empty"), 0o700)
+	os.WriteFile(filepath.Join(src, "a", "b", "f"), []byte("deep"), 0o600)
+	os.WriteFile(filepath.Join(src, "x.sh"), []byte("#!/bin/sh\n"), 0o755)
+	os.Symlink("a/b/f", filepath.Join(src, "link"))
+
+	r, err := c.OpenTar(ctx, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.WriteTar(ctx, dst, r)
+	r.Close()
+	if err != nil || n != 6 {
+		t.Fatalf("wrote %d entries: %v", n, err)
+	}
+	for name, want := range map[string]string{"a/b/f": "deep", "x.sh": "#!/bin/sh\n", "link": "deep"} {
+		if b, err := os.ReadFile(filepath.Join(dst, name)); err != nil || string(b) != want {
+			t.Errorf("%s = %q, %v", name, b, err)
+		}
+	}
+	if l, _ := os.Readlink(filepath.Join(dst, "link")); l != "a/b/f" {
+		t.Errorf("link -> %q", l)
+	}
+	for name, mode := range map[string]os.FileMode{"empty": os.ModeDir | 0o700, "x.sh": 0o755, "a/b/f": 0o600} {
+		if fi, err := os.Lstat(filepath.Join(dst, name)); err != nil || fi.Mode() != mode {
+			t.Errorf("%s: %v, %v; want %v", name, fi.Mode(), err, mode)
+		}
+	}
+	if _, err := c.OpenTar(ctx, filepath.Join(src, "x.sh")); !guest.IsCode(err, guest.CodeWrongState) {
+		t.Errorf("tar of a file: %v", err)
+	}
+	if _, err := c.OpenTar(ctx, filepath.Join(src, "none")); !guest.IsCode(err, guest.CodeNotFound) {
+		t.Errorf("tar of nothing: %v", err)
+	}
+}
+
+// TestTarRefusesEscapes: entries that would land outside the directory are
+// refused and write nothing outside it.
+func TestTarRefusesEscapes(t *testing.T) {
+	t.Parallel()
+	c, _ := connect(t)
+	ctx := testCtx(t)
+	outside := t.TempDir()
+	for _, entries := range [][]tarEntry{
+		{{name: "../escape", body: "x"}},
+		{{name: "/abs", body: "x"}},
+		{{name: "l", link: outside}, {name: "l/escape", body: "x"}},
+	} {
+		dst := t.TempDir()
+		_, err := c.WriteTar(ctx, dst, tarOf(t, entries))
+		if !guest.IsCode(err, guest.CodeInvalid) {
+			t.Errorf("%v: %v, want invalid", entries, err)
+		}
+		if _, err := os.Stat(filepath.Join(outside, "escape")); err == nil {
+			t.Fatalf("%v wrote outside the directory", entries)
+		}
+	}
+}
+
+type tarEntry struct{ name, body, link string }
+
+func tarOf(t *testing.T, entries []tarEntry) io.Reader {
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	for _, e := range entries {
+		h := &tar.Header{Name: e.name, Mode: 0o644, Size: int64(len(e.body)), Typeflag: tar.TypeReg}
+		if e.link != "" {
+			h.Typeflag, h.Linkname, h.Size = tar.TypeSymlink, e.link, 0
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(tw, e.body)
+	}
+	tw.Close()
+	return &b
 }

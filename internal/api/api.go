@@ -87,6 +87,8 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 	}
 	mux.HandleFunc("GET /events", hs.events)
 	mux.HandleFunc("GET /sandboxes/{id}/pty", hs.terminal)
+	mux.HandleFunc("GET /sandboxes/{id}/files", hs.downloadFile)
+	mux.HandleFunc("PUT /sandboxes/{id}/files", hs.uploadFile)
 
 	doc := hapi.OpenAPI()
 	specJSON, err := json.Marshal(doc)
@@ -160,6 +162,7 @@ func newAPI(mux *http.ServeMux, m *sandbox.Manager) (huma.API, *handlers) {
 	config.Tags = []*huma.Tag{
 		{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."},
 		{Name: "host", Description: "What this server and host support, and the host's checks."},
+		{Name: "files", Description: "Files in a sandbox: upload and download (streamed, or as tar), describe, list, create directories, move, delete."},
 		{Name: "processes", Description: "Background processes in a sandbox: start, list, read and follow output, write input, signal."},
 	}
 

@@ -405,6 +405,25 @@ func TestToken(t *testing.T) {
 			t.Errorf("GET %s without token: %d", path, r.Status)
 		}
 	}
+	// A WebSocket upgrade may carry the token as a subprotocol, which a
+	// browser can send; only on an upgrade, and only the right one.
+	for _, tt := range []struct {
+		upgrade, protocols string
+		want               int
+	}{
+		{"websocket", "terminal.smolvm.dev, bearer.token.smolvm.dev.czNjcmV0", http.StatusServiceUnavailable}, // past the guard: no manager
+		{"websocket", "terminal.smolvm.dev, bearer.token.smolvm.dev.d3Jvbmc", http.StatusUnauthorized},
+		{"websocket", "bearer.token.smolvm.dev.not*base64", http.StatusUnauthorized},
+		{"", "bearer.token.smolvm.dev.czNjcmV0", http.StatusUnauthorized},
+	} {
+		h := map[string]string{"Sec-WebSocket-Protocol": tt.protocols}
+		if tt.upgrade != "" {
+			h["Upgrade"], h["Connection"] = tt.upgrade, "Upgrade"
+		}
+		if r := do(t, http.MethodGet, srv.URL+"/sandboxes/vm-a1b2c3d4/pty", nil, h); r.Status != tt.want {
+			t.Errorf("upgrade %q with protocols %q: %d, want %d: %s", tt.upgrade, tt.protocols, r.Status, tt.want, r.Body)
+		}
+	}
 }
 
 func TestDocsPage(t *testing.T) {

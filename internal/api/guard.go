@@ -3,6 +3,7 @@ package api
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/base64"
 	"fmt"
 	"log/slog"
 	"mime"
@@ -138,7 +139,10 @@ func (g *guard) wrap(next http.Handler) http.Handler {
 				"this server requires a token: send the header \"Authorization: Bearer <token>\" with the token the server was started with"))
 			return
 		}
-		if hasBody(r) && !isJSON(r.Header.Get("Content-Type")) {
+		// A file upload's body is the file, of any size; its handler
+		// checks the media type.
+		rawBody := r.Method == http.MethodPut && isFilesPath(r.URL.Path)
+		if hasBody(r) && !rawBody && !isJSON(r.Header.Get("Content-Type")) {
 			p := newProblem(http.StatusUnsupportedMediaType, CodeUnsupportedMediaType,
 				fmt.Sprintf("request bodies must be sent with Content-Type: application/json (got %q)", r.Header.Get("Content-Type")))
 			p.Field = "Content-Type"
@@ -146,7 +150,7 @@ func (g *guard) wrap(next http.Handler) http.Handler {
 			writeProblem(w, r, p)
 			return
 		}
-		if r.ContentLength > maxBodyBytes {
+		if r.ContentLength > maxBodyBytes && !rawBody {
 			// Answer from the header, before the body: net/http sends no
 			// "100 Continue" to a client that asked for one, so the body
 			// is never sent, and the connection is closed rather than
@@ -217,8 +221,21 @@ func sameHost(a, b, scheme string) bool {
 	return norm(a) == norm(b)
 }
 
+// wsTokenPrefix marks a WebSocket subprotocol that carries the token,
+// base64url-encoded: browsers cannot set headers on a WebSocket.
+const wsTokenPrefix = "bearer.token.smolvm.dev."
+
 func (g *guard) tokenOK(r *http.Request) bool {
 	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok && strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
+		for _, p := range strings.Split(strings.Join(r.Header.Values("Sec-WebSocket-Protocol"), ","), ",") {
+			if enc, found := strings.CutPrefix(strings.TrimSpace(p), wsTokenPrefix); found {
+				if b, err := base64.RawURLEncoding.DecodeString(enc); err == nil {
+					scheme, token, ok = "Bearer", string(b), true
+				}
+			}
+		}
+	}
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return false
 	}

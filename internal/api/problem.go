@@ -309,12 +309,14 @@ func fromSandboxError(e *sandbox.Error) *Problem {
 		status, code = http.StatusUnprocessableEntity, CodeBackendUnavailable
 	case sandbox.KindUpstream:
 		status, code = http.StatusBadGateway, CodeInternal
+	case sandbox.KindInsufficientStorage:
+		status, code = http.StatusInsufficientStorage, "disk_full"
 	}
 	if e.Code != "" {
 		code = e.Code
 	}
 	detail := e.Message
-	if status >= 500 && status != http.StatusBadGateway {
+	if status >= 500 && status != http.StatusBadGateway && status != http.StatusInsufficientStorage {
 		// The cause is what a person needs to debug a server-side failure.
 		detail = e.Error()
 	}

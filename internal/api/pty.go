@@ -35,7 +35,7 @@ func documentTerminal(hapi huma.API) {
 		Path:        "/sandboxes/{id}/pty",
 		Summary:     "Open a terminal",
 		Tags:        []string{"processes"},
-		Description: "Upgrades to a WebSocket carrying a real terminal in the guest: a login shell (or `command`, through the login shell) on a PTY. Binary frames are terminal bytes both ways; a JSON text frame `{\"resize\": {\"cols\", \"rows\"}}` from the client resizes it; the server's last frame is a JSON text frame `{\"exit_code\": N}`, then it closes the socket. Closing the socket ends the shell. The same token, Host and Origin checks apply to the upgrade as to every request.",
+		Description: "Upgrades to a WebSocket carrying a real terminal in the guest: a login shell (or `command`, through the login shell) on a PTY. Binary frames are terminal bytes both ways; a JSON text frame `{\"resize\": {\"cols\", \"rows\"}}` from the client resizes it; the server's last frame is a JSON text frame `{\"exit_code\": N}`, then it closes the socket. Closing the socket ends the shell. The same token, Host and Origin checks apply to the upgrade as to every request; a browser, which cannot set the Authorization header on a WebSocket, offers the subprotocols `terminal.smolvm.dev` and `bearer.token.smolvm.dev.` followed by the token in base64url.",
 		Parameters: []*huma.Param{
 			{Name: "id", In: "path", Required: true, Description: "Sandbox id.", Schema: &huma.Schema{Type: "string"}},
 			intParam("cols", "Columns.", 80),
@@ -52,6 +52,11 @@ func documentTerminal(hapi huma.API) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// terminalProtocol is the WebSocket subprotocol of a terminal; a client
+// that cannot send an Authorization header (a browser) offers it with the
+// token as a second one, "bearer.token.smolvm.dev." + base64url(token).
+const terminalProtocol = "terminal.smolvm.dev"
 
 // terminal serves GET /sandboxes/{id}/pty.
 func (h *handlers) terminal(w http.ResponseWriter, r *http.Request) {
@@ -80,7 +85,7 @@ func (h *handlers) terminal(w http.ResponseWriter, r *http.Request) {
 	}
 	// The guard has checked Origin and Host already; the library's own
 	// same-origin check would refuse allowed tools that send none.
-	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
+	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true, Subprotocols: []string{terminalProtocol}})
 	if err != nil {
 		return // Accept has answered
 	}

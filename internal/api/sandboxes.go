@@ -204,6 +204,7 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 
 	registerPorts(hapi, h, common, withBody)
 	registerProcesses(hapi, h, common, withBody)
+	registerFiles(hapi, h, common, withBody)
 	registerHost(hapi, h, common)
 }
 

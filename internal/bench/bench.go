@@ -4,6 +4,7 @@
 package bench
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -96,7 +97,16 @@ type Result struct {
 	Transfer     Figure
 	TransferBase Figure
 	TransferMiB  int
+	// FirstByte is a streamed HTTP exec from the request to the first
+	// output event; Stream reads 100 MiB of a command's stdout through the
+	// library, HostPipe as much through a pipe on the host.
+	FirstByte Figure
+	Stream    Figure
+	HostPipe  Figure
 }
+
+// streamMiB is what the stream throughput figures move.
+const streamMiB = 100
 
 // Run measures, printing progress lines to log.
 func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
@@ -234,6 +244,10 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 			return nil, err
 		}
 		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
+	}
+	fmt.Fprintf(log, "streams: first byte of %d streamed commands, %d MiB of stdout 3 times...\n", o.RoundTrip, streamMiB)
+	if err := streams(ctx, client, base, m, keep, o.RoundTrip, r); err != nil {
+		return nil, err
 	}
 	info, err := m.Get(ctx, keep)
 	if err != nil {
@@ -481,6 +495,9 @@ func (r *Result) Print(w io.Writer) {
 	row(r.Ping, r.RoundTrip, "of `true`")
 	row(r.List, Figure{}, "")
 	row(r.HTTPList, r.List, "of library")
+	row(r.FirstByte, r.HTTPRoundTrip, "of HTTP `true`")
+	row(r.HostPipe, Figure{}, "")
+	row(r.Stream, r.HostPipe, "of the host pipe")
 	if len(r.Transfer.Samples) > 0 {
 		row(r.TransferBase, Figure{}, "")
 		row(r.Transfer, r.TransferBase, "of loopback")
@@ -489,6 +506,10 @@ func (r *Result) Print(w io.Writer) {
 	if len(r.Transfer.Samples) > 0 {
 		fmt.Fprintf(w, "\nthroughput of an exposed port: %.1f MiB/s (host loopback: %.0f MiB/s)\n",
 			MiBps(r.TransferMiB, r.Transfer.Median()), MiBps(r.TransferMiB, r.TransferBase.Median()))
+	}
+	if len(r.Stream.Samples) > 0 {
+		fmt.Fprintf(w, "\nstdout throughput of a command: %.0f MiB/s (a pipe on the host: %.0f MiB/s)\n",
+			MiBps(streamMiB, r.Stream.Median()), MiBps(streamMiB, r.HostPipe.Median()))
 	}
 	fmt.Fprintf(w, "\nidle sandbox VMM RSS: %.0f MiB (a template restore after %d commands)\n", float64(r.IdleRSS)/(1<<20), 2*len(r.RoundTrip.Samples)+2)
 	fmt.Fprintf(w, "idle sandbox VMM PSS: %.0f MiB fresh from the template, %.0f MiB after those commands\n", float64(r.FreshPSS)/(1<<20), float64(r.UsedPSS)/(1<<20))
@@ -499,3 +520,72 @@ func (r *Result) Print(w io.Writer) {
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000) }
+
+// streams times the first streamed byte over HTTP and a command's stdout
+// throughput, against a pipe on the host moving as much.
+func streams(ctx context.Context, client *http.Client, base string, m *sandbox.Manager, id string, n int, r *Result) error {
+	body, _ := json.Marshal(map[string]any{"command": "echo x; sleep 0.2", "shell": "raw"})
+	for range n {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/sandboxes/"+id+"/exec", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "text/event-stream")
+		start := time.Now()
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		sc := bufio.NewScanner(resp.Body)
+		got := false
+		for sc.Scan() {
+			if sc.Text() == "event: stdout" {
+				r.FirstByte.Samples = append(r.FirstByte.Samples, time.Since(start))
+				got = true
+				break
+			}
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if !got {
+			return fmt.Errorf("a streamed exec sent no stdout event (status %d)", resp.StatusCode)
+		}
+	}
+	cmd := fmt.Sprintf("head -c %d /dev/zero", streamMiB<<20)
+	for range 3 {
+		start := time.Now()
+		host := exec.CommandContext(ctx, "sh", "-c", cmd)
+		out, err := host.StdoutPipe()
+		if err != nil {
+			return err
+		}
+		if err := host.Start(); err != nil {
+			return err
+		}
+		nb, _ := io.Copy(io.Discard, out)
+		if err := host.Wait(); err != nil || nb != streamMiB<<20 {
+			return fmt.Errorf("host pipe moved %d bytes: %v", nb, err)
+		}
+		r.HostPipe.Samples = append(r.HostPipe.Samples, time.Since(start))
+
+		var cw countWriter
+		start = time.Now()
+		res, err := m.Stream(ctx, id, sandbox.ExecRequest{Command: cmd, Shell: sandbox.ShellRaw, Timeout: 5 * time.Minute}, &cw, io.Discard)
+		if err != nil {
+			return err
+		}
+		if res.ExitCode != 0 || cw.n != streamMiB<<20 {
+			return fmt.Errorf("a streamed command moved %d bytes, exit %d", cw.n, res.ExitCode)
+		}
+		r.Stream.Samples = append(r.Stream.Samples, time.Since(start))
+	}
+	return nil
+}
+
+type countWriter struct{ n int64 }
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	c.n += int64(len(p))
+	return len(p), nil
+}

@@ -97,6 +97,8 @@ var transport = &http2.Transport{
 	ReadIdleTimeout:  15 * time.Second,
 	PingTimeout:      60 * time.Second,
 	WriteByteTimeout: 60 * time.Second,
+	// Few large frames, as the agent's server asks too.
+	MaxReadFrameSize: 1 << 20,
 }
 
 func handshake(ctx context.Context, conn net.Conn) (*Client, error) {

@@ -159,3 +159,103 @@ func (c *Client) writeErr(ctx context.Context, stream *connect.ClientStreamForCl
 	}
 	return c.callErr(ctx, err)
 }
+
+// TarReader is a tar of a guest directory being read.
+type TarReader struct {
+	c      *Client
+	ctx    context.Context
+	cancel context.CancelFunc
+	stream *connect.ServerStreamForClient[agentpb.ReadTarResponse]
+	rest   []byte
+	first  bool
+}
+
+// OpenTar starts reading a tar of a directory's contents, names relative
+// to it. A missing directory, or a path that is not one, is refused here
+// rather than on the first read.
+func (c *Client) OpenTar(ctx context.Context, path string) (*TarReader, error) {
+	sctx, cancel := context.WithCancel(ctx)
+	stream, err := c.files.ReadTar(sctx, connect.NewRequest(&agentpb.ReadTarRequest{Path: path}))
+	if err != nil {
+		cancel()
+		return nil, c.callErr(ctx, err)
+	}
+	r := &TarReader{c: c, ctx: ctx, cancel: cancel, stream: stream}
+	// The agent checks the path before it sends anything; the first
+	// message (or the refusal) settles it.
+	if !stream.Receive() {
+		err := stream.Err()
+		r.Close()
+		if err == nil {
+			return nil, errors.New("the agent answered a tar read with nothing")
+		}
+		return nil, c.callErr(ctx, err)
+	}
+	r.rest = stream.Msg().GetData()
+	return r, nil
+}
+
+func (r *TarReader) Read(p []byte) (int, error) {
+	for len(r.rest) == 0 {
+		if !r.stream.Receive() {
+			if err := r.stream.Err(); err != nil {
+				return 0, r.c.callErr(r.ctx, err)
+			}
+			return 0, io.EOF
+		}
+		r.rest = r.stream.Msg().GetData()
+	}
+	n := copy(p, r.rest)
+	r.rest = r.rest[n:]
+	return n, nil
+}
+
+// Close stops the read.
+func (r *TarReader) Close() error {
+	r.cancel()
+	return r.stream.Close()
+}
+
+// WriteTar unpacks the tar read from r into a guest directory, made when
+// missing, and returns how many entries it held.
+func (c *Client) WriteTar(ctx context.Context, path string, r io.Reader) (int64, error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream := c.files.WriteTar(sctx)
+	send := func(m *agentpb.WriteTarRequest) error {
+		if err := stream.Send(m); err != nil {
+			if errors.Is(err, io.EOF) {
+				if _, rerr := stream.CloseAndReceive(); rerr != nil {
+					return c.callErr(ctx, rerr)
+				}
+			}
+			return c.callErr(ctx, err)
+		}
+		return nil
+	}
+	if err := send(&agentpb.WriteTarRequest{Event: &agentpb.WriteTarRequest_Header{Header: &agentpb.WriteTarHeader{Path: path}}}); err != nil {
+		return 0, err
+	}
+	buf := make([]byte, writeChunk)
+	for {
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			if err := send(&agentpb.WriteTarRequest{Event: &agentpb.WriteTarRequest_Data{Data: buf[:n]}}); err != nil {
+				return 0, err
+			}
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			cancel()
+			stream.CloseAndReceive()
+			return 0, fmt.Errorf("read the tar to send: %w", rerr)
+		}
+	}
+	resp, err := stream.CloseAndReceive()
+	if err != nil {
+		return 0, c.callErr(ctx, err)
+	}
+	return resp.Msg.Entries, nil
+}

@@ -156,6 +156,8 @@ const (
 	KindUnavailable                 // valid request, but this host lacks something: 4xx naming it
 	KindInternal                    // our fault or the VM's: 500
 	KindUpstream                    // a registry or store we fetch from failed: 502
+	// KindInsufficientStorage is a guest whose disk is full: 507.
+	KindInsufficientStorage
 )
 
 // Error is a failure with a stable machine-readable code.

@@ -11,9 +11,15 @@ import type {
   ExecRequest,
   SmolvmEvent,
   ExecResult,
+  FileEntry,
   Port,
   PortSpec,
+  Process,
+  ProcessEvent,
+  ProcessOutputResult,
+  ProcessRequest,
   Sandbox,
+  StdinRequest,
 } from "./types.js";
 
 export interface SmolvmOptions {
@@ -96,6 +102,86 @@ export interface SandboxApi {
    * port that is not exposed rejects with code "port_not_exposed" (404).
    */
   closePort(id: string, guest: number, options?: RequestOptions): Promise<ClosePortResult>;
+  /** Background processes: they outlive the request and the server, and end with the sandbox. */
+  processes: ProcessApi;
+  /** Files in a sandbox, streamed both ways. */
+  files: FilesApi;
+  /**
+   * GET /sandboxes/{id}/pty: a terminal in the guest over a WebSocket (the
+   * login shell, or `command` through it). Uses `globalThis.WebSocket`
+   * (browsers, Node 22, Node 20 with --experimental-websocket) unless one is
+   * given. A token goes as a WebSocket subprotocol, which browsers can send.
+   */
+  terminal(id: string, options?: TerminalOptions): Terminal;
+}
+
+/** The process operations, under `smolvm.sandbox.processes`. */
+export interface ProcessApi {
+  /** POST /sandboxes/{id}/processes: start a command in the background; resolves with its pid once it runs. */
+  start(id: string, body: ProcessRequest, options?: RequestOptions): Promise<Process>;
+  /** GET /sandboxes/{id}/processes: running processes and the last that ended. */
+  list(id: string, options?: RequestOptions): Promise<Process[]>;
+  /** GET /sandboxes/{id}/processes/{pid}. */
+  get(id: string, pid: number, options?: RequestOptions): Promise<Process>;
+  /** GET /sandboxes/{id}/processes/{pid}/output: what it wrote so far (the last MiB). */
+  output(id: string, pid: number, options?: RequestOptions): Promise<ProcessOutputResult>;
+  /**
+   * The same route as Server-Sent Events: what it wrote so far, then its
+   * output as it comes, then its exit; ends there or when `signal` aborts.
+   */
+  follow(id: string, pid: number, options?: { signal?: AbortSignal }): AsyncGenerator<ProcessEvent>;
+  /** POST .../stdin: write to its input; `eof` closes it. */
+  stdin(id: string, pid: number, body: StdinRequest, options?: RequestOptions): Promise<void>;
+  /** POST .../signal: a signal name (TERM, KILL, INT, ...) or number, to it and everything it started. */
+  signal(id: string, pid: number, signal: string, options?: RequestOptions): Promise<void>;
+}
+
+/** The file operations, under `smolvm.sandbox.files`. Paths are absolute. */
+export interface FilesApi {
+  /** GET /sandboxes/{id}/files: a file's bytes. */
+  read(id: string, path: string, options?: RequestOptions): Promise<Uint8Array>;
+  /** The same, as a stream, for files too big to hold. */
+  readStream(id: string, path: string, options?: RequestOptions): Promise<ReadableStream<Uint8Array>>;
+  /**
+   * PUT /sandboxes/{id}/files: write a file (parents made). It appears whole
+   * or not at all. `mode` is octal, like "0755".
+   */
+  write(
+    id: string,
+    path: string,
+    data: Uint8Array | string | Blob | ReadableStream<Uint8Array>,
+    options?: RequestOptions & { mode?: string },
+  ): Promise<void>;
+  /** GET /sandboxes/{id}/fs/stat. */
+  stat(id: string, path: string, options?: RequestOptions): Promise<FileEntry>;
+  /** GET /sandboxes/{id}/fs/list: a directory's entries by name. */
+  list(id: string, path: string, options?: RequestOptions): Promise<FileEntry[]>;
+  /** DELETE /sandboxes/{id}/files; `recursive` for a directory with contents. */
+  remove(id: string, path: string, options?: RequestOptions & { recursive?: boolean }): Promise<void>;
+}
+
+/** Options of `sandbox.terminal()`. */
+export interface TerminalOptions {
+  cols?: number;
+  rows?: number;
+  /** A command to run instead of the login shell. */
+  command?: string;
+  /** A WebSocket constructor, for runtimes without a global one. */
+  WebSocket?: typeof globalThis.WebSocket;
+}
+
+/** A terminal session in a sandbox. */
+export interface Terminal {
+  /** Sends keystrokes (text is sent as UTF-8). */
+  send(data: string | Uint8Array): void;
+  /** Tells the guest's terminal its new size. */
+  resize(cols: number, rows: number): void;
+  /** Called with the terminal's output as it comes. */
+  onData(listener: (bytes: Uint8Array) => void): void;
+  /** Resolves with the shell's exit status; rejects if the session breaks first. */
+  readonly exit: Promise<number>;
+  /** Ends the session (and the shell). */
+  close(): void;
 }
 
 // The server's default command timeout, in seconds (ExecRequest.timeout).
@@ -124,12 +210,16 @@ export class Smolvm {
   readonly sandbox: SandboxApi;
   readonly baseUrl: string;
   private readonly timeoutMs: number | undefined;
+  private readonly token: string | undefined;
+  private readonly headers: Headers;
+  private readonly fetchFn: (request: Request) => Promise<Response>;
 
   constructor(options: SmolvmOptions) {
     // Fails here on a malformed URL, rather than later as a confusing
     // "connection" error on the first request.
     this.baseUrl = new URL(options.baseUrl).href.replace(/\/+$/, "");
     this.timeoutMs = options.timeoutMs;
+    this.token = options.token;
 
     const headers = new Headers(options.headers);
     if (!headers.has("Accept")) {
@@ -138,6 +228,8 @@ export class Smolvm {
     if (options.token !== undefined) {
       headers.set("Authorization", `Bearer ${options.token}`);
     }
+    this.headers = headers;
+    this.fetchFn = options.fetch ?? ((request) => globalThis.fetch(request));
     this.client = createClient<paths>({
       baseUrl: this.baseUrl,
       headers,
@@ -203,6 +295,80 @@ export class Smolvm {
           client.DELETE("/sandboxes/{id}/ports/{guest}", { params, signal }),
         );
       },
+      processes: {
+        start: async (id, body, opts) =>
+          this.call(opts, this.timeoutMs, (signal) =>
+            client.POST("/sandboxes/{id}/processes", { params: pathParams(id), body, signal }),
+          ),
+        list: async (id, opts) => {
+          const list = await this.call(opts, this.timeoutMs, (signal) =>
+            client.GET("/sandboxes/{id}/processes", { params: pathParams(id), signal }),
+          );
+          return list.processes;
+        },
+        get: async (id, pid, opts) =>
+          this.call(opts, this.timeoutMs, (signal) =>
+            client.GET("/sandboxes/{id}/processes/{pid}", { params: pidPathParams(id, pid), signal }),
+          ),
+        output: async (id, pid, opts) =>
+          this.call(
+            opts,
+            this.timeoutMs,
+            (signal) =>
+              client.GET("/sandboxes/{id}/processes/{pid}/output", {
+                params: pidPathParams(id, pid),
+                signal,
+              }) as Promise<ApiResult<ProcessOutputResult>>,
+          ),
+        follow: (id, pid, opts) => this.followProcess(id, pid, opts?.signal),
+        stdin: async (id, pid, body, opts) => {
+          await this.call(opts, this.timeoutMs, (signal) =>
+            client.POST("/sandboxes/{id}/processes/{pid}/stdin", { params: pidPathParams(id, pid), body, signal }),
+          );
+        },
+        signal: async (id, pid, sig, opts) => {
+          await this.call(opts, this.timeoutMs, (signal) =>
+            client.POST("/sandboxes/{id}/processes/{pid}/signal", {
+              params: pidPathParams(id, pid),
+              body: { signal: sig },
+              signal,
+            }),
+          );
+        },
+      },
+      terminal: (id, opts) => this.openTerminal(id, opts ?? {}),
+      files: {
+        read: async (id, path, opts) => new Uint8Array(await new Response(await this.fileStream(id, path, opts)).arrayBuffer()),
+        readStream: async (id, path, opts) => this.fileStream(id, path, opts),
+        write: async (id, path, data, opts) => {
+          const query = { path, ...(opts?.mode ? { mode: opts.mode } : {}) };
+          await this.rawCall(opts, `/sandboxes/${encodeURIComponent(pathParams(id).path.id)}/files`, query, {
+            method: "PUT",
+            body: data as BodyInit,
+            headers: { "Content-Type": "application/octet-stream" },
+            // A stream body needs half duplex in fetch.
+            ...(data instanceof ReadableStream ? { duplex: "half" } : {}),
+          });
+        },
+        stat: async (id, path, opts) =>
+          this.call(opts, this.timeoutMs, (signal) =>
+            client.GET("/sandboxes/{id}/fs/stat", { params: { path: { id: pathParams(id).path.id }, query: { path } }, signal }),
+          ),
+        list: async (id, path, opts) => {
+          const list = await this.call(opts, this.timeoutMs, (signal) =>
+            client.GET("/sandboxes/{id}/fs/list", { params: { path: { id: pathParams(id).path.id }, query: { path } }, signal }),
+          );
+          return list.entries;
+        },
+        remove: async (id, path, opts) => {
+          await this.call(opts, this.timeoutMs, (signal) =>
+            client.DELETE("/sandboxes/{id}/files", {
+              params: { path: { id: pathParams(id).path.id }, query: { path, recursive: opts?.recursive } },
+              signal,
+            }),
+          );
+        },
+      },
     };
   }
 
@@ -240,6 +406,154 @@ export class Smolvm {
         yield { id: ev.id, type: ev.type, data: JSON.parse(ev.data) } as SmolvmEvent;
       }
     }
+  }
+
+  private async *followProcess(id: string, pid: number, abort?: AbortSignal): AsyncGenerator<ProcessEvent> {
+    const stream = await this.call({ signal: abort }, undefined, (signal) =>
+      this.client.GET("/sandboxes/{id}/processes/{pid}/output", {
+        params: pidPathParams(id, pid),
+        parseAs: "stream",
+        headers: { Accept: "text/event-stream" },
+        signal,
+      }),
+    );
+    if (!stream) {
+      return;
+    }
+    for await (const ev of readEvents(stream)) {
+      if (ev.type === undefined || ev.data === undefined) {
+        continue;
+      }
+      const data = JSON.parse(ev.data);
+      if (ev.type === "stdout" || ev.type === "stderr") {
+        const bytes = data.base64 !== undefined ? base64Bytes(data.base64) : new TextEncoder().encode(data.text ?? "");
+        yield { type: ev.type, text: data.text ?? new TextDecoder().decode(bytes), bytes };
+      } else if (ev.type === "dropped") {
+        yield { type: "dropped", bytes: data.bytes };
+      } else if (ev.type === "exit") {
+        yield { type: "exit", process: data as Process };
+        return;
+      } else if (ev.type === "error") {
+        throw new SmolvmError(data.status ?? 500, data);
+      }
+    }
+  }
+
+  private async fileStream(id: string, path: string, opts?: RequestOptions): Promise<ReadableStream<Uint8Array>> {
+    const resp = await this.rawCall(opts, `/sandboxes/${encodeURIComponent(pathParams(id).path.id)}/files`, { path }, {
+      method: "GET",
+      headers: { Accept: "application/octet-stream" },
+    });
+    if (resp.body === null) {
+      throw new Error("the server answered a file read with no body");
+    }
+    return resp.body;
+  }
+
+  /** A request whose body or answer is not JSON, with the client's headers and errors. */
+  private async rawCall(
+    opts: RequestOptions | undefined,
+    path: string,
+    query: Record<string, string>,
+    init: RequestInit & { duplex?: string },
+  ): Promise<Response> {
+    const url = new URL(this.baseUrl + path);
+    for (const [k, v] of Object.entries(query)) {
+      url.searchParams.set(k, v);
+    }
+    const headers = new Headers(this.headers);
+    for (const [k, v] of new Headers(init.headers)) {
+      headers.set(k, v);
+    }
+    const signal = withTimeout(opts?.signal, opts?.timeoutMs ?? this.timeoutMs);
+    let resp: Response;
+    try {
+      resp = await this.fetchFn(new Request(url, { ...init, headers, signal }));
+    } catch (err) {
+      if (signal?.aborted) {
+        throw err;
+      }
+      if (err instanceof TypeError) {
+        throw new SmolvmConnectionError(this.baseUrl, err);
+      }
+      throw err;
+    }
+    if (!resp.ok) {
+      const text = await resp.text();
+      let body: unknown = text;
+      try {
+        body = JSON.parse(text);
+      } catch {
+        // not JSON: kept as text
+      }
+      throw SmolvmError.fromResponse(resp, body);
+    }
+    return resp;
+  }
+
+  private openTerminal(id: string, opts: TerminalOptions): Terminal {
+    pathParams(id);
+    const WS = opts.WebSocket ?? globalThis.WebSocket;
+    if (WS === undefined) {
+      throw new Error("no WebSocket in this runtime: pass one as options.WebSocket (Node 20: run with --experimental-websocket)");
+    }
+    const url = new URL(`${this.baseUrl}/sandboxes/${encodeURIComponent(id)}/pty`);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.searchParams.set("cols", String(opts.cols ?? 80));
+    url.searchParams.set("rows", String(opts.rows ?? 24));
+    if (opts.command !== undefined) {
+      url.searchParams.set("command", opts.command);
+    }
+    const protocols = ["terminal.smolvm.dev"];
+    if (this.token !== undefined) {
+      protocols.push(`bearer.token.smolvm.dev.${base64Url(this.token)}`);
+    }
+    const ws = new WS(url.href, protocols);
+    ws.binaryType = "arraybuffer";
+    const listeners: ((bytes: Uint8Array) => void)[] = [];
+    const pending: (string | Uint8Array)[] = [];
+    let code: number | undefined;
+    const exit = new Promise<number>((resolve, reject) => {
+      ws.addEventListener("message", (ev: MessageEvent) => {
+        if (typeof ev.data === "string") {
+          const msg = JSON.parse(ev.data) as { exit_code?: number };
+          if (msg.exit_code !== undefined) {
+            code = msg.exit_code;
+          }
+          return;
+        }
+        const bytes = new Uint8Array(ev.data as ArrayBuffer);
+        for (const l of listeners) {
+          l(bytes);
+        }
+      });
+      ws.addEventListener("open", () => {
+        for (const p of pending.splice(0)) {
+          ws.send(p);
+        }
+      });
+      ws.addEventListener("close", (ev: CloseEvent) => {
+        if (code !== undefined) {
+          resolve(code);
+        } else {
+          reject(new Error(`the terminal closed without an exit status (${ev.code}${ev.reason ? `: ${ev.reason}` : ""})`));
+        }
+      });
+    });
+    const send = (data: string | Uint8Array) => {
+      if (ws.readyState === WS.CONNECTING) {
+        pending.push(data);
+      } else {
+        ws.send(data);
+      }
+    };
+    return {
+      send: (data) => send(typeof data === "string" ? new TextEncoder().encode(data) : data),
+      resize: (cols, rows) => send(JSON.stringify({ resize: { cols, rows } })),
+      onData: (l) => listeners.push(l),
+      exit,
+      close: () => ws.close(),
+    };
   }
 
   /** exec over the streamed route: output to the callbacks as it comes. */
@@ -399,4 +713,20 @@ function base64Bytes(b64: string): Uint8Array {
     bytes[i] = bin.charCodeAt(i);
   }
   return bytes;
+}
+
+function pidPathParams(id: string, pid: number) {
+  if (!Number.isInteger(pid) || pid < 1) {
+    throw new TypeError(`pid must be a positive integer, got ${String(pid)}`);
+  }
+  return { path: { id: pathParams(id).path.id, pid } };
+}
+
+function base64Url(text: string): string {
+  const bytes = new TextEncoder().encode(text);
+  let bin = "";
+  for (const b of bytes) {
+    bin += String.fromCharCode(b);
+  }
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }

@@ -1,5 +1,14 @@
 export { Smolvm } from "./client.js";
-export type { ExecOptions, RequestOptions, SandboxApi, SmolvmOptions } from "./client.js";
+export type {
+  ExecOptions,
+  FilesApi,
+  ProcessApi,
+  RequestOptions,
+  SandboxApi,
+  SmolvmOptions,
+  Terminal,
+  TerminalOptions,
+} from "./client.js";
 export { SmolvmConnectionError, SmolvmError } from "./errors.js";
 export type * from "./types.js";
 // The generated low-level types, for use with `Smolvm.client`.

@@ -54,6 +54,21 @@ export type OSCapability = Schemas["OSCapability"];
 export type Diagnostics = Schemas["Diagnostics"];
 /** One host check, with the command that fixes it when it is not ok. */
 export type DiagnosticCheck = Schemas["DiagnosticCheck"];
+/** Body of `sandbox.processes.start()`. */
+export type ProcessRequest = Schemas["ProcessRequest"];
+/** A background process and its state. */
+export type Process = Schemas["Process"];
+/** Result of `sandbox.processes.output()`: what a process wrote so far. */
+export type ProcessOutputResult = Schemas["ProcessOutputResult"];
+/** Body of `sandbox.processes.stdin()`. */
+export type StdinRequest = Schemas["StdinRequest"];
+/** One event of `sandbox.processes.follow()`. */
+export type ProcessEvent =
+  | { type: "stdout" | "stderr"; text: string; bytes: Uint8Array }
+  | { type: "dropped"; bytes: number }
+  | { type: "exit"; process: Process };
+/** A path in a sandbox, as `sandbox.files.stat()` and `list()` describe it. */
+export type FileEntry = Schemas["FileEntry"];
 /** The data of a sandbox event from `smolvm.events()`. */
 export type EventData = Schemas["EventData"];
 /** The data of a `stream.gap` event: events after the resume point were no longer kept. */

@@ -240,6 +240,87 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
     assert.deepEqual(await smolvm.sandbox.listPorts(sandbox.id), [first]);
   });
 
+  test("a background process takes input, is listed, followed and signalled", async () => {
+    const p = await smolvm.sandbox.processes.start(sandbox.id, {
+      command: "while read l; do echo got $l; done",
+      shell: "raw",
+      tag: "reader",
+    });
+    assert.ok(p.pid > 0 && p.running && p.tag === "reader", JSON.stringify(p));
+    await smolvm.sandbox.processes.stdin(sandbox.id, p.pid, { data: "one\n" });
+    const list = await smolvm.sandbox.processes.list(sandbox.id);
+    assert.ok(list.some((q) => q.pid === p.pid && q.running));
+    const seen: string[] = [];
+    let exit: number | undefined;
+    const following = (async () => {
+      for await (const ev of smolvm.sandbox.processes.follow(sandbox.id, p.pid)) {
+        if (ev.type === "stdout") {
+          seen.push(ev.text);
+          if (ev.text.includes("two")) {
+            await smolvm.sandbox.processes.signal(sandbox.id, p.pid, "TERM");
+          }
+        } else if (ev.type === "exit") {
+          exit = ev.process.exit_code;
+        }
+      }
+    })();
+    await smolvm.sandbox.processes.stdin(sandbox.id, p.pid, { data: "two\n" });
+    await following;
+    assert.equal(seen.join(""), "got one\ngot two\n");
+    assert.equal(exit, 143);
+    const out = await smolvm.sandbox.processes.output(sandbox.id, p.pid);
+    assert.equal(out.stdout, "got one\ngot two\n");
+    assert.equal(out.process.running, false);
+    const err = await rejection(smolvm.sandbox.processes.signal(sandbox.id, p.pid, "TERM"));
+    assert.ok(err instanceof SmolvmError && err.code === "process_not_running", String(err));
+  });
+
+  test("a terminal runs a shell with its size and returns its exit status", async () => {
+    const term = smolvm.sandbox.terminal(sandbox.id, { cols: 90, rows: 33 });
+    let screen = "";
+    term.onData((b) => {
+      screen += new TextDecoder().decode(b);
+    });
+    term.send("stty size; exit 7\n");
+    assert.equal(await term.exit, 7);
+    assert.ok(screen.includes("33 90"), screen);
+  });
+
+  test("files go in and out, as bytes and as streams", async () => {
+    const data = new Uint8Array(256 * 64).map((_, i) => i % 256);
+    await smolvm.sandbox.files.write(sandbox.id, "/root/ts/data.bin", data, { mode: "0600" });
+    assert.deepEqual(await smolvm.sandbox.files.read(sandbox.id, "/root/ts/data.bin"), data);
+    const stat = await smolvm.sandbox.files.stat(sandbox.id, "/root/ts/data.bin");
+    assert.equal(stat.size, data.length);
+    assert.equal(stat.mode, "0600");
+    await smolvm.sandbox.files.write(sandbox.id, "/root/ts/hello.txt", "héllo\n");
+    const chunks = ["streamed ", "in ", "parts"];
+    const stream = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        const next = chunks.shift();
+        if (next === undefined) {
+          controller.close();
+        } else {
+          controller.enqueue(new TextEncoder().encode(next));
+        }
+      },
+    });
+    await smolvm.sandbox.files.write(sandbox.id, "/root/ts/stream.txt", stream);
+    const back = await smolvm.sandbox.files.readStream(sandbox.id, "/root/ts/stream.txt");
+    assert.equal(await new Response(back).text(), "streamed in parts");
+    const list = await smolvm.sandbox.files.list(sandbox.id, "/root/ts");
+    assert.deepEqual(
+      list.map((e) => `${e.name}:${e.type}`),
+      ["data.bin:file", "hello.txt:file", "stream.txt:file"],
+    );
+    assert.equal(new TextDecoder().decode(await smolvm.sandbox.files.read(sandbox.id, "/root/ts/hello.txt")), "héllo\n");
+    await smolvm.sandbox.files.remove(sandbox.id, "/root/ts", { recursive: true });
+    const gone = await rejection(smolvm.sandbox.files.stat(sandbox.id, "/root/ts"));
+    assert.ok(gone instanceof SmolvmError && gone.code === "file_not_found" && gone.status === 404, String(gone));
+    const bad = await rejection(smolvm.sandbox.files.read(sandbox.id, "relative/path"));
+    assert.ok(bad instanceof SmolvmError && bad.code === "invalid_path", String(bad));
+  });
+
   test("delete removes it", async () => {
     const deleted = await smolvm.sandbox.delete(sandbox.id);
     assert.deepEqual(deleted, { id: sandbox.id, deleted: true });

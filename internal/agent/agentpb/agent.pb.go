@@ -2920,6 +2920,265 @@ func (x *WriteResponse) GetEntry() *EntryInfo {
 	return nil
 }
 
+type ReadTarRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadTarRequest) Reset() {
+	*x = ReadTarRequest{}
+	mi := &file_agent_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadTarRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadTarRequest) ProtoMessage() {}
+
+func (x *ReadTarRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadTarRequest.ProtoReflect.Descriptor instead.
+func (*ReadTarRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *ReadTarRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type ReadTarResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadTarResponse) Reset() {
+	*x = ReadTarResponse{}
+	mi := &file_agent_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadTarResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadTarResponse) ProtoMessage() {}
+
+func (x *ReadTarResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadTarResponse.ProtoReflect.Descriptor instead.
+func (*ReadTarResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *ReadTarResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type WriteTarHeader struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteTarHeader) Reset() {
+	*x = WriteTarHeader{}
+	mi := &file_agent_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteTarHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteTarHeader) ProtoMessage() {}
+
+func (x *WriteTarHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteTarHeader.ProtoReflect.Descriptor instead.
+func (*WriteTarHeader) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *WriteTarHeader) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type WriteTarRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*WriteTarRequest_Header
+	//	*WriteTarRequest_Data
+	Event         isWriteTarRequest_Event `protobuf_oneof:"event"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteTarRequest) Reset() {
+	*x = WriteTarRequest{}
+	mi := &file_agent_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteTarRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteTarRequest) ProtoMessage() {}
+
+func (x *WriteTarRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteTarRequest.ProtoReflect.Descriptor instead.
+func (*WriteTarRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *WriteTarRequest) GetEvent() isWriteTarRequest_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *WriteTarRequest) GetHeader() *WriteTarHeader {
+	if x != nil {
+		if x, ok := x.Event.(*WriteTarRequest_Header); ok {
+			return x.Header
+		}
+	}
+	return nil
+}
+
+func (x *WriteTarRequest) GetData() []byte {
+	if x != nil {
+		if x, ok := x.Event.(*WriteTarRequest_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+type isWriteTarRequest_Event interface {
+	isWriteTarRequest_Event()
+}
+
+type WriteTarRequest_Header struct {
+	Header *WriteTarHeader `protobuf:"bytes,1,opt,name=header,proto3,oneof"`
+}
+
+type WriteTarRequest_Data struct {
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+func (*WriteTarRequest_Header) isWriteTarRequest_Event() {}
+
+func (*WriteTarRequest_Data) isWriteTarRequest_Event() {}
+
+type WriteTarResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How many entries were unpacked.
+	Entries       int64 `protobuf:"varint,1,opt,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteTarResponse) Reset() {
+	*x = WriteTarResponse{}
+	mi := &file_agent_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteTarResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteTarResponse) ProtoMessage() {}
+
+func (x *WriteTarResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteTarResponse.ProtoReflect.Descriptor instead.
+func (*WriteTarResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *WriteTarResponse) GetEntries() int64 {
+	if x != nil {
+		return x.Entries
+	}
+	return 0
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -3085,7 +3344,19 @@ const file_agent_proto_rawDesc = "" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\a\n" +
 	"\x05event\"A\n" +
 	"\rWriteResponse\x120\n" +
-	"\x05entry\x18\x01 \x01(\v2\x1a.smolvm.agent.v1.EntryInfoR\x05entry*>\n" +
+	"\x05entry\x18\x01 \x01(\v2\x1a.smolvm.agent.v1.EntryInfoR\x05entry\"$\n" +
+	"\x0eReadTarRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"%\n" +
+	"\x0fReadTarResponse\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"$\n" +
+	"\x0eWriteTarHeader\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\"k\n" +
+	"\x0fWriteTarRequest\x129\n" +
+	"\x06header\x18\x01 \x01(\v2\x1f.smolvm.agent.v1.WriteTarHeaderH\x00R\x06header\x12\x14\n" +
+	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\a\n" +
+	"\x05event\",\n" +
+	"\x10WriteTarResponse\x12\x18\n" +
+	"\aentries\x18\x01 \x01(\x03R\aentries*>\n" +
 	"\x05Shell\x12\x15\n" +
 	"\x11SHELL_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vSHELL_LOGIN\x10\x01\x12\r\n" +
@@ -3111,7 +3382,7 @@ const file_agent_proto_rawDesc = "" +
 	"CloseStdin\x12\".smolvm.agent.v1.CloseStdinRequest\x1a#.smolvm.agent.v1.CloseStdinResponse\x12U\n" +
 	"\n" +
 	"SendSignal\x12\".smolvm.agent.v1.SendSignalRequest\x1a#.smolvm.agent.v1.SendSignalResponse\x12I\n" +
-	"\x06Resize\x12\x1e.smolvm.agent.v1.ResizeRequest\x1a\x1f.smolvm.agent.v1.ResizeResponse2\x8e\x04\n" +
+	"\x06Resize\x12\x1e.smolvm.agent.v1.ResizeRequest\x1a\x1f.smolvm.agent.v1.ResizeResponse2\xb1\x05\n" +
 	"\n" +
 	"Filesystem\x12C\n" +
 	"\x04Stat\x12\x1c.smolvm.agent.v1.StatRequest\x1a\x1d.smolvm.agent.v1.StatResponse\x12L\n" +
@@ -3120,7 +3391,9 @@ const file_agent_proto_rawDesc = "" +
 	"\x04Move\x12\x1c.smolvm.agent.v1.MoveRequest\x1a\x1d.smolvm.agent.v1.MoveResponse\x12I\n" +
 	"\x06Remove\x12\x1e.smolvm.agent.v1.RemoveRequest\x1a\x1f.smolvm.agent.v1.RemoveResponse\x12E\n" +
 	"\x04Read\x12\x1c.smolvm.agent.v1.ReadRequest\x1a\x1d.smolvm.agent.v1.ReadResponse0\x01\x12H\n" +
-	"\x05Write\x12\x1d.smolvm.agent.v1.WriteRequest\x1a\x1e.smolvm.agent.v1.WriteResponse(\x01B1Z/github.com/smolvm/smolvm/internal/agent/agentpbb\x06proto3"
+	"\x05Write\x12\x1d.smolvm.agent.v1.WriteRequest\x1a\x1e.smolvm.agent.v1.WriteResponse(\x01\x12N\n" +
+	"\aReadTar\x12\x1f.smolvm.agent.v1.ReadTarRequest\x1a .smolvm.agent.v1.ReadTarResponse0\x01\x12Q\n" +
+	"\bWriteTar\x12 .smolvm.agent.v1.WriteTarRequest\x1a!.smolvm.agent.v1.WriteTarResponse(\x01B1Z/github.com/smolvm/smolvm/internal/agent/agentpbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -3135,7 +3408,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_agent_proto_goTypes = []any{
 	(Shell)(0),                  // 0: smolvm.agent.v1.Shell
 	(FileType)(0),               // 1: smolvm.agent.v1.FileType
@@ -3187,6 +3460,11 @@ var file_agent_proto_goTypes = []any{
 	(*WriteHeader)(nil),         // 47: smolvm.agent.v1.WriteHeader
 	(*WriteRequest)(nil),        // 48: smolvm.agent.v1.WriteRequest
 	(*WriteResponse)(nil),       // 49: smolvm.agent.v1.WriteResponse
+	(*ReadTarRequest)(nil),      // 50: smolvm.agent.v1.ReadTarRequest
+	(*ReadTarResponse)(nil),     // 51: smolvm.agent.v1.ReadTarResponse
+	(*WriteTarHeader)(nil),      // 52: smolvm.agent.v1.WriteTarHeader
+	(*WriteTarRequest)(nil),     // 53: smolvm.agent.v1.WriteTarRequest
+	(*WriteTarResponse)(nil),    // 54: smolvm.agent.v1.WriteTarResponse
 }
 var file_agent_proto_depIdxs = []int32{
 	3,  // 0: smolvm.agent.v1.PingResponse.info:type_name -> smolvm.agent.v1.GuestInfo
@@ -3220,49 +3498,54 @@ var file_agent_proto_depIdxs = []int32{
 	34, // 28: smolvm.agent.v1.ReadResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
 	47, // 29: smolvm.agent.v1.WriteRequest.header:type_name -> smolvm.agent.v1.WriteHeader
 	34, // 30: smolvm.agent.v1.WriteResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
-	2,  // 31: smolvm.agent.v1.System.Ping:input_type -> smolvm.agent.v1.PingRequest
-	5,  // 32: smolvm.agent.v1.System.SetIdentity:input_type -> smolvm.agent.v1.SetIdentityRequest
-	7,  // 33: smolvm.agent.v1.System.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
-	11, // 34: smolvm.agent.v1.Process.Start:input_type -> smolvm.agent.v1.StartRequest
-	18, // 35: smolvm.agent.v1.Process.Connect:input_type -> smolvm.agent.v1.ConnectRequest
-	19, // 36: smolvm.agent.v1.Process.List:input_type -> smolvm.agent.v1.ListRequest
-	22, // 37: smolvm.agent.v1.Process.Output:input_type -> smolvm.agent.v1.OutputRequest
-	24, // 38: smolvm.agent.v1.Process.SendInput:input_type -> smolvm.agent.v1.SendInputRequest
-	26, // 39: smolvm.agent.v1.Process.StreamInput:input_type -> smolvm.agent.v1.StreamInputRequest
-	28, // 40: smolvm.agent.v1.Process.CloseStdin:input_type -> smolvm.agent.v1.CloseStdinRequest
-	30, // 41: smolvm.agent.v1.Process.SendSignal:input_type -> smolvm.agent.v1.SendSignalRequest
-	32, // 42: smolvm.agent.v1.Process.Resize:input_type -> smolvm.agent.v1.ResizeRequest
-	35, // 43: smolvm.agent.v1.Filesystem.Stat:input_type -> smolvm.agent.v1.StatRequest
-	37, // 44: smolvm.agent.v1.Filesystem.ListDir:input_type -> smolvm.agent.v1.ListDirRequest
-	39, // 45: smolvm.agent.v1.Filesystem.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
-	41, // 46: smolvm.agent.v1.Filesystem.Move:input_type -> smolvm.agent.v1.MoveRequest
-	43, // 47: smolvm.agent.v1.Filesystem.Remove:input_type -> smolvm.agent.v1.RemoveRequest
-	45, // 48: smolvm.agent.v1.Filesystem.Read:input_type -> smolvm.agent.v1.ReadRequest
-	48, // 49: smolvm.agent.v1.Filesystem.Write:input_type -> smolvm.agent.v1.WriteRequest
-	4,  // 50: smolvm.agent.v1.System.Ping:output_type -> smolvm.agent.v1.PingResponse
-	6,  // 51: smolvm.agent.v1.System.SetIdentity:output_type -> smolvm.agent.v1.SetIdentityResponse
-	8,  // 52: smolvm.agent.v1.System.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
-	12, // 53: smolvm.agent.v1.Process.Start:output_type -> smolvm.agent.v1.ProcessEvent
-	12, // 54: smolvm.agent.v1.Process.Connect:output_type -> smolvm.agent.v1.ProcessEvent
-	21, // 55: smolvm.agent.v1.Process.List:output_type -> smolvm.agent.v1.ListResponse
-	23, // 56: smolvm.agent.v1.Process.Output:output_type -> smolvm.agent.v1.OutputResponse
-	25, // 57: smolvm.agent.v1.Process.SendInput:output_type -> smolvm.agent.v1.SendInputResponse
-	27, // 58: smolvm.agent.v1.Process.StreamInput:output_type -> smolvm.agent.v1.StreamInputResponse
-	29, // 59: smolvm.agent.v1.Process.CloseStdin:output_type -> smolvm.agent.v1.CloseStdinResponse
-	31, // 60: smolvm.agent.v1.Process.SendSignal:output_type -> smolvm.agent.v1.SendSignalResponse
-	33, // 61: smolvm.agent.v1.Process.Resize:output_type -> smolvm.agent.v1.ResizeResponse
-	36, // 62: smolvm.agent.v1.Filesystem.Stat:output_type -> smolvm.agent.v1.StatResponse
-	38, // 63: smolvm.agent.v1.Filesystem.ListDir:output_type -> smolvm.agent.v1.ListDirResponse
-	40, // 64: smolvm.agent.v1.Filesystem.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
-	42, // 65: smolvm.agent.v1.Filesystem.Move:output_type -> smolvm.agent.v1.MoveResponse
-	44, // 66: smolvm.agent.v1.Filesystem.Remove:output_type -> smolvm.agent.v1.RemoveResponse
-	46, // 67: smolvm.agent.v1.Filesystem.Read:output_type -> smolvm.agent.v1.ReadResponse
-	49, // 68: smolvm.agent.v1.Filesystem.Write:output_type -> smolvm.agent.v1.WriteResponse
-	50, // [50:69] is the sub-list for method output_type
-	31, // [31:50] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	52, // 31: smolvm.agent.v1.WriteTarRequest.header:type_name -> smolvm.agent.v1.WriteTarHeader
+	2,  // 32: smolvm.agent.v1.System.Ping:input_type -> smolvm.agent.v1.PingRequest
+	5,  // 33: smolvm.agent.v1.System.SetIdentity:input_type -> smolvm.agent.v1.SetIdentityRequest
+	7,  // 34: smolvm.agent.v1.System.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
+	11, // 35: smolvm.agent.v1.Process.Start:input_type -> smolvm.agent.v1.StartRequest
+	18, // 36: smolvm.agent.v1.Process.Connect:input_type -> smolvm.agent.v1.ConnectRequest
+	19, // 37: smolvm.agent.v1.Process.List:input_type -> smolvm.agent.v1.ListRequest
+	22, // 38: smolvm.agent.v1.Process.Output:input_type -> smolvm.agent.v1.OutputRequest
+	24, // 39: smolvm.agent.v1.Process.SendInput:input_type -> smolvm.agent.v1.SendInputRequest
+	26, // 40: smolvm.agent.v1.Process.StreamInput:input_type -> smolvm.agent.v1.StreamInputRequest
+	28, // 41: smolvm.agent.v1.Process.CloseStdin:input_type -> smolvm.agent.v1.CloseStdinRequest
+	30, // 42: smolvm.agent.v1.Process.SendSignal:input_type -> smolvm.agent.v1.SendSignalRequest
+	32, // 43: smolvm.agent.v1.Process.Resize:input_type -> smolvm.agent.v1.ResizeRequest
+	35, // 44: smolvm.agent.v1.Filesystem.Stat:input_type -> smolvm.agent.v1.StatRequest
+	37, // 45: smolvm.agent.v1.Filesystem.ListDir:input_type -> smolvm.agent.v1.ListDirRequest
+	39, // 46: smolvm.agent.v1.Filesystem.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
+	41, // 47: smolvm.agent.v1.Filesystem.Move:input_type -> smolvm.agent.v1.MoveRequest
+	43, // 48: smolvm.agent.v1.Filesystem.Remove:input_type -> smolvm.agent.v1.RemoveRequest
+	45, // 49: smolvm.agent.v1.Filesystem.Read:input_type -> smolvm.agent.v1.ReadRequest
+	48, // 50: smolvm.agent.v1.Filesystem.Write:input_type -> smolvm.agent.v1.WriteRequest
+	50, // 51: smolvm.agent.v1.Filesystem.ReadTar:input_type -> smolvm.agent.v1.ReadTarRequest
+	53, // 52: smolvm.agent.v1.Filesystem.WriteTar:input_type -> smolvm.agent.v1.WriteTarRequest
+	4,  // 53: smolvm.agent.v1.System.Ping:output_type -> smolvm.agent.v1.PingResponse
+	6,  // 54: smolvm.agent.v1.System.SetIdentity:output_type -> smolvm.agent.v1.SetIdentityResponse
+	8,  // 55: smolvm.agent.v1.System.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
+	12, // 56: smolvm.agent.v1.Process.Start:output_type -> smolvm.agent.v1.ProcessEvent
+	12, // 57: smolvm.agent.v1.Process.Connect:output_type -> smolvm.agent.v1.ProcessEvent
+	21, // 58: smolvm.agent.v1.Process.List:output_type -> smolvm.agent.v1.ListResponse
+	23, // 59: smolvm.agent.v1.Process.Output:output_type -> smolvm.agent.v1.OutputResponse
+	25, // 60: smolvm.agent.v1.Process.SendInput:output_type -> smolvm.agent.v1.SendInputResponse
+	27, // 61: smolvm.agent.v1.Process.StreamInput:output_type -> smolvm.agent.v1.StreamInputResponse
+	29, // 62: smolvm.agent.v1.Process.CloseStdin:output_type -> smolvm.agent.v1.CloseStdinResponse
+	31, // 63: smolvm.agent.v1.Process.SendSignal:output_type -> smolvm.agent.v1.SendSignalResponse
+	33, // 64: smolvm.agent.v1.Process.Resize:output_type -> smolvm.agent.v1.ResizeResponse
+	36, // 65: smolvm.agent.v1.Filesystem.Stat:output_type -> smolvm.agent.v1.StatResponse
+	38, // 66: smolvm.agent.v1.Filesystem.ListDir:output_type -> smolvm.agent.v1.ListDirResponse
+	40, // 67: smolvm.agent.v1.Filesystem.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
+	42, // 68: smolvm.agent.v1.Filesystem.Move:output_type -> smolvm.agent.v1.MoveResponse
+	44, // 69: smolvm.agent.v1.Filesystem.Remove:output_type -> smolvm.agent.v1.RemoveResponse
+	46, // 70: smolvm.agent.v1.Filesystem.Read:output_type -> smolvm.agent.v1.ReadResponse
+	49, // 71: smolvm.agent.v1.Filesystem.Write:output_type -> smolvm.agent.v1.WriteResponse
+	51, // 72: smolvm.agent.v1.Filesystem.ReadTar:output_type -> smolvm.agent.v1.ReadTarResponse
+	54, // 73: smolvm.agent.v1.Filesystem.WriteTar:output_type -> smolvm.agent.v1.WriteTarResponse
+	53, // [53:74] is the sub-list for method output_type
+	32, // [32:53] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3298,13 +3581,17 @@ func file_agent_proto_init() {
 		(*WriteRequest_Header)(nil),
 		(*WriteRequest_Data)(nil),
 	}
+	file_agent_proto_msgTypes[51].OneofWrappers = []any{
+		(*WriteTarRequest_Header)(nil),
+		(*WriteTarRequest_Data)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   48,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

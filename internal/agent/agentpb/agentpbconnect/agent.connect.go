@@ -84,6 +84,10 @@ const (
 	FilesystemReadProcedure = "/smolvm.agent.v1.Filesystem/Read"
 	// FilesystemWriteProcedure is the fully-qualified name of the Filesystem's Write RPC.
 	FilesystemWriteProcedure = "/smolvm.agent.v1.Filesystem/Write"
+	// FilesystemReadTarProcedure is the fully-qualified name of the Filesystem's ReadTar RPC.
+	FilesystemReadTarProcedure = "/smolvm.agent.v1.Filesystem/ReadTar"
+	// FilesystemWriteTarProcedure is the fully-qualified name of the Filesystem's WriteTar RPC.
+	FilesystemWriteTarProcedure = "/smolvm.agent.v1.Filesystem/WriteTar"
 )
 
 // SystemClient is a client for the smolvm.agent.v1.System service.
@@ -529,6 +533,12 @@ type FilesystemClient interface {
 	// the same directory, renamed into place only when the stream ends
 	// cleanly, so a cut upload never leaves a half-written file.
 	Write(context.Context) *connect.ClientStreamForClient[agentpb.WriteRequest, agentpb.WriteResponse]
+	// ReadTar streams a tar of a directory's contents, names relative to it.
+	ReadTar(context.Context, *connect.Request[agentpb.ReadTarRequest]) (*connect.ServerStreamForClient[agentpb.ReadTarResponse], error)
+	// WriteTar unpacks a tar stream into a directory (made when missing).
+	// Names must stay inside it: absolute names, .. and paths through a
+	// symlink are refused.
+	WriteTar(context.Context) *connect.ClientStreamForClient[agentpb.WriteTarRequest, agentpb.WriteTarResponse]
 }
 
 // NewFilesystemClient constructs a client for the smolvm.agent.v1.Filesystem service. By default,
@@ -584,18 +594,32 @@ func NewFilesystemClient(httpClient connect.HTTPClient, baseURL string, opts ...
 			connect.WithSchema(filesystemMethods.ByName("Write")),
 			connect.WithClientOptions(opts...),
 		),
+		readTar: connect.NewClient[agentpb.ReadTarRequest, agentpb.ReadTarResponse](
+			httpClient,
+			baseURL+FilesystemReadTarProcedure,
+			connect.WithSchema(filesystemMethods.ByName("ReadTar")),
+			connect.WithClientOptions(opts...),
+		),
+		writeTar: connect.NewClient[agentpb.WriteTarRequest, agentpb.WriteTarResponse](
+			httpClient,
+			baseURL+FilesystemWriteTarProcedure,
+			connect.WithSchema(filesystemMethods.ByName("WriteTar")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // filesystemClient implements FilesystemClient.
 type filesystemClient struct {
-	stat    *connect.Client[agentpb.StatRequest, agentpb.StatResponse]
-	listDir *connect.Client[agentpb.ListDirRequest, agentpb.ListDirResponse]
-	makeDir *connect.Client[agentpb.MakeDirRequest, agentpb.MakeDirResponse]
-	move    *connect.Client[agentpb.MoveRequest, agentpb.MoveResponse]
-	remove  *connect.Client[agentpb.RemoveRequest, agentpb.RemoveResponse]
-	read    *connect.Client[agentpb.ReadRequest, agentpb.ReadResponse]
-	write   *connect.Client[agentpb.WriteRequest, agentpb.WriteResponse]
+	stat     *connect.Client[agentpb.StatRequest, agentpb.StatResponse]
+	listDir  *connect.Client[agentpb.ListDirRequest, agentpb.ListDirResponse]
+	makeDir  *connect.Client[agentpb.MakeDirRequest, agentpb.MakeDirResponse]
+	move     *connect.Client[agentpb.MoveRequest, agentpb.MoveResponse]
+	remove   *connect.Client[agentpb.RemoveRequest, agentpb.RemoveResponse]
+	read     *connect.Client[agentpb.ReadRequest, agentpb.ReadResponse]
+	write    *connect.Client[agentpb.WriteRequest, agentpb.WriteResponse]
+	readTar  *connect.Client[agentpb.ReadTarRequest, agentpb.ReadTarResponse]
+	writeTar *connect.Client[agentpb.WriteTarRequest, agentpb.WriteTarResponse]
 }
 
 // Stat calls smolvm.agent.v1.Filesystem.Stat.
@@ -633,6 +657,16 @@ func (c *filesystemClient) Write(ctx context.Context) *connect.ClientStreamForCl
 	return c.write.CallClientStream(ctx)
 }
 
+// ReadTar calls smolvm.agent.v1.Filesystem.ReadTar.
+func (c *filesystemClient) ReadTar(ctx context.Context, req *connect.Request[agentpb.ReadTarRequest]) (*connect.ServerStreamForClient[agentpb.ReadTarResponse], error) {
+	return c.readTar.CallServerStream(ctx, req)
+}
+
+// WriteTar calls smolvm.agent.v1.Filesystem.WriteTar.
+func (c *filesystemClient) WriteTar(ctx context.Context) *connect.ClientStreamForClient[agentpb.WriteTarRequest, agentpb.WriteTarResponse] {
+	return c.writeTar.CallClientStream(ctx)
+}
+
 // FilesystemHandler is an implementation of the smolvm.agent.v1.Filesystem service.
 type FilesystemHandler interface {
 	Stat(context.Context, *connect.Request[agentpb.StatRequest]) (*connect.Response[agentpb.StatResponse], error)
@@ -646,6 +680,12 @@ type FilesystemHandler interface {
 	// the same directory, renamed into place only when the stream ends
 	// cleanly, so a cut upload never leaves a half-written file.
 	Write(context.Context, *connect.ClientStream[agentpb.WriteRequest]) (*connect.Response[agentpb.WriteResponse], error)
+	// ReadTar streams a tar of a directory's contents, names relative to it.
+	ReadTar(context.Context, *connect.Request[agentpb.ReadTarRequest], *connect.ServerStream[agentpb.ReadTarResponse]) error
+	// WriteTar unpacks a tar stream into a directory (made when missing).
+	// Names must stay inside it: absolute names, .. and paths through a
+	// symlink are refused.
+	WriteTar(context.Context, *connect.ClientStream[agentpb.WriteTarRequest]) (*connect.Response[agentpb.WriteTarResponse], error)
 }
 
 // NewFilesystemHandler builds an HTTP handler from the service implementation. It returns the path
@@ -697,6 +737,18 @@ func NewFilesystemHandler(svc FilesystemHandler, opts ...connect.HandlerOption) 
 		connect.WithSchema(filesystemMethods.ByName("Write")),
 		connect.WithHandlerOptions(opts...),
 	)
+	filesystemReadTarHandler := connect.NewServerStreamHandler(
+		FilesystemReadTarProcedure,
+		svc.ReadTar,
+		connect.WithSchema(filesystemMethods.ByName("ReadTar")),
+		connect.WithHandlerOptions(opts...),
+	)
+	filesystemWriteTarHandler := connect.NewClientStreamHandler(
+		FilesystemWriteTarProcedure,
+		svc.WriteTar,
+		connect.WithSchema(filesystemMethods.ByName("WriteTar")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/smolvm.agent.v1.Filesystem/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FilesystemStatProcedure:
@@ -713,6 +765,10 @@ func NewFilesystemHandler(svc FilesystemHandler, opts ...connect.HandlerOption) 
 			filesystemReadHandler.ServeHTTP(w, r)
 		case FilesystemWriteProcedure:
 			filesystemWriteHandler.ServeHTTP(w, r)
+		case FilesystemReadTarProcedure:
+			filesystemReadTarHandler.ServeHTTP(w, r)
+		case FilesystemWriteTarProcedure:
+			filesystemWriteTarHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -748,4 +804,12 @@ func (UnimplementedFilesystemHandler) Read(context.Context, *connect.Request[age
 
 func (UnimplementedFilesystemHandler) Write(context.Context, *connect.ClientStream[agentpb.WriteRequest]) (*connect.Response[agentpb.WriteResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("smolvm.agent.v1.Filesystem.Write is not implemented"))
+}
+
+func (UnimplementedFilesystemHandler) ReadTar(context.Context, *connect.Request[agentpb.ReadTarRequest], *connect.ServerStream[agentpb.ReadTarResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("smolvm.agent.v1.Filesystem.ReadTar is not implemented"))
+}
+
+func (UnimplementedFilesystemHandler) WriteTar(context.Context, *connect.ClientStream[agentpb.WriteTarRequest]) (*connect.Response[agentpb.WriteTarResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("smolvm.agent.v1.Filesystem.WriteTar is not implemented"))
 }
