@@ -103,6 +103,10 @@ type Result struct {
 	FirstByte Figure
 	Stream    Figure
 	HostPipe  Figure
+	// Upload1MiB puts a 1 MiB file over HTTP; Upload and Download move
+	// 100 MiB over HTTP, LoopUpload and LoopDownload as much to and from
+	// a server on host loopback that keeps nothing.
+	Upload1MiB, Upload, Download, LoopUpload, LoopDownload Figure
 }
 
 // streamMiB is what the stream throughput figures move.
@@ -244,6 +248,10 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 			return nil, err
 		}
 		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
+	}
+	fmt.Fprintf(log, "files: %d uploads of 1 MiB, %d MiB up and down 3 times...\n", o.RoundTrip, streamMiB)
+	if err := files(ctx, client, base, keep, o.RoundTrip, r); err != nil {
+		return nil, err
 	}
 	fmt.Fprintf(log, "streams: first byte of %d streamed commands, %d MiB of stdout 3 times...\n", o.RoundTrip, streamMiB)
 	if err := streams(ctx, client, base, m, keep, o.RoundTrip, r); err != nil {
@@ -496,6 +504,11 @@ func (r *Result) Print(w io.Writer) {
 	row(r.List, Figure{}, "")
 	row(r.HTTPList, r.List, "of library")
 	row(r.FirstByte, r.HTTPRoundTrip, "of HTTP `true`")
+	row(r.Upload1MiB, r.HTTPRoundTrip, "of HTTP `true`")
+	row(r.LoopUpload, Figure{}, "")
+	row(r.Upload, r.LoopUpload, "of loopback")
+	row(r.LoopDownload, Figure{}, "")
+	row(r.Download, r.LoopDownload, "of loopback")
 	row(r.HostPipe, Figure{}, "")
 	row(r.Stream, r.HostPipe, "of the host pipe")
 	if len(r.Transfer.Samples) > 0 {
@@ -506,6 +519,11 @@ func (r *Result) Print(w io.Writer) {
 	if len(r.Transfer.Samples) > 0 {
 		fmt.Fprintf(w, "\nthroughput of an exposed port: %.1f MiB/s (host loopback: %.0f MiB/s)\n",
 			MiBps(r.TransferMiB, r.Transfer.Median()), MiBps(r.TransferMiB, r.TransferBase.Median()))
+	}
+	if len(r.Upload.Samples) > 0 {
+		fmt.Fprintf(w, "\nfiles over HTTP: %.1f MiB/s up, %.1f MiB/s down (host loopback: %.0f up, %.0f down)\n",
+			MiBps(streamMiB, r.Upload.Median()), MiBps(streamMiB, r.Download.Median()),
+			MiBps(streamMiB, r.LoopUpload.Median()), MiBps(streamMiB, r.LoopDownload.Median()))
 	}
 	if len(r.Stream.Samples) > 0 {
 		fmt.Fprintf(w, "\nstdout throughput of a command: %.0f MiB/s (a pipe on the host: %.0f MiB/s)\n",
@@ -587,5 +605,98 @@ type countWriter struct{ n int64 }
 
 func (c *countWriter) Write(p []byte) (int, error) {
 	c.n += int64(len(p))
+	return len(p), nil
+}
+
+// files times file uploads and downloads through the API, beside the same
+// transfers to a server on host loopback that keeps nothing.
+func files(ctx context.Context, client *http.Client, base, id string, n int, r *Result) error {
+	put := func(url string, size int64) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPut, url, io.LimitReader(zeroReader{}, size))
+		if err != nil {
+			return err
+		}
+		req.ContentLength = size
+		req.Header.Set("Content-Type", "application/octet-stream")
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode/100 != 2 {
+			b, _ := io.ReadAll(resp.Body)
+			return fmt.Errorf("PUT %s: %s %s", url, resp.Status, b)
+		}
+		return nil
+	}
+	get := func(url string) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		nb, err := io.Copy(io.Discard, resp.Body)
+		if err == nil && nb != streamMiB<<20 {
+			err = fmt.Errorf("GET %s: %d bytes", url, nb)
+		}
+		return err
+	}
+	timed := func(f *Figure, fn func() error) error {
+		start := time.Now()
+		if err := fn(); err != nil {
+			return err
+		}
+		f.Samples = append(f.Samples, time.Since(start))
+		return nil
+	}
+	file := base + "/sandboxes/" + id + "/files?path=/root/bench.bin"
+	for range n {
+		if err := timed(&r.Upload1MiB, func() error { return put(file, 1<<20) }); err != nil {
+			return err
+		}
+	}
+	loop, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if req.Method == http.MethodPut {
+			io.Copy(io.Discard, req.Body)
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(streamMiB<<20))
+		io.Copy(w, io.LimitReader(zeroReader{}, streamMiB<<20))
+	})}
+	go srv.Serve(loop)
+	defer srv.Close()
+	loopURL := "http://" + loop.Addr().String() + "/f"
+	for range 3 {
+		steps := []struct {
+			f  *Figure
+			fn func() error
+		}{
+			{&r.LoopUpload, func() error { return put(loopURL, streamMiB<<20) }},
+			{&r.Upload, func() error { return put(file, streamMiB<<20) }},
+			{&r.LoopDownload, func() error { return get(loopURL) }},
+			{&r.Download, func() error { return get(file) }},
+		}
+		for _, s := range steps {
+			if err := timed(s.f, s.fn); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
 	return len(p), nil
 }

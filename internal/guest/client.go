@@ -90,15 +90,17 @@ func Dial(ctx context.Context, dial Dialer) (*Client, error) {
 	}
 }
 
-// transport's limits suit an emulated guest, which can stall for seconds
-// under load: a peer is given up only after a minute of silence.
-var transport = &http2.Transport{
-	AllowHTTP:        true,
-	ReadIdleTimeout:  15 * time.Second,
-	PingTimeout:      60 * time.Second,
-	WriteByteTimeout: 60 * time.Second,
-	// Few large frames, as the agent's server asks too.
-	MaxReadFrameSize: 1 << 20,
+// newTransport's limits suit an emulated guest, which can stall for
+// seconds under load: a peer is given up only after a minute of silence.
+func newTransport() *http2.Transport {
+	return &http2.Transport{
+		AllowHTTP:        true,
+		ReadIdleTimeout:  15 * time.Second,
+		PingTimeout:      60 * time.Second,
+		WriteByteTimeout: 60 * time.Second,
+		// Few large frames, as the agent's server asks too.
+		MaxReadFrameSize: 1 << 20,
+	}
 }
 
 func handshake(ctx context.Context, conn net.Conn) (*Client, error) {
@@ -126,7 +128,7 @@ func handshake(ctx context.Context, conn net.Conn) (*Client, error) {
 	if peer.Version < wire.MinVersion || peer.Version > wire.Version {
 		return nil, &VersionError{Agent: peer.Version}
 	}
-	cc, err := transport.NewClientConn(&readerConn{Conn: conn, r: br})
+	cc, err := newTransport().NewClientConn(&readerConn{Conn: conn, r: br})
 	if err != nil {
 		return nil, fmt.Errorf("agent session: %w", err)
 	}
