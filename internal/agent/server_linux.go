@@ -161,7 +161,8 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 	if _, err := c.Write(wire.ReadyLine(nonce)); err != nil {
 		return fmt.Errorf("handshake: %w", err)
 	}
-	s.h2.ServeConn(&readerConn{Conn: c, r: br}, &http2.ServeConnOpts{
+	guarded := &frameGuard{Conn: &readerConn{Conn: c, r: br}, max: int(s.h2.MaxReadFrameSize)}
+	s.h2.ServeConn(guarded, &http2.ServeConnOpts{
 		Context: ctx,
 		Handler: s.handler,
 	})

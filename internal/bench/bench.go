@@ -127,6 +127,14 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		Ping:           Figure{Name: "agent round trip, no process (library)"},
 		List:           Figure{Name: "list sandboxes (library)"},
 		HTTPList:       Figure{Name: "GET /sandboxes (HTTP)"},
+		FirstByte:      Figure{Name: "first streamed byte of a command (HTTP SSE)"},
+		Upload1MiB:     Figure{Name: "upload of a 1 MiB file (HTTP)"},
+		LoopUpload:     Figure{Name: "100 MiB PUT to host loopback"},
+		Upload:         Figure{Name: "100 MiB file upload (HTTP)"},
+		LoopDownload:   Figure{Name: "100 MiB GET from host loopback"},
+		Download:       Figure{Name: "100 MiB file download (HTTP)"},
+		HostPipe:       Figure{Name: "100 MiB through a pipe on the host"},
+		Stream:         Figure{Name: "100 MiB of a command's stdout (library)"},
 		TransferMiB:    100,
 	}
 	r.Transfer.Name = fmt.Sprintf("GET %d MiB from the guest through an exposed port", r.TransferMiB)
@@ -249,6 +257,12 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		}
 		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
 	}
+	info, err := m.Get(ctx, keep)
+	if err != nil {
+		return nil, err
+	}
+	r.IdleRSS, r.UsedPSS = rss(info.PID), pss(info.PID)
+	// After the memory figures: these fill the guest's page cache.
 	fmt.Fprintf(log, "files: %d uploads of 1 MiB, %d MiB up and down 3 times...\n", o.RoundTrip, streamMiB)
 	if err := files(ctx, client, base, keep, o.RoundTrip, r); err != nil {
 		return nil, err
@@ -257,11 +271,6 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	if err := streams(ctx, client, base, m, keep, o.RoundTrip, r); err != nil {
 		return nil, err
 	}
-	info, err := m.Get(ctx, keep)
-	if err != nil {
-		return nil, err
-	}
-	r.IdleRSS, r.UsedPSS = rss(info.PID), pss(info.PID)
 	// After the RSS figure: the file served sits in the guest's memory.
 	if o.Transfers > 0 {
 		fmt.Fprintf(log, "transfers: %d fetches of %d MiB through an exposed port...\n", o.Transfers, r.TransferMiB)
