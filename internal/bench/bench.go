@@ -200,12 +200,13 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	fmt.Fprintf(log, "round trips: %d commands...\n", o.RoundTrip)
 	for range o.RoundTrip {
 		start := time.Now()
-		if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw}); err != nil {
+		// argv: the round trip itself, no shell started in the guest.
+		if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Argv: []string{"true"}}); err != nil {
 			return nil, err
 		}
 		r.RoundTrip.Samples = append(r.RoundTrip.Samples, time.Since(start))
 		start = time.Now()
-		res, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "cat /tmp/1m", Shell: sandbox.ShellRaw})
+		res, err := m.Exec(ctx, keep, sandbox.ExecRequest{Argv: []string{"cat", "/tmp/1m"}})
 		if err != nil {
 			return nil, err
 		}
@@ -244,7 +245,7 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	if err := httpCreates(ctx, client, coldBase, o, &r.HTTPColdCreate); err != nil {
 		return nil, err
 	}
-	body, _ := json.Marshal(map[string]any{"command": "true", "shell": "raw"})
+	body, _ := json.Marshal(map[string]any{"argv": []string{"true"}})
 	for range o.RoundTrip {
 		start := time.Now()
 		if err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+keep+"/exec", body); err != nil {
@@ -332,7 +333,7 @@ func density(ctx context.Context, m *sandbox.Manager, max int, r *Result, log io
 		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
 		if err == nil {
 			ids = append(ids, info.ID)
-			_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+			_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Argv: []string{"true"}})
 		}
 		if err != nil {
 			r.DensityLimit = "first failure: " + err.Error()
@@ -342,7 +343,7 @@ func density(ctx context.Context, m *sandbox.Manager, max int, r *Result, log io
 	}
 	// All still answer at the end, not only when each was new.
 	for _, id := range ids {
-		if _, err := m.Exec(ctx, id, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw}); err != nil {
+		if _, err := m.Exec(ctx, id, sandbox.ExecRequest{Argv: []string{"true"}}); err != nil {
 			r.DensityLimit = "a running sandbox stopped answering: " + err.Error()
 			return
 		}
@@ -378,7 +379,7 @@ func poolCreates(ctx context.Context, o Options, r *Result, log io.Writer) error
 		if err != nil {
 			return err
 		}
-		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Argv: []string{"true"}})
 		took := time.Since(start)
 		if derr := m.Delete(ctx, info.ID); err == nil {
 			err = derr
@@ -417,7 +418,7 @@ func httpCreates(ctx context.Context, client *http.Client, base string, o Option
 		if err := callJSON(ctx, client, http.MethodPost, base+"/sandboxes", createBody, &sb); err != nil {
 			return err
 		}
-		err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+sb.ID+"/exec", []byte(`{"command":"true","shell":"raw"}`))
+		err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+sb.ID+"/exec", []byte(`{"argv":["true"]}`))
 		if err == nil {
 			f.Samples = append(f.Samples, time.Since(start))
 		}
@@ -444,7 +445,7 @@ func creates(ctx context.Context, m *sandbox.Manager, o Options, f *Figure, keep
 		if err != nil {
 			return err
 		}
-		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true", Shell: sandbox.ShellRaw})
+		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Argv: []string{"true"}})
 		if err != nil {
 			m.Delete(ctx, info.ID)
 			return err
