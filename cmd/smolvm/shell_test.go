@@ -89,9 +89,18 @@ func TestShell(t *testing.T) {
 	}
 	// A resize of the window reaches the guest's terminal.
 	tm.run("resize-window", "-t", tm.session, "-x", "120", "-y", "40")
-	time.Sleep(500 * time.Millisecond)
-	tm.keys("clear; stty size")
-	tm.waitFor("40 120", 30*time.Second)
+	// The resize travels on its own; ask until the guest has it.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		tm.keys("clear; stty size")
+		time.Sleep(time.Second)
+		if strings.Contains(tm.run("capture-pane", "-p", "-t", tm.session), "40 120") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest never saw the 120x40 window:\n%s", tm.run("capture-pane", "-p", "-t", tm.session))
+		}
+	}
 	tm.keys("exit 3")
 	tm.waitFor("SHELL-EXIT-3", 30*time.Second)
 

@@ -214,7 +214,7 @@ func TestExecTimeout(t *testing.T) {
 	t.Parallel()
 	c, _ := connect(t)
 	req := script(`echo started; sleep 30`)
-	req.TimeoutMs = 300
+	req.TimeoutMs = 2000 // room for the shell to start on a loaded host
 	var out bytes.Buffer
 	exit, err := c.Exec(testCtx(t), req, &out, nil)
 	if err != nil {

@@ -71,7 +71,7 @@ func TestExecStream(t *testing.T) {
 
 	t.Run("sse delivers output as it is written", func(t *testing.T) {
 		resp := openExecStream(t, ctx, base, sb.ID, "text/event-stream",
-			`{"command":"echo first; sleep 2; echo second; printf '\\377' >&2; exit 4"}`)
+			`{"command":"echo first; sleep 3; echo second; printf '\\377' >&2; exit 4"}`)
 		if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
 			t.Fatalf("status %d, %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 		}
@@ -96,7 +96,7 @@ func TestExecStream(t *testing.T) {
 			t.Errorf("invalid UTF-8 as %s", evs[2].Data)
 		}
 		var exit ExecExitEvent
-		if err := json.Unmarshal([]byte(evs[3].Data), &exit); err != nil || exit.ExitCode != 4 || exit.TimedOut || exit.DurationMS < 2000 {
+		if err := json.Unmarshal([]byte(evs[3].Data), &exit); err != nil || exit.ExitCode != 4 || exit.TimedOut || exit.DurationMS < 3000 {
 			t.Errorf("exit %s", evs[3].Data)
 		}
 	})
@@ -189,7 +189,7 @@ func TestExecStream(t *testing.T) {
 	})
 
 	t.Run("timeout ends the stream with timed_out", func(t *testing.T) {
-		evs := readSSE(t, openExecStream(t, ctx, base, sb.ID, "text/event-stream", `{"command":"echo a; sleep 30","timeout":1}`))
+		evs := readSSE(t, openExecStream(t, ctx, base, sb.ID, "text/event-stream", `{"command":"echo a; exec sleep 30","shell":"raw","timeout":3}`))
 		if len(evs) != 2 || evs[1].Type != "exit" || !strings.Contains(evs[1].Data, `"timed_out":true`) || !strings.Contains(evs[1].Data, `"exit_code":137`) {
 			t.Errorf("events %v", evs)
 		}

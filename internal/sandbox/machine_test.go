@@ -260,7 +260,9 @@ func TestFakeExecTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "echo started; sleep 30", Timeout: time.Second})
+	// Raw (no login profile to read) and seconds of room, so a loaded host
+	// still prints before the timeout.
+	res, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "echo started; exec sleep 60", Shell: sandbox.ShellRaw, Timeout: 3 * time.Second})
 	if err != nil || !res.TimedOut || string(res.Stdout) != "started\n" {
 		t.Errorf("timed out %v, stdout %q, err %v; want the partial output and timed out", res.TimedOut, res.Stdout, err)
 	}

@@ -133,7 +133,7 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
     const errs: Uint8Array[] = [];
     const result = await smolvm.sandbox.exec(
       sandbox.id,
-      { command: "echo first; sleep 2; echo second; printf '\\377' >&2", cwd: "/tmp", env: { X: "1" } },
+      { command: "echo first; sleep 3; echo second; printf '\\377' >&2", cwd: "/tmp", env: { X: "1" } },
       { onStdout: (text) => seen.push({ text, at: Date.now() }), onStderr: (_t, bytes) => errs.push(bytes) },
     );
     assert.deepEqual(
