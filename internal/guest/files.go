@@ -94,17 +94,23 @@ func (c *Client) OpenFile(ctx context.Context, path string, offset, length int64
 }
 
 func (r *FileReader) Read(p []byte) (int, error) {
-	for len(r.rest) == 0 {
-		if !r.stream.Receive() {
-			if err := r.stream.Err(); err != nil {
-				return 0, r.c.callErr(r.ctx, err)
+	return readChunks(p, &r.rest, r.c, r.ctx, r.stream, (*agentpb.ReadResponse).GetData)
+}
+
+// readChunks reads a server stream's data messages as one byte stream,
+// rest holding what the last message left over.
+func readChunks[T any](p []byte, rest *[]byte, c *Client, ctx context.Context, stream *connect.ServerStreamForClient[T], data func(*T) []byte) (int, error) {
+	for len(*rest) == 0 {
+		if !stream.Receive() {
+			if err := stream.Err(); err != nil {
+				return 0, c.callErr(ctx, err)
 			}
 			return 0, io.EOF
 		}
-		r.rest = r.stream.Msg().GetData()
+		*rest = data(stream.Msg())
 	}
-	n := copy(p, r.rest)
-	r.rest = r.rest[n:]
+	n := copy(p, *rest)
+	*rest = (*rest)[n:]
 	return n, nil
 }
 
@@ -124,29 +130,59 @@ func (c *Client) WriteFile(ctx context.Context, h *agentpb.WriteHeader, r io.Rea
 	if err := stream.Send(&agentpb.WriteRequest{Event: &agentpb.WriteRequest_Header{Header: h}}); err != nil {
 		return nil, c.writeErr(ctx, stream, err)
 	}
-	buf := make([]byte, writeChunk)
-	for {
-		n, rerr := io.ReadFull(r, buf)
-		if n > 0 {
-			if err := stream.Send(&agentpb.WriteRequest{Event: &agentpb.WriteRequest_Data{Data: buf[:n]}}); err != nil {
-				return nil, c.writeErr(ctx, stream, err)
-			}
+	err := sendChunks(r, func(b []byte) error {
+		if err := stream.Send(&agentpb.WriteRequest{Event: &agentpb.WriteRequest_Data{Data: b}}); err != nil {
+			return &sendError{c.writeErr(ctx, stream, err)}
 		}
-		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
-			break
-		}
-		if rerr != nil {
-			// Cancelling before closing makes the agent drop what it has.
-			cancel()
-			stream.CloseAndReceive()
-			return nil, fmt.Errorf("read the file to send: %w", rerr)
-		}
+		return nil
+	})
+	if err != nil {
+		return nil, abandon(cancel, stream.CloseAndReceive, "file", err)
 	}
 	resp, err := stream.CloseAndReceive()
 	if err != nil {
 		return nil, c.callErr(ctx, err)
 	}
 	return resp.Msg.Entry, nil
+}
+
+// sendError is a send that failed, already explained by the agent's
+// answer.
+type sendError struct{ err error }
+
+func (e *sendError) Error() string { return e.err.Error() }
+func (e *sendError) Unwrap() error { return e.err }
+
+// sendChunks sends what r yields in messages of at most writeChunk.
+func sendChunks(r io.Reader, send func([]byte) error) error {
+	buf := make([]byte, writeChunk)
+	for {
+		n, err := io.ReadFull(r, buf)
+		if n > 0 {
+			if serr := send(buf[:n]); serr != nil {
+				return serr
+			}
+		}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// abandon ends an upload that failed. A failed send already carries the
+// agent's answer; a failed read of the source cancels before closing,
+// which makes the agent drop what it has.
+func abandon[T any](cancel context.CancelFunc, closeAndReceive func() (*connect.Response[T], error), what string, err error) error {
+	var se *sendError
+	if errors.As(err, &se) {
+		return se.err
+	}
+	cancel()
+	closeAndReceive()
+	return fmt.Errorf("read the %s to send: %w", what, err)
 }
 
 // writeErr finds out why a send failed: the agent's answer is on the
@@ -196,18 +232,7 @@ func (c *Client) OpenTar(ctx context.Context, path string) (*TarReader, error) {
 }
 
 func (r *TarReader) Read(p []byte) (int, error) {
-	for len(r.rest) == 0 {
-		if !r.stream.Receive() {
-			if err := r.stream.Err(); err != nil {
-				return 0, r.c.callErr(r.ctx, err)
-			}
-			return 0, io.EOF
-		}
-		r.rest = r.stream.Msg().GetData()
-	}
-	n := copy(p, r.rest)
-	r.rest = r.rest[n:]
-	return n, nil
+	return readChunks(p, &r.rest, r.c, r.ctx, r.stream, (*agentpb.ReadTarResponse).GetData)
 }
 
 // Close stops the read.
@@ -236,22 +261,14 @@ func (c *Client) WriteTar(ctx context.Context, path string, r io.Reader) (int64,
 	if err := send(&agentpb.WriteTarRequest{Event: &agentpb.WriteTarRequest_Header{Header: &agentpb.WriteTarHeader{Path: path}}}); err != nil {
 		return 0, err
 	}
-	buf := make([]byte, writeChunk)
-	for {
-		n, rerr := io.ReadFull(r, buf)
-		if n > 0 {
-			if err := send(&agentpb.WriteTarRequest{Event: &agentpb.WriteTarRequest_Data{Data: buf[:n]}}); err != nil {
-				return 0, err
-			}
+	err := sendChunks(r, func(b []byte) error {
+		if err := send(&agentpb.WriteTarRequest{Event: &agentpb.WriteTarRequest_Data{Data: b}}); err != nil {
+			return &sendError{err}
 		}
-		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
-			break
-		}
-		if rerr != nil {
-			cancel()
-			stream.CloseAndReceive()
-			return 0, fmt.Errorf("read the tar to send: %w", rerr)
-		}
+		return nil
+	})
+	if err != nil {
+		return 0, abandon(cancel, stream.CloseAndReceive, "tar", err)
 	}
 	resp, err := stream.CloseAndReceive()
 	if err != nil {
