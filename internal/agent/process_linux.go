@@ -113,7 +113,7 @@ func (t *processTable) find(sel *agentpb.ProcessSelector) (*proc, error) {
 	return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("name a process by pid or tag"))
 }
 
-// add registers p unless its tag is taken by a running process.
+// tagFree reports whether no running process has tag.
 func (t *processTable) tagFree(tag string) bool {
 	if tag == "" {
 		return true
@@ -128,6 +128,7 @@ func (t *processTable) tagFree(tag string) bool {
 	return true
 }
 
+// add registers a started process.
 func (t *processTable) add(p *proc) {
 	t.mu.Lock()
 	t.byPID[p.pid] = p
