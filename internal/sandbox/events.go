@@ -120,12 +120,3 @@ func (m *Manager) Subscribe(after uint64, resume bool) (past []Event, complete b
 		}
 	}
 }
-
-// publishSandbox sends a created or updated event for info, if callers
-// can see that sandbox.
-func (m *Manager) publishSandbox(typ string, info Info) {
-	if info.Status == statusPooled || info.Status == statusWarming {
-		return
-	}
-	m.events.publish(Event{Type: typ, SandboxID: info.ID, Sandbox: &info})
-}

@@ -2,10 +2,6 @@ package sandbox
 
 import (
 	"context"
-	"crypto/rand"
-	"debug/elf"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -24,8 +20,6 @@ import (
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/image"
-	"github.com/smolvm/smolvm/internal/kernel"
-	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
 	"github.com/smolvm/smolvm/internal/vmm/drivers"
@@ -82,35 +76,32 @@ const connectTimeout = 15 * time.Second
 // HTTP API, the CLI and the Go library all go through. It is safe for
 // concurrent use, and several Managers (in several processes) may share one
 // data directory.
+//
+// It is a facade: requests are checked and recorded here, and the work is
+// done by the launcher (one machine up or down), the template cache, the
+// pool and the session set, which share the store.
 type Manager struct {
 	opts    Options
 	store   *store.Store
 	drivers *vmm.Registry
 
-	sessions *sessions
-	events   *events
-
-	// mu guards the maps below and closing.
-	mu sync.Mutex
-
-	stopPool func()
-	poolWake chan struct{}
-	poolDone chan struct{}
+	l         *launcher
+	templates *templates
+	pool      *pool
+	sessions  *sessions
+	events    *events
 
 	// Asynchronous creates run under bg and are waited for on Close.
-	bg       context.Context
-	stopBg   func()
-	async    sync.WaitGroup
+	bg     context.Context
+	stopBg func()
+	async  sync.WaitGroup
+
+	// mu guards what follows.
+	mu       sync.Mutex
 	closing  bool
 	progress map[string]Progress
-	warming  map[string]bool   // pool members this process is warming up
 	cancels  map[string]func() // asynchronous creates in progress, by id
 	configs  map[string]image.Config
-
-	// afterRestore, set only by tests, runs when a clone's agent has
-	// answered and before it is given its identity, with a way to run a
-	// shell command in the clone.
-	afterRestore func(ctx context.Context, run func(cmd string) error)
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -152,23 +143,19 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		sessions: newSessions(),
 		events:   newEvents(),
 		progress: make(map[string]Progress),
-		warming:  make(map[string]bool),
 		cancels:  make(map[string]func()),
 		configs:  make(map[string]image.Config),
 	}
+	m.l = &launcher{opts: opts, store: st, drivers: opts.Drivers, sessions: m.sessions, events: m.events}
+	m.templates = &templates{l: m.l, root: opts.DataDir.Templates(), disabled: opts.NoTemplates}
+	m.pool = newPool(m.l, m, opts.Pool, opts.PoolCleanup)
 	m.bg, m.stopBg = context.WithCancel(context.Background())
 	if _, err := m.List(ctx); err != nil {
 		st.Close()
 		return nil, err
 	}
-	m.sweepBuilds(ctx)
-	if opts.Pool > 0 {
-		pctx, cancel := context.WithCancel(context.Background())
-		m.stopPool = cancel
-		m.poolWake = make(chan struct{}, 1)
-		m.poolDone = make(chan struct{})
-		go m.runPool(pctx)
-	}
+	m.templates.sweepBuilds(ctx)
+	m.pool.start()
 	return m, nil
 }
 
@@ -182,16 +169,7 @@ func (m *Manager) Close() error {
 	// error state, with the reason); the VMs that run stay.
 	m.stopBg()
 	m.async.Wait()
-	if m.stopPool != nil {
-		m.stopPool()
-		<-m.poolDone
-		m.stopPool = nil
-		if m.opts.PoolCleanup {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			m.drainPool(ctx)
-			cancel()
-		}
-	}
+	m.pool.close()
 	m.sessions.closeAll()
 	return m.store.Close()
 }
@@ -251,65 +229,6 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 	return drv, nil
 }
 
-// assets are the host files a boot needs, resolved before a record exists.
-type assets struct {
-	kernel *kernel.Kernel
-	initrd string
-	base   *image.Base
-}
-
-func (m *Manager) assets(ctx context.Context, src image.Source, diskMiB int, progress func(image.Progress)) (assets, error) {
-	var a assets
-	k, err := kernel.Default(m.opts.DataDir)
-	if err != nil {
-		return a, &Error{Kind: KindUnavailable, Code: "kernel_missing", Message: "no guest kernel is installed: run `smolvm setup`", Err: err}
-	}
-	agent, err := m.agentPath()
-	if err != nil {
-		return a, err
-	}
-	initrd, err := kernel.BuildInitramfs(ctx, m.opts.DataDir, k, agent)
-	if err != nil {
-		return a, fmt.Errorf("build initramfs: %w", err)
-	}
-	base, err := image.Resolve(ctx, m.opts.DataDir, src, image.Options{Mirror: m.opts.RegistryMirror, Log: m.opts.Progress, Progress: progress})
-	if err != nil {
-		return a, imageError(src, err)
-	}
-	imageMiB := int((base.SizeBytes + 1<<20 - 1) >> 20)
-	if diskMiB < imageMiB {
-		return a, invalid("invalid_disk_size", "disk_size", "disk_size %d MiB is smaller than the image (%d MiB): ask for at least %d", diskMiB, imageMiB, imageMiB)
-	}
-	a.kernel, a.initrd, a.base = k, initrd, base
-	return a, nil
-}
-
-func (m *Manager) agentPath() (string, error) {
-	if p := doctor.Agent.Locate(m.opts.AgentPath); p != "" {
-		return p, checkStatic(p)
-	}
-	return "", &Error{Kind: KindUnavailable, Code: "agent_missing",
-		Message: "guest agent binary smolvm-agent not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_AGENT)"}
-}
-
-// checkStatic refuses a dynamically linked agent: it runs as /init before
-// any root filesystem, with no loader or libc to find, and the kernel
-// would only say "No working init found".
-func checkStatic(path string) error {
-	f, err := elf.Open(path)
-	if err != nil {
-		return &Error{Kind: KindUnavailable, Code: "agent_invalid", Message: fmt.Sprintf("guest agent %s is not an ELF binary", path), Err: err}
-	}
-	defer f.Close()
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP {
-			return &Error{Kind: KindUnavailable, Code: "agent_invalid",
-				Message: fmt.Sprintf("guest agent %s is dynamically linked: rebuild it with CGO_ENABLED=0 (scripts/setup.sh does)", path)}
-		}
-	}
-	return nil
-}
-
 func newID() string { return "vm-" + randomHex(4) }
 
 // Create boots a sandbox and returns once its agent answers. On failure
@@ -325,7 +244,7 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status Status) 
 		return Info{}, err
 	}
 	if status == StatusRunning && poolable(req) {
-		if info, ok, err := m.takePooled(ctx, req); ok || err != nil {
+		if info, ok, err := m.pool.takePooled(ctx, req); ok || err != nil {
 			return info, err
 		}
 	}
@@ -347,7 +266,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 		return Info{}, err
 	}
 	if poolable(req) {
-		if info, ok, err := m.takePooled(ctx, req); ok || err != nil {
+		if info, ok, err := m.pool.takePooled(ctx, req); ok || err != nil {
 			return info, err
 		}
 	}
@@ -416,7 +335,7 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 		}
 		err = m.store.Insert(ctx, rec)
 		if err == nil {
-			m.publishSandbox(EventSandboxCreated, toInfo(rec))
+			m.l.publishSandbox(EventSandboxCreated, toInfo(rec))
 			return rec, release, nil
 		}
 		release()
@@ -478,7 +397,7 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 	defer unlock()
 	defer m.setProgress(rec.ID, nil)
 	src := image.Source{OS: req.OS, Image: req.Image}
-	a, err := m.assets(ctx, src, req.DiskSizeMiB, func(p image.Progress) { m.setProgress(rec.ID, &p) })
+	a, err := m.l.assets(ctx, src, req.DiskSizeMiB, func(p image.Progress) { m.setProgress(rec.ID, &p) })
 	if err == nil {
 		rec.Image = imageName(req, a.base)
 		if err = os.MkdirAll(rec.Dir, 0o755); err == nil {
@@ -487,7 +406,7 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 	}
 	var info Info
 	if err == nil {
-		if info, err = m.launch(ctx, drv, a, rec, status); err == nil {
+		if info, err = m.templates.launch(ctx, drv, a, rec, status); err == nil {
 			return info, nil
 		}
 	}
@@ -495,18 +414,18 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	if keepFailure {
-		terr := m.halt(cctx, *rec)
+		terr := m.l.halt(cctx, *rec)
 		if rerr := os.RemoveAll(rec.Dir); rerr != nil {
 			terr = errors.Join(terr, rerr)
 		}
 		rec.PID, rec.Runtime, rec.Error = 0, "", err.Error()
-		if terr2 := m.transition(cctx, rec, StatusError); terr2 != nil {
+		if terr2 := m.l.transition(cctx, rec, StatusError); terr2 != nil {
 			terr = errors.Join(terr, terr2)
 		}
-		m.logTeardown(rec.ID, "failed create", terr)
+		m.l.logTeardown(rec.ID, "failed create", terr)
 		return Info{}, err
 	}
-	m.logTeardown(rec.ID, "failed create", m.destroy(cctx, *rec))
+	m.l.logTeardown(rec.ID, "failed create", m.destroy(cctx, *rec))
 	return Info{}, err
 }
 
@@ -532,268 +451,6 @@ func (m *Manager) withProgress(info Info) Info {
 		info.Progress = &p
 	}
 	return info
-}
-
-// boot starts the VM for rec cold (making its disk first when fresh) and
-// waits for the agent.
-func (m *Manager) boot(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, fresh bool, final Status) (Info, error) {
-	spec := m.spec(a, rec)
-	if fresh {
-		if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
-			return Info{}, fmt.Errorf("create sandbox directory: %w", err)
-		}
-	}
-	mach, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Machine, error) { return drv.Start(ctx, s) })
-	if err != nil {
-		return Info{}, err
-	}
-	c, err := m.waitAgent(ctx, mach, rec, m.opts.BootTimeout)
-	if err != nil {
-		return Info{}, err
-	}
-	return m.finish(ctx, c, rec, 0, BootCold, final)
-}
-
-func (m *Manager) spec(a assets, rec *store.Record) vmm.Spec {
-	return vmm.Spec{
-		ID: rec.ID, Dir: rec.Dir,
-		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
-		Cmdline:   bootCmdline(rec.ID, readNet(*rec).Policy.Enabled()),
-		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
-		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs,
-	}
-}
-
-// waitAgent records inst on rec and waits up to timeout for the agent to
-// answer, giving up at once if the VM process dies or the guest crashes.
-func (m *Manager) waitAgent(ctx context.Context, mach vmm.Machine, rec *store.Record, timeout time.Duration) (*guest.Client, error) {
-	rec.PID, rec.Runtime = mach.PID(), string(mach.Runtime())
-	if err := m.transition(ctx, rec, rec.Status); err != nil {
-		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
-	}
-	c, err := dialWhileAlive(ctx, mach, timeout)
-	if err != nil {
-		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
-	}
-	return c, nil
-}
-
-// errVMExited means the VM process ended before its agent answered.
-var errVMExited = errors.New("the VM exited before its agent answered")
-
-// errGuestCrashed means the guest kernel reported a crash on its console
-// before the agent answered.
-var errGuestCrashed = errors.New("the guest crashed")
-
-// dialWhileAlive connects to inst's agent, watching the VM meanwhile: a VM
-// process that ends or a console that shows a kernel crash ends the wait
-// within a tick, instead of after timeout.
-func dialWhileAlive(ctx context.Context, mach vmm.Machine, timeout time.Duration) (*guest.Client, error) {
-	bctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	var why error // set before cancel, read after Dial returns
-	watched := make(chan struct{})
-	go func() {
-		defer close(watched)
-		console := &consoleWatch{path: mach.ConsoleLog()}
-		t := time.NewTicker(50 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-bctx.Done():
-				return
-			case <-t.C:
-				if line := console.crash(); line != "" {
-					why = fmt.Errorf("%w (%q)", errGuestCrashed, line)
-					cancel()
-					return
-				}
-				if !mach.Alive() {
-					why = errVMExited
-					if line := console.crash(); line != "" {
-						why = fmt.Errorf("%w (%q)", errGuestCrashed, line)
-					}
-					cancel()
-					return
-				}
-			}
-		}
-	}()
-	c, err := guest.Dial(bctx, mach.DialAgent)
-	cancel()
-	<-watched
-	if err == nil {
-		return c, nil
-	}
-	if why != nil {
-		return nil, &consoleError{err: why, console: consoleTail(mach.ConsoleLog())}
-	}
-	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
-		return nil, err
-	}
-	if ctx.Err() != nil {
-		return nil, ctx.Err()
-	}
-	return nil, &consoleError{err: fmt.Errorf("the guest did not answer within %s: %w", timeout, err), console: consoleTail(mach.ConsoleLog())}
-}
-
-// finish gives the guest its identity and marks the sandbox running.
-func (m *Manager) finish(ctx context.Context, c *guest.Client, rec *store.Record, diskBytes int64, how BootKind, final Status) (Info, error) {
-	id := &agentpb.SetIdentityRequest{
-		Hostname:  rec.ID,
-		MachineId: randomHex(16),
-		UnixNano:  time.Now().UnixNano(),
-		Seed:      randomBytes(64),
-		DiskBytes: diskBytes,
-	}
-	ictx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if _, err := c.Identity(ictx, id); err != nil {
-		c.Close()
-		return Info{}, fmt.Errorf("give the guest its identity: %w", err)
-	}
-	if err := m.applyPorts(ctx, rec); err != nil {
-		c.Close()
-		return Info{}, err
-	}
-	rec.Error = ""
-	if err := m.transition(ctx, rec, final); err != nil {
-		c.Close()
-		return Info{}, err
-	}
-	m.sessions.set(rec.ID, c)
-	info := toInfo(*rec)
-	info.Boot = how
-	return info, nil
-}
-
-func randomBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
-
-func randomHex(n int) string { return hex.EncodeToString(randomBytes(n)) }
-
-func bootCmdline(id string, net bool) string {
-	args := []string{
-		// An oops leaves the kernel in an unknown state: make it a panic,
-		// and a panic an immediate reboot, which -no-reboot turns into
-		// the VM process exiting. A crashed guest then ends at once
-		// instead of hanging until a timeout.
-		"console=ttyS0", "quiet", "loglevel=3", "oops=panic", "panic=-1",
-		// No keyboard or mouse is attached; probing for them costs time.
-		"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",
-		"smolvm.hostname=" + id,
-	}
-	if net {
-		args = append(args, netCmdline(true))
-	}
-	return strings.Join(args, " ")
-}
-
-// client returns a live session with the sandbox's agent, connecting (or
-// reconnecting, after another process or a restart) when needed.
-func (m *Manager) client(ctx context.Context, rec store.Record) (*guest.Client, error) {
-	if c := m.sessions.live(rec.ID); c != nil {
-		return c, nil
-	}
-	unlock := m.lock(rec.ID)
-	defer unlock()
-	if c := m.sessions.live(rec.ID); c != nil {
-		return c, nil
-	}
-	_, mach, err := m.machine(rec)
-	if err != nil {
-		return nil, err
-	}
-	dctx, cancel := context.WithTimeout(ctx, connectTimeout)
-	defer cancel()
-	c, err := guest.Dial(dctx, mach.DialAgent)
-	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
-		return nil, &Error{Kind: KindConflict, Code: "agent_incompatible", Message: fmt.Sprintf("sandbox %s: %v", rec.ID, ve), Err: err}
-	}
-	if err != nil {
-		return nil, &Error{Kind: KindConflict, Code: "agent_unreachable",
-			Message: fmt.Sprintf("sandbox %s did not answer; if another smolvm process (a server) is using it, go through that process (--url)", rec.ID), Err: err}
-	}
-	m.sessions.set(rec.ID, c)
-	return c, nil
-}
-
-// machine finds rec's VM again through its driver and runtime record.
-func (m *Manager) machine(rec store.Record) (vmm.Driver, vmm.Machine, error) {
-	drv, err := m.drivers.Get(rec.Backend)
-	if err != nil {
-		return nil, nil, fmt.Errorf("sandbox %s: %w", rec.ID, err)
-	}
-	if rec.Runtime == "" {
-		return drv, nil, fmt.Errorf("sandbox %s has no runtime record", rec.ID)
-	}
-	mach, err := drv.Attach(json.RawMessage(rec.Runtime))
-	if err != nil {
-		return drv, nil, fmt.Errorf("sandbox %s: %w", rec.ID, err)
-	}
-	return drv, mach, nil
-}
-
-// transition records rec with status to, provided the stored status is
-// still one of from (by default, rec's own): every state change is one
-// compare-and-set, so what another process changed meanwhile is not
-// overwritten but reported.
-func (m *Manager) transition(ctx context.Context, rec *store.Record, to Status, from ...Status) error {
-	if len(from) == 0 {
-		from = []Status{rec.Status}
-	}
-	next := *rec
-	next.Status = to
-	changed, err := m.store.Transition(ctx, next, from...)
-	if err != nil {
-		if errors.Is(err, store.ErrNotFound) {
-			return notFound(rec.ID)
-		}
-		return fmt.Errorf("record sandbox %s: %w", rec.ID, err)
-	}
-	if !changed {
-		now := "changed"
-		if cur, err := m.store.Get(ctx, rec.ID); err == nil {
-			now = string(cur.Status)
-		}
-		return &Error{Kind: KindConflict, Code: "conflict",
-			Message: fmt.Sprintf("sandbox %s changed meanwhile (it is %s now); try again", rec.ID, now)}
-	}
-	if to != rec.Status || next.Network != rec.Network {
-		m.publishSandbox(EventSandboxUpdated, toInfo(next))
-	}
-	*rec = next
-	return nil
-}
-
-// halt ends what rec runs on this host: its agent session, its VM and its
-// network process. It is the one teardown every path uses; the errors of
-// all three are joined.
-func (m *Manager) halt(ctx context.Context, rec store.Record) error {
-	m.sessions.drop(rec.ID)
-	var errs []error
-	if _, mach, err := m.machine(rec); err == nil {
-		if err := mach.Kill(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("stop VM: %w", err))
-		}
-	}
-	if rec.Dir != "" {
-		if err := network.Stop(ctx, rec.Dir); err != nil {
-			errs = append(errs, fmt.Errorf("stop network: %w", err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// logTeardown logs a teardown's error for the operator: the caller's own
-// error has already been returned, and this one must not be lost.
-func (m *Manager) logTeardown(id, what string, err error) {
-	if err != nil {
-		m.opts.Logger.Error("cleanup after "+what+" failed", "sandbox", id, "err", err)
-	}
 }
 
 func toInfo(r store.Record) Info {
@@ -830,7 +487,7 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	if rec.Status != StatusRunning {
 		return rec
 	}
-	_, mach, err := m.machine(rec)
+	_, mach, err := m.l.machine(rec)
 	if err != nil || mach.Alive() {
 		return rec
 	}
@@ -845,7 +502,7 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	}
 	m.sessions.drop(rec.ID)
 	rec.Status, rec.Error, rec.PID = StatusStopped, reason, 0
-	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
+	m.l.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return rec
 }
 
@@ -860,10 +517,10 @@ func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Recor
 		}
 		return rec
 	}
-	m.logTeardown(rec.ID, "an interrupted create", m.halt(ctx, rec))
+	m.l.logTeardown(rec.ID, "an interrupted create", m.l.halt(ctx, rec))
 	os.Remove(filepath.Join(rec.Dir, creationLock))
 	rec.Status, rec.Error, rec.PID = StatusError, reason, 0
-	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
+	m.l.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return rec
 }
 
@@ -926,7 +583,7 @@ func (m *Manager) Stream(ctx context.Context, id string, req ExecRequest, stdout
 // stream runs wreq in rec's VM, which the caller found running.
 func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.StartRequest, stdout, stderr io.Writer) (ExecResult, error) {
 	id := rec.ID
-	c, err := m.client(ctx, rec)
+	c, err := m.l.client(ctx, rec)
 	if err != nil {
 		return ExecResult{}, err
 	}
@@ -984,7 +641,7 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 	case StatusCreating:
 		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
 	}
-	_, mach, err := m.machine(rec)
+	_, mach, err := m.l.machine(rec)
 	if err != nil {
 		return err
 	}
@@ -1010,11 +667,11 @@ func (m *Manager) Stop(ctx context.Context, id string) error {
 		// process ends by itself once the VM is gone; halt makes sure.
 		m.opts.Logger.Warn("VM did not shut down in time; killing it", "sandbox", id)
 	}
-	if err := m.halt(ctx, rec); err != nil {
+	if err := m.l.halt(ctx, rec); err != nil {
 		return fmt.Errorf("stop sandbox %s: %w", id, err)
 	}
 	rec.PID, rec.Error = 0, ""
-	return m.transition(ctx, &rec, StatusStopped, StatusRunning)
+	return m.l.transition(ctx, &rec, StatusStopped, StatusRunning)
 }
 
 // Start boots a stopped sandbox again from its own disk.
@@ -1038,19 +695,19 @@ func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
 	if err != nil {
 		return Info{}, fmt.Errorf("sandbox %s: %w", id, err)
 	}
-	a, err := m.assets(ctx, sourceOf(rec), rec.DiskSizeMiB, nil)
+	a, err := m.l.assets(ctx, sourceOf(rec), rec.DiskSizeMiB, nil)
 	if err != nil {
 		return Info{}, err
 	}
-	info, err := m.boot(ctx, drv, a, &rec, false, StatusRunning)
+	info, err := m.l.boot(ctx, drv, a, &rec, false, StatusRunning)
 	if err != nil {
 		cctx := context.WithoutCancel(ctx)
-		terr := m.halt(cctx, rec)
+		terr := m.l.halt(cctx, rec)
 		rec.PID, rec.Error = 0, err.Error()
-		if uerr := m.transition(cctx, &rec, StatusError); uerr != nil {
+		if uerr := m.l.transition(cctx, &rec, StatusError); uerr != nil {
 			terr = errors.Join(terr, uerr)
 		}
-		m.logTeardown(id, "failed start", terr)
+		m.l.logTeardown(id, "failed start", terr)
 		return Info{}, err
 	}
 	return info, nil
@@ -1098,7 +755,7 @@ func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 	m.mu.Lock()
 	delete(m.configs, rec.ID)
 	m.mu.Unlock()
-	if err := m.halt(ctx, rec); err != nil {
+	if err := m.l.halt(ctx, rec); err != nil {
 		return fmt.Errorf("stop sandbox %s: %w", rec.ID, err)
 	}
 	if rec.Dir != "" {
@@ -1118,7 +775,7 @@ func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 // new default sandbox of memMiB would boot with, without starting
 // anything. The benchmark boots it bare as its baseline.
 func (m *Manager) BootSpec(ctx context.Context, memMiB int) (vmm.Driver, vmm.Spec, error) {
-	a, err := m.assets(ctx, image.Source{}, MaxDiskMiB, nil)
+	a, err := m.l.assets(ctx, image.Source{}, MaxDiskMiB, nil)
 	if err != nil {
 		return nil, vmm.Spec{}, err
 	}
@@ -1138,7 +795,7 @@ func (m *Manager) Ping(ctx context.Context, id string) error {
 	if rec.Status != StatusRunning {
 		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
-	c, err := m.client(ctx, rec)
+	c, err := m.l.client(ctx, rec)
 	if err != nil {
 		return err
 	}

@@ -8,10 +8,8 @@ import (
 	"slices"
 	"strconv"
 
-	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
-	"github.com/smolvm/smolvm/internal/vmm"
 )
 
 // netState is what a sandbox's record keeps about its network.
@@ -96,77 +94,6 @@ func networkInvalid(err error) error {
 		return &Error{Kind: KindInvalid, Code: "invalid_network", Field: fe.Field, Message: fe.Message}
 	}
 	return err
-}
-
-// netPath locates cmd/smolvm-net like the agent: the option, then
-// $SMOLVM_NET, then next to the running executable, then $PATH.
-func (m *Manager) netPath() (string, error) {
-	if p := doctor.Net.Locate(m.opts.NetPath); p != "" {
-		return p, nil
-	}
-	return "", &Error{Kind: KindUnavailable, Code: "network_unavailable", Field: "network",
-		Message: "the sandbox network helper smolvm-net was not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_NET), or create the sandbox with network mode \"off\""}
-}
-
-// startNetwork starts the network process for a VM about to boot in dir and
-// points spec at it; with the network off it does nothing.
-func (m *Manager) startNetwork(ctx context.Context, dir string, p network.Policy, spec *vmm.Spec) error {
-	if !p.Enabled() {
-		return nil
-	}
-	bin, err := m.netPath()
-	if err != nil {
-		return err
-	}
-	if _, err := network.Start(ctx, bin, dir, p); err != nil {
-		if errors.Is(err, network.ErrPathTooLong) {
-			return &Error{Kind: KindUnavailable, Code: "data_dir_too_long", Message: err.Error()}
-		}
-		return fmt.Errorf("start the sandbox network: %w", err)
-	}
-	spec.Net = &vmm.NetAttachment{Kind: vmm.NetStream, Socket: network.Files{Dir: dir}.Link(), MAC: network.GuestMAC}
-	return nil
-}
-
-// startVM starts rec's network, if it has one, then its VM with start; if
-// the VM does not start, the network goes too.
-func (m *Manager) startVM(ctx context.Context, rec *store.Record, spec vmm.Spec, start func(vmm.Spec) (vmm.Machine, error)) (vmm.Machine, error) {
-	if err := m.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
-		return nil, err
-	}
-	mach, err := start(spec)
-	if err != nil {
-		if nerr := network.Stop(context.WithoutCancel(ctx), rec.Dir); nerr != nil {
-			m.opts.Logger.Error("stop the network of a VM that did not start", "sandbox", rec.ID, "err", nerr)
-		}
-		return nil, err
-	}
-	return mach, nil
-}
-
-// applyPorts opens rec's recorded forwards on its (new) network process
-// and records the host ports they got. A port first asked for as 0 keeps
-// its last host port when it is free, and takes another when it is not.
-func (m *Manager) applyPorts(ctx context.Context, rec *store.Record) error {
-	s := readNet(*rec)
-	if !s.Policy.Enabled() || len(s.Ports) == 0 {
-		return nil
-	}
-	c := network.Dial(network.Files{Dir: rec.Dir}.Control())
-	for i, p := range s.Ports {
-		got, err := c.Expose(ctx, p.Forward)
-		if err != nil && p.Requested == 0 && p.Host != 0 && errors.Is(err, network.ErrPortInUse) {
-			f := p.Forward
-			f.Host = 0
-			got, err = c.Expose(ctx, f)
-		}
-		if err != nil {
-			return portError(err)
-		}
-		s.Ports[i].Forward = got
-	}
-	writeNet(rec, s)
-	return nil
 }
 
 // portError maps a network process's refusal to the API's errors.
@@ -258,7 +185,7 @@ func (m *Manager) ExposePort(ctx context.Context, id string, f network.Forward) 
 		c.Unexpose(context.WithoutCancel(ctx), got.Guest)
 		return f, fmt.Errorf("record port: %w", err)
 	}
-	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
+	m.l.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return got, nil
 }
 
@@ -303,7 +230,7 @@ func (m *Manager) ClosePort(ctx context.Context, id string, guest int) (network.
 	if err := m.store.SetNetwork(ctx, id, rec.Network); err != nil {
 		return network.Forward{}, fmt.Errorf("record port: %w", err)
 	}
-	m.publishSandbox(EventSandboxUpdated, toInfo(rec))
+	m.l.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return closed, nil
 }
 

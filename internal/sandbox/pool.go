@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 )
@@ -18,6 +20,65 @@ const statusPooled = store.StatusPooled
 
 // statusWarming marks a pool member still running its warm-up commands.
 const statusWarming = store.StatusWarming
+
+// pool keeps sandboxes of the default shape restored, warmed up and
+// waiting, so a default create is handed one at once. Members are real
+// records (pooled or warming) that callers do not see until one is claimed.
+type pool struct {
+	l       *launcher
+	host    poolHost
+	size    int
+	cleanup bool
+
+	wake chan struct{}
+	done chan struct{}
+	stop func()
+
+	mu      sync.Mutex
+	warming map[string]bool // members this process is warming up
+}
+
+// poolHost is what the pool needs of the Manager that owns it: making a
+// member through the normal create path, removing one, and running the
+// warm-up commands.
+type poolHost interface {
+	create(ctx context.Context, req CreateRequest, status Status) (Info, error)
+	remove(ctx context.Context, rec store.Record) error
+	stream(ctx context.Context, rec store.Record, wreq *agentpb.StartRequest, stdout, stderr io.Writer) (ExecResult, error)
+}
+
+func newPool(l *launcher, host poolHost, size int, cleanup bool) *pool {
+	return &pool{l: l, host: host, size: size, cleanup: cleanup, warming: make(map[string]bool)}
+}
+
+// start runs the refiller until close.
+func (p *pool) start() {
+	if p.size <= 0 {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p.stop = cancel
+	p.wake = make(chan struct{}, 1)
+	p.done = make(chan struct{})
+	go p.runPool(ctx)
+}
+
+// close stops the refiller and, with cleanup, deletes the waiting members.
+func (p *pool) close() {
+	if p.stop == nil {
+		return
+	}
+	p.stop()
+	<-p.done
+	p.stop = nil
+	if p.cleanup {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := p.drainPool(ctx); err != nil {
+			p.l.opts.Logger.Error("delete pooled sandboxes", "err", err)
+		}
+	}
+}
 
 // poolShape is the one create request the pool serves: the defaults.
 func poolShape() CreateRequest {
@@ -37,12 +98,12 @@ func poolable(req CreateRequest) bool {
 // takePooled claims a ready pooled sandbox, if there is one, gives it req's
 // network policy and ports, and wakes the refiller. An error is req's fault
 // (a host port in use, say): the claimed sandbox is gone again.
-func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool, error) {
-	if m.opts.Pool <= 0 {
+func (p *pool) takePooled(ctx context.Context, req CreateRequest) (Info, bool, error) {
+	if p.size <= 0 {
 		return Info{}, false, nil
 	}
-	defer m.wakePool()
-	recs, err := m.store.List(ctx)
+	defer p.wakePool()
+	recs, err := p.l.store.List(ctx)
 	if err != nil {
 		return Info{}, false, nil
 	}
@@ -55,21 +116,21 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 		// Only one that answers: a pooled VM may have died unseen, or be
 		// held by another process, which would then claim it itself.
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := m.client(cctx, r)
+		_, err := p.l.client(cctx, r)
 		cancel()
 		if err != nil {
 			continue
 		}
 		now := time.Now().UTC()
-		ok, err := m.store.Claim(ctx, r.ID, statusPooled, StatusRunning, now)
+		ok, err := p.l.store.Claim(ctx, r.ID, statusPooled, StatusRunning, now)
 		if err != nil || !ok {
-			m.sessions.drop(r.ID)
+			p.l.sessions.drop(r.ID)
 			continue
 		}
 		r.Status, r.CreatedAt = StatusRunning, now
-		m.publishSandbox(EventSandboxCreated, toInfo(r))
-		if err := m.configureClaimed(ctx, &r, req); err != nil {
-			m.remove(context.WithoutCancel(ctx), r)
+		p.l.publishSandbox(EventSandboxCreated, toInfo(r))
+		if err := p.configureClaimed(ctx, &r, req); err != nil {
+			p.discard(context.WithoutCancel(ctx), r)
 			if e, ok := AsError(err); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {
 				return Info{}, false, err
 			}
@@ -85,8 +146,8 @@ func (m *Manager) takePooled(ctx context.Context, req CreateRequest) (Info, bool
 // configureClaimed gives a pooled sandbox, just claimed, the network the
 // request asked for: pool members wait with the default policy and no
 // ports.
-func (m *Manager) configureClaimed(ctx context.Context, r *store.Record, req CreateRequest) error {
-	unlock := m.lock(r.ID)
+func (p *pool) configureClaimed(ctx context.Context, r *store.Record, req CreateRequest) error {
+	unlock := p.l.sessions.lock(r.ID)
 	defer unlock()
 	if !req.Network.Equal(poolShape().Network) {
 		if err := network.Dial(network.Files{Dir: r.Dir}.Control()).SetPolicy(ctx, req.Network); err != nil {
@@ -94,26 +155,26 @@ func (m *Manager) configureClaimed(ctx context.Context, r *store.Record, req Cre
 		}
 	}
 	writeNet(r, requestedNet(req))
-	if err := m.applyPorts(ctx, r); err != nil {
+	if err := p.l.applyPorts(ctx, r); err != nil {
 		return err
 	}
-	return m.transition(ctx, r, StatusRunning, StatusRunning)
+	return p.l.transition(ctx, r, StatusRunning, StatusRunning)
 }
 
-func (m *Manager) wakePool() {
+func (p *pool) wakePool() {
 	select {
-	case m.poolWake <- struct{}{}:
+	case p.wake <- struct{}{}:
 	default:
 	}
 }
 
 // runPool keeps opts.Pool sandboxes of the default shape restored and
 // waiting, until ctx ends.
-func (m *Manager) runPool(ctx context.Context) {
-	defer close(m.poolDone)
+func (p *pool) runPool(ctx context.Context) {
+	defer close(p.done)
 	for {
-		if err := m.fillPool(ctx); err != nil && ctx.Err() == nil {
-			fmt.Fprintf(m.opts.Progress, "smolvm: pool: %v\n", err)
+		if err := p.fillPool(ctx); err != nil && ctx.Err() == nil {
+			fmt.Fprintf(p.l.opts.Progress, "smolvm: pool: %v\n", err)
 			select {
 			case <-ctx.Done():
 				return
@@ -124,55 +185,55 @@ func (m *Manager) runPool(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-m.poolWake:
+		case <-p.wake:
 		case <-time.After(10 * time.Second):
 		}
 	}
 }
 
-func (m *Manager) fillPool(ctx context.Context) error {
+func (p *pool) fillPool(ctx context.Context) error {
 	for {
-		recs, err := m.store.List(ctx)
+		recs, err := p.l.store.List(ctx)
 		if err != nil {
 			return err
 		}
 		ready := 0
 		for _, r := range recs {
-			if m.abandoned(r) {
-				m.remove(context.WithoutCancel(ctx), r)
+			if p.abandoned(r) {
+				p.discard(context.WithoutCancel(ctx), r)
 				continue
 			}
 			if r.Status != statusPooled {
 				continue
 			}
 			// A member made before sandboxes had networks cannot serve.
-			if _, mach, err := m.machine(r); err == nil && mach.Alive() && readNet(r).Policy.Enabled() {
+			if _, mach, err := p.l.machine(r); err == nil && mach.Alive() && readNet(r).Policy.Enabled() {
 				ready++
 				continue
 			}
-			m.remove(ctx, r)
+			p.discard(ctx, r)
 		}
-		if ready >= m.opts.Pool {
+		if ready >= p.size {
 			return nil
 		}
-		if err := m.addPoolMember(ctx); err != nil {
+		if err := p.addPoolMember(ctx); err != nil {
 			return err
 		}
 	}
 }
 
 // addPoolMember creates one sandbox for the pool, warms it up and offers it.
-func (m *Manager) addPoolMember(ctx context.Context) error {
-	info, err := m.create(ctx, poolShape(), statusWarming)
+func (p *pool) addPoolMember(ctx context.Context) error {
+	info, err := p.host.create(ctx, poolShape(), statusWarming)
 	if err != nil {
 		return fmt.Errorf("refill: %w", err)
 	}
-	m.setWarming(info.ID, true)
-	defer m.setWarming(info.ID, false)
+	p.setWarming(info.ID, true)
+	defer p.setWarming(info.ID, false)
 	// Whatever happens from here, the member must not be left behind
 	// half-made, even when ctx is what ended.
 	cleanup := context.WithoutCancel(ctx)
-	rec, err := m.store.Get(cleanup, info.ID)
+	rec, err := p.l.store.Get(cleanup, info.ID)
 	if err != nil {
 		return err
 	}
@@ -181,13 +242,13 @@ func (m *Manager) addPoolMember(ctx context.Context) error {
 	// who takes it does not pay for that.
 	for _, req := range []ExecRequest{{Command: "true", Shell: ShellRaw}, {Command: "true", Shell: ShellLogin}} {
 		wreq, _ := execRequest(req)
-		if _, err := m.stream(ctx, rec, wreq, io.Discard, io.Discard); err != nil {
-			m.remove(cleanup, rec)
+		if _, err := p.host.stream(ctx, rec, wreq, io.Discard, io.Discard); err != nil {
+			p.discard(cleanup, rec)
 			return fmt.Errorf("warm up: %w", err)
 		}
 	}
-	if _, err := m.store.Claim(cleanup, info.ID, statusWarming, statusPooled, time.Now().UTC()); err != nil {
-		m.remove(cleanup, rec)
+	if _, err := p.l.store.Claim(cleanup, info.ID, statusWarming, statusPooled, time.Now().UTC()); err != nil {
+		p.discard(cleanup, rec)
 		return err
 	}
 	return nil
@@ -196,36 +257,36 @@ func (m *Manager) addPoolMember(ctx context.Context) error {
 // abandoned reports a pool member left half-warmed by a process that
 // stopped: not being warmed here, and untouched for longer than a warm-up
 // takes (another process may be warming it right now).
-func (m *Manager) abandoned(r store.Record) bool {
-	return r.Status == statusWarming && !m.isWarming(r.ID) && time.Since(r.UpdatedAt) > 2*time.Minute
+func (p *pool) abandoned(r store.Record) bool {
+	return r.Status == statusWarming && !p.isWarming(r.ID) && time.Since(r.UpdatedAt) > 2*time.Minute
 }
 
-func (m *Manager) setWarming(id string, on bool) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+func (p *pool) setWarming(id string, on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	if on {
-		m.warming[id] = true
+		p.warming[id] = true
 	} else {
-		delete(m.warming, id)
+		delete(p.warming, id)
 	}
 }
 
-func (m *Manager) isWarming(id string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.warming[id]
+func (p *pool) isWarming(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.warming[id]
 }
 
 // drainPool deletes the pooled sandboxes this process holds.
-func (m *Manager) drainPool(ctx context.Context) error {
-	recs, err := m.store.List(ctx)
+func (p *pool) drainPool(ctx context.Context) error {
+	recs, err := p.l.store.List(ctx)
 	if err != nil {
 		return err
 	}
 	var errs []error
 	for _, r := range recs {
-		if r.Status == statusPooled || m.abandoned(r) {
-			if err := m.remove(ctx, r); err != nil {
+		if r.Status == statusPooled || p.abandoned(r) {
+			if err := p.host.remove(ctx, r); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -237,8 +298,8 @@ func (m *Manager) drainPool(ctx context.Context) error {
 func visible(r store.Record) bool { return r.Status != statusPooled && r.Status != statusWarming }
 
 // PoolReady counts the pooled sandboxes waiting to be handed out.
-func (m *Manager) PoolReady(ctx context.Context) (int, error) {
-	recs, err := m.store.List(ctx)
+func (p *pool) ready(ctx context.Context) (int, error) {
+	recs, err := p.l.store.List(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -249,4 +310,13 @@ func (m *Manager) PoolReady(ctx context.Context) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// PoolReady counts the pooled sandboxes waiting to be handed out.
+func (m *Manager) PoolReady(ctx context.Context) (int, error) { return m.pool.ready(ctx) }
+
+// discard removes a member that cannot serve, logging what the removal
+// left behind.
+func (p *pool) discard(ctx context.Context, rec store.Record) {
+	p.l.logTeardown(rec.ID, "removing a pool member", p.host.remove(ctx, rec))
 }

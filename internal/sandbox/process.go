@@ -92,7 +92,7 @@ func (m *Manager) runningClient(ctx context.Context, id string) (store.Record, *
 		return rec, nil, &Error{Kind: KindConflict, Code: "sandbox_not_running",
 			Message: fmt.Sprintf("sandbox %s is %s, not running", id, rec.Status)}
 	}
-	c, err := m.client(ctx, rec)
+	c, err := m.l.client(ctx, rec)
 	return rec, c, err
 }
 

@@ -53,11 +53,21 @@ type Template struct {
 	Retired bool `json:"retired,omitempty"`
 }
 
+// templates is the template cache: saved VMs keyed by everything they
+// depend on, built once per key (by whichever process asks first, under a
+// file lock) and restored into new sandboxes, with a cold boot through the
+// launcher whenever no template can serve.
+type templates struct {
+	l        *launcher
+	root     string
+	disabled bool
+}
+
 // templateKey names everything a saved VM depends on; a clone may only be
 // restored from a template whose key matches exactly, so a new kernel,
 // agent (inside the initramfs's hash), image, QEMU or machine shape never
 // restores a stale template.
-func (m *Manager) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
+func (tc *templates) templateKey(ctx context.Context, drv vmm.Driver, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
 	identity, err := drv.Identity(ctx)
 	if err != nil {
 		return nil, err
@@ -91,15 +101,15 @@ func templateDiskMiB(a assets, diskMiB int) int {
 // launch brings rec's VM up from a template when it can, and cold when it
 // cannot; a template that fails is retired at once, logged with why, and
 // never returned as a broken sandbox.
-func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final Status) (Info, error) {
+func (tc *templates) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final Status) (Info, error) {
 	snap, ok := drv.(vmm.Snapshotter)
-	if !ok || m.opts.NoTemplates {
-		return m.boot(ctx, drv, a, rec, true, final)
+	if !ok || tc.disabled {
+		return tc.l.boot(ctx, drv, a, rec, true, final)
 	}
-	t, err := m.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB, readNet(*rec).Policy.Enabled())
+	t, err := tc.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB, readNet(*rec).Policy.Enabled())
 	var warning string
 	if err == nil {
-		info, console, rerr := m.restore(ctx, drv, snap, t, a, rec, final)
+		info, console, rerr := tc.restore(ctx, drv, snap, t, a, rec, final)
 		if rerr == nil {
 			return info, nil
 		}
@@ -120,9 +130,9 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 		// Whatever went wrong, the next create builds a fresh template
 		// rather than trying this one again.
 		if berr := markBad(snap, t, rerr); berr != nil {
-			m.opts.Logger.Error("retire template", "template", t.Key, "err", berr)
+			tc.l.opts.Logger.Error("retire template", "template", t.Key, "err", berr)
 		}
-		m.opts.Logger.Warn("template clone failed; template retired, booting cold",
+		tc.l.opts.Logger.Warn("template clone failed; template retired, booting cold",
 			"sandbox", rec.ID, "template", t.Key, "build", filepath.Base(t.Dir), "err", summary(rerr),
 			"console", consoleTail(console))
 		warning = fmt.Sprintf("booted cold: the clone of template %s failed (%s); the template is retired", t.Key, summary(rerr))
@@ -130,18 +140,18 @@ func (m *Manager) launch(ctx context.Context, drv vmm.Driver, a assets, rec *sto
 		if ctx.Err() != nil {
 			return Info{}, err
 		}
-		m.opts.Logger.Warn("no template; booting cold", "sandbox", rec.ID, "err", err)
+		tc.l.opts.Logger.Warn("no template; booting cold", "sandbox", rec.ID, "err", err)
 		warning = fmt.Sprintf("booted cold: no template could be built (%s)", summary(err))
 	}
-	fmt.Fprintf(m.opts.Progress, "smolvm: %s: %s\n", rec.ID, warning)
+	fmt.Fprintf(tc.l.opts.Progress, "smolvm: %s: %s\n", rec.ID, warning)
 	// The failed clone's VM is gone; its network and files go too
 	// (image.json stays).
-	terr := m.halt(context.WithoutCancel(ctx), *rec)
+	terr := tc.l.halt(context.WithoutCancel(ctx), *rec)
 	if err := drv.Clear(rec.Dir); err != nil {
 		terr = errors.Join(terr, err)
 	}
-	m.logTeardown(rec.ID, "a failed clone", terr)
-	info, err := m.boot(ctx, drv, a, rec, true, final)
+	tc.l.logTeardown(rec.ID, "a failed clone", terr)
+	info, err := tc.l.boot(ctx, drv, a, rec, true, final)
 	if err != nil {
 		return Info{}, err
 	}
@@ -157,24 +167,24 @@ const restoreTimeout = 30 * time.Second
 // restore starts rec's VM from t, grows its disk to the size asked for, and
 // gives it its identity. It returns the clone's console log too, which says
 // why when a clone fails.
-func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final Status) (Info, string, error) {
-	spec := m.spec(a, rec)
+func (tc *templates) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, t *Template, a assets, rec *store.Record, final Status) (Info, string, error) {
+	spec := tc.l.spec(a, rec)
 	if err := os.MkdirAll(rec.Dir, 0o755); err != nil {
 		return Info{}, "", fmt.Errorf("create sandbox directory: %w", err)
 	}
 	// Each clone gets a network process of its own; the saved machine
 	// holds only the guest's side of the link.
-	mach, err := m.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Machine, error) { return snap.Restore(ctx, s, t.Dir) })
+	mach, err := tc.l.startVM(ctx, rec, spec, func(s vmm.Spec) (vmm.Machine, error) { return snap.Restore(ctx, s, t.Dir) })
 	if err != nil {
 		return Info{}, "", err
 	}
 	console := mach.ConsoleLog()
-	c, err := m.waitAgent(ctx, mach, rec, min(restoreTimeout, m.opts.BootTimeout))
+	c, err := tc.l.waitAgent(ctx, mach, rec, min(restoreTimeout, tc.l.opts.BootTimeout))
 	if err != nil {
 		return Info{}, console, err
 	}
-	if m.afterRestore != nil {
-		m.afterRestore(ctx, func(cmd string) error {
+	if tc.l.afterRestore != nil {
+		tc.l.afterRestore(ctx, func(cmd string) error {
 			_, err := c.Exec(ctx, &agentpb.StartRequest{Process: &agentpb.ProcessConfig{Script: cmd, Shell: agentpb.Shell_SHELL_RAW}}, io.Discard, io.Discard)
 			return err
 		})
@@ -193,7 +203,7 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 			return Info{}, console, errors.Join(fmt.Errorf("grow disk: %w", err), mach.Kill(context.WithoutCancel(ctx)))
 		}
 	}
-	info, err := m.finish(ctx, c, rec, diskBytes, BootTemplate, final)
+	info, err := tc.l.finish(ctx, c, rec, diskBytes, BootTemplate, final)
 	if err != nil {
 		return Info{}, console, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
@@ -203,12 +213,12 @@ func (m *Manager) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snapshot
 // ensureTemplate returns the template for this machine, building it first
 // if no process has: boot a VM cold, wait for its agent, save it. Concurrent
 // callers, in this process or others, build it once.
-func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
-	t, err := m.templateKey(ctx, drv, a, memMiB, vcpus, diskMiB, net)
+func (tc *templates) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, memMiB, vcpus, diskMiB int, net bool) (*Template, error) {
+	t, err := tc.templateKey(ctx, drv, a, memMiB, vcpus, diskMiB, net)
 	if err != nil {
 		return nil, err
 	}
-	root := m.opts.DataDir.Templates()
+	root := tc.root
 	if findTemplate(root, snap, t) {
 		return t, nil
 	}
@@ -223,19 +233,19 @@ func (m *Manager) ensureTemplate(ctx context.Context, drv vmm.Driver, snap vmm.S
 	if findTemplate(root, snap, t) {
 		return t, nil
 	}
-	fmt.Fprintf(m.opts.Progress, "smolvm: building a template for %s, %d MiB memory, %d vCPU, %d MiB disk (one cold boot)...\n", a.base.Name, memMiB, vcpus, t.DiskMiB)
+	fmt.Fprintf(tc.l.opts.Progress, "smolvm: building a template for %s, %d MiB memory, %d vCPU, %d MiB disk (one cold boot)...\n", a.base.Name, memMiB, vcpus, t.DiskMiB)
 	start := time.Now()
-	if err := m.buildTemplate(ctx, drv, snap, a, t); err != nil {
+	if err := tc.buildTemplate(ctx, drv, snap, a, t); err != nil {
 		return nil, fmt.Errorf("build template: %w", err)
 	}
 	t.BuildMS = time.Since(start).Milliseconds()
-	fmt.Fprintf(m.opts.Progress, "smolvm: template %s ready in %.1f s\n", t.Key, time.Since(start).Seconds())
+	fmt.Fprintf(tc.l.opts.Progress, "smolvm: template %s ready in %.1f s\n", t.Key, time.Since(start).Seconds())
 	return t, nil
 }
 
-func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, t *Template) error {
+func (tc *templates) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Snapshotter, a assets, t *Template) error {
 	// Short names: the sockets inside must fit in 107 bytes.
-	tmp, err := os.MkdirTemp(m.opts.DataDir.Templates(), ".b")
+	tmp, err := os.MkdirTemp(tc.root, ".b")
 	if err != nil {
 		return err
 	}
@@ -256,7 +266,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	}
 	if t.Network {
 		// The template runs no commands; its network refuses everything.
-		if err := m.startNetwork(ctx, tmp, network.Policy{Mode: network.ModeRestricted}, &spec); err != nil {
+		if err := tc.l.startNetwork(ctx, tmp, network.Policy{Mode: network.ModeRestricted}, &spec); err != nil {
 			return err
 		}
 		defer network.Stop(context.WithoutCancel(ctx), tmp)
@@ -267,7 +277,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	}
 	defer func() {
 		if err := mach.Kill(context.WithoutCancel(ctx)); err != nil {
-			m.opts.Logger.Error("stop template build VM", "template", t.Key, "err", err)
+			tc.l.opts.Logger.Error("stop template build VM", "template", t.Key, "err", err)
 		}
 	}()
 	if b, err := json.Marshal(buildVM{Backend: drv.Name(), Runtime: mach.Runtime()}); err == nil {
@@ -275,7 +285,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 			return fmt.Errorf("record template build: %w", err)
 		}
 	}
-	c, err := dialWhileAlive(ctx, mach, m.opts.BootTimeout)
+	c, err := dialWhileAlive(ctx, mach, tc.l.opts.BootTimeout)
 	if err != nil {
 		return err
 	}
@@ -323,7 +333,7 @@ func (m *Manager) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm.Sn
 	}
 	// Each build gets a directory of its own: sandboxes restored from an
 	// earlier build of the same key keep overlaying its disk.
-	dir := filepath.Join(m.opts.DataDir.Templates(), t.Key+"."+strconv.FormatInt(time.Now().UnixNano(), 36))
+	dir := filepath.Join(tc.root, t.Key+"."+strconv.FormatInt(time.Now().UnixNano(), 36))
 	if err := os.Rename(tmp, dir); err != nil {
 		return err
 	}
@@ -341,8 +351,8 @@ const buildVMFile = "vm.json"
 
 // sweepBuilds ends template builds left by processes that died while
 // building: their VM and network process, and their directory.
-func (m *Manager) sweepBuilds(ctx context.Context) {
-	dirs, _ := filepath.Glob(filepath.Join(m.opts.DataDir.Templates(), ".b*"))
+func (tc *templates) sweepBuilds(ctx context.Context) {
+	dirs, _ := filepath.Glob(filepath.Join(tc.root, ".b*"))
 	for _, dir := range dirs {
 		if !abandonedCreation(dir) {
 			continue // being built, or not ours
@@ -350,7 +360,7 @@ func (m *Manager) sweepBuilds(ctx context.Context) {
 		var errs []error
 		var vm buildVM
 		if b, err := os.ReadFile(filepath.Join(dir, buildVMFile)); err == nil && json.Unmarshal(b, &vm) == nil {
-			if drv, err := m.drivers.Get(vm.Backend); err == nil {
+			if drv, err := tc.l.drivers.Get(vm.Backend); err == nil {
 				if mach, err := drv.Attach(vm.Runtime); err == nil {
 					errs = append(errs, mach.Kill(ctx))
 				}
@@ -358,7 +368,7 @@ func (m *Manager) sweepBuilds(ctx context.Context) {
 		}
 		errs = append(errs, network.Stop(ctx, dir), os.RemoveAll(dir))
 		if err := errors.Join(errs...); err != nil {
-			m.opts.Logger.Error("sweep an abandoned template build", "dir", dir, "err", err)
+			tc.l.opts.Logger.Error("sweep an abandoned template build", "dir", dir, "err", err)
 		}
 	}
 }
@@ -396,8 +406,8 @@ func markBad(snap vmm.Snapshotter, t *Template, why error) error {
 }
 
 // snapshotter is the driver that made a template, as a Snapshotter.
-func (m *Manager) snapshotter(backend string) (vmm.Snapshotter, error) {
-	drv, err := m.drivers.Get(backend)
+func (tc *templates) snapshotter(backend string) (vmm.Snapshotter, error) {
+	drv, err := tc.l.drivers.Get(backend)
 	if err != nil {
 		return nil, err
 	}
@@ -434,8 +444,8 @@ func lockFile(ctx context.Context, path string) (func(), error) {
 }
 
 // Templates lists the saved templates, newest first.
-func (m *Manager) Templates() ([]Template, error) {
-	dirs, err := filepath.Glob(filepath.Join(m.opts.DataDir.Templates(), "*", "template.json"))
+func (tc *templates) list() ([]Template, error) {
+	dirs, err := filepath.Glob(filepath.Join(tc.root, "*", "template.json"))
 	if err != nil {
 		return nil, err
 	}
@@ -450,7 +460,7 @@ func (m *Manager) Templates() ([]Template, error) {
 			continue
 		}
 		t.Dir = filepath.Dir(p)
-		snap, err := m.snapshotter(t.Backend)
+		snap, err := tc.snapshotter(t.Backend)
 		t.Retired = err != nil || !usable(snap, t.Dir)
 		out = append(out, t)
 	}
@@ -461,8 +471,8 @@ func (m *Manager) Templates() ([]Template, error) {
 // RemoveTemplate deletes every build of the template with this key that
 // no sandbox's disk overlays; it refuses for builds still in use, since
 // those sandboxes would lose their disks.
-func (m *Manager) RemoveTemplate(ctx context.Context, key string) error {
-	ts, err := m.Templates()
+func (tc *templates) remove(ctx context.Context, key string) error {
+	ts, err := tc.list()
 	if err != nil {
 		return err
 	}
@@ -472,7 +482,7 @@ func (m *Manager) RemoveTemplate(ctx context.Context, key string) error {
 			continue
 		}
 		found = true
-		n, err := m.templateUsers(ctx, t)
+		n, err := tc.templateUsers(ctx, t)
 		if err != nil {
 			return err
 		}
@@ -495,14 +505,14 @@ func (m *Manager) RemoveTemplate(ctx context.Context, key string) error {
 }
 
 // PruneTemplates removes every template that no sandbox uses.
-func (m *Manager) PruneTemplates(ctx context.Context) ([]Template, error) {
-	ts, err := m.Templates()
+func (tc *templates) prune(ctx context.Context) ([]Template, error) {
+	ts, err := tc.list()
 	if err != nil {
 		return nil, err
 	}
 	var removed []Template
 	for _, t := range ts {
-		if n, err := m.templateUsers(ctx, t); err != nil || n > 0 {
+		if n, err := tc.templateUsers(ctx, t); err != nil || n > 0 {
 			continue
 		}
 		if err := os.RemoveAll(t.Dir); err == nil {
@@ -513,12 +523,12 @@ func (m *Manager) PruneTemplates(ctx context.Context) ([]Template, error) {
 }
 
 // templateUsers counts sandboxes whose disk is made over t's.
-func (m *Manager) templateUsers(ctx context.Context, t Template) (int, error) {
-	snap, err := m.snapshotter(t.Backend)
+func (tc *templates) templateUsers(ctx context.Context, t Template) (int, error) {
+	snap, err := tc.snapshotter(t.Backend)
 	if err != nil {
 		return 0, err
 	}
-	recs, err := m.store.List(ctx)
+	recs, err := tc.l.store.List(ctx)
 	if err != nil {
 		return 0, err
 	}
@@ -529,4 +539,19 @@ func (m *Manager) templateUsers(ctx context.Context, t Template) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// Templates lists the saved templates, newest first.
+func (m *Manager) Templates() ([]Template, error) { return m.templates.list() }
+
+// RemoveTemplate deletes every build of the template with this key that
+// no sandbox's disk overlays; it refuses for builds still in use, since
+// those sandboxes would lose their disks.
+func (m *Manager) RemoveTemplate(ctx context.Context, key string) error {
+	return m.templates.remove(ctx, key)
+}
+
+// PruneTemplates removes every template that no sandbox uses.
+func (m *Manager) PruneTemplates(ctx context.Context) ([]Template, error) {
+	return m.templates.prune(ctx)
 }
