@@ -38,8 +38,39 @@ type Config struct {
 	// Ports are guest TCP ports to expose on the host (127.0.0.1 unless a
 	// host address is given); Ports() reports the host ports they got.
 	Ports []Port
-	Host  Options
+	// Name is unique among the host's sandboxes and works wherever the id
+	// does.
+	Name string
+	// Labels are your own key/value pairs.
+	Labels map[string]string
+	// Env is seen by every command in the sandbox; a command's own Env
+	// wins over it.
+	Env map[string]string
+	// Timeout, when set, ends the sandbox that long after it is created,
+	// as OnTimeout says ("delete", the default, or "pause"). Up to 24 h.
+	Timeout   time.Duration
+	OnTimeout string
+	// Snapshot starts the sandbox as a fork of this snapshot (id or name):
+	// its memory, processes and files, with an identity of its own.
+	// Memory, VCPUs, Backend and the image come from the snapshot.
+	Snapshot string
+	// Mounts share host directories under Options.AllowMounts with the
+	// guest.
+	Mounts []Mount
+	Host   Options
 }
+
+// Mount shares a host directory with the guest, read-only unless
+// Writable.
+type Mount struct {
+	Host     string // absolute host directory
+	Guest    string // absolute guest path, made if missing
+	Writable bool
+}
+
+// Snapshot is a sandbox saved whole, memory, devices and disk; Config's
+// Snapshot creates forks of it.
+type Snapshot = sandbox.Snapshot
 
 // Network is a sandbox's network policy.
 type Network = network.Policy
@@ -65,6 +96,9 @@ type Options struct {
 	// after its clone crashed, cleanup that failed); nil logs as text to
 	// Progress.
 	Logger *slog.Logger
+	// AllowMounts are the host directories sandboxes may mount (with what
+	// is beneath them); none by default.
+	AllowMounts []string
 }
 
 // Shell selects how Run passes a command to the guest.
@@ -79,7 +113,8 @@ const (
 	ShellRaw = sandbox.ShellRaw
 )
 
-// Status is a sandbox's state: "creating", "running", "stopped", "error".
+// Status is a sandbox's state: "creating", "running", "paused", "stopped",
+// "error".
 type Status = sandbox.Status
 
 // Error is a failure with a stable machine-readable Code.
@@ -158,10 +193,11 @@ func (h *Host) Create(ctx context.Context, cfg Config) (*Sandbox, error) {
 // Attach returns a handle on an existing sandbox, possibly created by
 // another process.
 func (h *Host) Attach(ctx context.Context, id string) (*Sandbox, error) {
-	if _, err := h.m.Get(ctx, id); err != nil {
+	info, err := h.m.Get(ctx, id) // id may be a name
+	if err != nil {
 		return nil, err
 	}
-	return &Sandbox{m: h.m, id: id}, nil
+	return &Sandbox{m: h.m, id: info.ID}, nil
 }
 
 // List returns the ids of the host's sandboxes, oldest first.
@@ -182,16 +218,31 @@ func (h *Host) List(ctx context.Context) ([]string, error) {
 func (h *Host) Close() error { return h.m.Close() }
 
 func createRequest(cfg Config) sandbox.CreateRequest {
-	return sandbox.CreateRequest{
+	req := sandbox.CreateRequest{
 		OS: cfg.OS, Image: cfg.Image, MemoryMiB: cfg.Memory, DiskSizeMiB: cfg.DiskSize,
 		VCPUs: cfg.VCPUs, Backend: cfg.Backend, Network: cfg.Network, Ports: cfg.Ports,
+		Name: cfg.Name, Labels: cfg.Labels, Env: cfg.Env, Timeout: cfg.Timeout, OnTimeout: cfg.OnTimeout,
+		Snapshot: cfg.Snapshot,
 	}
+	for _, mt := range cfg.Mounts {
+		req.Mounts = append(req.Mounts, sandbox.Mount{Host: mt.Host, Guest: mt.Guest, ReadOnly: !mt.Writable})
+	}
+	return req
+}
+
+// Snapshots lists the host's snapshots, newest first.
+func (h *Host) Snapshots(ctx context.Context) ([]Snapshot, error) { return h.m.Snapshots() }
+
+// DeleteSnapshot removes a snapshot; with force, the sandboxes forked from
+// it go too, else they make it fail.
+func (h *Host) DeleteSnapshot(ctx context.Context, ref string, force bool) error {
+	return h.m.DeleteSnapshot(ctx, ref, force)
 }
 
 func open(ctx context.Context, o Options) (*sandbox.Manager, error) {
 	return sandbox.Open(ctx, sandbox.Options{
 		DataDir: datadir.Dir(o.DataDir), AgentPath: o.AgentPath, NetPath: o.NetPath, Accel: o.Accel, Progress: o.Progress,
-		Logger: o.Logger,
+		Logger: o.Logger, AllowMounts: o.AllowMounts,
 	})
 }
 
@@ -275,7 +326,38 @@ func (s *Sandbox) ClosePort(ctx context.Context, guest int) error {
 func (s *Sandbox) Ports(ctx context.Context) ([]Port, error) { return s.m.Ports(ctx, s.id) }
 
 // Stop shuts the VM down and keeps its disk.
-func (s *Sandbox) Stop(ctx context.Context) error { return s.m.Stop(ctx, s.id) }
+func (s *Sandbox) Stop(ctx context.Context) error { return s.m.Stop(ctx, s.id, 0) }
+
+// Pause stops the sandbox's vCPUs and keeps its memory; Resume lets it go
+// on where it was.
+func (s *Sandbox) Pause(ctx context.Context) error {
+	_, err := s.m.Pause(ctx, s.id)
+	return err
+}
+
+// Resume lets a paused sandbox run again.
+func (s *Sandbox) Resume(ctx context.Context) error {
+	_, err := s.m.Resume(ctx, s.id)
+	return err
+}
+
+// SnapshotOptions tune a snapshot.
+type SnapshotOptions struct {
+	Name string // unique; "" for none
+	Stop bool   // stop the sandbox once it is saved
+}
+
+// Snapshot saves the sandbox's memory, devices and disk; it stands still
+// meanwhile and then goes on as it was.
+func (s *Sandbox) Snapshot(ctx context.Context, o SnapshotOptions) (Snapshot, error) {
+	return s.m.CreateSnapshot(ctx, s.id, sandbox.SnapshotRequest{Name: o.Name, Stop: o.Stop})
+}
+
+// SetTimeout gives the sandbox a time limit of d from now; 0 removes it.
+func (s *Sandbox) SetTimeout(ctx context.Context, d time.Duration) error {
+	_, err := s.m.Update(ctx, s.id, sandbox.UpdateRequest{Timeout: &d})
+	return err
+}
 
 // Start boots a stopped sandbox again.
 func (s *Sandbox) Start(ctx context.Context) error {

@@ -10,6 +10,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/agent/wire"
 )
 
 const (
@@ -26,6 +28,8 @@ type bootParams struct {
 	probe    string
 	net      *netParams // nil: no network interface
 	netErr   error
+	mounts   []wire.Mount // host directories to mount, in order
+	mountErr []error      // malformed smolvm.mount parameters
 }
 
 func readBootParams() bootParams {
@@ -48,6 +52,12 @@ func readBootParams() bootParams {
 			p.probe = v
 		case "smolvm.net":
 			p.net, p.netErr = parseNetParam(v)
+		case wire.MountKey:
+			if m, err := wire.ParseMount(v); err != nil {
+				p.mountErr = append(p.mountErr, err)
+			} else {
+				p.mounts = append(p.mounts, m)
+			}
 		}
 	}
 	return p

@@ -47,6 +47,9 @@ func boot(p bootParams) error {
 		return err
 	}
 	prepareRoot(p)
+	// After the switch, so the mounts are in the sandbox's tree; a share
+	// that fails is logged and left out, and the host sees it missing.
+	mountShares(p)
 	return nil
 }
 

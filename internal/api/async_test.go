@@ -63,7 +63,7 @@ func TestCreateAsync(t *testing.T) {
 	}
 	var doomed Sandbox
 	json.Unmarshal(r.Body, &doomed)
-	if r := do(t, http.MethodDelete, base+"/sandboxes/"+doomed.ID, nil, nil); r.Status != http.StatusOK {
+	if r := do(t, http.MethodDelete, base+"/sandboxes/"+doomed.ID, nil, nil); r.Status != http.StatusNoContent {
 		t.Errorf("delete while creating: %d %s", r.Status, r.Body)
 	}
 	if r := do(t, http.MethodGet, base+"/sandboxes/"+doomed.ID, nil, nil); r.Status != http.StatusNotFound {
@@ -91,7 +91,7 @@ func TestCreateAsync(t *testing.T) {
 	if got.Status != "error" || !strings.Contains(got.Error, "127.0.0.1:1") {
 		t.Errorf("failed async create: %+v", got)
 	}
-	if r := do(t, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusOK {
+	if r := do(t, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNoContent {
 		t.Errorf("delete of a failed sandbox: %d %s", r.Status, r.Body)
 	}
 }

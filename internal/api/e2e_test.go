@@ -78,7 +78,7 @@ func createSandbox(t *testing.T, base string, noBody bool) Sandbox {
 		t.Logf("ubuntu is not available here (%s); using the default OS", r.Body)
 		r = do(t, http.MethodPost, base+"/sandboxes", `{"memory":512,"disk_size":1024}`, nil)
 	}
-	if r.Status != http.StatusOK || r.ContentType != "application/json" {
+	if r.Status != http.StatusCreated || r.ContentType != "application/json" {
 		t.Fatalf("create: %d %s: %s", r.Status, r.ContentType, r.Body)
 	}
 	// The specification shows {"id": ..., "status": "running"}: those two
@@ -275,7 +275,7 @@ func TestEndToEnd(t *testing.T) {
 	})
 
 	t.Run("not running", func(t *testing.T) {
-		if err := m.Stop(context.Background(), b.ID); err != nil {
+		if err := m.Stop(context.Background(), b.ID, 0); err != nil {
 			t.Fatal(err)
 		}
 		_, r := execHTTP(t, base, b.ID, map[string]any{"command": "true"})
@@ -287,7 +287,7 @@ func TestEndToEnd(t *testing.T) {
 	t.Run("delete", func(t *testing.T) {
 		for _, sb := range []Sandbox{a, b} {
 			r := do(t, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil, nil)
-			if r.Status != http.StatusOK || string(r.Body) != fmt.Sprintf(`{"id":%q,"deleted":true}`+"\n", sb.ID) {
+			if r.Status != http.StatusNoContent || len(r.Body) != 0 {
 				t.Errorf("delete %s: %d %s", sb.ID, r.Status, r.Body)
 			}
 			for _, req := range []struct {
@@ -464,7 +464,7 @@ func TestRestart(t *testing.T) {
 	if r.Status != http.StatusOK || res.Stdout != "before\n" {
 		t.Fatalf("exec after restart: %d %s", r.Status, r.Body)
 	}
-	if r := do(t, http.MethodDelete, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusOK {
+	if r := do(t, http.MethodDelete, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNoContent {
 		t.Fatalf("delete after restart: %d %s", r.Status, r.Body)
 	}
 	if r := do(t, http.MethodGet, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNotFound {
@@ -509,7 +509,7 @@ func TestInterruptedCreate(t *testing.T) {
 	if got.Status != "error" || !strings.Contains(got.Error, "interrupted") {
 		t.Fatalf("after the creator died: status %q error %q, want error: interrupted", got.Status, got.Error)
 	}
-	if r := do(t, http.MethodDelete, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusOK {
+	if r := do(t, http.MethodDelete, second+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNoContent {
 		t.Fatalf("delete: %d %s", r.Status, r.Body)
 	}
 	if _, err := os.Stat(d.Sandbox(sb.ID)); !os.IsNotExist(err) {

@@ -104,7 +104,7 @@ func TestEvents(t *testing.T) {
 	}
 
 	r := do(t, http.MethodPost, srv.URL+"/sandboxes", `{"memory":256,"network":{"mode":"off"}}`, nil)
-	if r.Status != http.StatusOK {
+	if r.Status != http.StatusCreated {
 		t.Fatalf("create: %d %s", r.Status, r.Body)
 	}
 	var sb Sandbox
@@ -124,7 +124,7 @@ func TestEvents(t *testing.T) {
 	if exited.Data.SandboxID != sb.ID || exited.Data.ExitCode == nil || *exited.Data.ExitCode != 3 {
 		t.Errorf("process.exited: %+v", exited)
 	}
-	if r := do(t, http.MethodDelete, srv.URL+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusOK {
+	if r := do(t, http.MethodDelete, srv.URL+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNoContent {
 		t.Fatalf("delete: %d %s", r.Status, r.Body)
 	}
 	deleted := s.next(t, "sandbox.deleted")

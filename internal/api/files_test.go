@@ -57,7 +57,7 @@ func TestFiles(t *testing.T) {
 	server, base := startChild(t, testenv.DataDir(t))
 	r := do(t, http.MethodPost, base+"/sandboxes", `{"memory":512,"disk_size":2048}`, nil)
 	var sb Sandbox
-	if r.Status != http.StatusOK || json.Unmarshal(r.Body, &sb) != nil {
+	if r.Status != http.StatusCreated || json.Unmarshal(r.Body, &sb) != nil {
 		t.Fatalf("create: %d %s", r.Status, r.Body)
 	}
 	id := sb.ID

@@ -25,7 +25,7 @@ func TestNetworkOverHTTP(t *testing.T) {
 	apiPort := srv.Listener.Addr().(*net.TCPAddr).Port
 
 	r := do(t, http.MethodPost, base+"/sandboxes", `{"ports":[{"guest":8080}]}`, nil)
-	if r.Status != http.StatusOK {
+	if r.Status != http.StatusCreated {
 		t.Fatalf("create: %d %s", r.Status, r.Body)
 	}
 	var sb Sandbox

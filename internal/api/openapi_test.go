@@ -127,7 +127,7 @@ func TestOpenAPIFieldsDocumented(t *testing.T) {
 		t.Fatal(err)
 	}
 	schemas := doc.Components.Schemas
-	for _, name := range []string{"CreateSandboxRequest", "Sandbox", "SandboxList", "ExecRequest", "ExecResult", "DeleteResult", "Problem", "CommandTimeoutProblem", "Capabilities", "BackendCapability", "OSCapability", "Diagnostics", "DiagnosticCheck"} {
+	for _, name := range []string{"CreateSandboxRequest", "Sandbox", "SandboxList", "ExecRequest", "ExecResult", "Snapshot", "SnapshotList", "SnapshotRequest", "StopRequest", "UpdateSandboxRequest", "MountSpec", "Mount", "Problem", "CommandTimeoutProblem", "Capabilities", "BackendCapability", "OSCapability", "Diagnostics", "DiagnosticCheck"} {
 		s, ok := schemas[name]
 		if !ok {
 			t.Errorf("no schema %s", name)

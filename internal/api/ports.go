@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"net/http"
+	"time"
 
 	"github.com/danielgtaylor/huma/v2"
 
@@ -15,6 +16,7 @@ type NetworkSpec struct {
 	_                 struct{} `json:"-" additionalProperties:"false"`
 	Mode              string   `json:"mode,omitempty" enum:"open,off,restricted" default:"open" example:"open" doc:"open: the guest reaches anything but the host itself and link-local (cloud metadata) addresses. off: no network interface but loopback. restricted: only the destinations in allow."`
 	Allow             []string `json:"allow,omitempty" maxItems:"256" example:"[\"10.0.0.0/8\"]" doc:"With mode restricted: the IPv4 CIDRs (or single addresses) the guest may connect to. Everything else is refused by the host before any connection is made."`
+	AllowedCIDRs      []string `json:"allowed_cidrs,omitempty" maxItems:"256" example:"[\"10.0.0.0/8\"]" doc:"A synonym of allow, as the reference server names it: the two lists are joined, and the mode is restricted unless it is off."`
 	AllowHostLoopback bool     `json:"allow_host_loopback,omitempty" example:"false" doc:"Let the guest reach services on the host: the host's 127.0.0.1 appears as host.smolvm.internal (192.168.127.254), and the host's own addresses answer too. Off by default, so the guest cannot reach this API or anything else bound to the host's loopback."`
 }
 
@@ -56,8 +58,14 @@ func (s *NetworkSpec) policy() (network.Policy, error) {
 		return network.Policy{}, nil
 	}
 	p := network.Policy{Mode: network.Mode(s.Mode), AllowHostLoopback: s.AllowHostLoopback}
-	if len(s.Allow) > 0 {
-		allow, err := network.ParsePrefixes(s.Allow)
+	list := append(append([]string(nil), s.Allow...), s.AllowedCIDRs...)
+	if len(s.AllowedCIDRs) > 0 && (p.Mode == "" || p.Mode == network.ModeOpen) {
+		// The reference's allowed_cidrs means: only these. Mode open is
+		// also what an omitted mode defaults to.
+		p.Mode = network.ModeRestricted
+	}
+	if len(list) > 0 {
+		allow, err := network.ParsePrefixes(list)
 		if err != nil {
 			return p, err
 		}
@@ -190,6 +198,16 @@ func CreateRequest(body CreateSandboxRequest) (sandbox.CreateRequest, error) {
 		DiskSizeMiB: body.DiskSize,
 		VCPUs:       body.VCPUs,
 		Backend:     body.Backend,
+		Name:        body.Name,
+		Labels:      body.Labels,
+		Env:         body.Env,
+		Timeout:     time.Duration(body.Timeout) * time.Second,
+		OnTimeout:   body.OnTimeout,
+		Snapshot:    body.Snapshot,
+	}
+	for _, mt := range body.Mounts {
+		ro := mt.ReadOnly == nil || *mt.ReadOnly
+		req.Mounts = append(req.Mounts, sandbox.Mount{Host: mt.Host, Guest: mt.Guest, ReadOnly: ro})
 	}
 	p, err := body.Network.policy()
 	if err != nil {

@@ -103,6 +103,9 @@ type Problem struct {
 	Field    string              `json:"field,omitempty" example:"memory" doc:"The request field at fault (a body property such as memory, or a path parameter such as id), when one is."`
 	Instance string              `json:"instance,omitempty" format:"uri-reference" example:"/sandboxes/vm-a1b2c3d4" doc:"The request path this problem occurred on."`
 	Errors   []*huma.ErrorDetail `json:"errors,omitempty" nullable:"false" doc:"Every individual validation failure, when there are several."`
+	// SandboxStatus is the sandbox's status when a lifecycle call came in
+	// a state it cannot act on (code invalid_state).
+	SandboxStatus string `json:"sandbox_status,omitempty" example:"stopped" doc:"With code invalid_state: the sandbox's current status."`
 }
 
 // Error makes a Problem usable as an error returned from a handler.
@@ -311,6 +314,8 @@ func fromSandboxError(e *sandbox.Error) *Problem {
 		status, code = http.StatusBadGateway, CodeInternal
 	case sandbox.KindInsufficientStorage:
 		status, code = http.StatusInsufficientStorage, "disk_full"
+	case sandbox.KindForbidden:
+		status, code = http.StatusForbidden, "forbidden"
 	}
 	if e.Code != "" {
 		code = e.Code
@@ -325,6 +330,7 @@ func fromSandboxError(e *sandbox.Error) *Problem {
 	}
 	p := newProblem(status, code, detail)
 	p.Field = e.Field
+	p.SandboxStatus = string(e.Status)
 	return p
 }
 

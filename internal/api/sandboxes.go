@@ -17,35 +17,65 @@ import (
 // CreateSandboxRequest is the body of POST /sandboxes. It mirrors the
 // library's auto-configuration options; every field is optional.
 type CreateSandboxRequest struct {
-	_        struct{}     `json:"-" additionalProperties:"false"`
-	OS       string       `json:"os,omitempty" enum:"alpine,ubuntu,debian,windows" example:"ubuntu" doc:"Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run."`
-	Image    string       `json:"image,omitempty" maxLength:"4096" example:"docker.io/library/python:3.11-slim" doc:"Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image."`
-	Memory   int          `json:"memory,omitempty" minimum:"128" maximum:"16384" default:"512" example:"512" doc:"Guest memory in MiB."`
-	DiskSize int          `json:"disk_size,omitempty" minimum:"128" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
-	Backend  string       `json:"backend,omitempty" enum:"firecracker,qemu,libkrun" default:"qemu" example:"qemu" doc:"Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing."`
-	VCPUs    int          `json:"vcpus,omitempty" minimum:"1" maximum:"32" default:"1" example:"2" doc:"Number of virtual CPUs."`
-	Network  *NetworkSpec `json:"network,omitempty" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach. Omit it for mode open without access to the host's loopback."`
-	Ports    []PortSpec   `json:"ports,omitempty" maxItems:"64" doc:"Guest TCP ports to expose on the host once the sandbox runs; the response names the host ports."`
+	_         struct{}          `json:"-" additionalProperties:"false"`
+	OS        string            `json:"os,omitempty" enum:"alpine,ubuntu,debian,windows" example:"ubuntu" doc:"Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run."`
+	Image     string            `json:"image,omitempty" maxLength:"4096" example:"docker.io/library/python:3.11-slim" doc:"Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image."`
+	Memory    int               `json:"memory,omitempty" minimum:"128" maximum:"16384" default:"512" example:"512" doc:"Guest memory in MiB."`
+	DiskSize  int               `json:"disk_size,omitempty" minimum:"128" maximum:"1048576" default:"1024" example:"1024" doc:"Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host."`
+	Backend   string            `json:"backend,omitempty" enum:"firecracker,qemu,libkrun" default:"qemu" example:"qemu" doc:"Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing."`
+	VCPUs     int               `json:"vcpus,omitempty" minimum:"1" maximum:"32" default:"1" example:"2" doc:"Number of virtual CPUs."`
+	Network   *NetworkSpec      `json:"network,omitempty" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach. Omit it for mode open without access to the host's loopback."`
+	Ports     []PortSpec        `json:"ports,omitempty" maxItems:"64" doc:"Guest TCP ports to expose on the host once the sandbox runs; the response names the host ports."`
+	Name      string            `json:"name,omitempty" pattern:"^[a-z0-9][a-z0-9-]{0,62}$" example:"build-box" doc:"A unique name, usable wherever the id is."`
+	Labels    map[string]string `json:"labels,omitempty" example:"{\"team\": \"ml\"}" doc:"Your own key/value pairs; GET /sandboxes?label=key=value filters by them."`
+	Env       map[string]string `json:"env,omitempty" example:"{\"LANG\": \"C.UTF-8\"}" doc:"Environment variables every command in the sandbox sees, over the image's; a command's own env wins."`
+	Timeout   int               `json:"timeout,omitempty" minimum:"1" maximum:"86400" example:"3600" doc:"Seconds until the server ends the sandbox as on_timeout says; PATCH /sandboxes/{id} extends it. No limit when omitted."`
+	OnTimeout string            `json:"on_timeout,omitempty" enum:"delete,pause" default:"delete" example:"delete" doc:"What happens when timeout is reached: delete the sandbox, or pause it (resuming starts the timeout again)."`
+	Snapshot  string            `json:"snapshot,omitempty" maxLength:"128" example:"snap-1a2b3c4d" doc:"Start the sandbox as a fork of this snapshot (id or name): its memory, processes and files, with its own hostname, machine id, random state, clock, network and ports. Memory, vcpus, backend and image come from the snapshot."`
+	Mounts    []MountSpec       `json:"mounts,omitempty" maxItems:"8" doc:"Host directories to share with the guest (qemu only). Each host path must be under a directory the server was started with (--allow-mount), after symlinks are resolved; anything else is 403 mount_not_allowed."`
+}
+
+// MountSpec shares a host directory with the guest.
+type MountSpec struct {
+	_        struct{} `json:"-" additionalProperties:"false"`
+	Host     string   `json:"host" minLength:"1" maxLength:"4096" example:"/home/me/project" doc:"Absolute host directory."`
+	Guest    string   `json:"guest" minLength:"2" maxLength:"4096" example:"/workspace" doc:"Absolute guest path it appears at; made if missing."`
+	ReadOnly *bool    `json:"readonly,omitempty" default:"true" example:"true" doc:"Whether the guest may only read it. Read-only unless set to false."`
+}
+
+// Mount is a host directory a sandbox shares.
+type Mount struct {
+	Host     string `json:"host" example:"/home/me/project" doc:"Host directory, symlinks resolved."`
+	Guest    string `json:"guest" example:"/workspace" doc:"Where the guest sees it."`
+	ReadOnly bool   `json:"readonly" example:"true" doc:"Whether the guest may only read it."`
 }
 
 // Sandbox is one sandbox's state.
 type Sandbox struct {
-	ID        string           `json:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, used in the other routes."`
-	Status    string           `json:"status" enum:"creating,running,stopped,error" example:"running" doc:"Lifecycle state. A sandbox whose VM died is reported as stopped or error, never running."`
-	OS        string           `json:"os" example:"ubuntu" doc:"Guest operating system."`
-	Image     string           `json:"image" example:"docker.io/library/ubuntu:24.04" doc:"Image the sandbox booted from."`
-	Backend   string           `json:"backend" example:"qemu" doc:"Runtime backend running the VM."`
-	Memory    int              `json:"memory" minimum:"0" example:"512" doc:"Guest memory in MiB."`
-	DiskSize  int              `json:"disk_size" minimum:"0" example:"1024" doc:"Guest disk size in MiB."`
-	VCPUs     int              `json:"vcpus" minimum:"0" example:"1" doc:"Number of virtual CPUs."`
-	PID       int              `json:"pid,omitempty" minimum:"0" example:"12345" doc:"Host process id of the VM, while it runs."`
-	CreatedAt time.Time        `json:"created_at" example:"2026-06-24T10:00:00Z" doc:"When the sandbox was created (RFC 3339)."`
-	Error     string           `json:"error,omitempty" example:"VM process exited unexpectedly" doc:"Why the sandbox is in the error state."`
-	Network   SandboxNetwork   `json:"network" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach."`
-	Ports     []Port           `json:"ports" nullable:"false" doc:"Guest ports exposed on the host."`
-	Progress  *SandboxProgress `json:"progress,omitempty" example:"{\"phase\":\"pull\",\"done_bytes\":1048576,\"total_bytes\":31457280}" doc:"While status is creating: how far preparing the image has come."`
-	Boot      string           `json:"boot,omitempty" enum:"cold,template,pool" example:"template" doc:"In the answer to a create: how the VM came up. cold booted the kernel; template restored a saved, booted VM; pool handed out one restored ahead of time."`
-	Warnings  []string         `json:"warnings,omitempty" example:"[\"booted cold: the clone of template 1f2e3d4c5b6a798807f6e5d4 failed (the guest crashed); the template is retired\"]" doc:"In the answer to a create: what was worked around on the way, such as a template whose clone failed and a cold boot instead."`
+	ID        string            `json:"id" example:"vm-a1b2c3d4" doc:"Sandbox id, used in the other routes."`
+	Status    string            `json:"status" enum:"creating,running,paused,stopped,error" example:"running" doc:"Lifecycle state. paused keeps the VM's memory with its vCPUs stopped. A sandbox whose VM died is reported as stopped or error, never running."`
+	OS        string            `json:"os" example:"ubuntu" doc:"Guest operating system."`
+	Image     string            `json:"image" example:"docker.io/library/ubuntu:24.04" doc:"Image the sandbox booted from."`
+	Backend   string            `json:"backend" example:"qemu" doc:"Runtime backend running the VM."`
+	Memory    int               `json:"memory" minimum:"0" example:"512" doc:"Guest memory in MiB."`
+	DiskSize  int               `json:"disk_size" minimum:"0" example:"1024" doc:"Guest disk size in MiB."`
+	VCPUs     int               `json:"vcpus" minimum:"0" example:"1" doc:"Number of virtual CPUs."`
+	PID       int               `json:"pid,omitempty" minimum:"0" example:"12345" doc:"Host process id of the VM, while it runs."`
+	CreatedAt time.Time         `json:"created_at" example:"2026-06-24T10:00:00Z" doc:"When the sandbox was created (RFC 3339)."`
+	Error     string            `json:"error,omitempty" example:"VM process exited unexpectedly" doc:"Why the sandbox is in the error state."`
+	Network   SandboxNetwork    `json:"network" example:"{\"mode\":\"open\",\"allow_host_loopback\":false}" doc:"What the guest may reach."`
+	Ports     []Port            `json:"ports" nullable:"false" doc:"Guest ports exposed on the host."`
+	Progress  *SandboxProgress  `json:"progress,omitempty" example:"{\"phase\":\"pull\",\"done_bytes\":1048576,\"total_bytes\":31457280}" doc:"While status is creating: how far preparing the image has come."`
+	Boot      string            `json:"boot,omitempty" enum:"cold,template,pool" example:"template" doc:"In the answer to a create: how the VM came up. cold booted the kernel; template restored a saved, booted VM; pool handed out one restored ahead of time."`
+	Warnings  []string          `json:"warnings,omitempty" example:"[\"booted cold: the clone of template 1f2e3d4c5b6a798807f6e5d4 failed (the guest crashed); the template is retired\"]" doc:"In the answer to a create: what was worked around on the way, such as a template whose clone failed and a cold boot instead."`
+	Name      string            `json:"name,omitempty" example:"build-box" doc:"The sandbox's unique name, if it has one."`
+	Labels    map[string]string `json:"labels,omitempty" example:"{\"team\": \"ml\"}" doc:"The labels it was created with."`
+	Env       map[string]string `json:"env,omitempty" example:"{\"LANG\": \"C.UTF-8\"}" doc:"The environment every command in it sees."`
+	Timeout   int               `json:"timeout,omitempty" minimum:"0" example:"3600" doc:"Its time limit in seconds, if it has one."`
+	OnTimeout string            `json:"on_timeout,omitempty" enum:"delete,pause" example:"delete" doc:"What happens at its deadline."`
+	ExpiresAt *time.Time        `json:"expires_at,omitempty" example:"2026-06-24T11:00:00Z" doc:"When the server ends it (RFC 3339), while a time limit runs."`
+	Snapshot  string            `json:"snapshot,omitempty" example:"snap-1a2b3c4d" doc:"The snapshot it was forked from."`
+	Mounts    []Mount           `json:"mounts,omitempty" doc:"Host directories it shares."`
 }
 
 // SandboxProgress is the image preparation of a sandbox being created.
@@ -59,12 +89,6 @@ type SandboxProgress struct {
 // array so fields can be added without breaking clients.
 type SandboxList struct {
 	Sandboxes []Sandbox `json:"sandboxes" nullable:"false" doc:"Every sandbox on the host, oldest first."`
-}
-
-// DeleteResult is the body of DELETE /sandboxes/{id}.
-type DeleteResult struct {
-	ID      string `json:"id" example:"vm-a1b2c3d4" doc:"Id of the deleted sandbox."`
-	Deleted bool   `json:"deleted" example:"true" doc:"Always true: the VM is stopped and its files and record are gone."`
 }
 
 // ExecRequest is the body of POST /sandboxes/{id}/exec.
@@ -103,13 +127,14 @@ type execInput struct {
 
 type sandboxOutput struct{ Body Sandbox }
 
-// createOutput lets create answer 200, or 202 when asked to respond async.
+// createOutput lets create answer 201, or 202 when asked to respond async.
 type createOutput struct {
-	Status int
-	Body   Sandbox
+	Status   int
+	Location string `header:"Location" doc:"The new sandbox's URL."`
+	Body     Sandbox
 }
 type listOutput struct{ Body SandboxList }
-type deleteOutput struct{ Body DeleteResult }
+type deleteOutput struct{}
 type execOutput struct{ Body ExecResult }
 
 type handlers struct {
@@ -140,10 +165,11 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 		Method:      http.MethodPost,
 		Path:        "/sandboxes",
 		Summary:     "Create a sandbox",
-		Description: "Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults. " +
+		Description: "Creates, boots and registers a sandbox, and answers 201 with a Location header once the sandbox runs commands. Omitted fields take their defaults. " +
 			"With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason.",
-		Tags:   []string{"sandboxes"},
-		Errors: errs(withBody, common, []int{http.StatusBadGateway}),
+		Tags:          []string{"sandboxes"},
+		DefaultStatus: http.StatusCreated,
+		Errors:        errs(withBody, common, []int{http.StatusNotFound, http.StatusConflict, http.StatusBadGateway}),
 		Responses: map[string]*huma.Response{
 			"202": {
 				Description: "Accepted (with Prefer: respond-async): the sandbox is being created.",
@@ -157,9 +183,9 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 		Method:      http.MethodGet,
 		Path:        "/sandboxes",
 		Summary:     "List sandboxes",
-		Description: "Lists every sandbox on the host, oldest first, including those created by other processes.",
+		Description: "Lists every sandbox on the host, oldest first, including those created by other processes; label filters keep those carrying every label given.",
 		Tags:        []string{"sandboxes"},
-		Errors:      common,
+		Errors:      errs([]int{http.StatusUnprocessableEntity}, common),
 	}, h.list)
 
 	huma.Register(hapi, huma.Operation{
@@ -193,15 +219,18 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 	}, h.exec)
 
 	huma.Register(hapi, huma.Operation{
-		OperationID: "deleteSandbox",
-		Method:      http.MethodDelete,
-		Path:        "/sandboxes/{id}",
-		Summary:     "Delete a sandbox",
-		Description: "Stops the sandbox's VM and removes its disk, files and record. Works on stopped and failed sandboxes too.",
-		Tags:        []string{"sandboxes"},
-		Errors:      errs(notFound, []int{http.StatusConflict}, common),
+		OperationID:   "deleteSandbox",
+		Method:        http.MethodDelete,
+		Path:          "/sandboxes/{id}",
+		Summary:       "Delete a sandbox",
+		Description:   "Stops the sandbox's VM and removes its disk, files and record, and answers 204 with no body. Works on stopped, paused and failed sandboxes too.",
+		DefaultStatus: http.StatusNoContent,
+		Tags:          []string{"sandboxes"},
+		Errors:        errs(notFound, []int{http.StatusConflict}, common),
 	}, h.delete)
 
+	registerLifecycle(hapi, h, common, withBody)
+	registerSnapshots(hapi, h, common, withBody)
 	registerPorts(hapi, h, common, withBody)
 	registerProcesses(hapi, h, common, withBody)
 	registerFiles(hapi, h, common, withBody)
@@ -245,7 +274,7 @@ func (h *handlers) create(ctx context.Context, in *createInput) (*createOutput, 
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
-	create, status := m.Create, http.StatusOK
+	create, status := m.Create, http.StatusCreated
 	if preferAsync(in.Prefer) {
 		create, status = m.CreateAsync, http.StatusAccepted
 	}
@@ -254,17 +283,32 @@ func (h *handlers) create(ctx context.Context, in *createInput) (*createOutput, 
 		return nil, ProblemFrom(ctx, err)
 	}
 	if info.Status == sandbox.StatusRunning {
-		status = http.StatusOK // the pool had one ready
+		status = http.StatusCreated // the pool had one ready
 	}
-	return &createOutput{Status: status, Body: SandboxFromInfo(info)}, nil
+	return &createOutput{Status: status, Location: "/sandboxes/" + info.ID, Body: SandboxFromInfo(info)}, nil
 }
 
-func (h *handlers) list(ctx context.Context, _ *struct{}) (*listOutput, error) {
+type listInput struct {
+	Label []string `query:"label" example:"team=ml" doc:"Only sandboxes with this label (key=value); repeat it to require several."`
+}
+
+func (h *handlers) list(ctx context.Context, in *listInput) (*listOutput, error) {
 	m, err := h.manager("")
 	if err != nil {
 		return nil, err
 	}
-	infos, err := m.List(ctx)
+	var want map[string]string
+	for _, l := range in.Label {
+		k, v, err := sandbox.ParseLabelFilter(l)
+		if err != nil {
+			return nil, ProblemFrom(ctx, err)
+		}
+		if want == nil {
+			want = map[string]string{}
+		}
+		want[k] = v
+	}
+	infos, err := m.Find(ctx, want)
 	if err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
@@ -295,7 +339,7 @@ func (h *handlers) delete(ctx context.Context, in *sandboxID) (*deleteOutput, er
 	if err := m.Delete(ctx, in.ID); err != nil {
 		return nil, ProblemFrom(ctx, err)
 	}
-	return &deleteOutput{Body: DeleteResult{ID: in.ID, Deleted: true}}, nil
+	return &deleteOutput{}, nil
 }
 
 func (h *handlers) exec(ctx context.Context, in *execInput) (*execOutput, error) {
@@ -392,7 +436,7 @@ func SandboxFromInfo(info sandbox.Info) Sandbox {
 	if p := info.Progress; p != nil {
 		progress = &SandboxProgress{Phase: p.Phase, DoneBytes: p.Done, TotalBytes: p.Total}
 	}
-	return Sandbox{
+	sb := Sandbox{
 		Progress:  progress,
 		ID:        info.ID,
 		Status:    string(info.Status),
@@ -409,5 +453,19 @@ func SandboxFromInfo(info sandbox.Info) Sandbox {
 		Ports:     portsFrom(info.Ports),
 		Boot:      string(info.Boot),
 		Warnings:  info.Warnings,
+		Name:      info.Name,
+		Labels:    info.Labels,
+		Env:       info.Env,
+		Timeout:   int(info.Timeout.Seconds()),
+		OnTimeout: info.OnTimeout,
+		Snapshot:  info.Snapshot,
 	}
+	if !info.Deadline.IsZero() {
+		t := info.Deadline.UTC()
+		sb.ExpiresAt = &t
+	}
+	for _, mt := range info.Mounts {
+		sb.Mounts = append(sb.Mounts, Mount{Host: mt.Host, Guest: mt.Guest, ReadOnly: mt.ReadOnly})
+	}
+	return sb
 }

@@ -58,3 +58,6 @@ func (d Dir) Server() string { return filepath.Join(string(d), "server.json") }
 
 // Templates holds saved, booted VMs that new sandboxes are restored from.
 func (d Dir) Templates() string { return filepath.Join(string(d), "templates") }
+
+// Snapshots holds the snapshots users take of their sandboxes.
+func (d Dir) Snapshots() string { return filepath.Join(string(d), "snapshots") }

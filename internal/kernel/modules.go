@@ -21,8 +21,10 @@ import (
 // console (the host channel), block (the root disk), ext4 with the crc32c
 // implementation it asks for at mount time (a softdep, which nothing in the
 // guest would resolve), network, vsock, entropy and the VM generation ID
-// used to reseed after a snapshot clone. Names that are built into a kernel
-// are skipped when resolving.
+// used to reseed after a snapshot clone, and the 9p filesystem over virtio
+// that host directories are shared with (with netfs and fscache, which 9p
+// needs where they are modules). Names that are built into a kernel are
+// skipped when resolving.
 func BaseModules() []string {
 	return []string{
 		"virtio_pci",
@@ -35,6 +37,11 @@ func BaseModules() []string {
 		"vmw_vsock_virtio_transport",
 		"virtio_rng",
 		"vmgenid",
+		"9pnet",
+		"9pnet_virtio",
+		"netfs",
+		"fscache",
+		"9p",
 	}
 }
 
@@ -44,6 +51,10 @@ func BaseModules() []string {
 func optionalModule(name string) bool {
 	switch normModName(name) {
 	case "virtio_mmio", "virtio_rng", "vmgenid":
+		return true
+	// Without 9p a kernel still boots sandboxes, only none with shared
+	// directories; fscache and netfs are not separate modules everywhere.
+	case "9pnet", "9pnet_virtio", "netfs", "fscache", "9p":
 		return true
 	}
 	return false

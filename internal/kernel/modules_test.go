@@ -104,6 +104,45 @@ func TestResolveBaseModules(t *testing.T) {
 		}
 	}
 	t.Logf("base modules (%d): %v; vmgenid built in: %v", len(paths), names(paths), builtin["vmgenid"])
+	// Debian's kernel has 9p as modules: host directories can be shared.
+	if !got["9p"] && !builtin["9p"] {
+		t.Errorf("9p neither resolved nor built in: %v", names(paths))
+	}
+}
+
+// A kernel without 9p (or with it built in) still makes an initramfs: the
+// share modules are optional, and 9p comes after what it needs.
+func TestResolveShareModules(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, deps ...string) {
+		if err := os.WriteFile(filepath.Join(dir, name+".ko"), fakeModule(name, deps...), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, m := range []string{"virtio_pci", "virtio_console", "virtio_blk", "crc32c_generic", "ext4", "virtio_net", "vmw_vsock_virtio_transport"} {
+		write(m)
+	}
+	paths, err := resolveModules(dir, BaseModules(), optionalModule)
+	if err != nil || len(paths) != 7 {
+		t.Fatalf("without 9p: %v, %v", names(paths), err)
+	}
+
+	write("9pnet")
+	write("9pnet_virtio", "9pnet")
+	write("netfs")
+	write("9p", "9pnet", "fscache", "netfs")
+	if err := os.WriteFile(filepath.Join(dir, "modules.builtin"), []byte("kernel/fs/fscache/fscache.ko\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	paths, err = resolveModules(dir, BaseModules(), optionalModule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	builtin, _ := readBuiltin(dir)
+	checkLoadOrder(t, paths, builtin)
+	if n := names(paths); len(n) != 11 || n[len(n)-1] != "9p.ko" {
+		t.Errorf("with 9p: %v, want the 7 others, 9pnet, 9pnet_virtio, netfs, then 9p", n)
+	}
 }
 
 // fakeModule is a minimal relocatable ELF file with nothing but a .modinfo

@@ -2,7 +2,9 @@ package sandbox
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"strings"
@@ -108,4 +110,18 @@ func consoleTail(path string) string {
 		return "(no console output)"
 	}
 	return string(b)
+}
+
+// ConsoleLog is the path of the sandbox's console log: what its guest
+// kernel and agent printed since the VM last started.
+func (m *Manager) ConsoleLog(ctx context.Context, id string) (string, error) {
+	rec, err := m.get(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	_, mach, err := m.l.machine(rec)
+	if err != nil {
+		return "", &Error{Kind: KindNotFound, Code: "console_not_found", Message: fmt.Sprintf("sandbox %s has no console log yet", rec.ID)}
+	}
+	return mach.ConsoleLog(), nil
 }

@@ -52,6 +52,9 @@ func (m *Manager) imageConfig(rec store.Record) image.Config {
 		return cfg
 	}
 	cfg = readImageRecord(rec.Dir).Config
+	// The sandbox's own environment goes over the image's; a command's
+	// own goes over both.
+	cfg.Env = append(append([]string(nil), cfg.Env...), envList(readConfig(rec).Env)...)
 	m.mu.Lock()
 	m.configs[rec.ID] = cfg
 	m.mu.Unlock()

@@ -124,13 +124,18 @@ func (l *launcher) boot(ctx context.Context, drv vmm.Driver, a assets, rec *stor
 }
 
 func (l *launcher) spec(a assets, rec *store.Record) vmm.Spec {
-	return vmm.Spec{
+	spec := vmm.Spec{
 		ID: rec.ID, Dir: rec.Dir,
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd,
 		Cmdline:   bootCmdline(rec.ID, readNet(*rec).Policy.Enabled()),
 		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
 		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs,
+		Mounts: driverMounts(readConfig(*rec).Mounts),
 	}
+	for _, mt := range spec.Mounts {
+		spec.Cmdline += " " + vmm.MountCmdline(mt)
+	}
+	return spec
 }
 
 // waitAgent records inst on rec and waits up to timeout for the agent to
@@ -317,6 +322,9 @@ func (l *launcher) transition(ctx context.Context, rec *store.Record, to Status,
 	next := *rec
 	next.Status = to
 	changed, err := l.store.Transition(ctx, next, from...)
+	if errors.Is(err, store.ErrNameTaken) {
+		return nameTaken(rec.Name)
+	}
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return notFound(rec.ID)

@@ -381,7 +381,7 @@ func TestFakeFailedStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Stop(ctx, info.ID); err != nil {
+	if err := m.Stop(ctx, info.ID, 0); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := m.Get(ctx, info.ID); got.Status != sandbox.StatusStopped {

@@ -59,6 +59,9 @@ type Options struct {
 	// RegistryMirror is pulled through for Docker Hub images (and the os
 	// presets); "" means $SMOLVM_REGISTRY_MIRROR.
 	RegistryMirror string
+	// AllowMounts are the host directories sandboxes may mount (each
+	// with what is beneath it); none by default.
+	AllowMounts []string
 	// Logger receives what an operator needs to see: templates retired,
 	// guests that crashed, cleanup that failed. nil logs as text to
 	// Progress.
@@ -95,6 +98,8 @@ type Manager struct {
 	bg     context.Context
 	stopBg func()
 	async  sync.WaitGroup
+
+	reaperDone chan struct{}
 
 	// mu guards what follows.
 	mu       sync.Mutex
@@ -156,6 +161,8 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m.templates.sweepBuilds(ctx)
 	m.pool.start()
+	m.reaperDone = make(chan struct{})
+	go m.runReaper(m.bg)
 	return m, nil
 }
 
@@ -169,6 +176,7 @@ func (m *Manager) Close() error {
 	// error state, with the reason); the VMs that run stay.
 	m.stopBg()
 	m.async.Wait()
+	<-m.reaperDone
 	m.pool.close()
 	m.sessions.closeAll()
 	return m.store.Close()
@@ -183,6 +191,11 @@ func invalid(code, field, format string, args ...any) error {
 
 // normalize applies defaults and checks bounds, before anything is started.
 func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
+	if req.Snapshot != "" {
+		if _, err := m.forkShape(req); err != nil {
+			return nil, err
+		}
+	}
 	if req.MemoryMiB == 0 {
 		req.MemoryMiB = DefaultMemoryMiB
 	}
@@ -225,6 +238,9 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 	}
 	if err := drv.Available(); err != nil {
 		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend", Message: err.Error()}
+	}
+	if err := m.normalizeConfig(req, drv); err != nil {
+		return nil, err
 	}
 	return drv, nil
 }
@@ -316,6 +332,7 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 		CreatedAt: time.Now().UTC(),
 	}
 	writeNet(&rec, requestedNet(req))
+	applyConfig(&rec, req)
 	if rec.OS == "" {
 		rec.OS = "linux"
 		if req.Image == "" {
@@ -334,6 +351,11 @@ func (m *Manager) insert(ctx context.Context, req CreateRequest, drv vmm.Driver,
 			return rec, nil, err
 		}
 		err = m.store.Insert(ctx, rec)
+		if errors.Is(err, store.ErrNameTaken) {
+			release()
+			os.RemoveAll(rec.Dir)
+			return rec, nil, nameTaken(req.Name)
+		}
 		if err == nil {
 			m.l.publishSandbox(EventSandboxCreated, toInfo(rec))
 			return rec, release, nil
@@ -406,7 +428,11 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 	}
 	var info Info
 	if err == nil {
-		if info, err = m.templates.launch(ctx, drv, a, rec, status); err == nil {
+		launch := m.templates.launch
+		if req.Snapshot != "" {
+			launch = m.fork
+		}
+		if info, err = launch(ctx, drv, a, rec, status); err == nil {
 			return info, nil
 		}
 	}
@@ -455,11 +481,14 @@ func (m *Manager) withProgress(info Info) Info {
 
 func toInfo(r store.Record) Info {
 	ns := readNet(r)
+	c := readConfig(r)
 	return Info{
 		ID: r.ID, Status: r.Status, OS: r.OS, Image: r.Image, Backend: r.Backend,
 		MemoryMiB: r.MemoryMiB, DiskSizeMiB: r.DiskSizeMiB, VCPUs: r.VCPUs, PID: r.PID,
 		CreatedAt: r.CreatedAt, Error: r.Error,
 		Network: ns.Policy, Ports: ns.forwards(),
+		Name: r.Name, Labels: c.Labels, Env: c.Env, Deadline: r.Deadline,
+		Timeout: c.timeout(), OnTimeout: c.OnTimeout, Snapshot: c.Snapshot, Mounts: c.Mounts,
 	}
 }
 
@@ -468,7 +497,7 @@ func notFound(id string) error {
 }
 
 func (m *Manager) get(ctx context.Context, id string) (store.Record, error) {
-	rec, err := m.store.Get(ctx, id)
+	rec, err := m.lookup(ctx, id)
 	if errors.Is(err, store.ErrNotFound) || (err == nil && !visible(rec)) {
 		return rec, notFound(id)
 	}
@@ -478,13 +507,22 @@ func (m *Manager) get(ctx context.Context, id string) (store.Record, error) {
 	return m.reconcile(ctx, rec), nil
 }
 
+// lookup reads the record of the sandbox with this id, or else this name.
+func (m *Manager) lookup(ctx context.Context, id string) (store.Record, error) {
+	rec, err := m.store.Get(ctx, id)
+	if errors.Is(err, store.ErrNotFound) && nameRE.MatchString(id) {
+		return m.store.GetByName(ctx, id)
+	}
+	return rec, err
+}
+
 // reconcile marks a running sandbox whose VM process is gone as stopped,
 // and one whose creating process died as failed (ending what it started).
 func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record {
 	if rec.Status == StatusCreating && abandonedCreation(rec.Dir) {
 		return m.interrupted(ctx, rec)
 	}
-	if rec.Status != StatusRunning {
+	if rec.Status != StatusRunning && rec.Status != StatusPaused {
 		return rec
 	}
 	_, mach, err := m.l.machine(rec)
@@ -525,14 +563,17 @@ func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Recor
 }
 
 // List returns every recorded sandbox, oldest first.
-func (m *Manager) List(ctx context.Context) ([]Info, error) {
+func (m *Manager) List(ctx context.Context) ([]Info, error) { return m.Find(ctx, nil) }
+
+// Find returns the sandboxes carrying every label of labels, oldest first.
+func (m *Manager) Find(ctx context.Context, labels map[string]string) ([]Info, error) {
 	recs, err := m.store.List(ctx)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]Info, 0, len(recs))
 	for _, r := range recs {
-		if visible(r) {
+		if visible(r) && labelsMatch(readConfig(r).Labels, labels) {
 			out = append(out, m.withProgress(toInfo(m.reconcile(ctx, r))))
 		}
 	}
@@ -622,100 +663,9 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.St
 	return res, nil
 }
 
-// Stop shuts the VM down cleanly (falling back to killing it) and keeps
-// its disk, so Start can boot it again.
-func (m *Manager) Stop(ctx context.Context, id string) error {
-	if _, err := m.get(ctx, id); err != nil {
-		return err
-	}
-	unlock := m.lock(id)
-	defer unlock()
-	// What another caller did while this one waited for the lock counts.
-	rec, err := m.get(ctx, id)
-	if err != nil {
-		return err
-	}
-	switch rec.Status {
-	case StatusStopped, StatusError:
-		return nil
-	case StatusCreating:
-		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
-	}
-	_, mach, err := m.l.machine(rec)
-	if err != nil {
-		return err
-	}
-	// A clean shutdown when the agent answers; m.client would take the
-	// lock this call holds, so dial directly when nothing is cached.
-	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	c := m.sessions.live(id)
-	if c == nil {
-		if dialed, err := guest.Dial(sctx, mach.DialAgent); err == nil {
-			defer dialed.Close()
-			c = dialed
-		}
-	}
-	if c != nil && !c.Closed() {
-		c.Shutdown(sctx)
-	}
-	cancel()
-	m.sessions.drop(id)
-	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if mach.Wait(wctx) != nil {
-		// It did not power off in time; halt kills it. The network
-		// process ends by itself once the VM is gone; halt makes sure.
-		m.opts.Logger.Warn("VM did not shut down in time; killing it", "sandbox", id)
-	}
-	if err := m.l.halt(ctx, rec); err != nil {
-		return fmt.Errorf("stop sandbox %s: %w", id, err)
-	}
-	rec.PID, rec.Error = 0, ""
-	return m.l.transition(ctx, &rec, StatusStopped, StatusRunning)
-}
-
-// Start boots a stopped sandbox again from its own disk.
-func (m *Manager) Start(ctx context.Context, id string) (Info, error) {
-	if _, err := m.get(ctx, id); err != nil {
-		return Info{}, err
-	}
-	unlock := m.lock(id)
-	defer unlock()
-	rec, err := m.get(ctx, id)
-	if err != nil {
-		return Info{}, err
-	}
-	switch rec.Status {
-	case StatusRunning:
-		return toInfo(rec), nil
-	case StatusCreating:
-		return Info{}, &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s is still being created", id)}
-	}
-	drv, err := m.drivers.Get(rec.Backend)
-	if err != nil {
-		return Info{}, fmt.Errorf("sandbox %s: %w", id, err)
-	}
-	a, err := m.l.assets(ctx, sourceOf(rec), rec.DiskSizeMiB, nil)
-	if err != nil {
-		return Info{}, err
-	}
-	info, err := m.l.boot(ctx, drv, a, &rec, false, StatusRunning)
-	if err != nil {
-		cctx := context.WithoutCancel(ctx)
-		terr := m.l.halt(cctx, rec)
-		rec.PID, rec.Error = 0, err.Error()
-		if uerr := m.l.transition(cctx, &rec, StatusError); uerr != nil {
-			terr = errors.Join(terr, uerr)
-		}
-		m.l.logTeardown(id, "failed start", terr)
-		return Info{}, err
-	}
-	return info, nil
-}
-
 // Delete stops the VM and removes every file it made, and its record.
 func (m *Manager) Delete(ctx context.Context, id string) error {
-	rec, err := m.store.Get(ctx, id)
+	rec, err := m.lookup(ctx, id)
 	if errors.Is(err, store.ErrNotFound) || (err == nil && !visible(rec)) {
 		return notFound(id)
 	}
@@ -725,7 +675,7 @@ func (m *Manager) Delete(ctx context.Context, id string) error {
 	// Deleting a sandbox still being created stops that work at once
 	// rather than waiting for its pull and boot.
 	m.mu.Lock()
-	cancel := m.cancels[id]
+	cancel := m.cancels[rec.ID]
 	m.mu.Unlock()
 	if cancel != nil {
 		cancel()

@@ -385,7 +385,7 @@ func TestNetworkClonesRestartAndStopStart(t *testing.T) {
 	// Stop takes the forward away with the VM; Start brings it back on
 	// the same host port, which is still free.
 	s := sbs[0]
-	if err := m2.Stop(ctx, s.ID); err != nil {
+	if err := m2.Stop(ctx, s.ID, 0); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := get(fmt.Sprintf("http://127.0.0.1:%d/", s.Ports[0].Host)); err == nil {
@@ -409,7 +409,7 @@ func TestNetworkClonesRestartAndStopStart(t *testing.T) {
 	// A port smolvm picked moves to another when its host port was taken
 	// while the sandbox was stopped; a stopped sandbox's port can be closed.
 	s1 := sbs[1]
-	if err := m2.Stop(ctx, s1.ID); err != nil {
+	if err := m2.Stop(ctx, s1.ID, 0); err != nil {
 		t.Fatal(err)
 	}
 	hold, err := net.Listen("tcp", s1.Ports[0].Listen())
@@ -424,7 +424,7 @@ func TestNetworkClonesRestartAndStopStart(t *testing.T) {
 	if len(moved.Ports) != 1 || moved.Ports[0].Host == s1.Ports[0].Host || moved.Ports[0].Host == 0 {
 		t.Fatalf("ports after a start with the old host port taken: %+v (was %+v)", moved.Ports, s1.Ports)
 	}
-	if err := m2.Stop(ctx, s1.ID); err != nil {
+	if err := m2.Stop(ctx, s1.ID, 0); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m2.ClosePort(ctx, s1.ID, 8080); err != nil {

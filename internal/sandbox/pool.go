@@ -92,7 +92,8 @@ func poolable(req CreateRequest) bool {
 	return (req.OS == "" || req.OS == "debian") && req.Image == "" &&
 		req.MemoryMiB == want.MemoryMiB && req.DiskSizeMiB == want.DiskSizeMiB &&
 		req.VCPUs == want.VCPUs && req.Backend == want.Backend &&
-		req.Network.Enabled() // the policy and ports are set on the way out
+		req.Network.Enabled() && // the policy and ports are set on the way out
+		req.Snapshot == "" && len(req.Mounts) == 0
 }
 
 // takePooled claims a ready pooled sandbox, if there is one, gives it req's
@@ -155,6 +156,7 @@ func (p *pool) configureClaimed(ctx context.Context, r *store.Record, req Create
 		}
 	}
 	writeNet(r, requestedNet(req))
+	applyConfig(r, req)
 	if err := p.l.applyPorts(ctx, r); err != nil {
 		return err
 	}

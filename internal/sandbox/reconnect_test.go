@@ -59,7 +59,7 @@ func TestStopStartFromAnotherManager(t *testing.T) {
 
 	m2 := testenv.ManagerAt(t, d)
 	done := make(chan error, 1)
-	go func() { done <- m2.Stop(ctx, info.ID) }()
+	go func() { done <- m2.Stop(ctx, info.ID, 0) }()
 	select {
 	case err := <-done:
 		if err != nil {

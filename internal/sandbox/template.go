@@ -103,7 +103,9 @@ func templateDiskMiB(a assets, diskMiB int) int {
 // never returned as a broken sandbox.
 func (tc *templates) launch(ctx context.Context, drv vmm.Driver, a assets, rec *store.Record, final Status) (Info, error) {
 	snap, ok := drv.(vmm.Snapshotter)
-	if !ok || tc.disabled {
+	// A template has no shared directories, so a machine with some boots
+	// cold.
+	if !ok || tc.disabled || len(readConfig(*rec).Mounts) > 0 {
 		return tc.l.boot(ctx, drv, a, rec, true, final)
 	}
 	t, err := tc.ensureTemplate(ctx, drv, snap, a, rec.MemoryMiB, rec.VCPUs, rec.DiskSizeMiB, readNet(*rec).Policy.Enabled())
@@ -522,7 +524,8 @@ func (tc *templates) prune(ctx context.Context) ([]Template, error) {
 	return removed, nil
 }
 
-// templateUsers counts sandboxes whose disk is made over t's.
+// templateUsers counts sandboxes and snapshots whose disk is made over
+// t's.
 func (tc *templates) templateUsers(ctx context.Context, t Template) (int, error) {
 	snap, err := tc.snapshotter(t.Backend)
 	if err != nil {
@@ -535,6 +538,14 @@ func (tc *templates) templateUsers(ctx context.Context, t Template) (int, error)
 	n := 0
 	for _, r := range recs {
 		if snap.Uses(r.Dir, t.Dir) {
+			n++
+		}
+	}
+	// A snapshot of a clone keeps the clone's disk, made over the
+	// template's.
+	dirs, _ := filepath.Glob(filepath.Join(tc.l.opts.DataDir.Snapshots(), "snap-*"))
+	for _, d := range dirs {
+		if snap.Uses(d, t.Dir) {
 			n++
 		}
 	}

@@ -17,6 +17,7 @@ const (
 	StatusRunning  = store.StatusRunning
 	StatusStopped  = store.StatusStopped
 	StatusError    = store.StatusError
+	StatusPaused   = store.StatusPaused
 )
 
 // Shell selects how a command string is run in the guest.
@@ -67,7 +68,42 @@ type CreateRequest struct {
 	Network network.Policy
 	// Ports are exposed from the guest on the host once it runs.
 	Ports []network.Forward
+	// Name, when set, is unique among sandboxes and works wherever an id
+	// does.
+	Name string
+	// Labels are the caller's own key/value pairs; List can filter by them.
+	Labels map[string]string
+	// Env is seen by every command run in the sandbox; a command's own
+	// Env wins over it.
+	Env map[string]string
+	// Timeout, when set, ends the sandbox that long after it was created
+	// (or its timeout last extended), as OnTimeout says.
+	Timeout time.Duration
+	// OnTimeout is OnTimeoutDelete (the default) or OnTimeoutPause.
+	OnTimeout string
+	// Snapshot starts the sandbox as a fork of this snapshot (id or name):
+	// its memory, processes and files, with an identity of its own.
+	Snapshot string
+	// Mounts share host directories with the guest.
+	Mounts []Mount
 }
+
+// Mount shares a host directory with the guest.
+type Mount struct {
+	Host  string `json:"host"`
+	Guest string `json:"guest"`
+	// ReadOnly is the default for a mount in a request; see CreateRequest.
+	ReadOnly bool `json:"readonly"`
+}
+
+// What a sandbox does when its time limit is reached.
+const (
+	OnTimeoutDelete = "delete"
+	OnTimeoutPause  = "pause"
+)
+
+// MaxTimeout bounds a sandbox's time limit.
+const MaxTimeout = 24 * time.Hour
 
 // Info is what is known about one sandbox.
 type Info struct {
@@ -87,7 +123,18 @@ type Info struct {
 	// in effect.
 	Ports []network.Forward
 	// Error explains StatusError.
-	Error string
+	Error  string
+	Name   string
+	Labels map[string]string
+	Env    map[string]string
+	// Deadline is when the server ends the sandbox, as OnTimeout says;
+	// zero when it has no time limit.
+	Deadline  time.Time
+	Timeout   time.Duration
+	OnTimeout string
+	// Snapshot is the snapshot the sandbox was forked from, if any.
+	Snapshot string
+	Mounts   []Mount
 	// Boot says how Create or Start brought the VM up; empty elsewhere.
 	Boot BootKind
 	// Warnings are things Create or Start worked around, such as a
@@ -158,6 +205,8 @@ const (
 	KindUpstream                    // a registry or store we fetch from failed: 502
 	// KindInsufficientStorage is a guest whose disk is full: 507.
 	KindInsufficientStorage
+	// KindForbidden is a request this server's settings refuse: 403.
+	KindForbidden
 )
 
 // Error is a failure with a stable machine-readable code.
@@ -167,6 +216,8 @@ type Error struct {
 	Field   string // the request field at fault, if any
 	Message string // what happened and what to do, for a person
 	Err     error  // underlying cause, if any
+	// Status is the sandbox's status when a call came in the wrong one.
+	Status Status
 }
 
 func (e *Error) Error() string {

@@ -24,6 +24,9 @@ var ErrNotFound = errors.New("sandbox not found")
 // ErrExists is returned by Insert when a sandbox with the same id is recorded.
 var ErrExists = errors.New("sandbox already exists")
 
+// ErrNameTaken is returned by Insert when another sandbox has the name.
+var ErrNameTaken = errors.New("sandbox name taken")
+
 // Status is a sandbox's lifecycle state as recorded.
 type Status string
 
@@ -32,6 +35,9 @@ const (
 	StatusRunning  Status = "running"
 	StatusStopped  Status = "stopped"
 	StatusError    Status = "error"
+	// StatusPaused is a VM whose vCPUs are stopped and whose memory is
+	// kept: it resumes exactly where it was.
+	StatusPaused Status = "paused"
 	// StatusWarming and StatusPooled are members of a warm pool: running
 	// VMs that no caller sees until a create claims one.
 	StatusWarming Status = "warming"
@@ -56,7 +62,15 @@ type Record struct {
 	Runtime string
 	// Network is the sandbox's network settings and exposed ports, as
 	// JSON owned by the sandbox layer; the store keeps it verbatim.
-	Network   string
+	Network string
+	// Name is unique among recorded sandboxes when not empty.
+	Name string
+	// Deadline is when the server ends the sandbox (zero: never).
+	Deadline time.Time
+	// Config is what the sandbox was created with beyond the columns
+	// (labels, environment, mounts, time limit), as JSON owned by the
+	// sandbox layer.
+	Config    string
 	Error     string
 	CreatedAt time.Time
 	UpdatedAt time.Time
@@ -94,6 +108,10 @@ var migrations = []string{
 	) STRICT`,
 	`CREATE INDEX sandboxes_created ON sandboxes (created_at, id)`,
 	`ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT ''`,
+	`ALTER TABLE sandboxes ADD COLUMN name TEXT NOT NULL DEFAULT ''`,
+	`CREATE UNIQUE INDEX sandboxes_name ON sandboxes (name) WHERE name <> ''`,
+	`ALTER TABLE sandboxes ADD COLUMN deadline INTEGER NOT NULL DEFAULT 0`, // Unix nanoseconds, 0: none
+	`ALTER TABLE sandboxes ADD COLUMN config TEXT NOT NULL DEFAULT ''`,
 }
 
 // Open opens (creating if needed) the database at path and brings its schema
@@ -175,7 +193,14 @@ func (s *Store) Close() error {
 	return nil
 }
 
-const columns = `id, status, os, image, backend, memory_mib, disk_size_mib, vcpus, pid, dir, runtime, network, error, created_at, updated_at`
+const columns = `id, status, os, image, backend, memory_mib, disk_size_mib, vcpus, pid, dir, runtime, network, name, deadline, config, error, created_at, updated_at`
+
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
 
 // Insert records a new sandbox. CreatedAt and UpdatedAt default to now. It
 // returns an error wrapping ErrExists if the id is taken.
@@ -191,10 +216,13 @@ func (s *Store) Insert(ctx context.Context, r Record) error {
 		r.UpdatedAt = r.CreatedAt
 	}
 	_, err := s.db.ExecContext(ctx,
-		`INSERT INTO sandboxes (`+columns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		`INSERT INTO sandboxes (`+columns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		r.ID, r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
-		r.Dir, r.Runtime, r.Network, r.Error, r.CreatedAt.UnixNano(), r.UpdatedAt.UnixNano())
+		r.Dir, r.Runtime, r.Network, r.Name, unixNano(r.Deadline), r.Config, r.Error, r.CreatedAt.UnixNano(), r.UpdatedAt.UnixNano())
 	if err != nil {
+		if isConstraint(err) && strings.Contains(err.Error(), "sandboxes.name") {
+			return fmt.Errorf("insert sandbox %s: name %q: %w", r.ID, r.Name, ErrNameTaken)
+		}
 		if isConstraint(err) {
 			return fmt.Errorf("insert sandbox %s: %w", r.ID, ErrExists)
 		}
@@ -214,7 +242,7 @@ func (s *Store) Transition(ctx context.Context, r Record, from ...Status) (bool,
 		return false, fmt.Errorf("transition sandbox %s: no status to move from", r.ID)
 	}
 	args := []any{r.Status, r.OS, r.Image, r.Backend, r.MemoryMiB, r.DiskSizeMiB, r.VCPUs, r.PID,
-		r.Dir, r.Runtime, r.Network, r.Error, time.Now().UnixNano(), r.ID}
+		r.Dir, r.Runtime, r.Network, r.Name, unixNano(r.Deadline), r.Config, r.Error, time.Now().UnixNano(), r.ID}
 	marks := make([]string, len(from))
 	for i, st := range from {
 		marks[i] = "?"
@@ -222,8 +250,12 @@ func (s *Store) Transition(ctx context.Context, r Record, from ...Status) (bool,
 	}
 	changed, err := s.updateIf(ctx, "update", r.ID,
 		`UPDATE sandboxes SET status = ?, os = ?, image = ?, backend = ?, memory_mib = ?,
-			disk_size_mib = ?, vcpus = ?, pid = ?, dir = ?, runtime = ?, network = ?, error = ?, updated_at = ?
+			disk_size_mib = ?, vcpus = ?, pid = ?, dir = ?, runtime = ?, network = ?, name = ?, deadline = ?, config = ?,
+			error = ?, updated_at = ?
 		WHERE id = ? AND status IN (`+strings.Join(marks, ", ")+`)`, args...)
+	if err != nil && isConstraint(err) && strings.Contains(err.Error(), "sandboxes.name") {
+		return false, fmt.Errorf("update sandbox %s: name %q: %w", r.ID, r.Name, ErrNameTaken)
+	}
 	if err != nil || changed {
 		return changed, err
 	}
@@ -244,12 +276,25 @@ func (s *Store) SetNetwork(ctx context.Context, id, network string) error {
 	return affectedOne(res, "update", id)
 }
 
+// SetDeadline replaces only the deadline of sandbox id, if it is still in
+// one of the statuses from.
+func (s *Store) SetDeadline(ctx context.Context, id string, deadline time.Time, from ...Status) (bool, error) {
+	args := []any{unixNano(deadline), time.Now().UnixNano(), id}
+	marks := make([]string, len(from))
+	for i, st := range from {
+		marks[i] = "?"
+		args = append(args, st)
+	}
+	return s.updateIf(ctx, "update", id,
+		`UPDATE sandboxes SET deadline = ?, updated_at = ? WHERE id = ? AND status IN (`+strings.Join(marks, ", ")+`)`, args...)
+}
+
 // MarkExited records that a running sandbox's VM process (pid) is gone, only
 // if the record still says it runs with that pid: a Stop or Start that
 // finished meanwhile in another goroutine or process is not overwritten.
 func (s *Store) MarkExited(ctx context.Context, id string, pid int, status Status, reason string) (bool, error) {
 	return s.updateIf(ctx, "update", id,
-		`UPDATE sandboxes SET status = ?, pid = 0, error = ?, updated_at = ? WHERE id = ? AND status = 'running' AND pid = ?`,
+		`UPDATE sandboxes SET status = ?, pid = 0, error = ?, updated_at = ? WHERE id = ? AND status IN ('running', 'paused') AND pid = ?`,
 		status, reason, time.Now().UnixNano(), id, pid)
 }
 
@@ -298,25 +343,49 @@ func (s *Store) Get(ctx context.Context, id string) (Record, error) {
 	return r, nil
 }
 
+// GetByName returns the sandbox called name, or an error wrapping
+// ErrNotFound.
+func (s *Store) GetByName(ctx context.Context, name string) (Record, error) {
+	row := s.db.QueryRowContext(ctx, `SELECT `+columns+` FROM sandboxes WHERE name = ? AND name <> ''`, name)
+	r, err := scan(row)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Record{}, fmt.Errorf("get sandbox named %s: %w", name, ErrNotFound)
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("get sandbox named %s: %w", name, err)
+	}
+	return r, nil
+}
+
 // List returns every recorded sandbox, oldest first.
 func (s *Store) List(ctx context.Context) ([]Record, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+columns+` FROM sandboxes ORDER BY created_at, id`)
+	return s.query(ctx, "list sandboxes", `SELECT `+columns+` FROM sandboxes ORDER BY created_at, id`)
+}
+
+func (s *Store) query(ctx context.Context, what, query string, args ...any) ([]Record, error) {
+	rows, err := s.db.QueryContext(ctx, query, args...)
 	if err != nil {
-		return nil, fmt.Errorf("list sandboxes: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	defer rows.Close()
 	out := []Record{}
 	for rows.Next() {
 		r, err := scan(rows)
 		if err != nil {
-			return nil, fmt.Errorf("list sandboxes: %w", err)
+			return nil, fmt.Errorf("%s: %w", what, err)
 		}
 		out = append(out, r)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list sandboxes: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return out, nil
+}
+
+// Expired returns the sandboxes whose deadline is at or before now.
+func (s *Store) Expired(ctx context.Context, now time.Time) ([]Record, error) {
+	return s.query(ctx, "list expired sandboxes",
+		`SELECT `+columns+` FROM sandboxes WHERE deadline > 0 AND deadline <= ? ORDER BY deadline`, now.UnixNano())
 }
 
 // Delete removes the sandbox's record. It returns an error wrapping
@@ -347,11 +416,14 @@ type scanner interface {
 
 func scan(sc scanner) (Record, error) {
 	var r Record
-	var created, updated int64
+	var created, updated, deadline int64
 	err := sc.Scan(&r.ID, &r.Status, &r.OS, &r.Image, &r.Backend, &r.MemoryMiB, &r.DiskSizeMiB,
-		&r.VCPUs, &r.PID, &r.Dir, &r.Runtime, &r.Network, &r.Error, &created, &updated)
+		&r.VCPUs, &r.PID, &r.Dir, &r.Runtime, &r.Network, &r.Name, &deadline, &r.Config, &r.Error, &created, &updated)
 	if err != nil {
 		return Record{}, err
+	}
+	if deadline != 0 {
+		r.Deadline = time.Unix(0, deadline).UTC()
 	}
 	r.CreatedAt = time.Unix(0, created).UTC()
 	r.UpdatedAt = time.Unix(0, updated).UTC()

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"net"
 	"slices"
+
+	"github.com/smolvm/smolvm/internal/agent/wire"
 )
 
 // Spec is everything a driver needs to boot one sandbox.
@@ -35,6 +37,25 @@ type Spec struct {
 	// may lay out its memory so that the copies restored from it share
 	// the pages none of them has written.
 	ForSnapshot bool
+	// Mounts are host directories shared with the guest. A driver that
+	// cannot share directories refuses a spec that has any; the guest
+	// mounts them when the kernel command line asks it to (MountCmdline).
+	Mounts []Mount
+}
+
+// Mount shares a host directory with the guest.
+type Mount struct {
+	Tag      string // the 9p mount tag the guest mounts by: "m0", "m1", ...
+	HostPath string // absolute, already resolved and checked by the caller
+	// GuestPath is where the guest mounts it: absolute, made if missing.
+	GuestPath string
+	ReadOnly  bool
+}
+
+// MountCmdline is the kernel command line parameter that has the guest
+// agent mount m at m.GuestPath; the caller appends one per mount.
+func MountCmdline(m Mount) string {
+	return wire.Mount{Tag: m.Tag, Path: m.GuestPath, ReadOnly: m.ReadOnly}.Param()
 }
 
 // NetKind is how a guest's network interface reaches the host.
@@ -119,6 +140,21 @@ type Snapshotter interface {
 	Uses(dir, snapDir string) bool
 }
 
+// Checkpointer is a Snapshotter that can save a machine that keeps
+// running: its memory, devices and a copy of its disk go into dir, in the
+// layout Restore reads, and the machine runs on afterwards (stays paused
+// if it was paused).
+type Checkpointer interface {
+	Checkpoint(ctx context.Context, m Machine, dir string) error
+}
+
+// Pauser is a Driver that can stop a running VM's vCPUs and let them run
+// again, keeping its memory.
+type Pauser interface {
+	Pause(ctx context.Context, m Machine) error
+	Resume(ctx context.Context, m Machine) error
+}
+
 // DiskResizer is a Driver that can grow a running VM's root disk.
 type DiskResizer interface {
 	Resize(ctx context.Context, m Machine, bytes int64) error
@@ -162,3 +198,9 @@ func (r *Registry) Default() Driver {
 
 // Names lists the registered drivers, the default first.
 func (r *Registry) Names() []string { return slices.Clone(r.names) }
+
+// DirSharer is a Driver that can share host directories with a guest
+// (Spec.Mounts); asking another driver for mounts is refused up front.
+type DirSharer interface {
+	ShareDirs()
+}

@@ -198,15 +198,20 @@ func machineArgs(spec vmm.Spec, accel string, mem memory) []string {
 		"-m", strconv.Itoa(spec.MemoryMiB),
 		"-smp", strconv.Itoa(spec.VCPUs),
 	}
-	machine := "q35"
+	// Every machine's RAM is the backend object ram0, whatever backs it. A
+	// saved state names its RAM by that object, so a state saved from a
+	// template's clone (RAM mapped from a file) loads into anonymous RAM,
+	// as a checkpoint's restore has, and the other way round.
+	ram := fmt.Sprintf("memory-backend-ram,id=%s,size=%dM", ramObject, spec.MemoryMiB)
 	if mem.file != "" {
 		share := "off"
 		if mem.shared {
 			share = "on"
 		}
-		args = append(args, "-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=%s", spec.MemoryMiB, mem.file, share))
-		machine += ",memory-backend=ram0"
+		ram = fmt.Sprintf("memory-backend-file,id=%s,size=%dM,mem-path=%s,share=%s", ramObject, spec.MemoryMiB, mem.file, share)
 	}
+	args = append(args, "-object", ram)
+	machine := "q35,memory-backend=" + ramObject
 	if accel == "kvm" {
 		args = append(args, "-machine", machine, "-accel", "kvm", "-cpu", "host")
 	} else {
@@ -232,6 +237,9 @@ func machineArgs(spec vmm.Spec, accel string, mem memory) []string {
 	)
 }
 
+// ramObject is the id of every machine's memory backend (machineArgs).
+const ramObject = "ram0"
+
 // memory is how a machine's RAM is laid out.
 type memory struct {
 	file   string // "" for anonymous memory
@@ -250,16 +258,79 @@ func (d *Driver) args(spec vmm.Spec, mem memory) []string {
 			"-netdev", "stream,id=net0,server=off,addr.type=unix,addr.path="+n.Socket,
 			"-device", "virtio-net-pci,netdev=net0,romfile=,mac="+n.MAC)
 	}
-	return append(args,
+	args = append(args,
 		"-drive", "file="+p.Disk+",if=none,id=root,format=qcow2,discard=unmap",
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-serial-pci,id=vser",
 		"-chardev", "socket,id=agent,path="+p.AgentSocket+",server=on,wait=off",
 		"-device", "virtserialport,bus=vser.0,chardev=agent,name="+wire.PortName,
+	)
+	// After the other devices, so a machine without shares has the same
+	// PCI layout as before there were any.
+	args = append(args, mountArgs(spec.Mounts)...)
+	return append(args,
 		"-qmp", "unix:"+p.QMPSocket+",server=on,wait=off",
 		"-serial", "file:"+p.Console,
 		"-daemonize", "-pidfile", filepath.Join(spec.Dir, filePID),
 	)
+}
+
+// mountArgs shares each host directory over virtio-9p. security_model=none
+// has files keep the host's owners and modes, as QEMU's user can set
+// them, which suits a sandbox working on a user's own directory.
+func mountArgs(mounts []vmm.Mount) []string {
+	var args []string
+	for i, m := range mounts {
+		id := "fs" + strconv.Itoa(i)
+		fsdev := "local,id=" + id + ",path=" + optValue(m.HostPath) + ",security_model=none"
+		if m.ReadOnly {
+			fsdev += ",readonly=on"
+		}
+		args = append(args, "-fsdev", fsdev, "-device", "virtio-9p-pci,fsdev="+id+",mount_tag="+m.Tag)
+	}
+	return args
+}
+
+// optValue escapes a value for QEMU's option parser, which ends a value at
+// a comma unless it is doubled.
+func optValue(v string) string { return strings.ReplaceAll(v, ",", ",,") }
+
+// maxMountTag is the longest 9p mount tag QEMU accepts.
+const maxMountTag = 31
+
+// checkMounts refuses shares QEMU or the guest could not take: the tag
+// ends up in an option and on the kernel command line.
+func checkMounts(mounts []vmm.Mount) error {
+	tags := map[string]bool{}
+	for _, m := range mounts {
+		if m.Tag == "" || len(m.Tag) > maxMountTag || strings.Trim(m.Tag, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") != "" {
+			return fmt.Errorf("mount tag %q: want 1 to %d letters, digits or _.-", m.Tag, maxMountTag)
+		}
+		if tags[m.Tag] {
+			return fmt.Errorf("mount tag %q is used twice", m.Tag)
+		}
+		tags[m.Tag] = true
+		if !filepath.IsAbs(m.HostPath) {
+			return fmt.Errorf("mount %s: host path %q is not absolute", m.Tag, m.HostPath)
+		}
+	}
+	return nil
+}
+
+// maxCmdline is the longest kernel command line an x86 kernel keeps
+// (COMMAND_LINE_SIZE less its NUL); it cuts the rest off silently.
+const maxCmdline = 2047
+
+// checkSpec refuses, before anything is made, what QEMU or the guest
+// would not take.
+func checkSpec(spec vmm.Spec) error {
+	if err := checkMounts(spec.Mounts); err != nil {
+		return err
+	}
+	if len(spec.Cmdline) > maxCmdline {
+		return fmt.Errorf("kernel command line is %d bytes, more than the guest keeps (%d): fewer or shorter mounts", len(spec.Cmdline), maxCmdline)
+	}
+	return nil
 }
 
 // ProbeCommand boots spec's kernel and initramfs with no devices; with
@@ -272,6 +343,9 @@ func (d *Driver) ProbeCommand(ctx context.Context, spec vmm.Spec) *exec.Cmd {
 
 // Start makes the sandbox's disk if it has none yet and boots the VM.
 func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) {
+	if err := checkSpec(spec); err != nil {
+		return nil, err
+	}
 	disk := filepath.Join(spec.Dir, fileDisk)
 	if _, err := os.Stat(disk); errors.Is(err, os.ErrNotExist) {
 		if err := createDisk(ctx, spec.BaseImage, disk, spec.DiskMiB); err != nil {
@@ -330,7 +404,9 @@ func version(ctx context.Context) (string, error) {
 }
 
 var (
-	_ vmm.Driver      = (*Driver)(nil)
-	_ vmm.Snapshotter = (*Driver)(nil)
-	_ vmm.DiskResizer = (*Driver)(nil)
+	_ vmm.Driver       = (*Driver)(nil)
+	_ vmm.Snapshotter  = (*Driver)(nil)
+	_ vmm.DiskResizer  = (*Driver)(nil)
+	_ vmm.Pauser       = (*Driver)(nil)
+	_ vmm.Checkpointer = (*Driver)(nil)
 )

@@ -116,9 +116,20 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	if err := checkStatePath(statePath); err != nil {
 		return nil, err
 	}
+	if err := checkSpec(spec); err != nil {
+		return nil, err
+	}
+	// QEMU saves no VM whose guest has a 9p share mounted, and the agent
+	// mounts every share at boot: no snapshot has the devices a spec
+	// with shares would add, and the state would not load.
+	if len(spec.Mounts) > 0 {
+		return nil, fmt.Errorf("restore: a VM with shared directories cannot be restored from a snapshot; boot it instead")
+	}
 	if err := createDisk(ctx, filepath.Join(snapDir, fileDisk), filepath.Join(spec.Dir, fileDisk), 0); err != nil {
 		return nil, err
 	}
+	// A template's RAM is its memory file, mapped private; a checkpoint
+	// has none, its RAM is all in the state and loads into anonymous RAM.
 	var mem memory
 	if f := filepath.Join(snapDir, fileMemory); fileExists(f) {
 		mem = memory{file: f}
@@ -168,18 +179,34 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
-// Uses reports whether the disk of the machine in dir overlays the
-// snapshot's disk in snapDir.
+// maxChain bounds the backing chain Uses follows: a base image, a
+// template, checkpoints of checkpoints. It stops a loop in a damaged chain.
+const maxChain = 64
+
+// Uses reports whether the disk of the machine in dir is made over the
+// snapshot's disk in snapDir, directly or through other disks: a machine
+// restored from a checkpoint of a template's clone needs the checkpoint's
+// disk and the template's.
 func (d *Driver) Uses(dir, snapDir string) bool {
-	backing, ok := qcow2.Backing(filepath.Join(dir, fileDisk))
-	if !ok {
+	want, err := filepath.Abs(filepath.Join(snapDir, fileDisk))
+	if err != nil {
 		return false
 	}
-	if !filepath.IsAbs(backing) {
-		backing = filepath.Join(dir, backing)
+	disk := filepath.Join(dir, fileDisk)
+	for range maxChain {
+		backing, ok := qcow2.Backing(disk)
+		if !ok {
+			return false
+		}
+		if !filepath.IsAbs(backing) {
+			backing = filepath.Join(filepath.Dir(disk), backing)
+		}
+		if filepath.Clean(backing) == want {
+			return true
+		}
+		disk = backing
 	}
-	want, err := filepath.Abs(filepath.Join(snapDir, fileDisk))
-	return err == nil && filepath.Clean(backing) == want
+	return false
 }
 
 // resume loads statePath into a VM started with -incoming defer and lets

@@ -1,0 +1,381 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	goruntime "runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/agent/agentpb"
+	"github.com/smolvm/smolvm/internal/datadir"
+	"github.com/smolvm/smolvm/internal/guest"
+	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/kernel"
+	"github.com/smolvm/smolvm/internal/vmm"
+)
+
+// The tests below boot real guests under QEMU with the kernel and base
+// image `smolvm setup` prepared (internal/testenv cannot be used here: it
+// imports the sandbox manager, which imports this package).
+
+// realGuest is what booting a sandbox's guest takes.
+type realGuest struct {
+	kernel, initrd, base string
+}
+
+var realBuild struct {
+	once sync.Once
+	dir  string // the agent and initramfs built for this test process
+	g    realGuest
+	skip string
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if realBuild.dir != "" {
+		os.RemoveAll(realBuild.dir)
+	}
+	os.Exit(code)
+}
+
+// needGuest skips the test unless this machine can boot guests (it fails
+// under CI, which must have run setup), and builds the agent and an
+// initramfs once.
+func needGuest(t *testing.T) realGuest {
+	t.Helper()
+	realBuild.once.Do(func() {
+		shared, err := datadir.Default()
+		if err != nil {
+			realBuild.err = err
+			return
+		}
+		k, kerr := kernel.Default(shared)
+		base, ierr := image.Cached(shared)
+		_, qerr := exec.LookPath(qemuBinary)
+		switch {
+		case qerr != nil:
+			realBuild.skip = qemuBinary + " is not installed"
+			return
+		case kerr != nil:
+			realBuild.skip = "no guest kernel in " + shared.Path()
+			return
+		case ierr != nil:
+			realBuild.skip = "the default image is not built in " + shared.Path()
+			return
+		}
+		dir, err := os.MkdirTemp("", "smolvm-qemu-test-")
+		if err != nil {
+			realBuild.err = err
+			return
+		}
+		realBuild.dir = dir
+		agent := filepath.Join(dir, "smolvm-agent")
+		_, file, _, _ := goruntime.Caller(0)
+		cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", agent, "./cmd/smolvm-agent")
+		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..", "..")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			realBuild.err = errors.New("build the agent: " + err.Error() + ": " + string(out))
+			return
+		}
+		initrd, err := kernel.BuildInitramfs(context.Background(), datadir.Dir(dir), k, agent)
+		if err != nil {
+			realBuild.err = err
+			return
+		}
+		realBuild.g = realGuest{kernel: k.Vmlinux, initrd: initrd, base: base.Path}
+	})
+	if realBuild.skip != "" {
+		msg := realBuild.skip + ": run `scripts/setup.sh` (or `smolvm setup`) first"
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	if realBuild.err != nil {
+		t.Fatal(realBuild.err)
+	}
+	return realBuild.g
+}
+
+// machineDir is a directory for one machine, short enough for its sockets.
+func machineDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "smq")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func (g realGuest) spec(t *testing.T, id string, extra ...string) vmm.Spec {
+	return vmm.Spec{
+		ID: id, Dir: machineDir(t), Kernel: g.kernel, Initrd: g.initrd, BaseImage: g.base,
+		Cmdline: strings.Join(append([]string{"console=ttyS0", "quiet", "loglevel=3", "oops=panic", "panic=-1",
+			"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd", "smolvm.hostname=" + id}, extra...), " "),
+		DiskMiB: 1024, MemoryMiB: 256, VCPUs: 1,
+	}
+}
+
+// killed ends m when the test does.
+func killed(t *testing.T, m vmm.Machine) vmm.Machine {
+	t.Cleanup(func() { m.Kill(context.Background()) })
+	return m
+}
+
+// agent waits for m's agent and connects to it.
+func agent(t *testing.T, ctx context.Context, m vmm.Machine) *guest.Client {
+	t.Helper()
+	dctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	c, err := guest.Dial(dctx, func(ctx context.Context) (net.Conn, error) {
+		if !m.Alive() {
+			return nil, errors.New("the VM is gone")
+		}
+		return m.DialAgent(ctx)
+	})
+	if err != nil {
+		b, _ := os.ReadFile(m.ConsoleLog())
+		t.Fatalf("agent: %v; console:\n%s", err, b)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// sh runs script in the guest and returns its output, and an error if it
+// did not exit 0.
+func sh(t *testing.T, ctx context.Context, c *guest.Client, script string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	var out, errOut bytes.Buffer
+	exit, err := c.Exec(ctx, &agentpb.StartRequest{Process: &agentpb.ProcessConfig{Argv: []string{"/bin/sh", "-c", script}}}, &out, &errOut)
+	if err != nil {
+		t.Fatalf("exec %q: %v", script, err)
+	}
+	if exit.ExitCode != 0 || exit.Error != "" {
+		return out.String(), fmt.Errorf("exit %d %s: %s", exit.ExitCode, exit.Error, errOut.String())
+	}
+	return out.String(), nil
+}
+
+func mustSh(t *testing.T, ctx context.Context, c *guest.Client, script string) string {
+	t.Helper()
+	out, err := sh(t, ctx, c, script)
+	if err != nil {
+		t.Fatalf("%q: %v", script, err)
+	}
+	return out
+}
+
+func wantStatus(t *testing.T, ctx context.Context, d *Driver, m vmm.Machine, want string) {
+	t.Helper()
+	if got, err := d.Status(ctx, m); err != nil || got != want {
+		t.Fatalf("status %q, %v; want %q", got, err, want)
+	}
+}
+
+// A template's clone is checkpointed while it runs; the copy restored
+// from the checkpoint has the clone's memory and disk as they were then,
+// and so does a copy of a checkpoint of that copy, taken while paused.
+func TestRealCheckpoint(t *testing.T) {
+	g := needGuest(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	d := New(Options{})
+
+	// A template, as the sandbox manager makes one.
+	tpl := g.spec(t, "tpl")
+	tpl.ForSnapshot = true
+	tm, err := d.Start(ctx, tpl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed(t, tm)
+	if _, err := agent(t, ctx, tm).Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Save(ctx, tm, tpl.Dir); err != nil {
+		t.Fatalf("Save: %v", err)
+	}
+
+	// Its clone maps the template's RAM file private.
+	cloneSpec := g.spec(t, "clone")
+	clone, err := d.Restore(ctx, cloneSpec, tpl.Dir)
+	if err != nil {
+		t.Fatalf("Restore the template: %v", err)
+	}
+	killed(t, clone)
+	cc := agent(t, ctx, clone)
+	mark := mustSh(t, ctx, cc, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' | tee /dev/shm/mark; echo on disk > /root/before; sync")
+	if len(mark) != 32 {
+		t.Fatalf("mark %q", mark)
+	}
+
+	ck := machineDir(t)
+	start := time.Now()
+	if err := d.Checkpoint(ctx, clone, ck); err != nil {
+		t.Fatalf("Checkpoint: %v", err)
+	}
+	t.Logf("checkpoint of a running clone took %s", time.Since(start))
+	for _, f := range []string{fileState, fileDisk} {
+		if _, err := os.Stat(filepath.Join(ck, f)); err != nil {
+			t.Errorf("checkpoint lacks %s: %v", f, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(ck, fileMemory)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("checkpoint has a memory file: %v", err)
+	}
+	// The clone runs on, its disk writable again (cont took it back).
+	wantStatus(t, ctx, d, clone, "running")
+	if got := mustSh(t, ctx, cc, "cat /dev/shm/mark; echo later > /root/after; sync; rm /dev/shm/mark"); got != mark {
+		t.Errorf("the clone's mark after its checkpoint: %q, want %q", got, mark)
+	}
+	// QEMU aborts on a write to a disk it gave up; this one was taken back.
+	wantStatus(t, ctx, d, clone, "running")
+
+	// The fork: RAM from the state into anonymous memory, disk over the
+	// checkpoint's copy.
+	forkSpec := g.spec(t, "fork")
+	fork, err := d.Restore(ctx, forkSpec, ck)
+	if err != nil {
+		t.Fatalf("Restore the checkpoint: %v", err)
+	}
+	killed(t, fork)
+	wantStatus(t, ctx, d, fork, "running")
+	fc := agent(t, ctx, fork)
+	if got := mustSh(t, ctx, fc, "cat /dev/shm/mark /root/before; test ! -e /root/after && echo no after"); got != mark+"on disk\nno after\n" {
+		t.Errorf("the fork sees %q, want the mark, the file written before and not the one after", got)
+	}
+	if !d.Uses(forkSpec.Dir, ck) || !d.Uses(forkSpec.Dir, tpl.Dir) || d.Uses(forkSpec.Dir, cloneSpec.Dir) {
+		t.Errorf("Uses(fork): checkpoint %v, template %v, clone %v; want true, true, false",
+			d.Uses(forkSpec.Dir, ck), d.Uses(forkSpec.Dir, tpl.Dir), d.Uses(forkSpec.Dir, cloneSpec.Dir))
+	}
+
+	// Paused, checkpointed, still paused; and then as usable as before.
+	if err := d.Pause(ctx, fork); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Pause(ctx, fork); err != nil {
+		t.Fatalf("second Pause: %v", err)
+	}
+	wantStatus(t, ctx, d, fork, "paused")
+	ck2 := machineDir(t)
+	if err := d.Checkpoint(ctx, fork, ck2); err != nil {
+		t.Fatalf("Checkpoint a paused VM: %v", err)
+	}
+	wantStatus(t, ctx, d, fork, "paused")
+	// A disk left to the migration's destination would crash QEMU here.
+	if err := d.Resize(ctx, fork, 2<<30); err != nil {
+		t.Fatalf("Resize after a paused checkpoint: %v", err)
+	}
+	if err := d.Resume(ctx, fork); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Resume(ctx, fork); err != nil {
+		t.Fatalf("second Resume: %v", err)
+	}
+	wantStatus(t, ctx, d, fork, "running")
+	if got := mustSh(t, ctx, fc, "echo fork > /root/fork; sync; cat /dev/shm/mark"); got != mark {
+		t.Errorf("the fork after pause, checkpoint and resume: %q", got)
+	}
+
+	// A copy of the paused checkpoint: anonymous RAM to anonymous RAM.
+	fork2, err := d.Restore(ctx, g.spec(t, "fork2"), ck2)
+	if err != nil {
+		t.Fatalf("Restore the paused checkpoint: %v", err)
+	}
+	killed(t, fork2)
+	wantStatus(t, ctx, d, fork2, "running")
+	if got := mustSh(t, ctx, agent(t, ctx, fork2), "cat /dev/shm/mark; test ! -e /root/fork && echo no fork"); got != mark+"no fork\n" {
+		t.Errorf("the second fork sees %q", got)
+	}
+}
+
+// Host directories mounted over virtio-9p: read-only and read-write, with
+// a comma in the host path and a space in the guest's.
+func TestRealMounts(t *testing.T) {
+	g := needGuest(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
+	d := New(Options{})
+
+	host := t.TempDir()
+	ro, rw := filepath.Join(host, "read,only"), filepath.Join(host, "rw")
+	for _, dir := range []string{ro, rw} {
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(ro, "hello"), []byte("from the host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mounts := []vmm.Mount{
+		{Tag: "m0", HostPath: ro, GuestPath: "/mnt/host files", ReadOnly: true},
+		{Tag: "m1", HostPath: rw, GuestPath: "/work"},
+		// A share the host did not give: logged, and the rest go on.
+		{Tag: "m9", GuestPath: "/missing"},
+	}
+	var params []string
+	for _, m := range mounts {
+		params = append(params, vmm.MountCmdline(m))
+	}
+	spec := g.spec(t, "mounts", params...)
+	spec.Mounts = mounts[:2]
+	start := time.Now()
+	m, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed(t, m)
+	c := agent(t, ctx, m)
+	t.Logf("boot with two shares took %s", time.Since(start))
+
+	if got := mustSh(t, ctx, c, "cat '/mnt/host files/hello'"); got != "from the host\n" {
+		t.Errorf("read-only share: %q", got)
+	}
+	if _, err := sh(t, ctx, c, "echo no > '/mnt/host files/new'"); err == nil {
+		t.Error("wrote into the read-only share")
+	}
+	mustSh(t, ctx, c, "echo from the guest > /work/out && mkdir -p /work/d/e")
+	if b, err := os.ReadFile(filepath.Join(rw, "out")); err != nil || string(b) != "from the guest\n" {
+		t.Errorf("read-write share on the host: %q, %v", b, err)
+	}
+	if st, err := os.Stat(filepath.Join(rw, "d", "e")); err != nil || !st.IsDir() {
+		t.Errorf("directory made in the share: %v", err)
+	}
+	mounted := mustSh(t, ctx, c, "grep ' 9p ' /proc/mounts")
+	if !strings.Contains(mounted, "m0 /mnt/host\\040files 9p ro,") || !strings.Contains(mounted, "m1 /work 9p rw,") || strings.Contains(mounted, "m9") {
+		t.Errorf("9p mounts in the guest:\n%s", mounted)
+	}
+	if b, _ := os.ReadFile(m.ConsoleLog()); !strings.Contains(string(b), `mount share m9 at /missing`) {
+		t.Errorf("the missing share is not on the console:\n%s", b)
+	}
+
+	// QEMU cannot migrate a mounted 9p share: the checkpoint fails, and
+	// leaves the VM running and nothing written.
+	ck := machineDir(t)
+	err = d.Checkpoint(ctx, m, ck)
+	if err == nil {
+		t.Fatal("Checkpoint of a VM with a mounted share succeeded")
+	}
+	t.Logf("checkpoint with a share: %v", err)
+	wantStatus(t, ctx, d, m, "running")
+	if ents, _ := os.ReadDir(ck); len(ents) != 0 {
+		t.Errorf("a failed checkpoint left %v", ents)
+	}
+	if got := mustSh(t, ctx, c, "cat /work/out"); got != "from the guest\n" {
+		t.Errorf("after the failed checkpoint: %q", got)
+	}
+}
