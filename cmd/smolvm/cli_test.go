@@ -119,6 +119,34 @@ func TestCLI(t *testing.T) {
 		}
 	})
 
+	t.Run("lifecycle and snapshots on the data directory", func(t *testing.T) {
+		for _, step := range []struct {
+			args []string
+			want string
+		}{
+			{[]string{"sandbox", "pause", id}, "paused " + id + "\n"},
+			{[]string{"sandbox", "resume", id}, "resumed " + id + "\n"},
+			{[]string{"sandbox", "update", "--timeout", "600", id}, id + " expires at "},
+			{[]string{"sandbox", "update", "--timeout", "0", id}, id + " has no time limit\n"},
+			{[]string{"sandbox", "snapshot", "create", "--name", "cli-snap", id}, " (cli-snap) of " + id + " ("},
+			{[]string{"snapshot", "list"}, "cli-snap"},
+			{[]string{"snapshot", "rm", "cli-snap"}, "deleted cli-snap\n"},
+			{[]string{"snapshot", "prune"}, "no unused snapshots\n"},
+			{[]string{"sandbox", "logs", id}, ""},
+		} {
+			out, errOut, code := c.run(step.args...)
+			if code != 0 || !strings.Contains(out, step.want) {
+				t.Errorf("%v: exit %d stdout %q (want %q) stderr %q", step.args, code, out, step.want, errOut)
+			}
+		}
+		if out, _, code := c.run("sandbox", "list", "--label", "none=here"); code != 0 || strings.Contains(out, id) {
+			t.Errorf("list --label none=here: exit %d\n%s", code, out)
+		}
+		if _, errOut, code := c.run("sandbox", "resume", id); code == 0 || !strings.Contains(errOut, "running") {
+			t.Errorf("resume of a running sandbox: exit %d stderr %q", code, errOut)
+		}
+	})
+
 	t.Run("server", func(t *testing.T) {
 		// Port 0: the server picks a free port and prints it, so no other
 		// test can take it between choosing and listening.

@@ -118,15 +118,37 @@ func TestHTTPClientFollowsTheDocument(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	sb, err := c.Create(ctx, api.CreateSandboxRequest{Memory: 256, Network: &api.NetworkSpec{Mode: "open"}, Ports: []api.PortSpec{{Guest: 8080}}})
+	sb, err := c.Create(ctx, api.CreateSandboxRequest{Memory: 256, Network: &api.NetworkSpec{Mode: "open"}, Ports: []api.PortSpec{{Guest: 8080}},
+		Name: "contract-box", Labels: map[string]string{"suite": "contract"}, Env: map[string]string{"BOXENV": "yes"},
+		Timeout: 3600, OnTimeout: "pause"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.List(ctx); err != nil {
+	if sb.Name != "contract-box" || sb.Labels["suite"] != "contract" || sb.ExpiresAt == nil {
+		t.Errorf("create: %+v", sb)
+	}
+	if _, err := c.List(ctx, nil); err != nil {
 		t.Error(err)
 	}
-	if _, err := c.Get(ctx, sb.ID); err != nil {
-		t.Error(err)
+	if list, err := c.List(ctx, map[string]string{"suite": "contract"}); err != nil || len(list.Sandboxes) != 1 {
+		t.Errorf("list by label: %+v %v", list, err)
+	}
+	if list, err := c.List(ctx, map[string]string{"suite": "other"}); err != nil || len(list.Sandboxes) != 0 {
+		t.Errorf("list by another label: %+v %v", list, err)
+	}
+	if got, err := c.Get(ctx, "contract-box"); err != nil || got.ID != sb.ID {
+		t.Errorf("get by name: %+v %v", got, err)
+	}
+	if res, err := c.Exec(ctx, sb.ID, api.ExecRequest{Command: "echo $BOXENV"}); err != nil || res.Stdout != "yes\n" {
+		t.Errorf("exec with the sandbox's env: %+v %v", res, err)
+	}
+	zero := 0
+	if got, err := c.Update(ctx, sb.ID, api.UpdateSandboxRequest{Timeout: &zero}); err != nil || got.ExpiresAt != nil {
+		t.Errorf("update to no limit: %+v %v", got, err)
+	}
+	var logs bytes.Buffer
+	if err := c.Logs(ctx, sb.ID, false, &logs); err != nil {
+		t.Errorf("logs: %v", err)
 	}
 	if res, err := c.Exec(ctx, sb.ID, api.ExecRequest{Command: "echo hi; exit 3", Shell: "login"}); err != nil || res.ExitCode != 3 || res.Stdout != "hi\n" {
 		t.Errorf("exec: %+v %v", res, err)
@@ -172,6 +194,50 @@ func TestHTTPClientFollowsTheDocument(t *testing.T) {
 	if _, err := c.Get(ctx, "vm-00000000"); err == nil {
 		t.Error("get of an unknown sandbox succeeded")
 	}
+
+	// The lifecycle: pause and resume, a snapshot, stop and start.
+	if got, err := c.Pause(ctx, sb.ID); err != nil || got.Status != "paused" {
+		t.Errorf("pause: %+v %v", got, err)
+	}
+	if _, err := c.Pause(ctx, sb.ID); !hasCode(err, "invalid_state") {
+		t.Errorf("pause of a paused sandbox: %v, want invalid_state", err)
+	}
+	if got, err := c.Resume(ctx, sb.ID); err != nil || got.Status != "running" {
+		t.Errorf("resume: %+v %v", got, err)
+	}
+	snap, err := c.CreateSnapshot(ctx, sb.ID, api.SnapshotRequest{Name: "contract-snap"})
+	if err != nil {
+		t.Errorf("snapshot: %v", err)
+	} else if snap.Sandbox != sb.ID || snap.Name != "contract-snap" {
+		t.Errorf("snapshot: %+v", snap)
+	}
+	if list, err := c.Snapshots(ctx); err != nil || len(list.Snapshots) != 1 {
+		t.Errorf("snapshots: %+v %v", list, err)
+	}
+	if got, err := c.GetSnapshot(ctx, "contract-snap"); err != nil || got.ID != snap.ID {
+		t.Errorf("get snapshot by name: %+v %v", got, err)
+	}
+	if got, err := c.Stop(ctx, sb.ID, 30); err != nil || got.Status != "stopped" {
+		t.Errorf("stop: %+v %v", got, err)
+	}
+	if _, err := c.Stop(ctx, sb.ID, 0); !hasCode(err, "invalid_state") {
+		t.Errorf("stop of a stopped sandbox: %v, want invalid_state", err)
+	}
+	if got, err := c.Start(ctx, sb.ID); err != nil || got.Status != "running" {
+		t.Errorf("start: %+v %v", got, err)
+	} else if res, err := c.Exec(ctx, sb.ID, api.ExecRequest{Command: "true"}); err != nil || res.ExitCode != 0 {
+		t.Errorf("exec after start: %+v %v", res, err)
+	}
+	if err := c.DeleteSnapshot(ctx, "contract-snap", false); err != nil {
+		t.Errorf("delete snapshot: %v", err)
+	}
+	if _, err := c.GetSnapshot(ctx, snap.ID); !hasCode(err, "snapshot_not_found") {
+		t.Errorf("get of a deleted snapshot: %v", err)
+	}
+	if list, err := c.PruneSnapshots(ctx); err != nil || len(list.Snapshots) != 0 {
+		t.Errorf("prune: %+v %v", list, err)
+	}
+
 	if err := c.Delete(ctx, sb.ID); err != nil {
 		t.Error(err)
 	}
@@ -182,9 +248,18 @@ func TestHTTPClientFollowsTheDocument(t *testing.T) {
 		t.Error(f)
 	}
 	for _, op := range []string{"POST /sandboxes", "GET /sandboxes", "GET /sandboxes/{id}", "POST /sandboxes/{id}/exec",
-		"DELETE /sandboxes/{id}", "POST /sandboxes/{id}/ports", "GET /sandboxes/{id}/ports", "DELETE /sandboxes/{id}/ports/{guest}"} {
+		"DELETE /sandboxes/{id}", "POST /sandboxes/{id}/ports", "GET /sandboxes/{id}/ports", "DELETE /sandboxes/{id}/ports/{guest}",
+		"PATCH /sandboxes/{id}", "GET /sandboxes/{id}/logs", "POST /sandboxes/{id}/stop", "POST /sandboxes/{id}/start",
+		"POST /sandboxes/{id}/pause", "POST /sandboxes/{id}/resume", "POST /sandboxes/{id}/snapshots", "GET /snapshots",
+		"GET /snapshots/{id}", "DELETE /snapshots/{id}", "POST /snapshots/prune"} {
 		if calls[op] == 0 {
 			t.Errorf("the client never called %s", op)
 		}
 	}
+}
+
+// hasCode reports whether err is a problem from the server with code.
+func hasCode(err error, code string) bool {
+	var pe *problemError
+	return errors.As(err, &pe) && pe.p.Code == code
 }

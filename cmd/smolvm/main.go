@@ -25,6 +25,7 @@ func main() {
 	root.AddCommand(
 		newServerCmd(),
 		newSandboxCmd(),
+		newSnapshotCmd(),
 		newSetupCmd(),
 		newDoctorCmd(),
 		newKernelCmd(),

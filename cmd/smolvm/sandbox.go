@@ -32,6 +32,10 @@ type sandboxFlags struct {
 	url    string
 	token  string
 	asJSON bool
+	// allowMounts are the host directories a Manager opened in this
+	// process lets sandboxes mount: those create --mount names, which the
+	// user running the CLI on the data directory may share anyway.
+	allowMounts []string
 }
 
 func newSandboxCmd() *cobra.Command {
@@ -62,6 +66,13 @@ share. --json prints {"ok": true, "data": ...} or {"ok": false, "error":
 		newSandboxCpCmd(&sf),
 		newSandboxDeleteCmd(&sf),
 		newSandboxPortCmd(&sf),
+		newSandboxStopCmd(&sf),
+		newSandboxStateCmd(&sf, "start", "started", "Boot a stopped sandbox again from its own disk"),
+		newSandboxStateCmd(&sf, "pause", "paused", "Freeze a sandbox's vCPUs, keeping its memory, until resume"),
+		newSandboxStateCmd(&sf, "resume", "resumed", "Let a paused sandbox run on from where it was"),
+		newSandboxUpdateCmd(&sf),
+		newSandboxLogsCmd(&sf),
+		newSnapshotGroupCmd(&sf, "snapshot", "Save sandboxes (memory, processes and disk) and manage the snapshots"),
 	)
 	return cmd
 }
@@ -69,6 +80,7 @@ share. --json prints {"ok": true, "data": ...} or {"ok": false, "error":
 func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
 	var req api.CreateSandboxRequest
 	var nf networkFlags
+	var labels, env, mounts []string
 	cmd := &cobra.Command{
 		Use:   "create",
 		Short: "Create and boot a sandbox; returns once it runs commands",
@@ -76,11 +88,27 @@ func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
   smolvm sandbox create --os ubuntu --memory 1024 --disk-size 2048 --json
   smolvm sandbox create -p 8080 -p 3000:3000
   smolvm sandbox create --network restricted --allow 10.0.0.0/8 --allow 1.1.1.1
-  smolvm sandbox create --network off`,
+  smolvm sandbox create --network off
+  smolvm sandbox create --name build-box --label team=ml --env LANG=C.UTF-8 --timeout 3600 --on-timeout pause
+  smolvm sandbox create --from-snapshot after-setup
+  smolvm sandbox create --mount $PWD:/workspace --mount /data/cache:/cache:rw`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := nf.apply(&req, cmd.Flags().Changed("network")); err != nil {
 				return err
+			}
+			var err error
+			if req.Labels, err = keyValues("--label", labels); err != nil {
+				return err
+			}
+			if req.Env, err = keyValues("--env", env); err != nil {
+				return err
+			}
+			if req.Mounts, err = parseMounts(mounts); err != nil {
+				return err
+			}
+			for _, m := range req.Mounts {
+				sf.allowMounts = append(sf.allowMounts, m.Host)
 			}
 			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
 				sb, err := c.Create(ctx, req)
@@ -102,18 +130,31 @@ func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
 	f.StringSliceVar(&nf.allow, "allow", nil, "with --network restricted, which it implies when --network is not given: an IPv4 `CIDR` or address the guest may connect to; repeatable")
 	f.BoolVar(&nf.hostLoopback, "allow-host-loopback", false, "let the guest reach services on the host's 127.0.0.1, as host.smolvm.internal")
 	f.StringArrayVarP(&nf.ports, "port", "p", nil, "expose a guest TCP port on the host; `PORT` is GUEST, HOST:GUEST or ADDRESS:HOST:GUEST, host side first as in docker (a free host port when HOST is left out, address 127.0.0.1 by default); repeatable")
+	f.StringVar(&req.Name, "name", "", "a unique `NAME` (lowercase letters, digits and -), usable wherever the id is")
+	f.StringArrayVar(&labels, "label", nil, "a `KEY=VALUE` label, to find the sandbox with list --label; repeatable")
+	f.StringArrayVar(&env, "env", nil, "a `KEY=VALUE` environment variable every command in the sandbox sees; repeatable")
+	f.IntVar(&req.Timeout, "timeout", 0, "end the sandbox this many `SECONDS` after it is created, as --on-timeout says (default: no limit; sandbox update changes it)")
+	f.StringVar(&req.OnTimeout, "on-timeout", "", "what --timeout does: delete (the default) or pause")
+	f.StringVar(&req.Snapshot, "from-snapshot", "", "start the sandbox as a fork of this snapshot (`ID` or name): memory, processes and files")
+	f.StringArrayVar(&mounts, "mount", nil, "share a host directory: `HOST:GUEST[:rw]`, read-only unless :rw; the server must allow HOST (server start --allow-mount); repeatable")
 	return cmd
 }
 
 func newSandboxListCmd(sf *sandboxFlags) *cobra.Command {
-	return &cobra.Command{
+	var labels []string
+	cmd := &cobra.Command{
 		Use:     "list",
 		Aliases: []string{"ls"},
 		Short:   "List sandboxes, oldest first",
+		Example: `  smolvm sandbox list --label team=ml --label env=dev`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			filter, err := keyValues("--label", labels)
+			if err != nil {
+				return err
+			}
 			return withSandboxClient(cmd, sf, func(ctx context.Context, c sandboxClient) error {
-				list, err := c.List(ctx)
+				list, err := c.List(ctx, filter)
 				if err != nil {
 					return err
 				}
@@ -121,6 +162,8 @@ func newSandboxListCmd(sf *sandboxFlags) *cobra.Command {
 			})
 		},
 	}
+	cmd.Flags().StringArrayVar(&labels, "label", nil, "only sandboxes with this `KEY=VALUE` label; repeatable (all must match)")
+	return cmd
 }
 
 func newSandboxGetCmd(sf *sandboxFlags) *cobra.Command {
@@ -152,7 +195,10 @@ func newSandboxDeleteCmd(sf *sandboxFlags) *cobra.Command {
 				if err := c.Delete(ctx, args[0]); err != nil {
 					return err
 				}
-				res := api.DeleteResult{ID: args[0], Deleted: true}
+				res := struct {
+					ID      string `json:"id"`
+					Deleted bool   `json:"deleted"`
+				}{args[0], true}
 				return printResult(cmd, sf, res, func(w io.Writer) { fmt.Fprintf(w, "deleted %s\n", args[0]) })
 			})
 		},
@@ -314,7 +360,8 @@ func shellQuote(s string) string {
 // server or by a Manager on the data directory.
 type sandboxClient interface {
 	Create(ctx context.Context, req api.CreateSandboxRequest) (api.Sandbox, error)
-	List(ctx context.Context) (api.SandboxList, error)
+	// List returns the sandboxes carrying every label of labels.
+	List(ctx context.Context, labels map[string]string) (api.SandboxList, error)
 	Get(ctx context.Context, id string) (api.Sandbox, error)
 	// Exec returns a *timeoutError when the command ran past its timeout.
 	Exec(ctx context.Context, id string, req api.ExecRequest) (api.ExecResult, error)
@@ -335,6 +382,8 @@ type sandboxClient interface {
 	ExposePort(ctx context.Context, id string, spec api.PortSpec) (api.Port, error)
 	Ports(ctx context.Context, id string) (api.PortList, error)
 	ClosePort(ctx context.Context, id string, guest int) (api.ClosePortResult, error)
+	// The lifecycle and snapshot operations (lifecycle.go).
+	lifecycleClient
 }
 
 // withSandboxClient runs fn against the server at --url/$SMOLVM_URL, or a
@@ -371,7 +420,7 @@ func withSandboxClient(cmd *cobra.Command, sf *sandboxFlags, fn func(context.Con
 			err = fn(ctx, c)
 		}
 	} else {
-		err = withLocalClient(cmd, fn)
+		err = withLocalClient(cmd, sf.allowMounts, fn)
 	}
 	if err == nil {
 		return nil
@@ -390,12 +439,12 @@ func withSandboxClient(cmd *cobra.Command, sf *sandboxFlags, fn func(context.Con
 	return err
 }
 
-func withLocalClient(cmd *cobra.Command, fn func(context.Context, sandboxClient) error) error {
+func withLocalClient(cmd *cobra.Command, allowMounts []string, fn func(context.Context, sandboxClient) error) error {
 	d, err := setupDataDir(cmd)
 	if err != nil {
 		return err
 	}
-	m, err := sandbox.Open(cmd.Context(), sandbox.Options{DataDir: d, Progress: cmd.ErrOrStderr()})
+	m, err := sandbox.Open(cmd.Context(), sandbox.Options{DataDir: d, Progress: cmd.ErrOrStderr(), AllowMounts: allowMounts})
 	if err != nil {
 		return fmt.Errorf("open sandboxes in %s: %w", d.Path(), err)
 	}
@@ -421,8 +470,8 @@ func (c localSandboxClient) Create(ctx context.Context, req api.CreateSandboxReq
 	return api.SandboxFromInfo(info), nil
 }
 
-func (c localSandboxClient) List(ctx context.Context) (api.SandboxList, error) {
-	infos, err := c.m.List(ctx)
+func (c localSandboxClient) List(ctx context.Context, labels map[string]string) (api.SandboxList, error) {
+	infos, err := c.m.Find(ctx, labels)
 	if err != nil {
 		return api.SandboxList{}, err
 	}
@@ -546,6 +595,11 @@ func (c *httpSandboxClient) do(ctx context.Context, method, path string, in, out
 		}
 		return &problemError{p: tp.Problem}
 	}
+	if out == nil || resp.StatusCode == http.StatusNoContent {
+		// 204 (a delete) has no body; nor does anything the caller
+		// does not read.
+		return nil
+	}
 	if err := json.Unmarshal(data, out); err != nil {
 		return fmt.Errorf("%s %s: decode response: %w", method, u.Path, err)
 	}
@@ -558,9 +612,17 @@ func (c *httpSandboxClient) Create(ctx context.Context, req api.CreateSandboxReq
 	return sb, err
 }
 
-func (c *httpSandboxClient) List(ctx context.Context) (api.SandboxList, error) {
+func (c *httpSandboxClient) List(ctx context.Context, labels map[string]string) (api.SandboxList, error) {
 	var list api.SandboxList
-	err := c.do(ctx, http.MethodGet, "/sandboxes", nil, &list)
+	path := "/sandboxes"
+	if len(labels) > 0 {
+		q := url.Values{}
+		for _, k := range sortedKeys(labels) {
+			q.Add("label", k+"="+labels[k])
+		}
+		path += "?" + q.Encode()
+	}
+	err := c.do(ctx, http.MethodGet, path, nil, &list)
 	return list, err
 }
 
@@ -661,8 +723,7 @@ func (c *httpSandboxClient) Stream(ctx context.Context, id string, req api.ExecR
 }
 
 func (c *httpSandboxClient) Delete(ctx context.Context, id string) error {
-	var res api.DeleteResult
-	return c.do(ctx, http.MethodDelete, "/sandboxes/"+url.PathEscape(id), nil, &res)
+	return c.do(ctx, http.MethodDelete, "/sandboxes/"+url.PathEscape(id), nil, nil)
 }
 
 // cliEnvelope is the --json output: data on success, error on failure.
@@ -713,10 +774,10 @@ func writeJSON(w io.Writer, v any) error {
 
 func printSandboxTable(w io.Writer, list []api.Sandbox) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATUS\tOS\tBACKEND\tMEMORY\tDISK\tVCPUS\tNETWORK\tPORTS\tCREATED")
+	fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tOS\tBACKEND\tMEMORY\tDISK\tVCPUS\tNETWORK\tPORTS\tCREATED")
 	for _, sb := range list {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d MiB\t%d MiB\t%d\t%s\t%s\t%s\n",
-			sb.ID, sb.Status, orDash(sb.OS), orDash(sb.Backend), sb.Memory, sb.DiskSize, sb.VCPUs,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d MiB\t%d MiB\t%d\t%s\t%s\t%s\n",
+			sb.ID, orDash(sb.Name), sb.Status, orDash(sb.OS), orDash(sb.Backend), sb.Memory, sb.DiskSize, sb.VCPUs,
 			orDash(sb.Network.Mode), portsSummary(sb.Ports, "->"), ago(sb.CreatedAt))
 	}
 	tw.Flush()
@@ -726,6 +787,9 @@ func printSandbox(w io.Writer, sb api.Sandbox) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
 	row("ID", sb.ID)
+	if sb.Name != "" {
+		row("Name", sb.Name)
+	}
 	row("Status", sb.Status)
 	if sb.Error != "" {
 		row("Error", sb.Error)
@@ -739,6 +803,28 @@ func printSandbox(w io.Writer, sb api.Sandbox) {
 	row("Network", networkSummary(sb.Network))
 	if len(sb.Ports) > 0 {
 		row("Ports", portsSummary(sb.Ports, " -> "))
+	}
+	if len(sb.Labels) > 0 {
+		row("Labels", labelsSummary(sb.Labels))
+	}
+	if len(sb.Env) > 0 {
+		row("Env", labelsSummary(sb.Env))
+	}
+	for _, m := range sb.Mounts {
+		mode := "ro"
+		if !m.ReadOnly {
+			mode = "rw"
+		}
+		row("Mount", fmt.Sprintf("%s -> %s (%s)", m.Host, m.Guest, mode))
+	}
+	if sb.Snapshot != "" {
+		row("Snapshot", sb.Snapshot)
+	}
+	if sb.ExpiresAt != nil {
+		row("Expires", fmt.Sprintf("%s (in %s, then %s)", sb.ExpiresAt.Local().Format(time.RFC3339),
+			time.Until(*sb.ExpiresAt).Round(time.Second), orDefault(sb.OnTimeout, "delete")))
+	} else if sb.Timeout > 0 {
+		row("Timeout", fmt.Sprintf("%ds, then %s", sb.Timeout, orDefault(sb.OnTimeout, "delete")))
 	}
 	if sb.PID != 0 {
 		row("PID", fmt.Sprint(sb.PID))

@@ -56,6 +56,7 @@ type serverConfig struct {
 	quiet       bool
 	pool        int
 	poolCleanup bool
+	allowMounts []string
 }
 
 func newServerStartCmd() *cobra.Command {
@@ -89,6 +90,7 @@ commands on this machine. Binding any other address requires a token
 	f.StringVar(&c.token, "token", "", "require this bearer token on API requests (default $SMOLVM_TOKEN)")
 	f.BoolVar(&c.quiet, "quiet", false, "do not log each request to stderr")
 	f.IntVar(&c.pool, "pool", 0, "keep this many default sandboxes booted and waiting, so creating one takes milliseconds (each uses its memory while it waits)")
+	f.StringArrayVar(&c.allowMounts, "allow-mount", nil, "let sandboxes mount host directories under `DIR` (create --mount); repeatable; none by default")
 	f.BoolVar(&c.poolCleanup, "pool-cleanup", false, "delete the waiting sandboxes when the server stops (otherwise the next server reuses them)")
 	return cmd
 }
@@ -125,7 +127,7 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if c.pool < 0 || c.pool > 64 {
 		return fmt.Errorf("--pool %d is out of range: 0 to 64", c.pool)
 	}
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr, Pool: c.pool, PoolCleanup: c.poolCleanup})
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr, Pool: c.pool, PoolCleanup: c.poolCleanup, AllowMounts: c.allowMounts})
 	if err != nil {
 		return fmt.Errorf("open sandboxes in %s: %w", d.Path(), err)
 	}

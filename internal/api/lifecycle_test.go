@@ -45,6 +45,9 @@ func TestLifecycleHTTP(t *testing.T) {
 	if r := do(t, http.MethodGet, base+"/sandboxes?label=team=web", nil, nil); r.Status != http.StatusOK || string(r.Body) != `{"sandboxes":[]}`+"\n" {
 		t.Fatalf("label filter, no match: %d %s", r.Status, r.Body)
 	}
+	if r := do(t, http.MethodGet, base+"/sandboxes?label=team=ml&label=tier=prod", nil, nil); r.Status != http.StatusOK || string(r.Body) != `{"sandboxes":[]}`+"\n" {
+		t.Fatalf("two label filters, one unmet: %d %s", r.Status, r.Body)
+	}
 	if r := do(t, http.MethodGet, base+"/sandboxes?label=nonsense", nil, nil); r.Status != http.StatusUnprocessableEntity {
 		t.Fatalf("malformed label filter: %d %s", r.Status, r.Body)
 	}

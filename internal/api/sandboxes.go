@@ -289,7 +289,7 @@ func (h *handlers) create(ctx context.Context, in *createInput) (*createOutput, 
 }
 
 type listInput struct {
-	Label []string `query:"label" example:"team=ml" doc:"Only sandboxes with this label (key=value); repeat it to require several."`
+	Label []string `query:"label,explode" nullable:"false" example:"team=ml" doc:"Only sandboxes with this label (key=value); repeat it to require several."`
 }
 
 func (h *handlers) list(ctx context.Context, in *listInput) (*listOutput, error) {

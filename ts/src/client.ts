@@ -19,12 +19,18 @@ import type {
   ProcessOutputResult,
   ProcessRequest,
   Sandbox,
+  Snapshot,
+  SnapshotRequest,
   StdinRequest,
+  UpdateSandboxRequest,
 } from "./types.js";
 
+/** Where `smolvm server start` listens by default. */
+export const DEFAULT_BASE_URL = "http://127.0.0.1:8000";
+
 export interface SmolvmOptions {
-  /** Where `smolvm server start` listens, e.g. "http://127.0.0.1:8000". */
-  baseUrl: string;
+  /** Where `smolvm server start` listens; "http://127.0.0.1:8000" (its default) when unset. */
+  baseUrl?: string;
   /** Sent as `Authorization: Bearer <token>`; needed when the server was started with --token or $SMOLVM_TOKEN. */
   token?: string;
   /** Extra headers sent with every request. */
@@ -70,8 +76,12 @@ export interface SandboxApi {
    * `ports` names the host port each one got.
    */
   create(body?: CreateSandboxRequest, options?: RequestOptions): Promise<Sandbox>;
-  /** GET /sandboxes: every sandbox on the host, oldest first (the `sandboxes` array of the response). */
-  list(options?: RequestOptions): Promise<Sandbox[]>;
+  /**
+   * GET /sandboxes: every sandbox on the host, oldest first (the `sandboxes`
+   * array of the response). With `label` only those carrying every label
+   * given: `{ team: "ml" }` or `["team=ml"]`.
+   */
+  list(options?: ListOptions): Promise<Sandbox[]>;
   /** GET /sandboxes/{id}: one sandbox's state. */
   get(id: string, options?: RequestOptions): Promise<Sandbox>;
   /**
@@ -80,8 +90,30 @@ export interface SandboxApi {
    * code "command_timeout" carrying the partial stdout and stderr.
    */
   exec(id: string, body: ExecRequest, options?: ExecOptions): Promise<ExecResult>;
-  /** DELETE /sandboxes/{id}: stop the sandbox and remove everything it had. */
+  /** DELETE /sandboxes/{id}: stop the sandbox and remove everything it had. The server answers 204; this resolves with `{ id, deleted: true }`. */
   delete(id: string, options?: RequestOptions): Promise<DeleteResult>;
+  /**
+   * POST /sandboxes/{id}/stop: shut the guest down cleanly (killing its VM
+   * after `timeout` seconds, 10 by default) and keep its disk; `start` boots
+   * it again. A sandbox that is neither running nor paused rejects with a
+   * SmolvmError 409 "invalid_state".
+   */
+  stop(id: string, options?: RequestOptions & { timeout?: number }): Promise<Sandbox>;
+  /** POST /sandboxes/{id}/start: boot a stopped sandbox again from its own disk. */
+  start(id: string, options?: RequestOptions): Promise<Sandbox>;
+  /** POST /sandboxes/{id}/pause: stop its vCPUs, keeping its memory; commands and files are refused (409) until resume. */
+  pause(id: string, options?: RequestOptions): Promise<Sandbox>;
+  /** POST /sandboxes/{id}/resume: let a paused sandbox run on from where it was. */
+  resume(id: string, options?: RequestOptions): Promise<Sandbox>;
+  /** PATCH /sandboxes/{id}: set its time limit to `timeout` seconds from now; 0 removes it (`expires_at` shows the deadline). */
+  update(id: string, body: UpdateSandboxRequest, options?: RequestOptions): Promise<Sandbox>;
+  /** GET /sandboxes/{id}/logs: the console log (guest kernel and agent) since its VM last started, as text. */
+  logs(id: string, options?: RequestOptions): Promise<string>;
+  /**
+   * The same as a stream of bytes; with `follow` it stays open with what the
+   * console prints next, until `signal` aborts or the sandbox goes.
+   */
+  logsStream(id: string, options?: RequestOptions & { follow?: boolean }): Promise<ReadableStream<Uint8Array>>;
   /**
    * POST /sandboxes/{id}/ports: forward a host port to a TCP port of a running
    * sandbox. The body is the API's own shape (`guest`, `host`,
@@ -113,6 +145,33 @@ export interface SandboxApi {
    * given. A token goes as a WebSocket subprotocol, which browsers can send.
    */
   terminal(id: string, options?: TerminalOptions): Terminal;
+}
+
+/** Options of `sandbox.list()`. */
+export interface ListOptions extends RequestOptions {
+  /** Only sandboxes with every one of these labels: `{ key: "value" }` or `["key=value"]`. */
+  label?: Record<string, string> | string[];
+}
+
+/** The snapshot operations, under `smolvm.snapshots`. Ids and names are interchangeable. */
+export interface SnapshotApi {
+  /**
+   * POST /sandboxes/{id}/snapshots: save a running or paused sandbox (memory,
+   * devices, disk). It goes on as it was afterwards, unless `stop`. Create
+   * forks of it with `sandbox.create({ snapshot: id })`.
+   */
+  create(sandboxId: string, body?: SnapshotRequest, options?: RequestOptions): Promise<Snapshot>;
+  /** GET /snapshots: every snapshot, newest first (the `snapshots` array of the response). */
+  list(options?: RequestOptions): Promise<Snapshot[]>;
+  /** GET /snapshots/{id}. */
+  get(id: string, options?: RequestOptions): Promise<Snapshot>;
+  /**
+   * DELETE /snapshots/{id}: refused with 409 "snapshot_in_use" while
+   * sandboxes are forks of it, unless `force`, which deletes them first.
+   */
+  delete(id: string, options?: RequestOptions & { force?: boolean }): Promise<DeleteResult>;
+  /** POST /snapshots/prune: delete every snapshot no sandbox or other snapshot is made from; resolves with those deleted. */
+  prune(options?: RequestOptions): Promise<Snapshot[]>;
 }
 
 /** The process operations, under `smolvm.sandbox.processes`. */
@@ -196,7 +255,7 @@ type ApiResult<T> = { data?: T; error?: unknown; response: Response };
  * Client for the smolvm HTTP API.
  *
  * ```ts
- * const smolvm = new Smolvm({ baseUrl: "http://127.0.0.1:8000" });
+ * const smolvm = new Smolvm(); // http://127.0.0.1:8000, or { baseUrl, token }
  * const sandbox = await smolvm.sandbox.create({ memory: 512 });
  * ```
  *
@@ -208,16 +267,17 @@ export class Smolvm {
   /** The generated openapi-fetch client underneath, with the same base URL and headers, for direct typed calls. */
   readonly client: Client<paths>;
   readonly sandbox: SandboxApi;
+  readonly snapshots: SnapshotApi;
   readonly baseUrl: string;
   private readonly timeoutMs: number | undefined;
   private readonly token: string | undefined;
   private readonly headers: Headers;
   private readonly fetchFn: (request: Request) => Promise<Response>;
 
-  constructor(options: SmolvmOptions) {
+  constructor(options: SmolvmOptions = {}) {
     // Fails here on a malformed URL, rather than later as a confusing
     // "connection" error on the first request.
-    this.baseUrl = new URL(options.baseUrl).href.replace(/\/+$/, "");
+    this.baseUrl = new URL(options.baseUrl ?? DEFAULT_BASE_URL).href.replace(/\/+$/, "");
     this.timeoutMs = options.timeoutMs;
     this.token = options.token;
 
@@ -245,8 +305,9 @@ export class Smolvm {
       create: async (body = {}, opts) =>
         this.call(opts, this.timeoutMs, (signal) => client.POST("/sandboxes", { body, signal })),
       list: async (opts) => {
+        const label = labelQuery(opts?.label);
         const list = await this.call(opts, this.timeoutMs, (signal) =>
-          client.GET("/sandboxes", { signal }),
+          client.GET("/sandboxes", { params: { query: label ? { label } : undefined }, signal }),
         );
         return list.sandboxes;
       },
@@ -272,9 +333,51 @@ export class Smolvm {
       },
       delete: async (id, opts) => {
         const params = pathParams(id);
+        await this.call(opts, this.timeoutMs, (signal) => client.DELETE("/sandboxes/{id}", { params, signal }));
+        return { id, deleted: true };
+      },
+      stop: async (id, opts) => {
+        const params = pathParams(id);
+        const body = opts?.timeout === undefined ? undefined : { timeout: opts.timeout };
         return this.call(opts, this.timeoutMs, (signal) =>
-          client.DELETE("/sandboxes/{id}", { params, signal }),
+          client.POST("/sandboxes/{id}/stop", { params, body, signal }),
         );
+      },
+      start: async (id, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) => client.POST("/sandboxes/{id}/start", { params, signal }));
+      },
+      pause: async (id, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) => client.POST("/sandboxes/{id}/pause", { params, signal }));
+      },
+      resume: async (id, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) => client.POST("/sandboxes/{id}/resume", { params, signal }));
+      },
+      update: async (id, body, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) => client.PATCH("/sandboxes/{id}", { params, body, signal }));
+      },
+      logs: async (id, opts) => {
+        const resp = await this.rawCall(opts, `/sandboxes/${encodeURIComponent(pathParams(id).path.id)}/logs`, {}, {
+          method: "GET",
+          headers: { Accept: "text/plain, application/problem+json" },
+        });
+        return resp.text();
+      },
+      logsStream: async (id, opts) => {
+        const query: Record<string, string> = opts?.follow ? { follow: "true" } : {};
+        const resp = await this.rawCall(
+          { signal: opts?.signal, timeoutMs: opts?.timeoutMs },
+          `/sandboxes/${encodeURIComponent(pathParams(id).path.id)}/logs`,
+          query,
+          { method: "GET", headers: { Accept: "text/plain, application/problem+json" } },
+        );
+        if (resp.body === null) {
+          throw new Error("the server answered a log read with no body");
+        }
+        return resp.body;
       },
       exposePort: async (id, body, opts) => {
         const params = pathParams(id);
@@ -368,6 +471,32 @@ export class Smolvm {
             }),
           );
         },
+      },
+    };
+
+    this.snapshots = {
+      create: async (sandboxId, body = {}, opts) => {
+        const params = pathParams(sandboxId);
+        return this.call(opts, this.timeoutMs, (signal) =>
+          client.POST("/sandboxes/{id}/snapshots", { params, body, signal }),
+        );
+      },
+      list: async (opts) => {
+        const list = await this.call(opts, this.timeoutMs, (signal) => client.GET("/snapshots", { signal }));
+        return list.snapshots;
+      },
+      get: async (id, opts) => {
+        const params = snapshotParams(id);
+        return this.call(opts, this.timeoutMs, (signal) => client.GET("/snapshots/{id}", { params, signal }));
+      },
+      delete: async (id, opts) => {
+        const params = { ...snapshotParams(id), query: opts?.force ? { force: true } : undefined };
+        await this.call(opts, this.timeoutMs, (signal) => client.DELETE("/snapshots/{id}", { params, signal }));
+        return { id, deleted: true };
+      },
+      prune: async (opts) => {
+        const list = await this.call(opts, this.timeoutMs, (signal) => client.POST("/snapshots/prune", { signal }));
+        return list.snapshots;
       },
     };
   }
@@ -657,6 +786,22 @@ function pathParams(id: string) {
     throw new TypeError("sandbox id must be a non-empty string");
   }
   return { path: { id } };
+}
+
+function snapshotParams(id: string) {
+  if (typeof id !== "string" || id === "") {
+    throw new TypeError("snapshot id must be a non-empty string");
+  }
+  return { path: { id } };
+}
+
+/** The label filter of list as the query's repeated key=value values. */
+function labelQuery(label: Record<string, string> | string[] | undefined): string[] | undefined {
+  if (label === undefined) {
+    return undefined;
+  }
+  const out = Array.isArray(label) ? [...label] : Object.entries(label).map(([k, v]) => `${k}=${v}`);
+  return out.length > 0 ? out : undefined;
 }
 
 // The range (1-65535) is the server's to check; what is refused here would

@@ -1,11 +1,13 @@
-export { Smolvm } from "./client.js";
+export { DEFAULT_BASE_URL, Smolvm } from "./client.js";
 export type {
   ExecOptions,
   FilesApi,
+  ListOptions,
   ProcessApi,
   RequestOptions,
   SandboxApi,
   SmolvmOptions,
+  SnapshotApi,
   Terminal,
   TerminalOptions,
 } from "./client.js";

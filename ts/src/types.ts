@@ -36,8 +36,28 @@ export type ClosePortResult = Schemas["ClosePortResult"];
 export type ExecRequest = Schemas["ExecRequest"];
 /** Result of a command that ran to its end, whatever its exit code. */
 export type ExecResult = Schemas["ExecResult"];
-/** Result of `sandbox.delete()`. */
-export type DeleteResult = Schemas["DeleteResult"];
+/**
+ * Result of `sandbox.delete()` and `snapshots.delete()`. The server answers
+ * 204 with no body; the client reports what it deleted.
+ */
+export interface DeleteResult {
+  id: string;
+  deleted: true;
+}
+/** A host directory shared with the guest, as an item of `mounts` in `sandbox.create()`: read-only unless `readonly` is false. */
+export type MountSpec = Schemas["MountSpec"];
+/** A host directory a sandbox shares, as `Sandbox.mounts` reports it. */
+export type Mount = Schemas["Mount"];
+/** Body of `sandbox.update()`: `timeout` seconds from now, 0 to remove the limit. */
+export type UpdateSandboxRequest = Schemas["UpdateSandboxRequest"];
+/** Body of `sandbox.stop()`: seconds the guest gets to shut down before it is killed. */
+export type StopRequest = Schemas["StopRequest"];
+/** Body of `snapshots.create()`. */
+export type SnapshotRequest = Schemas["SnapshotRequest"];
+/** A saved sandbox (memory, devices and disk); `snapshot` in `sandbox.create()` starts a fork of it. */
+export type Snapshot = Schemas["Snapshot"];
+/** Body of GET /snapshots and of POST /snapshots/prune. */
+export type SnapshotList = Schemas["SnapshotList"];
 /** An RFC 9457 problem document, the body of every error response. */
 export type Problem = Schemas["Problem"];
 /** The 408 problem of a command that outlived its timeout, with its partial output. */

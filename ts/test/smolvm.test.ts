@@ -83,14 +83,51 @@ test("the specification's example", { timeout: 60_000 }, async (t) => {
   created.delete(sandbox.id);
 });
 
-describe("with a sandbox", { timeout: 60_000 }, () => {
+describe("with a sandbox", { timeout: 180_000 }, () => {
   let smolvm: Smolvm;
   let sandbox: Sandbox;
+  // Labels unique to this run, so that list by label finds only this sandbox.
+  const suite = `ts-${randomBytes(4).toString("hex")}`;
 
   before(async () => {
     smolvm = new Smolvm({ baseUrl });
-    // The port tests below use this sandbox too, rather than boot another.
-    sandbox = await create(smolvm, { memory: 512, ports: [{ guest: 8080 }] });
+    // The port and lifecycle tests below use this sandbox too, rather than
+    // boot another.
+    sandbox = await create(smolvm, {
+      memory: 512,
+      ports: [{ guest: 8080 }],
+      labels: { suite },
+      env: { SUITE: suite },
+      timeout: 3600,
+      on_timeout: "pause",
+    });
+  });
+
+  test("labels, env and the time limit given to create", async () => {
+    assert.deepEqual(sandbox.labels, { suite });
+    assert.equal(sandbox.on_timeout, "pause");
+    assert.ok(sandbox.expires_at !== undefined && sandbox.expires_at !== null);
+
+    const byLabel = await smolvm.sandbox.list({ label: { suite } });
+    assert.deepEqual(
+      byLabel.map((s) => s.id),
+      [sandbox.id],
+    );
+    assert.deepEqual(await smolvm.sandbox.list({ label: [`suite=${suite}-none`] }), []);
+
+    const env = await smolvm.sandbox.exec(sandbox.id, { command: "echo $SUITE" });
+    assert.equal(env.stdout, `${suite}\n`);
+
+    const updated = await smolvm.sandbox.update(sandbox.id, { timeout: 0 });
+    assert.ok(updated.expires_at === undefined || updated.expires_at === null, JSON.stringify(updated));
+  });
+
+  test("logs are the console's text", async () => {
+    const logs = await smolvm.sandbox.logs(sandbox.id);
+    assert.equal(typeof logs, "string");
+    const stream = await smolvm.sandbox.logsStream(sandbox.id);
+    const text = await new Response(stream).text();
+    assert.ok(text.length >= logs.length);
   });
 
   test("list contains it and get returns it", async () => {
@@ -321,6 +358,48 @@ describe("with a sandbox", { timeout: 60_000 }, () => {
     assert.ok(bad instanceof SmolvmError && bad.code === "invalid_path", String(bad));
   });
 
+  test("pause and resume", async () => {
+    const paused = await smolvm.sandbox.pause(sandbox.id);
+    assert.equal(paused.status, "paused");
+    const again = await rejection(smolvm.sandbox.pause(sandbox.id));
+    assert.ok(again instanceof SmolvmError && again.status === 409 && again.code === "invalid_state", String(again));
+    const resumed = await smolvm.sandbox.resume(sandbox.id);
+    assert.equal(resumed.status, "running");
+    const res = await smolvm.sandbox.exec(sandbox.id, { command: "echo back" });
+    assert.equal(res.stdout, "back\n");
+  });
+
+  test("a snapshot is created, listed, got by name and deleted", async () => {
+    const name = `saved-${suite}`;
+    const snap = await smolvm.snapshots.create(sandbox.id, { name });
+    try {
+      assert.equal(snap.sandbox, sandbox.id);
+      assert.equal(snap.name, name);
+      assert.ok(snap.size_bytes > 0);
+      const list = await smolvm.snapshots.list();
+      assert.ok(list.some((s) => s.id === snap.id));
+      assert.equal((await smolvm.snapshots.get(name)).id, snap.id);
+      // The sandbox goes on running after it is saved.
+      assert.equal((await smolvm.sandbox.get(sandbox.id)).status, "running");
+    } finally {
+      assert.deepEqual(await smolvm.snapshots.delete(snap.id), { id: snap.id, deleted: true });
+    }
+    const gone = await rejection(smolvm.snapshots.get(snap.id));
+    assert.ok(gone instanceof SmolvmError && gone.status === 404, String(gone));
+    assert.ok(Array.isArray(await smolvm.snapshots.prune()));
+  });
+
+  test("stop and start", async () => {
+    const stopped = await smolvm.sandbox.stop(sandbox.id, { timeout: 30 });
+    assert.equal(stopped.status, "stopped");
+    const again = await rejection(smolvm.sandbox.stop(sandbox.id));
+    assert.ok(again instanceof SmolvmError && again.code === "invalid_state", String(again));
+    const started = await smolvm.sandbox.start(sandbox.id);
+    assert.equal(started.status, "running");
+    const res = await smolvm.sandbox.exec(sandbox.id, { command: "echo up" });
+    assert.equal(res.stdout, "up\n");
+  });
+
   test("delete removes it", async () => {
     const deleted = await smolvm.sandbox.delete(sandbox.id);
     assert.deepEqual(deleted, { id: sandbox.id, deleted: true });
@@ -414,6 +493,11 @@ test("a validation error is a 422 SmolvmError naming the field", async () => {
   assert.equal(err.field, "memory");
   assert.match(err.message, /memory/);
   assert.equal(err.errors?.[0]?.location, "body.memory");
+});
+
+test("the base URL defaults to the server's default address", () => {
+  assert.equal(new Smolvm().baseUrl, "http://127.0.0.1:8000");
+  assert.equal(new Smolvm({ token: "t" }).baseUrl, "http://127.0.0.1:8000");
 });
 
 test("an empty id is refused before any request", async () => {

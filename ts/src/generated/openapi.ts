@@ -73,13 +73,13 @@ export interface paths {
         };
         /**
          * List sandboxes
-         * @description Lists every sandbox on the host, oldest first, including those created by other processes.
+         * @description Lists every sandbox on the host, oldest first, including those created by other processes; label filters keep those carrying every label given.
          */
         get: operations["listSandboxes"];
         put?: never;
         /**
          * Create a sandbox
-         * @description Creates, boots and registers a sandbox, and answers once the sandbox runs commands. Omitted fields take their defaults. With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason.
+         * @description Creates, boots and registers a sandbox, and answers 201 with a Location header once the sandbox runs commands. Omitted fields take their defaults. With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason.
          */
         post: operations["createSandbox"];
         delete?: never;
@@ -104,12 +104,16 @@ export interface paths {
         post?: never;
         /**
          * Delete a sandbox
-         * @description Stops the sandbox's VM and removes its disk, files and record. Works on stopped and failed sandboxes too.
+         * @description Stops the sandbox's VM and removes its disk, files and record, and answers 204 with no body. Works on stopped, paused and failed sandboxes too.
          */
         delete: operations["deleteSandbox"];
         options?: never;
         head?: never;
-        patch?: never;
+        /**
+         * Change a sandbox's time limit
+         * @description Sets the sandbox's time limit to timeout seconds from now (0 removes it); expires_at shows the new deadline.
+         */
+        patch: operations["updateSandbox"];
         trace?: never;
     };
     "/sandboxes/{id}/exec": {
@@ -234,6 +238,46 @@ export interface paths {
         get: operations["statFile"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read a sandbox's console log
+         * @description The guest kernel's and agent's console output since the VM last started, as text. With follow=true the response stays open and carries what is printed next.
+         */
+        get: operations["getSandboxLogs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pause a sandbox
+         * @description Stops the VM's vCPUs and keeps its memory: its processes stand still until resume. Commands and files are refused (409) while it is paused. A call in a state it cannot act on is 409 invalid_state with the current status in sandbox_status.
+         */
+        post: operations["pauseSandbox"];
         delete?: never;
         options?: never;
         head?: never;
@@ -405,6 +449,144 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/sandboxes/{id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a paused sandbox
+         * @description Lets a paused sandbox run on from where it was. One paused by its time limit gets that limit again from now. A call in a state it cannot act on is 409 invalid_state with the current status in sandbox_status.
+         */
+        post: operations["resumeSandbox"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Snapshot a sandbox
+         * @description Saves a running or paused sandbox's memory, devices and disk, and answers 201 with a Location header. The sandbox stands still while it is saved and then goes on as it was, unless stop is set. Create sandboxes from it with snapshot in POST /sandboxes.
+         */
+        post: operations["createSnapshot"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/start": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Start a stopped sandbox
+         * @description Boots a stopped (or failed) sandbox again from its own disk. A call in a state it cannot act on is 409 invalid_state with the current status in sandbox_status.
+         */
+        post: operations["startSandbox"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sandboxes/{id}/stop": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Stop a sandbox
+         * @description Shuts the guest down cleanly, killing the VM if it has not powered off within timeout, and keeps its disk; start boots it again. A sandbox that is not running or paused is 409 invalid_state with its status in sandbox_status.
+         */
+        post: operations["stopSandbox"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List snapshots */
+        get: operations["listSnapshots"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/snapshots/prune": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Delete unused snapshots
+         * @description Removes every snapshot that no sandbox and no other snapshot is made over, and lists what it removed.
+         */
+        post: operations["pruneSnapshots"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/snapshots/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get a snapshot */
+        get: operations["getSnapshot"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete a snapshot
+         * @description Removes a snapshot and answers 204. Refused with 409 snapshot_in_use while sandboxes are forks of it, unless force, which deletes them first.
+         */
+        delete: operations["deleteSnapshot"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -514,6 +696,11 @@ export interface components {
              */
             instance?: string;
             /**
+             * @description With code invalid_state: the sandbox's current status.
+             * @example stopped
+             */
+            sandbox_status?: string;
+            /**
              * Format: int64
              * @description The HTTP status code of this response.
              * @example 404
@@ -563,10 +750,28 @@ export interface components {
              */
             disk_size?: number;
             /**
+             * @description Environment variables every command in the sandbox sees, over the image's; a command's own env wins.
+             * @example {
+             *       "LANG": "C.UTF-8"
+             *     }
+             */
+            env?: {
+                [key: string]: string;
+            };
+            /**
              * @description Image reference to boot: an OCI image reference, an S3 image URI, a file:// URI, or a local Windows qcow2 path. Omit it for the OS's default image.
              * @example docker.io/library/python:3.11-slim
              */
             image?: string;
+            /**
+             * @description Your own key/value pairs; GET /sandboxes?label=key=value filters by them.
+             * @example {
+             *       "team": "ml"
+             *     }
+             */
+            labels?: {
+                [key: string]: string;
+            };
             /**
              * Format: int64
              * @description Guest memory in MiB.
@@ -574,6 +779,13 @@ export interface components {
              * @example 512
              */
             memory?: number;
+            /** @description Host directories to share with the guest (qemu only). Each host path must be under a directory the server was started with (--allow-mount), after symlinks are resolved; anything else is 403 mount_not_allowed. */
+            mounts?: components["schemas"]["MountSpec"][] | null;
+            /**
+             * @description A unique name, usable wherever the id is.
+             * @example build-box
+             */
+            name?: string;
             /**
              * @description What the guest may reach. Omit it for mode open without access to the host's loopback.
              * @example {
@@ -583,6 +795,13 @@ export interface components {
              */
             network?: components["schemas"]["NetworkSpec"];
             /**
+             * @description What happens when timeout is reached: delete the sandbox, or pause it (resuming starts the timeout again).
+             * @default delete
+             * @example delete
+             * @enum {string}
+             */
+            on_timeout?: "delete" | "pause";
+            /**
              * @description Guest operating system. Omit it for the default Linux sandbox. windows needs a local qcow2 image and is refused (unsupported_os) where it cannot run.
              * @example ubuntu
              * @enum {string}
@@ -591,24 +810,23 @@ export interface components {
             /** @description Guest TCP ports to expose on the host once the sandbox runs; the response names the host ports. */
             ports?: components["schemas"]["PortSpec"][] | null;
             /**
+             * @description Start the sandbox as a fork of this snapshot (id or name): its memory, processes and files, with its own hostname, machine id, random state, clock, network and ports. Memory, vcpus, backend and image come from the snapshot.
+             * @example snap-1a2b3c4d
+             */
+            snapshot?: string;
+            /**
+             * Format: int64
+             * @description Seconds until the server ends the sandbox as on_timeout says; PATCH /sandboxes/{id} extends it. No limit when omitted.
+             * @example 3600
+             */
+            timeout?: number;
+            /**
              * Format: int64
              * @description Number of virtual CPUs.
              * @default 1
              * @example 2
              */
             vcpus?: number;
-        };
-        DeleteResult: {
-            /**
-             * @description Always true: the VM is stopped and its files and record are gone.
-             * @example true
-             */
-            deleted: boolean;
-            /**
-             * @description Id of the deleted sandbox.
-             * @example vm-a1b2c3d4
-             */
-            id: string;
         };
         DiagnosticCheck: {
             /**
@@ -887,6 +1105,41 @@ export interface components {
              */
             path: string;
         };
+        Mount: {
+            /**
+             * @description Where the guest sees it.
+             * @example /workspace
+             */
+            guest: string;
+            /**
+             * @description Host directory, symlinks resolved.
+             * @example /home/me/project
+             */
+            host: string;
+            /**
+             * @description Whether the guest may only read it.
+             * @example true
+             */
+            readonly: boolean;
+        };
+        MountSpec: {
+            /**
+             * @description Absolute guest path it appears at; made if missing.
+             * @example /workspace
+             */
+            guest: string;
+            /**
+             * @description Absolute host directory.
+             * @example /home/me/project
+             */
+            host: string;
+            /**
+             * @description Whether the guest may only read it. Read-only unless set to false.
+             * @default true
+             * @example true
+             */
+            readonly?: boolean;
+        };
         MoveRequest: {
             /**
              * @description Absolute path it moves to (replacing a file there).
@@ -912,6 +1165,13 @@ export interface components {
              * @example false
              */
             allow_host_loopback?: boolean;
+            /**
+             * @description A synonym of allow, as the reference server names it: the two lists are joined, and the mode is restricted unless it is off.
+             * @example [
+             *       "10.0.0.0/8"
+             *     ]
+             */
+            allowed_cidrs?: string[] | null;
             /**
              * @description open: the guest reaches anything but the host itself and link-local (cloud metadata) addresses. off: no network interface but loopback. restricted: only the destinations in allow.
              * @default open
@@ -1010,6 +1270,11 @@ export interface components {
              * @example /sandboxes/vm-a1b2c3d4
              */
             instance?: string;
+            /**
+             * @description With code invalid_state: the sandbox's current status.
+             * @example stopped
+             */
+            sandbox_status?: string;
             /**
              * Format: int64
              * @description The HTTP status code of this response.
@@ -1154,10 +1419,25 @@ export interface components {
              */
             disk_size: number;
             /**
+             * @description The environment every command in it sees.
+             * @example {
+             *       "LANG": "C.UTF-8"
+             *     }
+             */
+            env?: {
+                [key: string]: string;
+            };
+            /**
              * @description Why the sandbox is in the error state.
              * @example VM process exited unexpectedly
              */
             error?: string;
+            /**
+             * Format: date-time
+             * @description When the server ends it (RFC 3339), while a time limit runs.
+             * @example 2026-06-24T11:00:00Z
+             */
+            expires_at?: string;
             /**
              * @description Sandbox id, used in the other routes.
              * @example vm-a1b2c3d4
@@ -1169,11 +1449,27 @@ export interface components {
              */
             image: string;
             /**
+             * @description The labels it was created with.
+             * @example {
+             *       "team": "ml"
+             *     }
+             */
+            labels?: {
+                [key: string]: string;
+            };
+            /**
              * Format: int64
              * @description Guest memory in MiB.
              * @example 512
              */
             memory: number;
+            /** @description Host directories it shares. */
+            mounts?: components["schemas"]["Mount"][] | null;
+            /**
+             * @description The sandbox's unique name, if it has one.
+             * @example build-box
+             */
+            name?: string;
             /**
              * @description What the guest may reach.
              * @example {
@@ -1182,6 +1478,12 @@ export interface components {
              *     }
              */
             network: components["schemas"]["SandboxNetwork"];
+            /**
+             * @description What happens at its deadline.
+             * @example delete
+             * @enum {string}
+             */
+            on_timeout?: "delete" | "pause";
             /**
              * @description Guest operating system.
              * @example ubuntu
@@ -1205,11 +1507,22 @@ export interface components {
              */
             progress?: components["schemas"]["SandboxProgress"];
             /**
-             * @description Lifecycle state. A sandbox whose VM died is reported as stopped or error, never running.
+             * @description The snapshot it was forked from.
+             * @example snap-1a2b3c4d
+             */
+            snapshot?: string;
+            /**
+             * @description Lifecycle state. paused keeps the VM's memory with its vCPUs stopped. A sandbox whose VM died is reported as stopped or error, never running.
              * @example running
              * @enum {string}
              */
-            status: "creating" | "running" | "stopped" | "error";
+            status: "creating" | "running" | "paused" | "stopped" | "error";
+            /**
+             * Format: int64
+             * @description Its time limit in seconds, if it has one.
+             * @example 3600
+             */
+            timeout?: number;
             /**
              * Format: int64
              * @description Number of virtual CPUs.
@@ -1275,6 +1588,89 @@ export interface components {
              */
             signal: string;
         };
+        Snapshot: {
+            /**
+             * @description Backend of the saved machine; its forks run on it too.
+             * @example qemu
+             */
+            backend: string;
+            /**
+             * Format: date-time
+             * @description When it was taken.
+             * @example 2026-06-24T10:00:00Z
+             */
+            created_at: string;
+            /**
+             * Format: int64
+             * @description Disk size in MiB; a fork's may be larger.
+             * @example 1024
+             */
+            disk_size: number;
+            /**
+             * @description Snapshot id.
+             * @example snap-1a2b3c4d
+             */
+            id: string;
+            /**
+             * @description Image the saved machine booted from.
+             * @example smolvm/debian
+             */
+            image: string;
+            /**
+             * Format: int64
+             * @description Guest memory in MiB; its forks have the same.
+             * @example 512
+             */
+            memory: number;
+            /**
+             * @description Its unique name, if it has one.
+             * @example after-setup
+             */
+            name?: string;
+            /**
+             * @description Whether the saved machine has a network interface; its forks must have one too, or none.
+             * @example true
+             */
+            network: boolean;
+            /**
+             * @description Guest operating system.
+             * @example debian
+             */
+            os: string;
+            /**
+             * @description The sandbox it was taken of (which may be gone since).
+             * @example vm-a1b2c3d4
+             */
+            sandbox: string;
+            /**
+             * Format: int64
+             * @description What it takes on the host's disk.
+             * @example 536870912
+             */
+            size_bytes: number;
+            /**
+             * Format: int64
+             * @description Virtual CPUs; its forks have the same.
+             * @example 1
+             */
+            vcpus: number;
+        };
+        SnapshotList: {
+            /** @description Every snapshot on the host, newest first. */
+            snapshots: components["schemas"]["Snapshot"][];
+        };
+        SnapshotRequest: {
+            /**
+             * @description A unique name, usable wherever the snapshot's id is.
+             * @example after-setup
+             */
+            name?: string;
+            /**
+             * @description Stop the sandbox once it is saved; otherwise it goes on running (or stays paused).
+             * @example false
+             */
+            stop?: boolean;
+        };
         StdinRequest: {
             /**
              * @description Text to write to the process's standard input (or terminal).
@@ -1283,6 +1679,15 @@ export interface components {
             data?: string;
             /** @description Close the input after data, so the process reads end of file. */
             eof?: boolean;
+        };
+        StopRequest: {
+            /**
+             * Format: int64
+             * @description Seconds the guest gets to shut down cleanly before its VM is killed.
+             * @default 10
+             * @example 10
+             */
+            timeout?: number;
         };
         TerminalMessage: {
             /**
@@ -1306,6 +1711,14 @@ export interface components {
              * @example 24
              */
             rows: number;
+        };
+        UpdateSandboxRequest: {
+            /**
+             * Format: int64
+             * @description A new time limit, in seconds from now; 0 removes the limit.
+             * @example 600
+             */
+            timeout?: number;
         };
     };
     responses: never;
@@ -1462,7 +1875,10 @@ export interface operations {
     };
     listSandboxes: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Only sandboxes with this label (key=value); repeat it to require several. */
+                label?: string[];
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -1489,6 +1905,15 @@ export interface operations {
             };
             /** @description Forbidden */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1532,9 +1957,10 @@ export interface operations {
             };
         };
         responses: {
-            /** @description OK */
-            200: {
+            /** @description Created */
+            201: {
                 headers: {
+                    Location?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1570,6 +1996,24 @@ export interface operations {
             };
             /** @description Forbidden */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1722,13 +2166,110 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
+            /** @description No Content */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    updateSandbox: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id or name. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["UpdateSandboxRequest"];
+            };
+        };
+        responses: {
             /** @description OK */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["DeleteResult"];
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
                 };
             };
             /** @description Unauthorized */
@@ -1760,6 +2301,24 @@ export interface operations {
             };
             /** @description Conflict */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2681,6 +3240,172 @@ export interface operations {
             };
             /** @description Insufficient Storage */
             507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getSandboxLogs: {
+        parameters: {
+            query?: {
+                /** @description Keep the response open and send what the console prints next, until the client leaves or the sandbox goes. */
+                follow?: boolean;
+            };
+            header?: never;
+            path: {
+                /** @description Sandbox id or name. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The console log. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    pauseSandbox: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3635,6 +4360,689 @@ export interface operations {
             };
             /** @description A bad size or command. */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    resumeSandbox: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    createSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id or name. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["SnapshotRequest"];
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    startSandbox: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    stopSandbox: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id or name. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["StopRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unsupported Media Type */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    listSnapshots: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotList"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    pruneSnapshots: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotList"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Snapshot id or name. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    deleteSnapshot: {
+        parameters: {
+            query?: {
+                /** @description Delete the sandboxes forked from it too, instead of refusing with 409 snapshot_in_use. */
+                force?: boolean;
+            };
+            header?: never;
+            path: {
+                /** @description Snapshot id or name. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description No Content */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
