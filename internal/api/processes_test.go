@@ -24,7 +24,7 @@ func TestProcesses(t *testing.T) {
 	first := testServer(t, m1, Options{})
 	r := do(t, http.MethodPost, first.URL+"/sandboxes", `{"memory":512,"ports":[{"guest":8080}]}`, nil)
 	var sb Sandbox
-	if r.Status != http.StatusOK || json.Unmarshal(r.Body, &sb) != nil || len(sb.Ports) != 1 {
+	if r.Status != http.StatusCreated || json.Unmarshal(r.Body, &sb) != nil || len(sb.Ports) != 1 {
 		t.Fatalf("create: %d %s", r.Status, r.Body)
 	}
 	id, hostPort := sb.ID, sb.Ports[0].Host
