@@ -86,6 +86,8 @@ type Result struct {
 	HTTPCreate     Figure // HTTP: POST /sandboxes then exec, from a template
 	HTTPColdCreate Figure // HTTP: the same, booted cold
 	PoolCreate     Figure // library: the same, handed out by the pool
+	Snapshot       Figure // library: snapshot a running sandbox, which goes on
+	ForkCreate     Figure // library: create from that snapshot to first command
 	RoundTrip      Figure // library: run `true`
 	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
 	Cat1MiB        Figure // library: `cat` of a 1 MiB file
@@ -121,6 +123,8 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		HTTPCreate:     Figure{Name: "template create to first command (HTTP)"},
 		HTTPColdCreate: Figure{Name: "cold create to first command (HTTP)"},
 		PoolCreate:     Figure{Name: "pool create to first command (library)"},
+		Snapshot:       Figure{Name: "snapshot of a running sandbox (library)"},
+		ForkCreate:     Figure{Name: "fork create to first command (library)"},
 		RoundTrip:      Figure{Name: "command round trip `true` (library)"},
 		HTTPRoundTrip:  Figure{Name: "command round trip `true` (HTTP)"},
 		Cat1MiB:        Figure{Name: "command round trip `cat` 1 MiB file (library)"},
@@ -224,6 +228,11 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 			return nil, err
 		}
 		r.List.Samples = append(r.List.Samples, time.Since(start))
+	}
+
+	fmt.Fprintf(log, "snapshots and forks: %d of each...\n", o.Boots)
+	if err := snapshotsAndForks(ctx, m, o, r); err != nil {
+		return nil, err
 	}
 
 	base, stop, err := serve(m)
@@ -463,6 +472,52 @@ func creates(ctx context.Context, m *sandbox.Manager, o Options, f *Figure, keep
 	return nil
 }
 
+// snapshotsAndForks times snapshots of a running sandbox of its own (a
+// snapshot reads all of a sandbox's memory, which would change the memory
+// figures of the one kept for them), and forks of the last one to their
+// first command.
+func snapshotsAndForks(ctx context.Context, m *sandbox.Manager, o Options, r *Result) error {
+	n := o.Boots
+	src, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: o.MemoryMiB})
+	if err != nil {
+		return err
+	}
+	defer m.Delete(context.WithoutCancel(ctx), src.ID)
+	id := src.ID
+	var last string
+	for i := range n {
+		start := time.Now()
+		snap, err := m.CreateSnapshot(ctx, id, sandbox.SnapshotRequest{})
+		if err != nil {
+			return err
+		}
+		r.Snapshot.Samples = append(r.Snapshot.Samples, time.Since(start))
+		if i < n-1 {
+			if err := m.DeleteSnapshot(ctx, snap.ID, false); err != nil {
+				return err
+			}
+		}
+		last = snap.ID
+	}
+	defer m.DeleteSnapshot(context.WithoutCancel(ctx), last, true)
+	for range n {
+		start := time.Now()
+		info, err := m.Create(ctx, sandbox.CreateRequest{Snapshot: last})
+		if err != nil {
+			return err
+		}
+		if _, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Argv: []string{"true"}}); err != nil {
+			m.Delete(ctx, info.ID)
+			return err
+		}
+		r.ForkCreate.Samples = append(r.ForkCreate.Samples, time.Since(start))
+		if err := m.Delete(ctx, info.ID); err != nil {
+			return err
+		}
+	}
+	return m.DeleteSnapshot(ctx, last, false)
+}
+
 func call(ctx context.Context, c *http.Client, method, url string, body []byte) error {
 	return callJSON(ctx, c, method, url, body, nil)
 }
@@ -481,7 +536,7 @@ func callJSON(ctx context.Context, c *http.Client, method, url string, body []by
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode/100 != 2 {
 		return fmt.Errorf("%s %s: %s: %s", method, url, resp.Status, strings.TrimSpace(string(b)))
 	}
 	if out != nil {
@@ -507,6 +562,8 @@ func (r *Result) Print(w io.Writer) {
 	row(r.TemplateCreate, r.Baseline, "of raw boot")
 	row(r.HTTPCreate, r.Baseline, "of raw boot")
 	row(r.PoolCreate, r.Baseline, "of raw boot")
+	row(r.Snapshot, r.TemplateCreate, "of template create")
+	row(r.ForkCreate, r.Baseline, "of raw boot")
 	row(r.RoundTrip, Figure{}, "")
 	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
 	row(r.Cat1MiB, r.RoundTrip, "of `true`")
