@@ -73,6 +73,13 @@ func TestLifecyclePauseResumeStopStart(t *testing.T) {
 	if got, _ := m.Get(ctx, info.ID); got.Status != sandbox.StatusPaused {
 		t.Fatalf("status = %s, want paused", got.Status)
 	}
+	// A snapshot of a paused sandbox leaves it paused.
+	if _, err := m.CreateSnapshot(ctx, info.ID, sandbox.SnapshotRequest{Name: "while-paused"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := m.Get(ctx, info.ID); got.Status != sandbox.StatusPaused {
+		t.Fatalf("status after a snapshot while paused = %s", got.Status)
+	}
 	if _, err := m.Pause(ctx, info.ID); err == nil {
 		t.Fatal("pausing a paused sandbox succeeded")
 	} else {
@@ -112,6 +119,16 @@ func TestLifecyclePauseResumeStopStart(t *testing.T) {
 		t.Fatal("starting a running sandbox succeeded")
 	} else {
 		wantState(t, err, sandbox.StatusRunning)
+	}
+	// A snapshot asked to stop the sandbox does.
+	if _, err := m.CreateSnapshot(ctx, info.ID, sandbox.SnapshotRequest{Stop: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := m.Get(ctx, info.ID); got.Status != sandbox.StatusStopped {
+		t.Fatalf("status after a snapshot with stop = %s", got.Status)
+	}
+	if snaps, err := m.Snapshots(); err != nil || len(snaps) != 2 {
+		t.Fatalf("snapshots = %d, %v", len(snaps), err)
 	}
 }
 
