@@ -255,10 +255,7 @@ func newSnapshotRmCmd(sf *sandboxFlags) *cobra.Command {
 				if err := c.DeleteSnapshot(ctx, args[0], force); err != nil {
 					return err
 				}
-				res := struct {
-					ID      string `json:"id"`
-					Deleted bool   `json:"deleted"`
-				}{args[0], true}
+				res := deleted{ID: args[0], Deleted: true}
 				return printResult(cmd, sf, res, func(w io.Writer) { fmt.Fprintf(w, "deleted %s\n", args[0]) })
 			})
 		},
@@ -618,4 +615,11 @@ func (c *httpSandboxClient) PruneSnapshots(ctx context.Context) (api.SnapshotLis
 	var list api.SnapshotList
 	err := c.do(ctx, http.MethodPost, "/snapshots/prune", nil, &list)
 	return list, err
+}
+
+// deleted is what --json prints for a sandbox or snapshot removed: the
+// API answers 204 with no body.
+type deleted struct {
+	ID      string `json:"id"`
+	Deleted bool   `json:"deleted"`
 }

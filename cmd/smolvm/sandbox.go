@@ -195,10 +195,7 @@ func newSandboxDeleteCmd(sf *sandboxFlags) *cobra.Command {
 				if err := c.Delete(ctx, args[0]); err != nil {
 					return err
 				}
-				res := struct {
-					ID      string `json:"id"`
-					Deleted bool   `json:"deleted"`
-				}{args[0], true}
+				res := deleted{ID: args[0], Deleted: true}
 				return printResult(cmd, sf, res, func(w io.Writer) { fmt.Fprintf(w, "deleted %s\n", args[0]) })
 			})
 		},

@@ -168,20 +168,25 @@ func (m *Manager) checkpoint(ctx context.Context, cp vmm.Checkpointer, mach vmm.
 	return snap, nil
 }
 
-// diskUsage is what the files in dir take on disk (a RAM image is sparse).
+// diskUsage is what the files in dir take on disk.
 func diskUsage(dir string) int64 {
 	var n int64
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {
 		if st, err := e.Info(); err == nil && st.Mode().IsRegular() {
-			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-				n += sys.Blocks * 512
-			} else {
-				n += st.Size()
-			}
+			n += allocated(st)
 		}
 	}
 	return n
+}
+
+// allocated is what a file holds on disk rather than its length: RAM
+// images and disk copies are sparse.
+func allocated(st os.FileInfo) int64 {
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		return sys.Blocks * 512
+	}
+	return st.Size()
 }
 
 func copyFile(from, to string) error {

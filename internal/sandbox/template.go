@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -320,13 +319,8 @@ func (tc *templates) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm
 	}
 	t.CreatedAt = time.Now().UTC()
 	for _, f := range snap.SnapshotFiles() {
-		// What the files hold on disk: a RAM file is sparse.
 		if st, err := os.Stat(filepath.Join(tmp, f)); err == nil {
-			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-				t.SizeBytes += sys.Blocks * 512
-			} else {
-				t.SizeBytes += st.Size()
-			}
+			t.SizeBytes += allocated(st)
 		}
 	}
 	meta, _ := json.MarshalIndent(t, "", "  ")
