@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -109,6 +110,27 @@ type Result struct {
 	// 100 MiB over HTTP, LoopUpload and LoopDownload as much to and from
 	// a server on host loopback that keeps nothing.
 	Upload1MiB, Upload, Download, LoopUpload, LoopDownload Figure
+	// TemplateSteps break TemplateCreate down, in the order the steps run.
+	TemplateSteps []Figure
+}
+
+// steps collects the named steps of creates (vmm.WithSteps) into figures,
+// in the order each step is first seen.
+type steps struct {
+	mu      sync.Mutex
+	figures []Figure
+}
+
+func (s *steps) record(step string, took time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range s.figures {
+		if s.figures[i].Name == step {
+			s.figures[i].Samples = append(s.figures[i].Samples, took)
+			return
+		}
+	}
+	s.figures = append(s.figures, Figure{Name: step, Samples: []time.Duration{took}})
 }
 
 // streamMiB is what the stream throughput figures move.
@@ -185,9 +207,11 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		return nil, err
 	}
 	var keep string
-	if err := creates(ctx, m, o, &r.TemplateCreate, "keep"); err != nil {
+	var st steps
+	if err := creates(vmm.WithSteps(ctx, st.record), m, o, &r.TemplateCreate, "keep"); err != nil {
 		return nil, err
 	}
+	r.TemplateSteps = st.figures
 	list, err := m.List(ctx)
 	if err != nil || len(list) == 0 {
 		return nil, fmt.Errorf("list after creates: %v", err)
@@ -454,11 +478,13 @@ func creates(ctx context.Context, m *sandbox.Manager, o Options, f *Figure, keep
 		if err != nil {
 			return err
 		}
+		cmd := time.Now()
 		_, err = m.Exec(ctx, info.ID, sandbox.ExecRequest{Argv: []string{"true"}})
 		if err != nil {
 			m.Delete(ctx, info.ID)
 			return err
 		}
+		vmm.Step(ctx, "first command", cmd)
 		if f != nil {
 			f.Samples = append(f.Samples, time.Since(start))
 		}
@@ -583,6 +609,17 @@ func (r *Result) Print(w io.Writer) {
 		row(r.Transfer, r.TransferBase, "of loopback")
 	}
 	tw.Flush()
+	if len(r.TemplateSteps) > 0 {
+		fmt.Fprintf(w, "\nsteps of a template create (library), medians:\n")
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		var sum time.Duration
+		for _, f := range r.TemplateSteps {
+			sum += f.Median()
+			fmt.Fprintf(tw, "  %s\t%s\t%.0f%%\n", f.Name, ms(f.Median()), 100*float64(f.Median())/float64(max(1, r.TemplateCreate.Median())))
+		}
+		fmt.Fprintf(tw, "  other (store, between steps)\t%s\t\n", ms(r.TemplateCreate.Median()-sum))
+		tw.Flush()
+	}
 	if len(r.Transfer.Samples) > 0 {
 		fmt.Fprintf(w, "\nthroughput of an exposed port: %.1f MiB/s (host loopback: %.0f MiB/s)\n",
 			MiBps(r.TransferMiB, r.Transfer.Median()), MiBps(r.TransferMiB, r.TransferBase.Median()))

@@ -145,10 +145,12 @@ func (l *launcher) waitAgent(ctx context.Context, mach vmm.Machine, rec *store.R
 	if err := l.transition(ctx, rec, rec.Status); err != nil {
 		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
+	t := time.Now()
 	c, err := dialWhileAlive(ctx, mach, timeout)
 	if err != nil {
 		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
+	vmm.Step(ctx, "agent handshake", t)
 	return c, nil
 }
 
@@ -222,10 +224,12 @@ func (l *launcher) finish(ctx context.Context, c *guest.Client, rec *store.Recor
 	}
 	ictx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	t := time.Now()
 	if _, err := c.Identity(ictx, id); err != nil {
 		c.Close()
 		return Info{}, fmt.Errorf("give the guest its identity: %w", err)
 	}
+	t = vmm.Step(ctx, "identity", t)
 	if err := l.applyPorts(ctx, rec); err != nil {
 		c.Close()
 		return Info{}, err
@@ -235,6 +239,7 @@ func (l *launcher) finish(ctx context.Context, c *guest.Client, rec *store.Recor
 		c.Close()
 		return Info{}, err
 	}
+	vmm.Step(ctx, "ports and record", t)
 	l.sessions.set(rec.ID, c)
 	info := toInfo(*rec)
 	info.Boot = how
@@ -406,9 +411,11 @@ func (l *launcher) startNetwork(ctx context.Context, dir string, p network.Polic
 // startVM starts rec's network, if it has one, then its VM with start; if
 // the VM does not start, the network goes too.
 func (l *launcher) startVM(ctx context.Context, rec *store.Record, spec vmm.Spec, start func(vmm.Spec) (vmm.Machine, error)) (vmm.Machine, error) {
+	t := time.Now()
 	if err := l.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
 		return nil, err
 	}
+	vmm.Step(ctx, "network process", t)
 	mach, err := start(spec)
 	if err != nil {
 		if nerr := network.Stop(context.WithoutCancel(ctx), rec.Dir); nerr != nil {

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smolvm/smolvm/internal/agent/agentpb"
+	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
@@ -194,6 +195,7 @@ func (tc *templates) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snaps
 	// device matches; growing it afterwards is what tells the guest.
 	var diskBytes int64
 	if rec.DiskSizeMiB > t.DiskMiB {
+		start := time.Now()
 		diskBytes = int64(rec.DiskSizeMiB) << 20
 		err := fmt.Errorf("backend %s cannot grow a disk", drv.Name())
 		if r, ok := drv.(vmm.DiskResizer); ok {
@@ -203,6 +205,7 @@ func (tc *templates) restore(ctx context.Context, drv vmm.Driver, snap vmm.Snaps
 			c.Close()
 			return Info{}, console, errors.Join(fmt.Errorf("grow disk: %w", err), mach.Kill(context.WithoutCancel(ctx)))
 		}
+		vmm.Step(ctx, "disk resize", start)
 	}
 	info, err := tc.l.finish(ctx, c, rec, diskBytes, BootTemplate, final)
 	if err != nil {
@@ -290,7 +293,7 @@ func (tc *templates) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm
 	if err != nil {
 		return err
 	}
-	_, err = c.Ping(ctx)
+	err = warmUp(ctx, c)
 	// Save with no host attached, so every clone starts waiting for one.
 	c.Close()
 	if err != nil {
@@ -392,6 +395,29 @@ func usable(snap vmm.Snapshotter, dir string) bool {
 	}
 	_, err := os.Stat(filepath.Join(dir, "bad"))
 	return os.IsNotExist(err)
+}
+
+// warmUp runs, in a template about to be saved, what every clone runs
+// first: the identity call and a command through the login shell and
+// without one. What that leaves in the guest (its page cache holding the
+// shell, the C library and the profile; the agent's lazily built tables)
+// is saved with it, so a clone does not read those from its disk and
+// build those again on its first request. The identity given here is the
+// template's own; every clone replaces it.
+func warmUp(ctx context.Context, c *guest.Client) error {
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if _, err := c.Identity(wctx, &agentpb.SetIdentityRequest{
+		Hostname: "template", MachineId: randomHex(16), UnixNano: time.Now().UnixNano(), Seed: randomBytes(64),
+	}); err != nil {
+		return fmt.Errorf("warm up the template: identity: %w", err)
+	}
+	for _, p := range []*agentpb.ProcessConfig{{Argv: []string{"true"}}, {Script: "true"}} {
+		if _, err := c.Exec(wctx, &agentpb.StartRequest{Process: p}, io.Discard, io.Discard); err != nil {
+			return fmt.Errorf("warm up the template: run %v: %w", p, err)
+		}
+	}
+	return nil
 }
 
 // markBad retires a template build after a failed restore: what a restore

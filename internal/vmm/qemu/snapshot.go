@@ -125,9 +125,11 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	if len(spec.Mounts) > 0 {
 		return nil, fmt.Errorf("restore: a VM with shared directories cannot be restored from a snapshot; boot it instead")
 	}
+	t := time.Now()
 	if err := createDisk(ctx, filepath.Join(snapDir, fileDisk), filepath.Join(spec.Dir, fileDisk), 0); err != nil {
 		return nil, err
 	}
+	t = vmm.Step(ctx, "disk overlay", t)
 	// A template's RAM is its memory file, mapped private; a checkpoint
 	// has none, its RAM is all in the state and loads into anonymous RAM.
 	var mem memory
@@ -138,6 +140,8 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	if err != nil {
 		return nil, err
 	}
+	t = vmm.Step(ctx, "QEMU start", t)
+	defer vmm.Step(ctx, "state load", t)
 	if err := d.resume(ctx, qm, statePath); err != nil {
 		if !qm.Alive() {
 			err = fmt.Errorf("QEMU exited while loading the saved state %s (is it damaged?): %w", statePath, err)
