@@ -160,6 +160,9 @@ func (v *filesystemService) ListDir(_ context.Context, req *connect.Request[agen
 }
 
 func (v *filesystemService) MakeDir(_ context.Context, req *connect.Request[agentpb.MakeDirRequest]) (*connect.Response[agentpb.MakeDirResponse], error) {
+	// A spare login shell may have read what this changes.
+	v.s.spares.changed()
+	defer v.s.spares.changed()
 	p, err := cleanPath(req.Msg.Path)
 	if err != nil {
 		return nil, err
@@ -186,6 +189,9 @@ func (v *filesystemService) MakeDir(_ context.Context, req *connect.Request[agen
 }
 
 func (v *filesystemService) Move(_ context.Context, req *connect.Request[agentpb.MoveRequest]) (*connect.Response[agentpb.MoveResponse], error) {
+	// A spare login shell may have read what this changes.
+	v.s.spares.changed()
+	defer v.s.spares.changed()
 	src, err := cleanPath(req.Msg.Source)
 	if err != nil {
 		return nil, err
@@ -205,6 +211,9 @@ func (v *filesystemService) Move(_ context.Context, req *connect.Request[agentpb
 }
 
 func (v *filesystemService) Remove(_ context.Context, req *connect.Request[agentpb.RemoveRequest]) (*connect.Response[agentpb.RemoveResponse], error) {
+	// A spare login shell may have read what this changes.
+	v.s.spares.changed()
+	defer v.s.spares.changed()
 	p, err := cleanPath(req.Msg.Path)
 	if err != nil {
 		return nil, err
@@ -275,6 +284,9 @@ func (v *filesystemService) Read(ctx context.Context, req *connect.Request[agent
 }
 
 func (v *filesystemService) Write(ctx context.Context, stream *connect.ClientStream[agentpb.WriteRequest]) (*connect.Response[agentpb.WriteResponse], error) {
+	// A spare login shell may have read what this changes.
+	v.s.spares.changed()
+	defer v.s.spares.changed()
 	if !stream.Receive() {
 		if err := stream.Err(); err != nil {
 			return nil, err

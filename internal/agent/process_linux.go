@@ -68,6 +68,9 @@ type proc struct {
 	timer  *time.Timer
 
 	timedOut atomic.Bool
+	// spare says how to start a login shell ahead for the next command
+	// like this one; nil when this is not a login-shell script.
+	spare *spareRecipe
 
 	mu      sync.Mutex
 	subs    map[*subscriber]struct{}
@@ -157,6 +160,19 @@ func (t *processTable) list() []*proc {
 	}
 	sort.Slice(ps, func(i, j int) bool { return ps[i].started.Before(ps[j].started) })
 	return ps
+}
+
+// running counts the processes that are running and were not detached.
+func (t *processTable) running() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, p := range t.byPID {
+		if !p.detach {
+			n++
+		}
+	}
+	return n
 }
 
 func (t *processTable) killAll() {
@@ -532,7 +548,24 @@ func (s *Server) start(m *agentpb.StartRequest, argv []string) (*proc, *agentpb.
 		}
 	}
 
+	var cred *syscall.Credential
+	if acc.uid != 0 || acc.gid != 0 {
+		cred = &syscall.Credential{Uid: acc.uid, Gid: acc.gid, NoSetGroups: true}
+	}
 	p := &proc{tag: m.Tag, cfg: cfg, detach: m.Detach, done: make(chan struct{})}
+	p.spare = spareRecipeFor(s.spares.currentEpoch(), m, argv, path, env, dir, cred)
+	if p.spare != nil {
+		if sh := s.spares.take(p.spare.key, envValue(env, "HOME")); sh != nil {
+			if err := sh.hand(cfg.Script); err == nil {
+				s.spares.changed()
+				p.pid, p.outR, p.errR, p.waitc = sh.pid, sh.outR, sh.errR, sh.waitc
+				s.launched(p, m)
+				return p, nil
+			}
+			sh.discard()
+		}
+	}
+	s.spares.changed()
 	var (
 		childFiles []*os.File // the child's ends, closed here once it has them
 		outR, errR *os.File
@@ -588,9 +621,7 @@ func (s *Server) start(m *agentpb.StartRequest, argv []string) (*proc, *agentpb.
 		childFiles = []*os.File{stdinR, outW, errW}
 		attr.Files = []uintptr{stdinR.Fd(), outW.Fd(), errW.Fd()}
 	}
-	if acc.uid != 0 || acc.gid != 0 {
-		attr.Sys.Credential = &syscall.Credential{Uid: acc.uid, Gid: acc.gid, NoSetGroups: true}
-	}
+	attr.Sys.Credential = cred
 	pid, waitc, err := s.reaper.start(path, argv, attr)
 	closeAll(childFiles...)
 	if err != nil {
@@ -604,9 +635,17 @@ func (s *Server) start(m *agentpb.StartRequest, argv []string) (*proc, *agentpb.
 		}
 		return nil, &agentpb.EndEvent{ExitCode: code, Error: fmt.Sprintf("%s: %v", argv[0], err)}
 	}
-	p.pid, p.started = pid, time.Now()
+	p.pid, p.outR, p.errR, p.waitc = pid, outR, errR, waitc
+	s.launched(p, m)
+	return p, nil
+}
+
+// launched registers a process that has started and arms its timeout and
+// its stdin.
+func (s *Server) launched(p *proc, m *agentpb.StartRequest) {
+	pid := p.pid
+	p.started = time.Now()
 	s.procs.add(p)
-	p.outR, p.errR, p.waitc = outR, errR, waitc
 	if m.TimeoutMs > 0 {
 		p.timer = time.AfterFunc(time.Duration(m.TimeoutMs)*time.Millisecond, func() {
 			p.timedOut.Store(true)
@@ -622,7 +661,6 @@ func (s *Server) start(m *agentpb.StartRequest, argv []string) (*proc, *agentpb.
 		}()
 	}
 	p.server = s
-	return p, nil
 }
 
 // pump reads the process's output until it exits (and briefly after, for
@@ -703,6 +741,7 @@ func (p *proc) pump() {
 	}
 	p.finish(end)
 	p.server.procs.retire(p)
+	p.server.refillSpare(p.spare)
 }
 
 // env is the command's environment: defaults for the account, then extra

@@ -54,6 +54,7 @@ type Server struct {
 	reaper  *reaper
 	booted  time.Time
 	procs   *processTable
+	spares  spares
 	handler http.Handler
 	h2      *http2.Server
 
@@ -106,6 +107,7 @@ func NewServer(opts Options) *Server {
 // Close kills the processes the server started and stops its reaper.
 func (s *Server) Close() error {
 	s.procs.killAll()
+	s.spares.drop()
 	s.reaper.stop()
 	return nil
 }
@@ -203,6 +205,9 @@ func (v *systemService) SetIdentity(_ context.Context, req *connect.Request[agen
 	if len(req.Msg.Seed) == 0 {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("identity without a random seed"))
 	}
+	// A spare shell started before knows the old name (and the old
+	// clock, for a clone restored from a template).
+	v.s.spares.drop()
 	if err := v.s.opts.System.ApplyIdentity(req.Msg); err != nil {
 		return nil, connect.NewError(connect.CodeInternal, err)
 	}

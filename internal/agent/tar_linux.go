@@ -95,6 +95,9 @@ func (r *streamReader) Read(p []byte) (int, error) {
 }
 
 func (v *filesystemService) WriteTar(ctx context.Context, stream *connect.ClientStream[agentpb.WriteTarRequest]) (*connect.Response[agentpb.WriteTarResponse], error) {
+	// A spare login shell may have read what this changes.
+	v.s.spares.changed()
+	defer v.s.spares.changed()
 	if !stream.Receive() || stream.Msg().GetHeader() == nil {
 		if err := stream.Err(); err != nil {
 			return nil, err

@@ -1,0 +1,15 @@
+package agent
+
+// SpareUsed counts the commands s handed to a spare login shell.
+func SpareUsed(s *Server) int64 { return s.spares.used.Load() }
+
+// SpareKey is the key of the spare login shell s has waiting, "" if none:
+// user, directory, shell and environment, separated by NULs.
+func SpareKey(s *Server) string {
+	s.spares.mu.Lock()
+	defer s.spares.mu.Unlock()
+	if s.spares.shell == nil {
+		return ""
+	}
+	return s.spares.shell.key
+}
