@@ -407,15 +407,17 @@ func usable(snap vmm.Snapshotter, dir string) bool {
 func warmUp(ctx context.Context, c *guest.Client) error {
 	wctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	if _, err := c.Identity(wctx, &agentpb.SetIdentityRequest{
-		Hostname: "template", MachineId: randomHex(16), UnixNano: time.Now().UnixNano(), Seed: randomBytes(64),
-	}); err != nil {
-		return fmt.Errorf("warm up the template: identity: %w", err)
-	}
 	for _, p := range []*agentpb.ProcessConfig{{Argv: []string{"true"}}, {Script: "true"}} {
 		if _, err := c.Exec(wctx, &agentpb.StartRequest{Process: p}, io.Discard, io.Discard); err != nil {
 			return fmt.Errorf("warm up the template: run %v: %w", p, err)
 		}
+	}
+	// Last, as it drops the login shell the agent starts ahead for the
+	// next command: each clone's would have the template's name.
+	if _, err := c.Identity(wctx, &agentpb.SetIdentityRequest{
+		Hostname: "template", MachineId: randomHex(16), UnixNano: time.Now().UnixNano(), Seed: randomBytes(64),
+	}); err != nil {
+		return fmt.Errorf("warm up the template: identity: %w", err)
 	}
 	return nil
 }
