@@ -73,13 +73,21 @@ type Result struct {
 	// (pages shared with other clones counted in part) fresh from the
 	// template after one command, and after the round trips.
 	FreshPSS, UsedPSS int64
+	// Mem100 is the memory of a clone of its own, fresh and after 100
+	// login-shell commands, with Clones template clones running.
+	MemFresh, Mem100 Memory
+	Clones           int
+	MemoryMiB        int // the guest memory of the clones measured
 	// Density is how many 256 MiB sandboxes ran at once; DensityLimit says
 	// why it stopped (the cap, or the first failure).
 	Density      int
 	DensityLimit string
 	// DensityMemory is how much of the host's available memory the
-	// sandboxes of the density run took, measured with all of them up.
-	DensityMemory int64
+	// sandboxes of the density run took, measured with all of them up;
+	// DensityBefore and DensityAfter are the host's available memory
+	// before the first and with all of them up, and DensityPSS the mean
+	// PSS of their VMM processes then.
+	DensityMemory, DensityBefore, DensityAfter, DensityPSS int64
 
 	Baseline       Figure // raw QEMU boot to /init
 	Create         Figure // library: create to first command answered, cold boot
@@ -90,11 +98,14 @@ type Result struct {
 	Snapshot       Figure // library: snapshot a running sandbox, which goes on
 	ForkCreate     Figure // library: create from that snapshot to first command
 	RoundTrip      Figure // library: run `true`
-	HTTPRoundTrip  Figure // HTTP: POST /sandboxes/{id}/exec `true`
-	Cat1MiB        Figure // library: `cat` of a 1 MiB file
-	Ping           Figure // library: agent round trip without a process
-	List           Figure // library: List
-	HTTPList       Figure // HTTP: GET /sandboxes
+	// LoginRoundTrip runs `true` through the login shell after a pause, as
+	// an agent does between commands; LoginBackToBack without one.
+	LoginRoundTrip, LoginBackToBack, HTTPLoginRoundTrip Figure
+	HTTPRoundTrip                                       Figure // HTTP: POST /sandboxes/{id}/exec `true`
+	Cat1MiB                                             Figure // library: `cat` of a 1 MiB file
+	Ping                                                Figure // library: agent round trip without a process
+	List                                                Figure // library: List
+	HTTPList                                            Figure // HTTP: GET /sandboxes
 	// Transfer fetches TransferMiB from a guest server through an exposed
 	// port; TransferBase fetches as much from a server on host loopback.
 	Transfer     Figure
@@ -139,29 +150,32 @@ const streamMiB = 100
 // Run measures, printing progress lines to log.
 func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 	r := &Result{
-		Baseline:       Figure{Name: "raw QEMU boot to /init (baseline)"},
-		Create:         Figure{Name: "cold create to first command (library)"},
-		TemplateCreate: Figure{Name: "template create to first command (library)"},
-		HTTPCreate:     Figure{Name: "template create to first command (HTTP)"},
-		HTTPColdCreate: Figure{Name: "cold create to first command (HTTP)"},
-		PoolCreate:     Figure{Name: "pool create to first command (library)"},
-		Snapshot:       Figure{Name: "snapshot of a running sandbox (library)"},
-		ForkCreate:     Figure{Name: "fork create to first command (library)"},
-		RoundTrip:      Figure{Name: "command round trip `true` (library)"},
-		HTTPRoundTrip:  Figure{Name: "command round trip `true` (HTTP)"},
-		Cat1MiB:        Figure{Name: "command round trip `cat` 1 MiB file (library)"},
-		Ping:           Figure{Name: "agent round trip, no process (library)"},
-		List:           Figure{Name: "list sandboxes (library)"},
-		HTTPList:       Figure{Name: "GET /sandboxes (HTTP)"},
-		FirstByte:      Figure{Name: "first streamed byte of a command (HTTP SSE)"},
-		Upload1MiB:     Figure{Name: "upload of a 1 MiB file (HTTP)"},
-		LoopUpload:     Figure{Name: "100 MiB PUT to host loopback"},
-		Upload:         Figure{Name: "100 MiB file upload (HTTP)"},
-		LoopDownload:   Figure{Name: "100 MiB GET from host loopback"},
-		Download:       Figure{Name: "100 MiB file download (HTTP)"},
-		HostPipe:       Figure{Name: "100 MiB through a pipe on the host"},
-		Stream:         Figure{Name: "100 MiB of a command's stdout (library)"},
-		TransferMiB:    100,
+		Baseline:           Figure{Name: "raw QEMU boot to /init (baseline)"},
+		Create:             Figure{Name: "cold create to first command (library)"},
+		TemplateCreate:     Figure{Name: "template create to first command (library)"},
+		HTTPCreate:         Figure{Name: "template create to first command (HTTP)"},
+		HTTPColdCreate:     Figure{Name: "cold create to first command (HTTP)"},
+		PoolCreate:         Figure{Name: "pool create to first command (library)"},
+		Snapshot:           Figure{Name: "snapshot of a running sandbox (library)"},
+		ForkCreate:         Figure{Name: "fork create to first command (library)"},
+		RoundTrip:          Figure{Name: "command round trip `true` (library)"},
+		LoginRoundTrip:     Figure{Name: "login-shell `true` after a pause (library)"},
+		LoginBackToBack:    Figure{Name: "login-shell `true` back to back (library)"},
+		HTTPLoginRoundTrip: Figure{Name: "login-shell `true` after a pause (HTTP)"},
+		HTTPRoundTrip:      Figure{Name: "command round trip `true` (HTTP)"},
+		Cat1MiB:            Figure{Name: "command round trip `cat` 1 MiB file (library)"},
+		Ping:               Figure{Name: "agent round trip, no process (library)"},
+		List:               Figure{Name: "list sandboxes (library)"},
+		HTTPList:           Figure{Name: "GET /sandboxes (HTTP)"},
+		FirstByte:          Figure{Name: "first streamed byte of a command (HTTP SSE)"},
+		Upload1MiB:         Figure{Name: "upload of a 1 MiB file (HTTP)"},
+		LoopUpload:         Figure{Name: "100 MiB PUT to host loopback"},
+		Upload:             Figure{Name: "100 MiB file upload (HTTP)"},
+		LoopDownload:       Figure{Name: "100 MiB GET from host loopback"},
+		Download:           Figure{Name: "100 MiB file download (HTTP)"},
+		HostPipe:           Figure{Name: "100 MiB through a pipe on the host"},
+		Stream:             Figure{Name: "100 MiB of a command's stdout (library)"},
+		TransferMiB:        100,
 	}
 	r.Transfer.Name = fmt.Sprintf("GET %d MiB from the guest through an exposed port", r.TransferMiB)
 	r.TransferBase.Name = fmt.Sprintf("GET %d MiB over host loopback (baseline)", r.TransferMiB)
@@ -253,6 +267,28 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		}
 		r.List.Samples = append(r.List.Samples, time.Since(start))
 	}
+	fmt.Fprintf(log, "login-shell round trips: %d after a pause, %d back to back...\n", o.RoundTrip, o.RoundTrip)
+	for range o.RoundTrip {
+		// An agent thinks between commands; the guest starts the next
+		// command's login shell meanwhile.
+		time.Sleep(loginPause)
+		start := time.Now()
+		if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "true"}); err != nil {
+			return nil, err
+		}
+		r.LoginRoundTrip.Samples = append(r.LoginRoundTrip.Samples, time.Since(start))
+	}
+	for range o.RoundTrip {
+		start := time.Now()
+		if _, err := m.Exec(ctx, keep, sandbox.ExecRequest{Command: "true"}); err != nil {
+			return nil, err
+		}
+		r.LoginBackToBack.Samples = append(r.LoginBackToBack.Samples, time.Since(start))
+	}
+	fmt.Fprintf(log, "memory: a clone fresh and after 100 login-shell commands...\n")
+	if err := memory100(ctx, m, o, r); err != nil {
+		return nil, err
+	}
 
 	fmt.Fprintf(log, "snapshots and forks: %d of each...\n", o.Boots)
 	if err := snapshotsAndForks(ctx, m, o, r); err != nil {
@@ -291,6 +327,15 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		}
 		r.HTTPList.Samples = append(r.HTTPList.Samples, time.Since(start))
 	}
+	loginBody, _ := json.Marshal(map[string]any{"command": "true"})
+	for range o.RoundTrip {
+		time.Sleep(loginPause)
+		start := time.Now()
+		if err := call(ctx, client, http.MethodPost, base+"/sandboxes/"+keep+"/exec", loginBody); err != nil {
+			return nil, err
+		}
+		r.HTTPLoginRoundTrip.Samples = append(r.HTTPLoginRoundTrip.Samples, time.Since(start))
+	}
 	info, err := m.Get(ctx, keep)
 	if err != nil {
 		return nil, err
@@ -319,6 +364,49 @@ func Run(ctx context.Context, o Options, log io.Writer) (*Result, error) {
 		density(ctx, m, o.Density, r, log)
 	}
 	return r, nil
+}
+
+// loginPause is the pause before each login-shell command of the paced
+// round trips, shorter than any model's turn.
+const loginPause = 300 * time.Millisecond
+
+// Memory is a VMM process's memory, in bytes, from smaps_rollup.
+type Memory struct {
+	RSS, PSS, PSSAnon, PSSFile int64
+}
+
+func memoryOf(pid int) Memory {
+	f := fmt.Sprintf("/proc/%d/smaps_rollup", pid)
+	return Memory{RSS: procKB(f, "Rss:"), PSS: procKB(f, "Pss:"), PSSAnon: procKB(f, "Pss_Anon:"), PSSFile: procKB(f, "Pss_File:")}
+}
+
+func (m Memory) String() string {
+	mib := func(b int64) float64 { return float64(b) / (1 << 20) }
+	return fmt.Sprintf("PSS %.0f MiB (%.0f anonymous, %.0f file-backed, shared in part), RSS %.0f MiB", mib(m.PSS), mib(m.PSSAnon), mib(m.PSSFile), mib(m.RSS))
+}
+
+// memory100 measures a new clone's VMM memory after its first command and
+// after 100 more through the login shell.
+func memory100(ctx context.Context, m *sandbox.Manager, o Options, r *Result) error {
+	info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: o.MemoryMiB})
+	if err != nil {
+		return err
+	}
+	defer m.Delete(context.WithoutCancel(ctx), info.ID)
+	if _, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true"}); err != nil {
+		return err
+	}
+	if list, err := m.List(ctx); err == nil {
+		r.Clones = len(list)
+	}
+	r.MemFresh, r.MemoryMiB = memoryOf(info.PID), o.MemoryMiB
+	for range 100 {
+		if _, err := m.Exec(ctx, info.ID, sandbox.ExecRequest{Command: "true"}); err != nil {
+			return err
+		}
+	}
+	r.Mem100 = memoryOf(info.PID)
+	return nil
 }
 
 // rss is a process's resident set size in bytes, 0 if unknown.
@@ -357,10 +445,20 @@ func density(ctx context.Context, m *sandbox.Manager, max int, r *Result, log io
 	}()
 	r.DensityLimit = fmt.Sprintf("stopped at the cap of %d", max)
 	before := procKB("/proc/meminfo", "MemAvailable:")
+	r.DensityBefore = before
 	defer func() {
-		if len(ids) > 0 {
-			r.DensityMemory = before - procKB("/proc/meminfo", "MemAvailable:")
+		if len(ids) == 0 {
+			return
 		}
+		r.DensityAfter = procKB("/proc/meminfo", "MemAvailable:")
+		r.DensityMemory = before - r.DensityAfter
+		var sum int64
+		for _, id := range ids {
+			if info, err := m.Get(ctx, id); err == nil {
+				sum += pss(info.PID)
+			}
+		}
+		r.DensityPSS = sum / int64(len(ids))
 	}()
 	for len(ids) < max {
 		info, err := m.Create(ctx, sandbox.CreateRequest{MemoryMiB: 256})
@@ -591,6 +689,9 @@ func (r *Result) Print(w io.Writer) {
 	row(r.Snapshot, r.TemplateCreate, "of template create")
 	row(r.ForkCreate, r.Baseline, "of raw boot")
 	row(r.RoundTrip, Figure{}, "")
+	row(r.LoginRoundTrip, r.RoundTrip, "of argv `true`")
+	row(r.LoginBackToBack, r.RoundTrip, "of argv `true`")
+	row(r.HTTPLoginRoundTrip, r.LoginRoundTrip, "of library")
 	row(r.HTTPRoundTrip, r.RoundTrip, "of library")
 	row(r.Cat1MiB, r.RoundTrip, "of `true`")
 	row(r.Ping, r.RoundTrip, "of `true`")
@@ -635,9 +736,13 @@ func (r *Result) Print(w io.Writer) {
 	}
 	fmt.Fprintf(w, "\nidle sandbox VMM RSS: %.0f MiB (a template restore after %d commands)\n", float64(r.IdleRSS)/(1<<20), 2*len(r.RoundTrip.Samples)+2)
 	fmt.Fprintf(w, "idle sandbox VMM PSS: %.0f MiB fresh from the template, %.0f MiB after those commands\n", float64(r.FreshPSS)/(1<<20), float64(r.UsedPSS)/(1<<20))
+	if r.MemFresh.PSS > 0 {
+		fmt.Fprintf(w, "a clone of %d MiB, %d sandboxes running, after its first command: %s\n", r.MemoryMiB, r.Clones, r.MemFresh)
+		fmt.Fprintf(w, "the same clone after 100 login-shell commands: %s\n", r.Mem100)
+	}
 	if r.DensityLimit != "" {
-		fmt.Fprintf(w, "sandboxes of 256 MiB running at once: %d (%s); they took %.0f MiB of the host's available memory\n",
-			r.Density, r.DensityLimit, float64(r.DensityMemory)/(1<<20))
+		fmt.Fprintf(w, "sandboxes of 256 MiB running at once: %d (%s); they took %.0f MiB of the host's available memory (%.0f MiB before, %.0f MiB with all up), %.0f MiB PSS each on average\n",
+			r.Density, r.DensityLimit, float64(r.DensityMemory)/(1<<20), float64(r.DensityBefore)/(1<<20), float64(r.DensityAfter)/(1<<20), float64(r.DensityPSS)/(1<<20))
 	}
 }
 
