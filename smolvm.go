@@ -33,7 +33,9 @@ type Config struct {
 	VCPUs    int    // 1..32
 	Backend  string // "qemu" (default); "firecracker", "libkrun" are not available yet
 	// Network is what the guest may reach; the zero value is mode "open":
-	// anything but the host itself and link-local (metadata) addresses.
+	// the public Internet, not the host itself, link-local (metadata)
+	// addresses or private ranges unless Allow lists them or AllowPrivate
+	// is set.
 	Network Network
 	// Ports are guest TCP ports to expose on the host (127.0.0.1 unless a
 	// host address is given); Ports() reports the host ports they got.

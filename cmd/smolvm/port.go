@@ -204,6 +204,7 @@ type networkFlags struct {
 	mode         string
 	allow        []string
 	hostLoopback bool
+	private      bool
 	ports        []string
 }
 
@@ -221,8 +222,11 @@ func (nf *networkFlags) apply(req *api.CreateSandboxRequest, modeSet bool) error
 	default:
 		return fmt.Errorf("--network %q: use open, off or restricted", mode)
 	}
-	if len(nf.allow) > 0 && network.Mode(mode) != network.ModeRestricted {
-		return fmt.Errorf("--allow applies only to --network restricted, not %s", mode)
+	if len(nf.allow) > 0 && network.Mode(mode) == network.ModeOff {
+		return errors.New("--allow needs a network: --network off has none")
+	}
+	if nf.private && network.Mode(mode) != network.ModeOpen {
+		return fmt.Errorf("--allow-private applies only to --network open, not %s", mode)
 	}
 	for _, a := range nf.allow {
 		p, err := network.ParsePrefixes([]string{a})
@@ -236,8 +240,8 @@ func (nf *networkFlags) apply(req *api.CreateSandboxRequest, modeSet bool) error
 	if network.Mode(mode) == network.ModeOff && nf.hostLoopback {
 		return errors.New("--allow-host-loopback needs a network: --network off has none")
 	}
-	if modeSet || len(nf.allow) > 0 || nf.hostLoopback {
-		req.Network = &api.NetworkSpec{Mode: mode, Allow: nf.allow, AllowHostLoopback: nf.hostLoopback}
+	if modeSet || len(nf.allow) > 0 || nf.hostLoopback || nf.private {
+		req.Network = &api.NetworkSpec{Mode: mode, Allow: nf.allow, AllowHostLoopback: nf.hostLoopback, AllowPrivate: nf.private}
 	}
 
 	seen := map[int]string{}
@@ -356,6 +360,9 @@ func networkSummary(n api.SandboxNetwork) string {
 	}
 	if n.AllowHostLoopback {
 		s += ", host loopback allowed"
+	}
+	if n.AllowPrivate {
+		s += ", private ranges allowed"
 	}
 	return s
 }

@@ -24,13 +24,14 @@ func TestNetworkOverHTTP(t *testing.T) {
 	base := srv.URL
 	apiPort := srv.Listener.Addr().(*net.TCPAddr).Port
 
-	r := do(t, http.MethodPost, base+"/sandboxes", `{"ports":[{"guest":8080}]}`, nil)
+	r := do(t, http.MethodPost, base+"/sandboxes", `{"ports":[{"guest":8080}],"network":{"allow":["10.9.0.0/16"]}}`, nil)
 	if r.Status != http.StatusCreated {
 		t.Fatalf("create: %d %s", r.Status, r.Body)
 	}
 	var sb Sandbox
 	r.decode(t, &sb)
-	if sb.Network.Mode != "open" || sb.Network.AllowHostLoopback || len(sb.Ports) != 1 ||
+	if sb.Network.Mode != "open" || sb.Network.AllowHostLoopback || sb.Network.AllowPrivate ||
+		len(sb.Network.Allow) != 1 || sb.Network.Allow[0] != "10.9.0.0/16" || len(sb.Ports) != 1 ||
 		sb.Ports[0].Guest != 8080 || sb.Ports[0].Host == 0 || sb.Ports[0].HostAddress != "127.0.0.1" {
 		t.Fatalf("create answered network %+v ports %+v", sb.Network, sb.Ports)
 	}
@@ -76,7 +77,8 @@ func TestNetworkOverHTTP(t *testing.T) {
 		{"POST", base + "/sandboxes/vm-00000000/ports", `{"guest":80}`, 404, CodeSandboxNotFound, ""},
 		{"POST", base + "/sandboxes", `{"network":{"mode":"bogus"}}`, 422, CodeValidationFailed, "network.mode"},
 		{"POST", base + "/sandboxes", `{"network":{"mode":"restricted","allow":["not-a-cidr"]}}`, 422, "invalid_network", "network.allow"},
-		{"POST", base + "/sandboxes", `{"network":{"allow":["10.0.0.0/8"]}}`, 422, "invalid_network", "network.allow"},
+		{"POST", base + "/sandboxes", `{"network":{"mode":"off","allow":["10.0.0.0/8"]}}`, 422, "invalid_network", "network.allow"},
+		{"POST", base + "/sandboxes", `{"network":{"mode":"restricted","allow_private":true}}`, 422, "invalid_network", "network.allow_private"},
 		{"POST", base + "/sandboxes", `{"network":{"mode":"off"},"ports":[{"guest":80}]}`, 422, "invalid_port", "ports"},
 		{"POST", base + "/sandboxes", fmt.Sprintf(`{"ports":[{"guest":80,"host":%d}]}`, busyPort), 409, "port_in_use", "host"},
 	} {

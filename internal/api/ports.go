@@ -14,17 +14,19 @@ import (
 // NetworkSpec is the network part of a create request.
 type NetworkSpec struct {
 	_                 struct{} `json:"-" additionalProperties:"false"`
-	Mode              string   `json:"mode,omitempty" enum:"open,off,restricted" default:"open" example:"open" doc:"open: the guest reaches anything but the host itself and link-local (cloud metadata) addresses. off: no network interface but loopback. restricted: only the destinations in allow."`
-	Allow             []string `json:"allow,omitempty" maxItems:"256" example:"[\"10.0.0.0/8\"]" doc:"With mode restricted: the IPv4 CIDRs (or single addresses) the guest may connect to. Everything else is refused by the host before any connection is made."`
+	Mode              string   `json:"mode,omitempty" enum:"open,off,restricted" default:"open" example:"open" doc:"open: the guest reaches the public Internet, but not the host itself, link-local (cloud metadata) addresses or private ranges (RFC 1918, CGNAT 100.64.0.0/10, 198.18.0.0/15) unless allow lists them or allow_private is set. off: no network interface but loopback. restricted: only the destinations in allow."`
+	Allow             []string `json:"allow,omitempty" maxItems:"256" example:"[\"10.0.0.0/8\"]" doc:"With mode restricted: the IPv4 CIDRs (or single addresses) the guest may connect to; everything else is refused by the host before any connection is made. With mode open: the private destinations the guest may reach besides the public Internet."`
 	AllowedCIDRs      []string `json:"allowed_cidrs,omitempty" maxItems:"256" example:"[\"10.0.0.0/8\"]" doc:"A synonym of allow, as the reference server names it: the two lists are joined, and the mode is restricted unless it is off."`
 	AllowHostLoopback bool     `json:"allow_host_loopback,omitempty" example:"false" doc:"Let the guest reach services on the host: the host's 127.0.0.1 appears as host.smolvm.internal (192.168.127.254), and the host's own addresses answer too. Off by default, so the guest cannot reach this API or anything else bound to the host's loopback."`
+	AllowPrivate      bool     `json:"allow_private,omitempty" example:"false" doc:"With mode open: let the guest reach every private range (RFC 1918, CGNAT, 198.18.0.0/15), such as a LAN or a VPN. Link-local and metadata addresses stay refused, and the host needs allow_host_loopback."`
 }
 
 // SandboxNetwork is a sandbox's network policy as in effect.
 type SandboxNetwork struct {
 	Mode              string   `json:"mode" enum:"open,off,restricted" example:"open" doc:"Network mode."`
-	Allow             []string `json:"allow,omitempty" example:"[\"10.0.0.0/8\"]" doc:"With mode restricted: the destinations the guest may connect to."`
+	Allow             []string `json:"allow,omitempty" example:"[\"10.0.0.0/8\"]" doc:"The destinations the guest may connect to (mode restricted), or the private ones it may reach besides the public Internet (mode open)."`
 	AllowHostLoopback bool     `json:"allow_host_loopback" example:"false" doc:"Whether the guest may reach the host's own services (as host.smolvm.internal)."`
+	AllowPrivate      bool     `json:"allow_private" example:"false" doc:"Whether the guest of mode open may reach private ranges."`
 }
 
 // PortSpec asks for a guest TCP port to be exposed on the host.
@@ -57,7 +59,7 @@ func (s *NetworkSpec) policy() (network.Policy, error) {
 	if s == nil {
 		return network.Policy{}, nil
 	}
-	p := network.Policy{Mode: network.Mode(s.Mode), AllowHostLoopback: s.AllowHostLoopback}
+	p := network.Policy{Mode: network.Mode(s.Mode), AllowHostLoopback: s.AllowHostLoopback, AllowPrivate: s.AllowPrivate}
 	list := append(append([]string(nil), s.Allow...), s.AllowedCIDRs...)
 	if len(s.AllowedCIDRs) > 0 && (p.Mode == "" || p.Mode == network.ModeOpen) {
 		// The reference's allowed_cidrs means: only these. Mode open is
@@ -85,7 +87,7 @@ func PortFrom(f network.Forward) Port {
 }
 
 func networkFrom(p network.Policy) SandboxNetwork {
-	out := SandboxNetwork{Mode: string(p.Mode), AllowHostLoopback: p.AllowHostLoopback}
+	out := SandboxNetwork{Mode: string(p.Mode), AllowHostLoopback: p.AllowHostLoopback, AllowPrivate: p.AllowPrivate}
 	if out.Mode == "" {
 		out.Mode = string(network.ModeOpen)
 	}

@@ -43,8 +43,9 @@ const (
 type Mode string
 
 const (
-	// ModeOpen lets the guest reach anything but the host itself and
-	// link-local (metadata) addresses.
+	// ModeOpen lets the guest reach the public Internet: not the host
+	// itself, link-local (metadata) addresses or private ranges, unless
+	// allowed.
 	ModeOpen Mode = "open"
 	// ModeOff gives the guest no network interface but loopback.
 	ModeOff Mode = "off"
@@ -55,8 +56,13 @@ const (
 // Policy decides which connections a sandbox's guest may open.
 type Policy struct {
 	Mode Mode `json:"mode"`
-	// Allow lists the destinations reachable in ModeRestricted.
+	// Allow lists the destinations reachable in ModeRestricted; in
+	// ModeOpen, the private destinations reachable besides the public
+	// Internet.
 	Allow []netip.Prefix `json:"allow,omitempty"`
+	// AllowPrivate lets the guest of ModeOpen reach every private range
+	// (RFC 1918, CGNAT, benchmarking): a LAN, a VPN, a cluster.
+	AllowPrivate bool `json:"allow_private,omitempty"`
 	// AllowHostLoopback lets the guest reach the host's own services: the
 	// host's loopback at HostIP (HostName), and the host's own addresses.
 	AllowHostLoopback bool `json:"allow_host_loopback,omitempty"`
@@ -64,7 +70,7 @@ type Policy struct {
 
 // Equal reports whether p and q rule the same way.
 func (p Policy) Equal(q Policy) bool {
-	return p.Mode == q.Mode && p.AllowHostLoopback == q.AllowHostLoopback && slices.Equal(p.Allow, q.Allow)
+	return p.Mode == q.Mode && p.AllowHostLoopback == q.AllowHostLoopback && p.AllowPrivate == q.AllowPrivate && slices.Equal(p.Allow, q.Allow)
 }
 
 // Enabled reports whether the guest gets a network interface at all.
@@ -77,16 +83,19 @@ func (p *Policy) Normalize() error {
 		p.Mode = ModeOpen
 	}
 	switch p.Mode {
-	case ModeOpen, ModeOff:
+	case ModeOff:
 		if len(p.Allow) > 0 {
-			return &FieldError{Field: "network.allow", Message: fmt.Sprintf("network.allow applies only to mode \"restricted\", not %q", p.Mode)}
+			return &FieldError{Field: "network.allow", Message: "network.allow needs a network: mode \"off\" has none"}
 		}
-	case ModeRestricted:
+	case ModeOpen, ModeRestricted:
 	default:
 		return &FieldError{Field: "network.mode", Message: fmt.Sprintf("unknown network mode %q: use open, off or restricted", p.Mode)}
 	}
 	if p.Mode == ModeOff && p.AllowHostLoopback {
 		return &FieldError{Field: "network.allow_host_loopback", Message: "allow_host_loopback needs a network: mode \"off\" has none"}
+	}
+	if p.Mode != ModeOpen && p.AllowPrivate {
+		return &FieldError{Field: "network.allow_private", Message: fmt.Sprintf("allow_private applies only to mode \"open\"; mode %q reaches what allow lists", p.Mode)}
 	}
 	for i, a := range p.Allow {
 		if !a.Addr().Is4() {
@@ -140,6 +149,19 @@ var refused = []netip.Prefix{
 	netip.MustParsePrefix("100.100.100.200/32"),
 }
 
+// private are the ranges of networks behind the host (a LAN, a VPN, a
+// cluster, a carrier's NAT) that mode open does not reach unless allowed:
+// RFC 1918, CGNAT (RFC 6598), the benchmarking range (RFC 2544) and
+// IPv6 unique local addresses.
+var private = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("fc00::/7"),
+}
+
 // Verdict is what the policy says about one destination.
 type Verdict struct {
 	Allowed bool
@@ -178,6 +200,13 @@ func (p Policy) Decide(dst netip.Addr, hostAddrs []netip.Addr) Verdict {
 	}
 	if !dst.Is4() {
 		return Verdict{Reason: "not IPv4"}
+	}
+	if p.Mode == ModeOpen && !p.AllowPrivate && !p.allows(dst) {
+		for _, r := range private {
+			if r.Contains(dst) {
+				return Verdict{Reason: "a private address: list it in allow, or set allow_private"}
+			}
+		}
 	}
 	return Verdict{Allowed: true, Dial: dst}
 }

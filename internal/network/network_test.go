@@ -16,6 +16,8 @@ import (
 func TestDecide(t *testing.T) {
 	host := []netip.Addr{netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("127.0.0.1")}
 	open := network.Policy{Mode: network.ModeOpen}
+	openPrivate := network.Policy{Mode: network.ModeOpen, AllowPrivate: true}
+	openListed := network.Policy{Mode: network.ModeOpen, Allow: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}}
 	withHost := network.Policy{Mode: network.ModeOpen, AllowHostLoopback: true}
 	restricted := network.Policy{Mode: network.ModeRestricted, Allow: []netip.Prefix{
 		netip.MustParsePrefix("93.184.0.0/16"), netip.MustParsePrefix("192.168.127.254/32"), netip.MustParsePrefix("127.0.0.0/8"),
@@ -29,7 +31,19 @@ func TestDecide(t *testing.T) {
 		dialed string
 	}{
 		{open, "93.184.216.34", true, "93.184.216.34"},
-		{open, "10.9.9.9", true, "10.9.9.9"}, // another machine on the LAN
+		{open, "10.9.9.9", false, ""}, // another machine on the LAN
+		{open, "172.20.0.1", false, ""},
+		{open, "192.168.1.1", false, ""},
+		{open, "100.64.0.1", false, ""}, // CGNAT
+		{open, "198.18.0.1", false, ""},
+		{open, "172.32.0.1", true, "172.32.0.1"}, // just past 172.16/12
+		{openPrivate, "10.9.9.9", true, "10.9.9.9"},
+		{openPrivate, "100.64.0.1", true, "100.64.0.1"},
+		{openPrivate, "169.254.169.254", false, ""}, // metadata stays refused
+		{openPrivate, "10.1.2.3", false, ""},        // the host's own address
+		{openListed, "10.9.9.9", true, "10.9.9.9"},
+		{openListed, "10.8.0.1", false, ""},
+		{openListed, "93.184.216.34", true, "93.184.216.34"},
 		{open, "127.0.0.1", false, ""},
 		{open, "127.1.2.3", false, ""},
 		{open, "0.0.0.0", false, ""}, // reaches the host's loopback on Linux
@@ -72,7 +86,11 @@ func TestPolicyNormalize(t *testing.T) {
 	}{
 		{network.Policy{}, ""},
 		{network.Policy{Mode: "closed"}, "network.mode"},
-		{network.Policy{Mode: network.ModeOpen, Allow: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}, "network.allow"},
+		{network.Policy{Mode: network.ModeOpen, Allow: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}, ""}, // private exceptions
+		{network.Policy{Mode: network.ModeOff, Allow: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}}, "network.allow"},
+		{network.Policy{Mode: network.ModeOpen, AllowPrivate: true}, ""},
+		{network.Policy{Mode: network.ModeRestricted, AllowPrivate: true}, "network.allow_private"},
+		{network.Policy{Mode: network.ModeOff, AllowPrivate: true}, "network.allow_private"},
 		{network.Policy{Mode: network.ModeRestricted, Allow: []netip.Prefix{netip.MustParsePrefix("::/0")}}, "network.allow"},
 		{network.Policy{Mode: network.ModeOff, AllowHostLoopback: true}, "network.allow_host_loopback"},
 		{network.Policy{Mode: network.ModeRestricted}, ""}, // nothing allowed at all

@@ -206,7 +206,7 @@ func (c *cappedWriter) Write(p []byte) (int, error) {
 // VM's link, until the VM disconnects or ctx ends.
 func Serve(ctx context.Context, dir string, p Policy, logger *log.Logger) error {
 	f := Files{Dir: dir}
-	n, err := New(p, logger)
+	n, err := New(p, Options{Logger: logger})
 	if err != nil {
 		return err
 	}

@@ -53,6 +53,7 @@ type Network struct {
 	stack *stack.Stack
 	sw    *tap.Switch
 	log   *log.Logger
+	dial  DialFunc
 
 	// refused counts flows the policy turned away; per-flow log lines
 	// would let the guest fill the log.
@@ -75,14 +76,32 @@ type forward struct {
 	ln net.Listener
 }
 
+// DialFunc opens the host's side of a guest's connection; net.Dialer's
+// DialContext is the one used outside tests.
+type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// Options are a network's settings beyond its policy.
+type Options struct {
+	Logger *log.Logger
+	// Dial replaces net.Dialer for the host's side of guest connections:
+	// tests give one that records and refuses, so no packet leaves the
+	// machine.
+	Dial DialFunc
+}
+
 // New builds the network for policy. Nothing reaches it until a VM is
 // attached with ServeQEMU.
-func New(policy Policy, logger *log.Logger) (*Network, error) {
+func New(policy Policy, o Options) (*Network, error) {
 	if err := policy.Normalize(); err != nil {
 		return nil, err
 	}
+	logger := o.Logger
 	if logger == nil {
 		logger = log.New(io.Discard, "", 0)
+	}
+	dial := o.Dial
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
 	}
 	ep, err := tap.NewLinkEndpoint(false, MTU, GatewayMAC, GatewayIP.String(), []string{HostIP.String()})
 	if err != nil {
@@ -113,7 +132,7 @@ func New(policy Policy, logger *log.Logger) (*Network, error) {
 	sub, _ := tcpip.NewSubnet(tcpip.AddrFrom4(Subnet.Addr().As4()), tcpip.MaskFromBytes(net.CIDRMask(Subnet.Bits(), 32)))
 	s.SetRouteTable([]tcpip.Route{{Destination: sub, NIC: nicID}})
 
-	n := &Network{stack: s, sw: sw, log: logger, policy: policy, forwards: make(map[int]*forward)}
+	n := &Network{stack: s, sw: sw, log: logger, dial: dial, policy: policy, forwards: make(map[int]*forward)}
 	s.SetTransportProtocolHandler(tcp.ProtocolNumber, tcp.NewForwarder(s, 0, 64, n.forwardTCP).HandlePacket)
 	s.SetTransportProtocolHandler(udp.ProtocolNumber, udp.NewForwarder(s, n.forwardUDP).HandlePacket)
 	if err := n.serveDNS(); err != nil {
@@ -237,6 +256,11 @@ const (
 )
 
 // admit counts one more flow in c unless that would pass limit.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
 func admit(c *atomic.Int64, limit int64) bool {
 	if c.Add(1) > limit {
 		c.Add(-1)
@@ -254,10 +278,16 @@ func (n *Network) forwardTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	defer n.tcpConns.Add(-1)
-	d := net.Dialer{Timeout: dialTimeout}
-	out, err := d.Dial("tcp", netip.AddrPortFrom(v.Dial, id.LocalPort).String())
+	// The guest's handshake completes only once the host's has: the guest
+	// sees the real outcome, not a connection that dies after "success".
+	ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
+	out, err := n.dial(ctx, "tcp", netip.AddrPortFrom(v.Dial, id.LocalPort).String())
+	cancel()
 	if err != nil {
-		r.Complete(true)
+		// A destination that never answered gets no answer either, and
+		// the guest times out as it would have; anything else (refused,
+		// unreachable) is a reset, which the guest reports at once.
+		r.Complete(!isTimeout(err))
 		return
 	}
 	var wq waiter.Queue
@@ -285,7 +315,9 @@ func (n *Network) forwardUDP(r *udp.ForwarderRequest) {
 	}
 	target := netip.AddrPortFrom(v.Dial, id.LocalPort).String()
 	p, _ := forwarder.NewUDPProxy(&idleUDP{gonet.NewUDPConn(&wq, ep)}, func() (net.Conn, error) {
-		return net.Dial("udp", target)
+		ctx, cancel := context.WithTimeout(context.Background(), dialTimeout)
+		defer cancel()
+		return n.dial(ctx, "udp", target)
 	})
 	go func() {
 		defer n.udpFlows.Add(-1)

@@ -1154,7 +1154,7 @@ export interface components {
         };
         NetworkSpec: {
             /**
-             * @description With mode restricted: the IPv4 CIDRs (or single addresses) the guest may connect to. Everything else is refused by the host before any connection is made.
+             * @description With mode restricted: the IPv4 CIDRs (or single addresses) the guest may connect to; everything else is refused by the host before any connection is made. With mode open: the private destinations the guest may reach besides the public Internet.
              * @example [
              *       "10.0.0.0/8"
              *     ]
@@ -1166,6 +1166,11 @@ export interface components {
              */
             allow_host_loopback?: boolean;
             /**
+             * @description With mode open: let the guest reach every private range (RFC 1918, CGNAT, 198.18.0.0/15), such as a LAN or a VPN. Link-local and metadata addresses stay refused, and the host needs allow_host_loopback.
+             * @example false
+             */
+            allow_private?: boolean;
+            /**
              * @description A synonym of allow, as the reference server names it: the two lists are joined, and the mode is restricted unless it is off.
              * @example [
              *       "10.0.0.0/8"
@@ -1173,7 +1178,7 @@ export interface components {
              */
             allowed_cidrs?: string[] | null;
             /**
-             * @description open: the guest reaches anything but the host itself and link-local (cloud metadata) addresses. off: no network interface but loopback. restricted: only the destinations in allow.
+             * @description open: the guest reaches the public Internet, but not the host itself, link-local (cloud metadata) addresses or private ranges (RFC 1918, CGNAT 100.64.0.0/10, 198.18.0.0/15) unless allow lists them or allow_private is set. off: no network interface but loopback. restricted: only the destinations in allow.
              * @default open
              * @example open
              * @enum {string}
@@ -1543,7 +1548,7 @@ export interface components {
         };
         SandboxNetwork: {
             /**
-             * @description With mode restricted: the destinations the guest may connect to.
+             * @description The destinations the guest may connect to (mode restricted), or the private ones it may reach besides the public Internet (mode open).
              * @example [
              *       "10.0.0.0/8"
              *     ]
@@ -1554,6 +1559,11 @@ export interface components {
              * @example false
              */
             allow_host_loopback: boolean;
+            /**
+             * @description Whether the guest of mode open may reach private ranges.
+             * @example false
+             */
+            allow_private: boolean;
             /**
              * @description Network mode.
              * @example open
