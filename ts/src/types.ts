@@ -14,7 +14,9 @@ export type SandboxStatus = Sandbox["status"];
 export type SandboxList = Schemas["SandboxList"];
 /**
  * What a sandbox's guest may reach, as `network` in `sandbox.create()`:
- * `mode` "open" (the default), "off" or "restricted" (to the CIDRs in `allow`).
+ * `mode` "open" (the default: the public Internet, and private ranges only as
+ * `allow` lists them or with `allow_private`), "off" or "restricted" (to the
+ * CIDRs in `allow`).
  */
 export type NetworkSpec = Schemas["NetworkSpec"];
 /** A network mode: "open", "off" or "restricted". */

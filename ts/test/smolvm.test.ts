@@ -223,7 +223,7 @@ describe("with a sandbox", { timeout: 180_000 }, () => {
   });
 
   test("ports given to create are exposed, and more can be exposed, listed and closed", async () => {
-    assert.deepEqual(sandbox.network, { mode: "open", allow_host_loopback: false });
+    assert.deepEqual(sandbox.network, { mode: "open", allow_host_loopback: false, allow_private: false });
     assert.equal(sandbox.ports.length, 1);
     const first = sandbox.ports[0] as Port;
     assert.equal(first.guest, 8080);
