@@ -93,6 +93,7 @@ func Run(ctx context.Context, d datadir.Dir, located ...map[string]string) []Che
 	}
 	checks = append(checks, checkQboot(qbootPath))
 	checks = append(checks, checkAccelerator())
+	checks = append(checks, jailCheck(os.Geteuid()))
 	checks = append(checks, checkKernel(d))
 	checks = append(checks, imageCheck)
 	checks = append(checks, checkDataDir(d))
@@ -341,6 +342,18 @@ func acceleratorCheck(accel, reason, problem string) Check {
 		c.Status = StatusWarn
 		c.Detail = problem + "; using " + c.Detail
 		c.Fix = "unset SMOLVM_ACCEL"
+	}
+	return c
+}
+
+// jailCheck says how each VMM is confined for a server running as euid.
+func jailCheck(euid int) Check {
+	c := Check{Name: "jail", Status: StatusOK,
+		Detail: "each QEMU runs as a user of its own (not root), with no capabilities, chrooted to its sandbox directory, under its seccomp filter"}
+	if euid != 0 {
+		c.Status = StatusWarn
+		c.Detail = "not root: each QEMU runs as this user under its seccomp filter, without a user or root of its own"
+		c.Fix = "run the server as root (sudo) for the full jail"
 	}
 	return c
 }

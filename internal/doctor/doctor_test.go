@@ -148,3 +148,12 @@ func TestMissingToolHasInstallFix(t *testing.T) {
 		t.Errorf("optional tool: %+v", c)
 	}
 }
+
+func TestJailCheck(t *testing.T) {
+	if c := jailCheck(0); c.Status != StatusOK || !strings.Contains(c.Detail, "chrooted") {
+		t.Errorf("as root: %+v", c)
+	}
+	if c := jailCheck(1000); c.Status != StatusWarn || c.Fix == "" || !strings.Contains(c.Detail, "seccomp") {
+		t.Errorf("as a user: %+v", c)
+	}
+}

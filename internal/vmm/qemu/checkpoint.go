@@ -101,9 +101,6 @@ func (d *Driver) Checkpoint(ctx context.Context, vm vmm.Machine, dir string) (er
 		return err
 	}
 	statePath, diskPath := filepath.Join(dir, fileState), filepath.Join(dir, fileDisk)
-	if err := checkStatePath(statePath); err != nil {
-		return err
-	}
 	if st, err := os.Stat(dir); err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
 	} else if !st.IsDir() {
@@ -162,11 +159,8 @@ func (d *Driver) Checkpoint(ctx context.Context, vm vmm.Machine, dir string) (er
 	// Set before the call: a migration may have begun even if its answer
 	// never comes.
 	migrating = true
-	if err := m.run(ctx, "migrate", map[string]any{"uri": "exec:cat > " + statePath}, nil); err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
-	}
-	if err := waitMigration(ctx, m, "checkpoint VM state"); err != nil {
-		return err
+	if err := migrateTo(ctx, m, statePath, os.O_EXCL, "checkpoint VM state"); err != nil {
+		return qm.withLog(fmt.Errorf("checkpoint: %w", err))
 	}
 	// The completed migration flushed the disk and let go of it; nothing
 	// writes it until cont.

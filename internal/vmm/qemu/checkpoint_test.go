@@ -119,7 +119,7 @@ func TestCheckpointSequence(t *testing.T) {
 		t.Fatalf("Checkpoint: %v", err)
 	}
 	wantNames(t, f, "qmp_capabilities", "qom-get", "query-status", "stop",
-		"migrate-set-capabilities", "migrate-set-parameters", "migrate",
+		"migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
 		"query-migrate", "query-migrate", "query-migrate", "cont")
 	if a := f.args(t, "qom-get", 0); a["path"] != "/machine" || a["property"] != "memory-backend" {
 		t.Errorf("qom-get arguments %v", a)
@@ -133,9 +133,10 @@ func TestCheckpointSequence(t *testing.T) {
 	if got := f.args(t, "migrate-set-parameters", 0)["max-bandwidth"]; got != float64(int64(1)<<40) {
 		t.Errorf("max-bandwidth %v", got)
 	}
-	if got, want := f.args(t, "migrate", 0)["uri"], "exec:cat > "+filepath.Join(dir, fileState); got != want {
+	if got, want := f.args(t, "migrate", 0)["uri"], "fd:"+stateFD; got != want {
 		t.Errorf("migrate uri %q, want %q", got, want)
 	}
+	wantPassed(t, f, filepath.Join(dir, fileState), true)
 	disk := filepath.Join(dir, fileDisk)
 	got, err := os.ReadFile(disk)
 	if err != nil || !bytes.Equal(got, content) {
@@ -163,7 +164,7 @@ func TestCheckpointPausedStaysPaused(t *testing.T) {
 	}
 	// No stop before; cont and stop after, for the disks' sake.
 	wantNames(t, f, "qmp_capabilities", "qom-get", "query-status",
-		"migrate-set-capabilities", "migrate-set-parameters", "migrate",
+		"migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
 		"query-migrate", "cont", "stop")
 }
 
@@ -186,7 +187,7 @@ func TestCheckpointFailedMigration(t *testing.T) {
 	}
 	// A session of its own finds the migration over, and lets the VM run.
 	wantNames(t, f, "qmp_capabilities", "qom-get", "query-status", "stop",
-		"migrate-set-capabilities", "migrate-set-parameters", "migrate",
+		"migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
 		"query-migrate", "query-migrate",
 		"qmp_capabilities", "query-migrate", "query-status", "cont")
 	wantNoFiles(t, dir)
@@ -250,7 +251,7 @@ func TestCheckpointCancelled(t *testing.T) {
 		t.Fatalf("Checkpoint past its deadline: %v", err)
 	}
 	wantNames(t, f, "qmp_capabilities", "qom-get", "query-status", "stop",
-		"migrate-set-capabilities", "migrate-set-parameters", "migrate", "query-migrate",
+		"migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate", "query-migrate",
 		"qmp_capabilities", "query-migrate", "migrate_cancel", "query-migrate", "query-migrate",
 		"query-status", "cont")
 	wantNoFiles(t, dir)

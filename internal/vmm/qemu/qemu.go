@@ -16,6 +16,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
+	"time"
 
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/vmm"
@@ -35,11 +37,15 @@ const (
 type Options struct {
 	// Accel is "kvm" or "tcg"; "" means tcg.
 	Accel string
+	// NoJail runs QEMU as the calling user, without a chroot. The jail
+	// needs root; without it QEMU keeps only its seccomp filter.
+	NoJail bool
 }
 
 // Driver is the QEMU backend.
 type Driver struct {
 	accel string
+	jail  *jailer // nil: not jailed
 
 	versionOnce sync.Once
 	version     string
@@ -52,7 +58,11 @@ func New(o Options) *Driver {
 	if accel == "" {
 		accel = "tcg"
 	}
-	return &Driver{accel: accel}
+	d := &Driver{accel: accel}
+	if !o.NoJail && os.Geteuid() == 0 {
+		d.jail = newJailer()
+	}
+	return d
 }
 
 func (d *Driver) Name() string { return "qemu" }
@@ -95,6 +105,7 @@ const (
 	fileAgent   = "agent.sock"
 	fileQMP     = "qmp.sock"
 	filePID     = "qemu.pid"
+	fileLog     = "qemu.log"
 	fileConsole = "console.log"
 	fileState   = "state"
 	// fileMemory is a template's RAM, a file the template VM maps shared
@@ -164,7 +175,7 @@ func (d *Driver) Attach(raw json.RawMessage) (vmm.Machine, error) {
 // Clear removes a machine's files from dir.
 func (d *Driver) Clear(dir string) error {
 	var errs []error
-	for _, f := range []string{fileDisk, fileAgent, fileQMP, filePID, fileConsole} {
+	for _, f := range []string{fileDisk, fileAgent, fileQMP, filePID, fileConsole, fileLog} {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
@@ -287,7 +298,10 @@ func (d *Driver) args(spec vmm.Spec, mem memory) []string {
 			"-device", "virtio-net-pci,netdev=net0,romfile=,mac="+n.MAC)
 	}
 	args = append(args,
-		"-drive", "file="+p.Disk+",if=none,id=root,format=qcow2,discard=unmap",
+		// Relative to the sandbox directory, QEMU's working directory and,
+		// in the jail, its root: QEMU opens the disk again by name when a
+		// migration gives it up (read-only) and when cont takes it back.
+		"-drive", "file="+fileDisk+",if=none,id=root,format=qcow2,discard=unmap",
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-serial-pci,id=vser",
 		"-chardev", "socket,id=agent,path="+p.AgentSocket+",server=on,wait=off",
@@ -299,7 +313,14 @@ func (d *Driver) args(spec vmm.Spec, mem memory) []string {
 	return append(args,
 		"-qmp", "unix:"+p.QMPSocket+",server=on,wait=off",
 		"-serial", "file:"+p.Console,
-		"-daemonize", "-pidfile", filepath.Join(spec.Dir, filePID),
+		"-pidfile", filepath.Join(spec.Dir, filePID),
+		// The seccomp filter: no obsolete system calls, no processes (the
+		// state of a save or restore comes through a passed descriptor),
+		// no scheduling or affinity changes. elevateprivileges=deny would
+		// also refuse the setuid of -runas, which QEMU 7.2 makes after
+		// installing the filter; the jail's user has no privileges to
+		// raise, and no_new_privs is set with the filter.
+		"-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
 	)
 }
 
@@ -393,33 +414,84 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	if len(rt.AgentSocket) > maxSocketPath {
 		return nil, fmt.Errorf("socket path %s is longer than %d bytes: use a shorter data directory (SMOLVM_DATA_DIR)", rt.AgentSocket, maxSocketPath)
 	}
-	pidfile := filepath.Join(spec.Dir, filePID)
-	for _, f := range []string{rt.AgentSocket, rt.QMPSocket, pidfile} {
+	for _, f := range []string{rt.AgentSocket, rt.QMPSocket, filepath.Join(spec.Dir, filePID)} {
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("remove stale %s: %w", f, err)
 		}
 	}
-	// With -daemonize the command returns once QEMU has set up the VM and
-	// forked; errors in the configuration come back here, on stderr.
-	cmd := exec.CommandContext(ctx, qemuBinary, append(d.args(spec, mem), extra...)...)
-	var stderr bytes.Buffer
-	cmd.Stdout = &stderr
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("start qemu: %v: %s", err, strings.TrimSpace(stderr.String()))
+	args := append(d.args(spec, mem), extra...)
+	var release func()
+	// A VM that shares host directories needs their paths and its user's
+	// access to them: it is not jailed, and keeps its seccomp filter.
+	if d.jail != nil && len(spec.Mounts) == 0 {
+		uid, rel, err := d.jail.allocate()
+		if err != nil {
+			return nil, err
+		}
+		release = rel
+		args = append(args, jailArgs(uid, spec.Dir)...)
+		if err := enterable(spec.Dir, rt.Disk, uid); err != nil {
+			rel()
+			return nil, err
+		}
 	}
-	b, err := os.ReadFile(pidfile)
+	if release != nil {
+		defer release()
+	}
+	// QEMU runs in a session of its own, so it outlives this process, and
+	// is not daemonized: its filter forbids the fork -daemonize makes.
+	// Until it answers on QMP it is starting; if it exits first, its log
+	// says why.
+	logPath := filepath.Join(spec.Dir, fileLog)
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
-		// QEMU removes its pid file when it exits: it failed after
-		// daemonizing, as it does when a saved state will not load.
-		return nil, fmt.Errorf("qemu exited during start-up (%w)", err)
+		return nil, fmt.Errorf("start qemu: %w", err)
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	cmd := exec.Command(qemuBinary, args...)
+	cmd.Dir = spec.Dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	logf.Close()
 	if err != nil {
-		return nil, fmt.Errorf("parse qemu pid file: %w", err)
+		return nil, fmt.Errorf("start qemu: %w", err)
 	}
-	rt.PID, rt.MemoryFile = pid, mem.file
-	return &machine{rt: rt}, nil
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	rt.PID, rt.MemoryFile = cmd.Process.Pid, mem.file
+	qm := &machine{rt: rt}
+	if err := waitStarted(ctx, qm, exited); err != nil {
+		b, _ := os.ReadFile(logPath)
+		if kerr := qm.Kill(context.WithoutCancel(ctx)); kerr != nil {
+			err = errors.Join(err, kerr)
+		}
+		if msg := strings.TrimSpace(string(b)); msg != "" {
+			err = fmt.Errorf("%w: %s", err, msg)
+		}
+		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	return qm, nil
+}
+
+// waitStarted waits until QEMU answers on QMP, which it does only from its
+// main loop, after it has built the machine.
+func waitStarted(ctx context.Context, qm *machine, exited <-chan error) error {
+	for {
+		select {
+		case err := <-exited:
+			return fmt.Errorf("qemu exited during start-up (%v)", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		m, err := dialQMP(dctx, qm.rt.QMPSocket)
+		cancel()
+		if err == nil {
+			m.Close()
+			return nil
+		}
+	}
 }
 
 // version is the first line of `qemu-system-x86_64 --version`.

@@ -179,6 +179,39 @@ func mustSh(t *testing.T, ctx context.Context, c *guest.Client, script string) s
 	return out
 }
 
+// wantJailed checks each wall of m's jail from outside, as the kernel
+// reports it: a user of its own that is not root, no capabilities, no
+// new privileges, QEMU's seccomp filter, and dir as its root. It returns
+// the user.
+func wantJailed(t *testing.T, m vmm.Machine, dir string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.PID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	field := func(name string) string {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, name+":"); ok {
+				return strings.Join(strings.Fields(v), " ")
+			}
+		}
+		return ""
+	}
+	uid := field("Uid")
+	if f := strings.Fields(uid); len(f) != 4 || f[0] == "0" || f[0] != f[1] || f[0] != f[2] || f[0] != f[3] {
+		t.Errorf("jailed QEMU: Uid %q, want one user that is not root", uid)
+	}
+	for name, want := range map[string]string{"CapEff": "0000000000000000", "CapPrm": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"} {
+		if got := field(name); got != want {
+			t.Errorf("jailed QEMU: %s %q, want %q", name, got, want)
+		}
+	}
+	if root, err := os.Readlink(fmt.Sprintf("/proc/%d/root", m.PID())); err != nil || root != dir {
+		t.Errorf("jailed QEMU's root is %q (%v), want its directory %s", root, err, dir)
+	}
+	return strings.Fields(uid + " x")[0]
+}
+
 func wantStatus(t *testing.T, ctx context.Context, d *Driver, m vmm.Machine, want string) {
 	t.Helper()
 	if got, err := d.Status(ctx, m); err != nil || got != want {
@@ -260,6 +293,12 @@ func TestRealCheckpoint(t *testing.T) {
 	killed(t, fork)
 	wantStatus(t, ctx, d, fork, "running")
 	fc := agent(t, ctx, fork)
+	if os.Geteuid() == 0 {
+		cloneUID := wantJailed(t, clone, cloneSpec.Dir)
+		if forkUID := wantJailed(t, fork, forkSpec.Dir); forkUID == cloneUID {
+			t.Errorf("the clone and the fork run as the same user %s", forkUID)
+		}
+	}
 	if got := mustSh(t, ctx, fc, "cat /dev/shm/mark /root/before; test ! -e /root/after && echo no after"); got != mark+"on disk\nno after\n" {
 		t.Errorf("the fork sees %q, want the mark, the file written before and not the one after", got)
 	}

@@ -1,12 +1,12 @@
 package qemu
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/smolvm/smolvm/internal/qcow2"
@@ -30,9 +30,6 @@ func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
 		return fmt.Errorf("save: %T is not a QEMU machine", vm)
 	}
 	statePath := filepath.Join(dir, fileState)
-	if err := checkStatePath(statePath); err != nil {
-		return err
-	}
 	m, err := dialQMP(ctx, qm.rt.QMPSocket)
 	if err != nil {
 		return err
@@ -52,11 +49,8 @@ func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
 	if err := m.run(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil); err != nil {
 		return err
 	}
-	if err := m.run(ctx, "migrate", map[string]any{"uri": "exec:cat > " + statePath}, nil); err != nil {
-		return err
-	}
-	if err := waitMigration(ctx, m, "save VM state"); err != nil {
-		return err
+	if err := migrateTo(ctx, m, statePath, os.O_TRUNC, "save VM state"); err != nil {
+		return qm.withLog(err)
 	}
 	// QEMU may close the socket before it answers quit; whether the
 	// process ends is what counts.
@@ -67,7 +61,7 @@ func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
 	// What stays is the snapshot, and the console for the caller. The
 	// disk is never written again: clones overlay it.
 	var errs []error
-	for _, f := range []string{fileAgent, fileQMP, filePID} {
+	for _, f := range []string{fileAgent, fileQMP, filePID, fileLog} {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
@@ -112,9 +106,6 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	statePath := filepath.Join(snapDir, fileState)
 	if _, err := os.Stat(statePath); err != nil {
 		return nil, fmt.Errorf("template state: %w", err)
-	}
-	if err := checkStatePath(statePath); err != nil {
-		return nil, err
 	}
 	if err := checkSpec(spec); err != nil {
 		return nil, err
@@ -228,7 +219,16 @@ func (d *Driver) resume(ctx context.Context, qm *machine, statePath string) erro
 			return err
 		}
 	}
-	if err := m.run(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat " + statePath}, nil); err != nil {
+	f, err := os.Open(statePath)
+	if err != nil {
+		return fmt.Errorf("load VM state: %w", err)
+	}
+	// QEMU has its own copy once getfd answers, and reads it to the end.
+	defer f.Close()
+	if err := m.passFile(ctx, stateFD, f); err != nil {
+		return err
+	}
+	if err := m.run(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + stateFD}, nil); err != nil {
 		return err
 	}
 	// cont while QEMU is still "inmigrate" would be overridden by the
@@ -289,11 +289,37 @@ func (d *Driver) Status(ctx context.Context, vm vmm.Machine) (string, error) {
 	return st.Status, err
 }
 
-// checkStatePath refuses a state path the shell would read as more than
-// one plain word: QEMU runs "exec:" migration URIs with /bin/sh -c.
-func checkStatePath(p string) error {
-	if p == "" || strings.Trim(p, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._+-=,:@%") != "" {
-		return fmt.Errorf("state path %q has characters a shell would interpret: use a data directory (SMOLVM_DATA_DIR) of letters, digits and /._+-=,:@%%", p)
+// withLog adds what QEMU printed, which often says why a migration
+// failed when QMP does not.
+func (m *machine) withLog(err error) error {
+	b, rerr := os.ReadFile(filepath.Join(filepath.Dir(m.rt.QMPSocket), fileLog))
+	if rerr != nil || len(bytes.TrimSpace(b)) == 0 {
+		return err
 	}
-	return nil
+	if len(b) > 2048 {
+		b = b[len(b)-2048:]
+	}
+	return fmt.Errorf("%w (QEMU said: %s)", err, bytes.TrimSpace(b))
+}
+
+// stateFD is the name a state file's descriptor is passed to QEMU under.
+const stateFD = "smolvm-state"
+
+// migrateTo writes the VM's state to a new file at path through a
+// descriptor QEMU is given (flag: os.O_TRUNC to replace a file, os.O_EXCL
+// to refuse one), and waits until the migration completes.
+func migrateTo(ctx context.Context, m *monitor, path string, flag int, what string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|flag, 0o644)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	// QEMU writes to its own copy and closes it when the migration ends.
+	defer f.Close()
+	if err := m.passFile(ctx, stateFD, f); err != nil {
+		return err
+	}
+	if err := m.run(ctx, "migrate", map[string]any{"uri": "fd:" + stateFD}, nil); err != nil {
+		return err
+	}
+	return waitMigration(ctx, m, what)
 }
