@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/kernel"
@@ -93,7 +94,8 @@ func Run(ctx context.Context, d datadir.Dir, located ...map[string]string) []Che
 	}
 	checks = append(checks, checkQboot(qbootPath))
 	checks = append(checks, checkAccelerator())
-	checks = append(checks, jailCheck(os.Geteuid()))
+	_, cgErr := cgroup.Detect(cgroup.Root)
+	checks = append(checks, jailCheck(os.Geteuid(), cgErr))
 	checks = append(checks, checkKernel(d))
 	checks = append(checks, imageCheck)
 	checks = append(checks, checkDataDir(d))
@@ -346,14 +348,20 @@ func acceleratorCheck(accel, reason, problem string) Check {
 	return c
 }
 
-// jailCheck says how each VMM is confined for a server running as euid.
-func jailCheck(euid int) Check {
+// jailCheck says how each VMM is confined for a server running as euid,
+// on a host whose control groups Detect judged (cgErr).
+func jailCheck(euid int, cgErr error) Check {
 	c := Check{Name: "jail", Status: StatusOK,
-		Detail: "each QEMU runs as a user of its own (not root), with no capabilities, chrooted to its sandbox directory, under its seccomp filter"}
-	if euid != 0 {
+		Detail: "each QEMU runs as a user of its own (not root), with no capabilities, chrooted to its sandbox directory, under its seccomp filter, in a control group that bounds its memory, tasks and CPU share"}
+	switch {
+	case euid != 0:
 		c.Status = StatusWarn
-		c.Detail = "not root: each QEMU runs as this user under its seccomp filter, without a user or root of its own"
+		c.Detail = "not root: each QEMU runs as this user under its seccomp filter, without a user, root or control group of its own"
 		c.Fix = "run the server as root (sudo) for the full jail"
+	case cgErr != nil:
+		c.Status = StatusWarn
+		c.Detail = "each QEMU runs as a user of its own, chrooted, under its seccomp filter, but without limits: " + cgErr.Error()
+		c.Fix = "mount cgroup v2 with the memory, pids and cpu controllers (or v1 hierarchies for them)"
 	}
 	return c
 }

@@ -150,10 +150,13 @@ func TestMissingToolHasInstallFix(t *testing.T) {
 }
 
 func TestJailCheck(t *testing.T) {
-	if c := jailCheck(0); c.Status != StatusOK || !strings.Contains(c.Detail, "chrooted") {
+	if c := jailCheck(0, nil); c.Status != StatusOK || !strings.Contains(c.Detail, "chrooted") || !strings.Contains(c.Detail, "control group") {
 		t.Errorf("as root: %+v", c)
 	}
-	if c := jailCheck(1000); c.Status != StatusWarn || c.Fix == "" || !strings.Contains(c.Detail, "seccomp") {
+	if c := jailCheck(1000, nil); c.Status != StatusWarn || c.Fix == "" || !strings.Contains(c.Detail, "seccomp") {
 		t.Errorf("as a user: %+v", c)
+	}
+	if c := jailCheck(0, errors.New("no cgroups here")); c.Status != StatusWarn || !strings.Contains(c.Detail, "no cgroups here") || c.Fix == "" {
+		t.Errorf("as root without cgroups: %+v", c)
 	}
 }

@@ -30,6 +30,10 @@ type Spec struct {
 	DiskMiB   int
 	MemoryMiB int
 	VCPUs     int
+	// MemoryLimitMiB bounds what the VMM process may hold in all, guest
+	// memory and its own; 0 is the driver's default, guest memory plus an
+	// allowance for the VMM.
+	MemoryLimitMiB int
 	// Net attaches the guest's network interface; nil gives the guest no
 	// interface but loopback.
 	Net *NetAttachment

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/agent/agentpb"
+	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/image"
@@ -421,5 +422,58 @@ func TestRealMounts(t *testing.T) {
 	}
 	if got := mustSh(t, ctx, c, "cat /work/out"); got != "from the guest\n" {
 		t.Errorf("after the failed checkpoint: %q", got)
+	}
+}
+
+// A VMM is held to its memory limit: a guest that touches more memory
+// than its VMM may hold gets that VMM killed inside its control group,
+// and nothing else on the host is touched.
+func TestRealMemoryLimit(t *testing.T) {
+	g := needGuest(t)
+	d := New(Options{})
+	if d.cgroups == nil {
+		t.Skipf("no control groups for VMMs here (root: %v; %v)", os.Geteuid() == 0, d.cgroupErr)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	spec := g.spec(t, "memlimit")
+	spec.MemoryMiB, spec.MemoryLimitMiB = 384, 256
+	m, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed(t, m)
+	c := agent(t, ctx, m)
+	qm := m.(*machine)
+	group := cgroup.Open(*d.cgroups, qm.rt.Cgroup)
+	in, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", m.PID()))
+	if err != nil || !strings.Contains(string(in), "/smolvm/"+qm.rt.Cgroup) {
+		t.Fatalf("the VMM's groups: %q, %v; want %s", in, err, qm.rt.Cgroup)
+	}
+	// 300 MiB in the guest's RAM: over the VMM's 256 MiB, under the
+	// guest's 384.
+	var out bytes.Buffer
+	c.Exec(ctx, &agentpb.StartRequest{Process: &agentpb.ProcessConfig{Argv: []string{"/bin/sh", "-c", "head -c 300M /dev/zero > /dev/shm/fill; echo filled"}}}, &out, &out)
+	if strings.Contains(out.String(), "filled") {
+		t.Fatalf("the guest filled 300 MiB and its VMM lives: %q", out.String())
+	}
+	for deadline := time.Now().Add(time.Minute); m.Alive(); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the VMM over its limit is still running")
+		}
+	}
+	if n, err := group.OOMKills(); err != nil || n < 1 {
+		t.Errorf("the group's OOM kills: %d, %v; want the VMM killed for its limit", n, err)
+	}
+	if err := m.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Wait removed the group.
+	if _, err := os.Stat(group.Dir("memory")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the ended VMM's group is still there: %v", err)
+	}
+	console, _ := os.ReadFile(m.ConsoleLog())
+	if bytes.Contains(console, []byte("Out of memory")) {
+		t.Errorf("the guest's own OOM killer acted, not the host's limit:\n%s", console)
 	}
 }

@@ -1,0 +1,153 @@
+package cgroup
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeRoot lays out files as cgroupfs would show them, for the parts of
+// the package that only read and write files.
+func fakeRoot(t *testing.T, v2 bool) string {
+	t.Helper()
+	root := t.TempDir()
+	if v2 {
+		os.WriteFile(filepath.Join(root, "cgroup.controllers"), []byte("cpuset cpu io memory pids\n"), 0o644)
+		return root
+	}
+	for _, c := range []string{"memory", "pids", "cpu"} {
+		os.MkdirAll(filepath.Join(root, c), 0o755)
+		os.WriteFile(filepath.Join(root, c, "cgroup.procs"), nil, 0o644)
+	}
+	return root
+}
+
+func read(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestLimitsWrittenForEachVersion(t *testing.T) {
+	l := Limits{MemoryBytes: 768 << 20, Tasks: 256, CPUWeight: 200}
+	for _, v2 := range []bool{false, true} {
+		root := fakeRoot(t, v2)
+		h, err := Detect(root)
+		if err != nil || h.V2 != v2 {
+			t.Fatalf("Detect(v2=%v): %+v, %v", v2, h, err)
+		}
+		g, err := New(h, "vm-1.abcd", l)
+		if err != nil {
+			t.Fatalf("New(v2=%v): %v", v2, err)
+		}
+		want := map[string]string{}
+		if v2 {
+			dir := filepath.Join(root, "smolvm", "vm-1.abcd")
+			want[filepath.Join(dir, "memory.max")] = strconv.Itoa(768 << 20)
+			want[filepath.Join(dir, "pids.max")] = "256"
+			want[filepath.Join(dir, "cpu.weight")] = "200"
+			for _, d := range []string{root, filepath.Join(root, "smolvm")} {
+				got := strings.Fields(read(t, filepath.Join(d, "cgroup.subtree_control")))
+				if len(got) != 3 || !strings.Contains(strings.Join(got, " "), "+memory") {
+					t.Errorf("v2: %s/cgroup.subtree_control = %q, want the three controllers enabled", d, got)
+				}
+			}
+		} else {
+			want[filepath.Join(root, "memory", "smolvm", "vm-1.abcd", "memory.limit_in_bytes")] = strconv.Itoa(768 << 20)
+			want[filepath.Join(root, "pids", "smolvm", "vm-1.abcd", "pids.max")] = "256"
+			want[filepath.Join(root, "cpu", "smolvm", "vm-1.abcd", "cpu.shares")] = "2048"
+		}
+		for path, v := range want {
+			if got := read(t, path); got != v {
+				t.Errorf("v2=%v: %s = %q, want %q", v2, path, got, v)
+			}
+		}
+		if err := g.Add(4242); err != nil {
+			t.Fatal(err)
+		}
+		if got := read(t, filepath.Join(g.Dir("memory"), "cgroup.procs")); got != "4242" {
+			t.Errorf("v2=%v: cgroup.procs = %q", v2, got)
+		}
+	}
+}
+
+func TestDetectAndNamesRefused(t *testing.T) {
+	if _, err := Detect(t.TempDir()); err == nil {
+		t.Error("Detect found a hierarchy in an empty directory")
+	}
+	h, err := Detect(fakeRoot(t, false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"", "..", "a/b", "x\x00"} {
+		if _, err := New(h, name, Limits{}); err == nil {
+			t.Errorf("New accepted the name %q", name)
+		}
+	}
+}
+
+// On this host, as root: a process put in a group is in it, a group with
+// a process cannot be removed, and one without can; a young empty group
+// survives a sweep.
+func TestRealGroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make control groups")
+	}
+	h, err := Detect(Root)
+	if err != nil {
+		t.Skipf("no usable cgroups on this host: %v", err)
+	}
+	name := "test-" + strconv.Itoa(os.Getpid())
+	g, err := New(h, name, Limits{MemoryBytes: 64 << 20, Tasks: 16, CPUWeight: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Add(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		t.Fatal(err)
+	}
+	in := read(t, "/proc/"+strconv.Itoa(cmd.Process.Pid)+"/cgroup")
+	if !strings.Contains(in, "/smolvm/"+name) {
+		t.Errorf("/proc/PID/cgroup = %q, want the group", in)
+	}
+	if err := g.Remove(); err == nil {
+		t.Error("a group with a process in it was removed")
+	}
+	if err := Sweep(h, 0, name); err != nil {
+		t.Errorf("Sweep: %v", err)
+	}
+	if _, err := os.Stat(g.Dir("memory")); err != nil {
+		t.Errorf("Sweep removed a group with a process in it: %v", err)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	// Once its process is reaped the group is empty, and a sweep without
+	// grace takes it.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if err := Sweep(h, 0, name); err != nil {
+			t.Logf("sweep: %v", err)
+		}
+		if _, err := os.Stat(g.Dir("memory")); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the emptied group survived the sweep")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := g.Remove(); err != nil {
+		t.Errorf("Remove of a group already gone: %v", err)
+	}
+}
