@@ -127,7 +127,13 @@ func (a *applier) entry(h *tar.Header, tr *tar.Reader) error {
 			a.opaque = append(a.opaque, dir)
 			return nil
 		}
-		return a.remove(path.Join(dir, strings.TrimPrefix(base, whiteoutPrefix)))
+		target := strings.TrimPrefix(base, whiteoutPrefix)
+		// ".wh..." would whiteout "..": the root's parent, which os.RemoveAll
+		// would empty. No entry has such a name; the layer is corrupt.
+		if target == "" || target == "." || target == ".." {
+			return corrupt("whiteout %s names no entry", name)
+		}
+		return a.remove(path.Join(dir, target))
 	}
 	switch h.Typeflag {
 	case tar.TypeReg, tar.TypeRegA, tar.TypeDir, tar.TypeSymlink, tar.TypeLink,
@@ -427,6 +433,10 @@ func (a *applier) remove(p string) error {
 // removeAt deletes base in directory dirfd, recursively, without following
 // base if it is a symlink.
 func removeAt(dirfd int, base string) error {
+	// Only a name within dirfd: "..", "." or a path would reach beyond it.
+	if base == "" || base == "." || base == ".." || strings.Contains(base, "/") {
+		return corrupt("remove %q: not a name in its directory", base)
+	}
 	if err := os.RemoveAll("/proc/self/fd/" + strconv.Itoa(dirfd) + "/" + base); err != nil {
 		return fmt.Errorf("remove %s: %w", base, err)
 	}
