@@ -47,5 +47,10 @@ CGO_ENABLED=0 go vet ./...
 echo "== go test"
 CGO_ENABLED=0 go test -count=1 -timeout 20m ./...
 
+# A short run of every fuzz target (their seed corpora already ran above):
+# the agent's protocol, image layers and configs, the API's requests.
+echo "== fuzz, ${FUZZTIME:-5s} a target"
+CGO_ENABLED=0 FUZZTIME=${FUZZTIME:-5s} bash scripts/fuzz.sh
+
 echo "== TypeScript client"
 (cd ts && npm ci --no-audit --no-fund && npm test)
