@@ -81,7 +81,7 @@ func FuzzAwaitHello(f *testing.F) {
 }
 
 // firstHello is AwaitHello's contract read literally: the first complete
-// line whose text after the first hello prefix is a nonce once trimmed.
+// line whose text after its last hello prefix is a nonce once trimmed.
 func firstHello(in []byte) (string, bool) {
 	for {
 		i := bytes.IndexByte(in, '\n')
@@ -90,7 +90,7 @@ func firstHello(in []byte) (string, bool) {
 		}
 		line := in[:i+1]
 		in = in[i+1:]
-		if j := bytes.Index(line, []byte(helloPrefix)); j >= 0 {
+		if j := bytes.LastIndex(line, []byte(helloPrefix)); j >= 0 {
 			if n := bytes.TrimSpace(line[j+len(helloPrefix):]); len(n) == nonceLen {
 				return string(n), true
 			}

@@ -99,7 +99,9 @@ func LastHello(b []byte) []byte {
 func AwaitHello(r *bufio.Reader) (string, error) {
 	var nonce string
 	err := awaitLine(r, func(line []byte) bool {
-		i := bytes.Index(line, []byte(helloPrefix))
+		// The last hello on the line: one before it was cut off (by a
+		// host that died mid-write) and the line goes on with the next.
+		i := bytes.LastIndex(line, []byte(helloPrefix))
 		if i < 0 {
 			return false
 		}

@@ -130,6 +130,7 @@ func TestAwaitHello(t *testing.T) {
 		{name: "after a hello with a long nonce", in: cat(HelloLine(n+"00"), HelloLine(n)), want: n},
 		{name: "after a hello with an empty nonce", in: cat([]byte("SMOLVM1 HELLO \n"), HelloLine(n)), want: n},
 		{name: "after an older protocol's hello", in: cat([]byte("SMOLVM0 HELLO "+old+"\n"), HelloLine(n)), want: n},
+		{name: "after a hello cut off on the same line", in: cat([]byte("SMOLVM1 HELLO 12345"), HelloLine(n)), want: n},
 		// Two complete hellos: the first is answered; the agent recovers
 		// from a stale one by replaying the later hello (see LastHello).
 		{name: "two hellos answers the first", in: cat(HelloLine(old), HelloLine(n)), want: old, rest: string(HelloLine(n))},
