@@ -3,12 +3,14 @@ package network_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
 
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/testenv"
 )
@@ -117,6 +119,20 @@ func TestPolicyNormalize(t *testing.T) {
 	}
 }
 
+// freeLowPort finds a port below 1024 that nothing on loopback holds.
+func freeLowPort(t *testing.T) int {
+	t.Helper()
+	for p := 1023; p > 600; p-- {
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err == nil {
+			ln.Close()
+			return p
+		}
+	}
+	t.Skip("no free port below 1024 on loopback")
+	return 0
+}
+
 // The network process starts, answers on its control socket, manages
 // forwards with the documented errors, and is gone after Stop.
 func TestProcessAndForwards(t *testing.T) {
@@ -127,13 +143,35 @@ func TestProcessAndForwards(t *testing.T) {
 	}
 	defer os.RemoveAll(dir)
 	ctx := context.Background()
-	pid, err := network.Start(ctx, bin, dir, network.Policy{Mode: network.ModeOpen})
+	// As root the process runs as a user of its own, as the server's do.
+	uid := 0
+	if os.Geteuid() == 0 {
+		u, release, err := jail.NewUsers(jail.NetworkBase, jail.PerRange).Allocate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer release()
+		uid = u
+	}
+	pid, err := network.Start(ctx, bin, dir, network.Policy{Mode: network.ModeOpen}, uid)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer network.Stop(ctx, dir)
 	if !network.Running(dir) {
 		t.Fatalf("network process %d is not running", pid)
+	}
+	if uid != 0 {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		status := string(b)
+		for _, want := range []string{fmt.Sprintf("Uid:\t%d\t%d\t%d\t%d\n", uid, uid, uid, uid), "CapEff:\t0000000000000400\n"} {
+			if !strings.Contains(status, want) {
+				t.Errorf("the jailed network process's status lacks %q:\n%s", want, status)
+			}
+		}
 	}
 	c := network.Dial(network.Files{Dir: dir}.Control())
 	st, err := c.Status(ctx)
@@ -151,6 +189,18 @@ func TestProcessAndForwards(t *testing.T) {
 		t.Fatalf("dial the forward: %v", err)
 	}
 	conn.Close()
+
+	if uid != 0 {
+		// Below 1024, which its one capability allows.
+		low := freeLowPort(t)
+		lf, err := c.Expose(ctx, network.Forward{Guest: 22, Host: low})
+		if err != nil || lf.Host != low {
+			t.Fatalf("expose on port %d: %+v, %v", low, lf, err)
+		}
+		if _, err := c.Unexpose(ctx, 22); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	busy, _ := net.Listen("tcp", "127.0.0.1:0")
 	defer busy.Close()
@@ -204,7 +254,7 @@ func TestProcessAndForwards(t *testing.T) {
 // A process whose binary cannot serve reports why instead of hanging.
 func TestStartFailure(t *testing.T) {
 	dir := t.TempDir()
-	_, err := network.Start(context.Background(), "/bin/false", dir, network.Policy{})
+	_, err := network.Start(context.Background(), "/bin/false", dir, network.Policy{}, 0)
 	if err == nil || !strings.Contains(err.Error(), "exited") {
 		t.Fatalf("start of /bin/false: %v", err)
 	}

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/smolvm/smolvm/internal/vmm"
 )
@@ -58,7 +59,12 @@ const startTimeout = 15 * time.Second
 // in dir and returns once it answers on its control socket. Like the VM,
 // it outlives the caller: it ends when the VM disconnects, or after
 // attachTimeout if none ever connects.
-func Start(ctx context.Context, bin, dir string, p Policy) (int, error) {
+//
+// uid, when not 0, is the user the process runs as: it then has no
+// capability but binding ports below 1024 (for forwards a user asks for
+// there), and no right to write in dir. It needs none: Start makes its
+// two sockets and hands them down listening.
+func Start(ctx context.Context, bin, dir string, p Policy, uid int) (int, error) {
 	f := Files{Dir: dir}
 	// sun_path holds 107 bytes and a NUL.
 	if len(f.Link()) > 107 || len(f.Control()) > 107 {
@@ -77,11 +83,50 @@ func Start(ctx context.Context, bin, dir string, p Policy) (int, error) {
 		return 0, fmt.Errorf("network log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, f.marker(), "--policy="+string(pj))
+	link, err := listenUnix(f.Link())
+	if err != nil {
+		return 0, err
+	}
+	defer link.Close()
+	ctl, err := listenUnix(f.Control())
+	if err != nil {
+		return 0, err
+	}
+	defer ctl.Close()
+	var files []*os.File
+	for _, l := range []*net.UnixListener{link, ctl} {
+		// The process listens on them now; closing this copy must leave
+		// the socket file.
+		l.SetUnlinkOnClose(false)
+		lf, err := l.File()
+		if err != nil {
+			return 0, fmt.Errorf("network sockets: %w", err)
+		}
+		defer lf.Close()
+		files = append(files, lf)
+	}
+	cmd := exec.Command(bin, f.marker(), "--policy="+string(pj), "--inherited")
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = files // fds 3 (the link) and 4 (control)
+	if uid != 0 {
+		// The binary may sit where that user cannot reach (under a home
+		// of mode 0700): it is opened here and run through the magic link
+		// of its descriptor, as fexecve does.
+		bf, err := os.Open(bin)
+		if err != nil {
+			return 0, fmt.Errorf("network process %s: %w", bin, err)
+		}
+		defer bf.Close()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, bf)
+		cmd.Path = "/proc/self/fd/" + strconv.Itoa(2+len(cmd.ExtraFiles))
+	}
 	// A session of its own: a Ctrl-C meant for the caller must not take
 	// the network away from a VM that outlives it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if uid != 0 {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true}
+		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
+	}
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("start network process %s: %w", bin, err)
 	}
@@ -150,8 +195,11 @@ func tail(path string) string {
 // disconnects. args are the process's arguments after its name.
 func Main(args []string) error {
 	var dir, policy string
+	inherited := false
 	for _, a := range args {
 		switch {
+		case a == "--inherited":
+			inherited = true
 		case strings.HasPrefix(a, "--dir="):
 			dir = strings.TrimPrefix(a, "--dir=")
 		case strings.HasPrefix(a, "--policy="):
@@ -175,7 +223,19 @@ func Main(args []string) error {
 	// log keeps it from filling the host's disk through them.
 	w := &cappedWriter{w: os.Stderr, left: maxLog}
 	logrus.SetOutput(w)
-	return Serve(ctx, dir, p, log.New(w, "smolvm-net: ", log.LstdFlags))
+	logger := log.New(w, "smolvm-net: ", log.LstdFlags)
+	if !inherited {
+		return Serve(ctx, dir, p, logger)
+	}
+	link, err := net.FileListener(os.NewFile(3, "link"))
+	if err != nil {
+		return fmt.Errorf("the link socket handed down: %w", err)
+	}
+	ctl, err := net.FileListener(os.NewFile(4, "control"))
+	if err != nil {
+		return fmt.Errorf("the control socket handed down: %w", err)
+	}
+	return serve(ctx, p, logger, link.(*net.UnixListener), ctl)
 }
 
 // maxLog is how much one network process writes to its log.
@@ -206,22 +266,30 @@ func (c *cappedWriter) Write(p []byte) (int, error) {
 // VM's link, until the VM disconnects or ctx ends.
 func Serve(ctx context.Context, dir string, p Policy, logger *log.Logger) error {
 	f := Files{Dir: dir}
-	n, err := New(p, Options{Logger: logger})
-	if err != nil {
-		return err
-	}
-	defer n.Close()
 	link, err := listenUnix(f.Link())
 	if err != nil {
 		return err
 	}
 	defer os.Remove(f.Link())
-	defer link.Close()
 	ctl, err := listenUnix(f.Control())
 	if err != nil {
+		link.Close()
 		return err
 	}
 	defer os.Remove(f.Control())
+	return serve(ctx, p, logger, link, ctl)
+}
+
+// serve runs the network on listeners already made: the control API on
+// ctl, then the VM's link, until the VM disconnects or ctx ends.
+func serve(ctx context.Context, p Policy, logger *log.Logger, link *net.UnixListener, ctl net.Listener) error {
+	defer link.Close()
+	defer ctl.Close()
+	n, err := New(p, Options{Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer n.Close()
 	srv := &http.Server{Handler: n.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ctl)
 	defer srv.Close()

@@ -16,6 +16,7 @@ import (
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/kernel"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/store"
@@ -37,6 +38,9 @@ type launcher struct {
 	drivers  *vmm.Registry
 	sessions *sessions
 	events   *events
+	// netUsers are the users network processes run as; nil when this
+	// process is not root and they run as it.
+	netUsers *jail.Users
 
 	// afterRestore, set only by tests, runs when a clone's agent has
 	// answered and before it is given its identity, with a way to run a
@@ -398,7 +402,16 @@ func (l *launcher) startNetwork(ctx context.Context, dir string, p network.Polic
 	if err != nil {
 		return err
 	}
-	if _, err := network.Start(ctx, bin, dir, p); err != nil {
+	uid := 0
+	if l.netUsers != nil {
+		u, release, err := l.netUsers.Allocate()
+		if err != nil {
+			return err
+		}
+		defer release()
+		uid = u
+	}
+	if _, err := network.Start(ctx, bin, dir, p, uid); err != nil {
 		if errors.Is(err, network.ErrPathTooLong) {
 			return &Error{Kind: KindUnavailable, Code: "data_dir_too_long", Message: err.Error()}
 		}

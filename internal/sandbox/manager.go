@@ -20,6 +20,7 @@ import (
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/image"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/store"
 	"github.com/smolvm/smolvm/internal/vmm"
 	"github.com/smolvm/smolvm/internal/vmm/drivers"
@@ -152,6 +153,9 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		configs:  make(map[string]image.Config),
 	}
 	m.l = &launcher{opts: opts, store: st, drivers: opts.Drivers, sessions: m.sessions, events: m.events}
+	if os.Geteuid() == 0 {
+		m.l.netUsers = jail.NewUsers(jail.NetworkBase, jail.PerRange)
+	}
 	m.templates = &templates{l: m.l, root: opts.DataDir.Templates(), disabled: opts.NoTemplates}
 	m.pool = newPool(m.l, m, opts.Pool, opts.PoolCleanup)
 	m.bg, m.stopBg = context.WithCancel(context.Background())

@@ -24,6 +24,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/cgroup"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
@@ -49,7 +50,7 @@ type Options struct {
 // Driver is the QEMU backend.
 type Driver struct {
 	accel string
-	jail  *jailer // nil: not jailed
+	jail  *jail.Users // nil: not jailed
 	// cgroups is where each VMM gets a control group; nil without root
 	// or without a usable hierarchy (cgroupErr says why).
 	cgroups   *cgroup.Hierarchy
@@ -68,7 +69,7 @@ func New(o Options) *Driver {
 	}
 	d := &Driver{accel: accel}
 	if !o.NoJail && os.Geteuid() == 0 {
-		d.jail = newJailer()
+		d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
 		if h, err := cgroup.Detect(cgroup.Root); err == nil {
 			d.cgroups = &h
 		} else {
@@ -499,7 +500,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	// A VM that shares host directories needs their paths and its user's
 	// access to them: it is not jailed, and keeps its seccomp filter.
 	if d.jail != nil && len(spec.Mounts) == 0 {
-		uid, rel, err := d.jail.allocate()
+		uid, rel, err := d.jail.Allocate()
 		if err != nil {
 			return nil, err
 		}

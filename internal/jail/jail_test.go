@@ -1,0 +1,60 @@
+package jail
+
+import (
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+)
+
+func TestAllocateSkipsUsersHeldAndInUse(t *testing.T) {
+	base := NetworkBase + PerRange - 8 // a corner of the range no test or VM uses
+	u := NewUsers(base, 4)
+	a, relA, err := u.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, relB, err := u.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a == b || a < base || a >= base+4 || b < base || b >= base+4 {
+		t.Fatalf("allocated %d and %d from [%d, %d)", a, b, base, base+4)
+	}
+	relA()
+	relB()
+
+	if os.Geteuid() != 0 {
+		t.Skip("running a process as another user needs root")
+	}
+	// A process already running as a user of the range keeps it.
+	v := NewUsers(base, 2)
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(base), Gid: uint32(base), NoSetGroups: true}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	}()
+	for range 3 {
+		got, rel, err := v.Allocate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != base+1 {
+			t.Errorf("allocated %d while a process runs as %d; want %d", got, base, base+1)
+		}
+		rel()
+	}
+	// With both users taken, the range is exhausted.
+	_, rel, err := v.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rel()
+	if _, _, err := v.Allocate(); err == nil {
+		t.Error("allocated a user from an exhausted range")
+	}
+}
