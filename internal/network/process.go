@@ -235,7 +235,11 @@ func Main(args []string) error {
 	if err != nil {
 		return fmt.Errorf("the control socket handed down: %w", err)
 	}
-	return serve(ctx, p, logger, link.(*net.UnixListener), ctl)
+	ul, ok := link.(*net.UnixListener)
+	if !ok {
+		return fmt.Errorf("the link socket handed down is a %T, not a unix socket", link)
+	}
+	return serve(ctx, p, logger, ul, ctl)
 }
 
 // maxLog is how much one network process writes to its log.
