@@ -50,6 +50,13 @@ func (s *recordingSystem) Poweroff() {
 // serve starts a server on a Unix socket and returns a dialer for it.
 func serve(t *testing.T) (guest.Dialer, *recordingSystem) {
 	t.Helper()
+	_, dial, sys := serveServer(t)
+	return dial, sys
+}
+
+// serveServer is serve, also returning the server itself.
+func serveServer(t *testing.T) (*agent.Server, guest.Dialer, *recordingSystem) {
+	t.Helper()
 	sys := &recordingSystem{}
 	srv := agent.NewServer(agent.Options{System: sys, Hostname: "agent-test"})
 	sock := filepath.Join(t.TempDir(), "agent.sock")
@@ -69,7 +76,7 @@ func serve(t *testing.T) (guest.Dialer, *recordingSystem) {
 		srv.Close()
 		<-done
 	})
-	return func(ctx context.Context) (net.Conn, error) {
+	return srv, func(ctx context.Context) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", sock)
 	}, sys
@@ -78,6 +85,12 @@ func serve(t *testing.T) (guest.Dialer, *recordingSystem) {
 func connect(t *testing.T) (*guest.Client, *recordingSystem) {
 	t.Helper()
 	dial, sys := serve(t)
+	return dialClient(t, dial), sys
+}
+
+// dial2 connects a client through dial, closed when the test ends.
+func dialClient(t *testing.T, dial guest.Dialer) *guest.Client {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := guest.Dial(ctx, dial)
@@ -85,7 +98,7 @@ func connect(t *testing.T) (*guest.Client, *recordingSystem) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return c, sys
+	return c
 }
 
 func testCtx(t *testing.T) context.Context {

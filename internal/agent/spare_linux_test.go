@@ -2,8 +2,6 @@ package agent_test
 
 import (
 	"bytes"
-	"context"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,35 +22,8 @@ func serveSpare(t *testing.T) (*guest.Client, *agent.Server) {
 	if _, err := exec.LookPath("bash"); err != nil {
 		t.Skip("spare login shells need bash, which this host lacks")
 	}
-	srv := agent.NewServer(agent.Options{System: &recordingSystem{}, Hostname: "agent-test"})
-	sock := filepath.Join(t.TempDir(), "agent.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ctx, l)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		l.Close()
-		srv.Close()
-		<-done
-	})
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer dcancel()
-	c, err := guest.Dial(dctx, func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c, srv
+	srv, dial, _ := serveServer(t)
+	return dialClient(t, dial), srv
 }
 
 func sparesFor(key string, env []string) bool {

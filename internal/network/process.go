@@ -195,11 +195,11 @@ func tail(path string) string {
 // disconnects. args are the process's arguments after its name.
 func Main(args []string) error {
 	var dir, policy string
-	inherited := false
 	for _, a := range args {
 		switch {
+		// Start hands the sockets down; the flag says so on the command
+		// line, which ps shows.
 		case a == "--inherited":
-			inherited = true
 		case strings.HasPrefix(a, "--dir="):
 			dir = strings.TrimPrefix(a, "--dir=")
 		case strings.HasPrefix(a, "--policy="):
@@ -224,16 +224,13 @@ func Main(args []string) error {
 	w := &cappedWriter{w: os.Stderr, left: maxLog}
 	logrus.SetOutput(w)
 	logger := log.New(w, "smolvm-net: ", log.LstdFlags)
-	if !inherited {
-		return Serve(ctx, dir, p, logger)
-	}
 	link, err := net.FileListener(os.NewFile(3, "link"))
 	if err != nil {
-		return fmt.Errorf("the link socket handed down: %w", err)
+		return fmt.Errorf("the link socket handed down on fd 3 (smolvm-net is started by smolvm, which makes its sockets): %w", err)
 	}
 	ctl, err := net.FileListener(os.NewFile(4, "control"))
 	if err != nil {
-		return fmt.Errorf("the control socket handed down: %w", err)
+		return fmt.Errorf("the control socket handed down on fd 4: %w", err)
 	}
 	ul, ok := link.(*net.UnixListener)
 	if !ok {
@@ -264,24 +261,6 @@ func (c *cappedWriter) Write(p []byte) (int, error) {
 		c.w.Write(p)
 	}
 	return len(p), nil
-}
-
-// Serve runs the network of the sandbox in dir: the control API, then the
-// VM's link, until the VM disconnects or ctx ends.
-func Serve(ctx context.Context, dir string, p Policy, logger *log.Logger) error {
-	f := Files{Dir: dir}
-	link, err := listenUnix(f.Link())
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Link())
-	ctl, err := listenUnix(f.Control())
-	if err != nil {
-		link.Close()
-		return err
-	}
-	defer os.Remove(f.Control())
-	return serve(ctx, p, logger, link, ctl)
 }
 
 // serve runs the network on listeners already made: the control API on

@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -55,6 +56,7 @@ type Driver struct {
 	// or without a usable hierarchy (cgroupErr says why).
 	cgroups   *cgroup.Hierarchy
 	cgroupErr error
+	swept     atomic.Int64 // when the groups were last swept, unix ns
 
 	versionOnce sync.Once
 	version     string
@@ -525,8 +527,13 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	}
 	var group *cgroup.Group
 	if d.cgroups != nil {
-		if err := cgroup.Sweep(*d.cgroups, time.Minute, ""); err != nil {
-			slog.Warn("remove the control groups of ended VMs", "err", err)
+		// Groups are swept once they are a minute old, so sweeping more
+		// often than that finds nothing new.
+		if now := time.Now().UnixNano(); now-d.swept.Load() > int64(time.Minute) {
+			d.swept.Store(now)
+			if err := cgroup.Sweep(*d.cgroups, time.Minute, ""); err != nil {
+				slog.Warn("remove the control groups of ended VMs", "err", err)
+			}
 		}
 		g, err := cgroup.New(*d.cgroups, cgroupName(spec), limits(spec))
 		if err != nil {
@@ -560,12 +567,9 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	rt.PID, rt.MemoryFile = cmd.Process.Pid, mem.file
 	qm := &machine{rt: rt, cgroups: d.cgroups}
 	if err := waitStarted(ctx, qm, exited); err != nil {
-		b, _ := os.ReadFile(logPath)
+		err = qm.withLog(err)
 		if kerr := qm.Kill(context.WithoutCancel(ctx)); kerr != nil {
 			err = errors.Join(err, kerr)
-		}
-		if msg := strings.TrimSpace(string(b)); msg != "" {
-			err = fmt.Errorf("%w: %s", err, msg)
 		}
 		return nil, fmt.Errorf("start qemu: %w", err)
 	}
