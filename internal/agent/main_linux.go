@@ -23,7 +23,11 @@ func Main() {
 		logf("boot failed: %v", err)
 		poweroff()
 	}
-	srv := NewServer(Options{System: guestSystem{}, Hostname: params.hostname, ReapAll: true, Logf: logf})
+	group, err := setupCommandGroup(cgroupRoot)
+	if err != nil {
+		logf("commands run without limits: %v", err)
+	}
+	srv := NewServer(Options{System: guestSystem{}, Hostname: params.hostname, ReapAll: true, Logf: logf, CommandGroup: group})
 	for {
 		l, err := listen(10 * time.Second)
 		if err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"os"
 	"os/signal"
 	"sync"
@@ -19,15 +20,23 @@ import (
 // waits for its own children only, one wait4 each, and leaves every other
 // child of the process to whoever started it.
 type reaper struct {
-	all     bool
+	all bool
+	// group is the control group children start in, -1 for none.
+	group   int
+	logf    func(format string, args ...any)
 	mu      sync.Mutex
 	waiters map[int]chan unix.WaitStatus
 	done    chan struct{}
 	once    sync.Once
 }
 
-func newReaper(all bool) *reaper {
-	r := &reaper{all: all, waiters: make(map[int]chan unix.WaitStatus), done: make(chan struct{})}
+func newReaper(all bool, group string, logf func(string, ...any)) *reaper {
+	r := &reaper{all: all, group: -1, logf: logf, waiters: make(map[int]chan unix.WaitStatus), done: make(chan struct{})}
+	if fd, err := openGroup(group); err != nil {
+		logf("commands run without limits: %v", err)
+	} else {
+		r.group = fd
+	}
 	if !all {
 		return r
 	}
@@ -77,7 +86,22 @@ func (r *reaper) reapAll() {
 func (r *reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int, <-chan unix.WaitStatus, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.group >= 0 {
+		sys := *attr.Sys
+		sys.UseCgroupFD, sys.CgroupFD = true, r.group
+		a := *attr
+		a.Sys = &sys
+		attr = &a
+	}
 	pid, err := syscall.ForkExec(argv0, argv, attr)
+	if err != nil && r.group >= 0 && (errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP)) {
+		// A kernel without clone3 into a group: run without limits.
+		r.logf("commands run without limits: starting in the command group failed: %v", err)
+		unix.Close(r.group)
+		r.group = -1
+		attr.Sys.UseCgroupFD = false
+		pid, err = syscall.ForkExec(argv0, argv, attr)
+	}
 	if err != nil {
 		return 0, nil, err
 	}

@@ -45,6 +45,9 @@ type Options struct {
 	ReapAll bool
 	// Logf reports what an operator reading the console needs to see.
 	Logf func(format string, args ...any)
+	// CommandGroup is the cgroup v2 directory every process the server
+	// starts runs in; "" starts them in the server's own group.
+	CommandGroup string
 }
 
 // Server serves the agent API over connections that each open with the
@@ -72,7 +75,7 @@ func NewServer(opts Options) *Server {
 	}
 	s := &Server{
 		opts:   opts,
-		reaper: newReaper(opts.ReapAll),
+		reaper: newReaper(opts.ReapAll, opts.CommandGroup, opts.Logf),
 		booted: time.Now(),
 		name:   opts.Hostname,
 		h2: &http2.Server{
