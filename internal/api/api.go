@@ -107,7 +107,7 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 	mux.HandleFunc("/", fallback(mux))
 
 	g := newGuard(opts)
-	var h http.Handler = g.wrap(streamExec(hs, mux))
+	var h http.Handler = g.wrap(releaseLarge(streamExec(hs, mux)))
 	h = recoverer(h, opts.Logger)
 	if opts.Logger != nil {
 		h = logRequests(h, opts.Logger)

@@ -29,6 +29,7 @@ func (noVMs) Identity(context.Context) (string, error)             { return "", 
 func (noVMs) Start(context.Context, vmm.Spec) (vmm.Machine, error) { return nil, errNoVMs }
 func (noVMs) Attach(json.RawMessage) (vmm.Machine, error)          { return nil, errNoVMs }
 func (noVMs) Clear(string) error                                   { return nil }
+func (noVMs) Reap(context.Context, string) error                   { return nil }
 
 // fuzzRoutes are the routes whose input is fuzzed; %s is the sandbox (or
 // snapshot, or process) id. Every sandbox id is unknown: none is ever made.

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"runtime/debug"
 	"strings"
 	"time"
 )
@@ -302,6 +303,42 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach the connection (huma uses it
 // to set read deadlines).
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Flush keeps streamed answers (a followed log) flowing through the
+// wrapper for handlers that assert http.Flusher.
+func (w *statusWriter) Flush() { http.NewResponseController(w.ResponseWriter).Flush() }
+
+// largeAnswer is the size of an answer (a command's collected output, up
+// to 256 MiB) after which the memory that built it goes back to the
+// system at once: the runtime would otherwise keep it for minutes, and a
+// server with a few such answers behind it would look, and be counted, as
+// holding gigabytes.
+const largeAnswer = 32 << 20
+
+// releaseLarge hands memory back to the system after a large answer.
+func releaseLarge(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		cw := &countingWriter{ResponseWriter: w}
+		next.ServeHTTP(cw, r)
+		if cw.n >= largeAnswer {
+			debug.FreeOSMemory()
+		}
+	})
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (w *countingWriter) Write(b []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(b)
+	w.n += int64(n)
+	return n, err
+}
+
+func (w *countingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+func (w *countingWriter) Flush()                      { http.NewResponseController(w.ResponseWriter).Flush() }
 
 // recoverer turns a panic in a handler into a 500 problem instead of a
 // dropped connection.

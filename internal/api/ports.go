@@ -130,7 +130,7 @@ func registerPorts(hapi huma.API, h *handlers, common, withBody []int) {
 		Path:        "/sandboxes/{id}/ports",
 		Summary:     "Expose a guest port",
 		Description: "Forwards a host port to a TCP port in a running sandbox. The host side listens on 127.0.0.1 unless host_address says otherwise; host port 0 picks a free port, which the response names. " +
-			"A host port in use is 409 port_in_use; a guest port already exposed is 409 port_already_exposed; a sandbox created with network mode off is 409 network_off.",
+			"A host port in use is 409 port_in_use; a guest port already exposed is 409 port_already_exposed; a sandbox created with network mode off is 409 network_off; one whose network process has ended is 409 network_down (stop and start it).",
 		Tags:   []string{"ports"},
 		Errors: append(append([]int{http.StatusNotFound, http.StatusConflict}, withBody...), common...),
 	}, h.expose)

@@ -276,3 +276,24 @@ func write(path, value string) error {
 	}
 	return nil
 }
+
+// Of names the group under smolvm that process pid is in, as New was
+// given it, or "" if it is in none (or has ended).
+func Of(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return ""
+	}
+	// Lines are "id:controllers:path", one per hierarchy.
+	for _, line := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		dir, name := filepath.Split(parts[2])
+		if filepath.Base(filepath.Clean(dir)) == parent && name != "" {
+			return name
+		}
+	}
+	return ""
+}

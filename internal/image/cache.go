@@ -550,3 +550,7 @@ func InUse(d datadir.Dir) (func(*Base) bool, error) {
 	}
 	return func(b *Base) bool { return used[filepath.Clean(b.Path)] }, nil
 }
+
+// SweepTmp removes what builds and removals that died part-way left in
+// d.Tmp() (those whose image lock is free); a server runs it as it starts.
+func SweepTmp(d datadir.Dir) error { return removeStaleWork(d) }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 )
@@ -100,6 +101,10 @@ func classifyRegistry(ctx context.Context, ref, registry string, err error) erro
 	}
 	if e, ok := AsError(err); ok {
 		return e
+	}
+	// Writing what was pulled failed: the registry is not at fault.
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("pull %s: %w", ref, err)
 	}
 	if isCorrupt(err) {
 		return newError(CodeCorrupt, ref, err, "image %s from %s is corrupt (content does not match its digest); pull it again, and if it persists the registry holds a damaged image", ref, registry)

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/testenv"
@@ -153,7 +154,14 @@ func TestProcessAndForwards(t *testing.T) {
 		defer release()
 		uid = u
 	}
-	pid, err := network.Start(ctx, bin, dir, network.Policy{Mode: network.ModeOpen}, uid)
+	var j network.Jail
+	j.UID = uid
+	if uid != 0 {
+		if h, err := cgroup.Detect(cgroup.Root); err == nil {
+			j.Cgroups = &h
+		}
+	}
+	pid, err := network.Start(ctx, bin, dir, network.Policy{Mode: network.ModeOpen}, j)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,16 +169,24 @@ func TestProcessAndForwards(t *testing.T) {
 	if !network.Running(dir) {
 		t.Fatalf("network process %d is not running", pid)
 	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := string(b)
+	// It filters its own system calls, as whoever it runs as.
+	wants := []string{"NoNewPrivs:\t1\n", "Seccomp:\t2\n"}
 	if uid != 0 {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-		if err != nil {
-			t.Fatal(err)
+		wants = append(wants, fmt.Sprintf("Uid:\t%d\t%d\t%d\t%d\n", uid, uid, uid, uid), "CapEff:\t0000000000000400\n")
+	}
+	for _, want := range wants {
+		if !strings.Contains(status, want) {
+			t.Errorf("the network process's status lacks %q:\n%s", want, status)
 		}
-		status := string(b)
-		for _, want := range []string{fmt.Sprintf("Uid:\t%d\t%d\t%d\t%d\n", uid, uid, uid, uid), "CapEff:\t0000000000000400\n"} {
-			if !strings.Contains(status, want) {
-				t.Errorf("the jailed network process's status lacks %q:\n%s", want, status)
-			}
+	}
+	if j.Cgroups != nil {
+		if g := cgroup.Of(pid); !strings.HasPrefix(g, "net-") {
+			t.Errorf("the network process is in control group %q, not one of its own", g)
 		}
 	}
 	c := network.Dial(network.Files{Dir: dir}.Control())
@@ -254,7 +270,7 @@ func TestProcessAndForwards(t *testing.T) {
 // A process whose binary cannot serve reports why instead of hanging.
 func TestStartFailure(t *testing.T) {
 	dir := t.TempDir()
-	_, err := network.Start(context.Background(), "/bin/false", dir, network.Policy{}, 0)
+	_, err := network.Start(context.Background(), "/bin/false", dir, network.Policy{}, network.Jail{})
 	if err == nil || !strings.Contains(err.Error(), "exited") {
 		t.Fatalf("start of /bin/false: %v", err)
 	}

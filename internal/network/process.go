@@ -2,11 +2,14 @@ package network
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -22,6 +25,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
@@ -55,16 +59,36 @@ const attachTimeout = 3 * time.Minute
 // startTimeout bounds how long Start waits for the process to answer.
 const startTimeout = 15 * time.Second
 
+// Jail confines a network process beyond the system call filter it always
+// installs itself.
+type Jail struct {
+	// UID, when not 0, is the user the process runs as: it then has no
+	// capability but binding ports below 1024 (for forwards a user asks
+	// for there), and no right to write in its directory. It needs none:
+	// Start makes its two sockets and hands them down listening.
+	UID int
+	// Cgroups, when set, puts the process in a control group of its own
+	// (see groupName) that bounds its memory and tasks.
+	Cgroups *cgroup.Hierarchy
+}
+
+// netLimits bound a network process: its user-space TCP/IP stack holds
+// a window's worth of buffers per connection.
+var netLimits = cgroup.Limits{MemoryBytes: 256 << 20, Tasks: 256, CPUWeight: 100}
+
+// groupName is the control group of the network process in dir, unique
+// to the directory (sandbox ids repeat across data directories).
+func groupName(dir string) string {
+	sum := sha256.Sum256([]byte(dir))
+	return "net-" + filepath.Base(dir) + "." + hex.EncodeToString(sum[:4])
+}
+
 // Start runs bin (cmd/smolvm-net) as the network process for the sandbox
 // in dir and returns once it answers on its control socket. Like the VM,
 // it outlives the caller: it ends when the VM disconnects, or after
 // attachTimeout if none ever connects.
-//
-// uid, when not 0, is the user the process runs as: it then has no
-// capability but binding ports below 1024 (for forwards a user asks for
-// there), and no right to write in dir. It needs none: Start makes its
-// two sockets and hands them down listening.
-func Start(ctx context.Context, bin, dir string, p Policy, uid int) (int, error) {
+func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) {
+	uid := j.UID
 	f := Files{Dir: dir}
 	// sun_path holds 107 bytes and a NUL.
 	if len(f.Link()) > 107 || len(f.Control()) > 107 {
@@ -127,10 +151,28 @@ func Start(ctx context.Context, bin, dir string, p Policy, uid int) (int, error)
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true}
 		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
 	}
+	var group *cgroup.Group
+	if j.Cgroups != nil {
+		g, err := cgroup.New(*j.Cgroups, groupName(dir), netLimits)
+		if err != nil {
+			return 0, fmt.Errorf("start network process: %w", err)
+		}
+		group = &g
+	}
 	if err := cmd.Start(); err != nil {
+		if group != nil {
+			err = errors.Join(err, group.Remove())
+		}
 		return 0, fmt.Errorf("start network process %s: %w", bin, err)
 	}
 	pid := cmd.Process.Pid
+	if group != nil {
+		if err := group.Add(pid); err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			return 0, errors.Join(fmt.Errorf("start network process: %w", err), group.Remove())
+		}
+	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reaps it while the caller lives
 	if err := os.WriteFile(f.pidFile(), []byte(strconv.Itoa(pid)+"\n"), 0o644); err != nil {
@@ -141,10 +183,14 @@ func Start(ctx context.Context, bin, dir string, p Policy, uid int) (int, error)
 	sctx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
 	for {
-		if _, err := os.Stat(f.Control()); err == nil {
-			if _, err := c.Status(sctx); err == nil {
-				return pid, nil
-			}
+		// The socket listens from the start (it is made here), so a
+		// process that died leaves a request unanswered: each try is
+		// short, and a death is noticed between tries.
+		actx, cancel := context.WithTimeout(sctx, time.Second)
+		_, err := c.Status(actx)
+		cancel()
+		if err == nil {
+			return pid, nil
 		}
 		select {
 		case err := <-exited:
@@ -157,7 +203,8 @@ func Start(ctx context.Context, bin, dir string, p Policy, uid int) (int, error)
 	}
 }
 
-// Stop ends the network process of the sandbox in dir, if one runs.
+// Stop ends the network process of the sandbox in dir, if one runs, and
+// removes its control group.
 func Stop(ctx context.Context, dir string) error {
 	f := Files{Dir: dir}
 	b, err := os.ReadFile(f.pidFile())
@@ -165,7 +212,33 @@ func Stop(ctx context.Context, dir string) error {
 		return nil
 	}
 	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	return vmm.KillProcess(ctx, pid, f.marker())
+	if err := vmm.KillProcess(ctx, pid, f.marker()); err != nil {
+		return err
+	}
+	return dropGroup(ctx, dir)
+}
+
+// dropGroup removes the control group of dir's network process, once the
+// kernel has let go of it (a moment after its last task is reaped); one
+// still busy after a few seconds is left to the sweep of empty groups.
+func dropGroup(ctx context.Context, dir string) error {
+	h, err := cgroup.Detect(cgroup.Root)
+	if err != nil {
+		return nil
+	}
+	g := cgroup.Open(h, groupName(dir))
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := g.Remove()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			slog.Warn("the control group of an ended network process is still busy; the next VM start sweeps it", "dir", dir, "err", err)
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Running reports whether the sandbox in dir has a live network process.
@@ -235,6 +308,11 @@ func Main(args []string) error {
 	ul, ok := link.(*net.UnixListener)
 	if !ok {
 		return fmt.Errorf("the link socket handed down is a %T, not a unix socket", link)
+	}
+	// Everything it needs from the host is open: from here on it may make
+	// none of the system calls an escape would want.
+	if err := restrict(); err != nil {
+		return err
 	}
 	return serve(ctx, p, logger, ul, ctl)
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/smolvm/smolvm/internal/agent/agentpb"
+	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
 	"github.com/smolvm/smolvm/internal/image"
@@ -41,6 +42,9 @@ type launcher struct {
 	// netUsers are the users network processes run as; nil when this
 	// process is not root and they run as it.
 	netUsers *jail.Users
+	// cgroups is where network processes get control groups of their
+	// own; nil when this process is not root or the host has none.
+	cgroups *cgroup.Hierarchy
 
 	// afterRestore, set only by tests, runs when a clone's agent has
 	// answered and before it is given its identity, with a way to run a
@@ -361,8 +365,16 @@ func (l *launcher) transition(ctx context.Context, rec *store.Record, to Status,
 func (l *launcher) halt(ctx context.Context, rec store.Record) error {
 	l.sessions.drop(rec.ID)
 	var errs []error
-	if _, mach, err := l.machine(rec); err == nil {
+	drv, mach, err := l.machine(rec)
+	if err == nil {
 		if err := mach.Kill(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("stop VM: %w", err))
+		}
+	}
+	// A VM whose start the record does not show yet (the process
+	// starting it died first) is found from its directory.
+	if drv != nil && rec.Dir != "" {
+		if err := drv.Reap(ctx, rec.Dir); err != nil {
 			errs = append(errs, fmt.Errorf("stop VM: %w", err))
 		}
 	}
@@ -402,16 +414,16 @@ func (l *launcher) startNetwork(ctx context.Context, dir string, p network.Polic
 	if err != nil {
 		return err
 	}
-	uid := 0
+	var j network.Jail
 	if l.netUsers != nil {
 		u, release, err := l.netUsers.Allocate()
 		if err != nil {
 			return err
 		}
 		defer release()
-		uid = u
+		j.UID, j.Cgroups = u, l.cgroups
 	}
-	if _, err := network.Start(ctx, bin, dir, p, uid); err != nil {
+	if _, err := network.Start(ctx, bin, dir, p, j); err != nil {
 		if errors.Is(err, network.ErrPathTooLong) {
 			return &Error{Kind: KindUnavailable, Code: "data_dir_too_long", Message: err.Error()}
 		}

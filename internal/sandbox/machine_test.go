@@ -82,6 +82,8 @@ func (d *fakeDriver) Clear(dir string) error {
 	return nil
 }
 
+func (d *fakeDriver) Reap(ctx context.Context, dir string) error { return nil }
+
 // machine returns the only machine started so far.
 func (d *fakeDriver) machine(t *testing.T) *fakeMachine {
 	t.Helper()

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smolvm/smolvm/internal/agent/agentpb"
+	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/guest"
@@ -155,6 +156,9 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	m.l = &launcher{opts: opts, store: st, drivers: opts.Drivers, sessions: m.sessions, events: m.events}
 	if os.Geteuid() == 0 {
 		m.l.netUsers = jail.NewUsers(jail.NetworkBase, jail.PerRange)
+		if h, err := cgroup.Detect(cgroup.Root); err == nil {
+			m.l.cgroups = &h
+		}
 	}
 	m.templates = &templates{l: m.l, root: opts.DataDir.Templates(), disabled: opts.NoTemplates}
 	m.pool = newPool(m.l, m, opts.Pool, opts.PoolCleanup)
@@ -163,7 +167,11 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		st.Close()
 		return nil, err
 	}
+	m.finishDeletes(ctx)
 	m.templates.sweepBuilds(ctx)
+	if err := image.SweepTmp(opts.DataDir); err != nil {
+		opts.Logger.Error("remove what interrupted image builds left", "err", err)
+	}
 	m.pool.start()
 	m.reaperDone = make(chan struct{})
 	go m.runReaper(m.bg)
@@ -270,7 +278,7 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status Status) 
 	}
 	rec, release, err := m.insert(ctx, req, drv, status)
 	if err != nil {
-		return Info{}, err
+		return Info{}, m.storageError(err)
 	}
 	defer release()
 	return m.build(ctx, drv, req, &rec, status, false)
@@ -302,7 +310,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 	rec, release, err := m.insert(ctx, req, drv, StatusRunning)
 	if err != nil {
 		m.async.Done()
-		return Info{}, err
+		return Info{}, m.storageError(err)
 	}
 	info := toInfo(rec)
 	bctx, cancel := context.WithCancel(m.bg)
@@ -440,6 +448,7 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 			return info, nil
 		}
 	}
+	err = m.storageError(err)
 	// Cleanup must run even when ctx was what failed.
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
@@ -566,6 +575,30 @@ func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Recor
 	return rec
 }
 
+// finishDeletes ends the deletes that a process which died part-way left:
+// the sandbox was already gone for callers, so its VM, files and record go
+// too.
+func (m *Manager) finishDeletes(ctx context.Context) {
+	recs, err := m.store.List(ctx)
+	if err != nil {
+		m.opts.Logger.Error("find interrupted deletes", "err", err)
+		return
+	}
+	for _, rec := range recs {
+		if rec.Status != store.StatusDeleting {
+			continue
+		}
+		unlock := m.lock(rec.ID)
+		err := m.destroy(ctx, rec)
+		unlock()
+		if err != nil {
+			m.opts.Logger.Error("finish an interrupted delete", "sandbox", rec.ID, "err", err)
+		} else {
+			m.opts.Logger.Info("finished an interrupted delete", "sandbox", rec.ID)
+		}
+	}
+}
+
 // List returns every recorded sandbox, oldest first.
 func (m *Manager) List(ctx context.Context) ([]Info, error) { return m.Find(ctx, nil) }
 
@@ -644,6 +677,14 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.St
 		m.events.publish(Event{Type: EventProcessExited, SandboxID: id,
 			Exit: &ExitEvent{ExitCode: res.ExitCode, TimedOut: res.TimedOut, Duration: res.Duration}})
 	}
+	if err != nil && timeout > 0 && ctx.Err() == nil && rctx.Err() != nil {
+		// The agent did not confirm the kill in time (a guest too busy
+		// to answer): the command ran past its timeout all the same,
+		// and the agent ends it when it gets to.
+		m.l.opts.Logger.Warn("the agent did not report a timed-out command's end", "sandbox", id, "timeout", timeout)
+		res.TimedOut = true
+		return res, nil
+	}
 	if err != nil {
 		if errors.Is(err, guest.ErrSessionClosed) {
 			m.sessions.drop(id)
@@ -670,7 +711,8 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.St
 // Delete stops the VM and removes every file it made, and its record.
 func (m *Manager) Delete(ctx context.Context, id string) error {
 	rec, err := m.lookup(ctx, id)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && !visible(rec)) {
+	// A delete that failed part-way may be tried again.
+	if errors.Is(err, store.ErrNotFound) || (err == nil && !visible(rec) && rec.Status != store.StatusDeleting) {
 		return notFound(id)
 	}
 	if err != nil {
@@ -704,11 +746,20 @@ func (m *Manager) remove(ctx context.Context, rec store.Record) error {
 }
 
 // destroy kills the VM, removes its directory, then its record, in that
-// order, so a failure part-way leaves a record that Delete can retry.
+// order. The record is marked first, so the sandbox is gone for every
+// caller from then on, and a delete cut short (the process died, or a
+// step failed) is finished by finishDeletes or a later Delete.
 func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 	m.mu.Lock()
 	delete(m.configs, rec.ID)
 	m.mu.Unlock()
+	if rec.Status != store.StatusDeleting {
+		// With the disk full the mark cannot be written; deleting is
+		// how space is freed, so it goes on without it.
+		if err := m.store.MarkDeleting(ctx, rec.ID); err != nil && !HostFull(err) {
+			return err
+		}
+	}
 	if err := m.l.halt(ctx, rec); err != nil {
 		return fmt.Errorf("stop sandbox %s: %w", rec.ID, err)
 	}

@@ -140,6 +140,10 @@ func (m *Manager) runningNet(ctx context.Context, id string) (store.Record, netS
 		return rec, s, &Error{Kind: KindConflict, Code: "network_off",
 			Message: fmt.Sprintf("sandbox %s was created with network mode \"off\": it has no network to expose ports from", id)}
 	}
+	if !network.Running(rec.Dir) {
+		return rec, s, &Error{Kind: KindConflict, Code: "network_down",
+			Message: fmt.Sprintf("the network process of sandbox %s has ended, so the guest has no network; stop and start the sandbox to bring it back", id)}
+	}
 	return rec, s, nil
 }
 

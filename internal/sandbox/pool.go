@@ -297,7 +297,9 @@ func (p *pool) drainPool(ctx context.Context) error {
 }
 
 // visible reports whether callers may see a record.
-func visible(r store.Record) bool { return r.Status != statusPooled && r.Status != statusWarming }
+func visible(r store.Record) bool {
+	return r.Status != statusPooled && r.Status != statusWarming && r.Status != store.StatusDeleting
+}
 
 // PoolReady counts the pooled sandboxes waiting to be handed out.
 func (p *pool) ready(ctx context.Context) (int, error) {

@@ -365,6 +365,12 @@ func (tc *templates) sweepBuilds(ctx context.Context) {
 				}
 			}
 		}
+		// The build may have died before it recorded its VM.
+		for _, name := range tc.l.drivers.Names() {
+			if drv, err := tc.l.drivers.Get(name); err == nil {
+				errs = append(errs, drv.Reap(ctx, dir))
+			}
+		}
 		errs = append(errs, network.Stop(ctx, dir), os.RemoveAll(dir))
 		if err := errors.Join(errs...); err != nil {
 			tc.l.opts.Logger.Error("sweep an abandoned template build", "dir", dir, "err", err)

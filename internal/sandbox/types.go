@@ -203,7 +203,8 @@ const (
 	KindUnavailable                 // valid request, but this host lacks something: 4xx naming it
 	KindInternal                    // our fault or the VM's: 500
 	KindUpstream                    // a registry or store we fetch from failed: 502
-	// KindInsufficientStorage is a guest whose disk is full: 507.
+	// KindInsufficientStorage is a disk that is full, the guest's or the
+	// host's: 507.
 	KindInsufficientStorage
 	// KindForbidden is a request this server's settings refuse: 403.
 	KindForbidden

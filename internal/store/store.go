@@ -42,6 +42,10 @@ const (
 	// VMs that no caller sees until a create claims one.
 	StatusWarming Status = "warming"
 	StatusPooled  Status = "pooled"
+	// StatusDeleting is a sandbox whose delete has begun: no caller sees
+	// it again, and a process that finds it so (the one deleting it died)
+	// finishes the delete.
+	StatusDeleting Status = "deleting"
 )
 
 // Record is one sandbox as stored.
@@ -296,6 +300,15 @@ func (s *Store) MarkExited(ctx context.Context, id string, pid int, status Statu
 	return s.updateIf(ctx, "update", id,
 		`UPDATE sandboxes SET status = ?, pid = 0, error = ?, updated_at = ? WHERE id = ? AND status IN ('running', 'paused') AND pid = ?`,
 		status, reason, time.Now().UnixNano(), id, pid)
+}
+
+// MarkDeleting records that sandbox id is being deleted, whatever its
+// status was.
+func (s *Store) MarkDeleting(ctx context.Context, id string) error {
+	_, err := s.updateIf(ctx, "update", id,
+		`UPDATE sandboxes SET status = 'deleting', updated_at = ? WHERE id = ?`,
+		time.Now().UnixNano(), id)
+	return err
 }
 
 // MarkInterrupted records that the creation of sandbox id stopped with the

@@ -59,3 +59,23 @@ func KillProcess(ctx context.Context, pid int, marker string) error {
 	}
 	return WaitGone(ctx, pid, marker)
 }
+
+// ProcessesWith returns the live processes whose command line contains
+// marker: how a VMM is found when nothing recorded its pid.
+func ProcessesWith(marker string) []int {
+	var pids []int
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ProcessAlive(pid, marker) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}

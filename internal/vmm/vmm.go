@@ -120,6 +120,11 @@ type Driver interface {
 	// Clear removes what the driver keeps in dir for a machine (its disk,
 	// sockets, console), leaving the directory and others' files.
 	Clear(dir string) error
+	// Reap ends a VMM still running in dir that no runtime record may
+	// name: one whose Start never returned, because the process starting
+	// it died. It finds it from the driver's own files in dir; with none
+	// running it does nothing.
+	Reap(ctx context.Context, dir string) error
 }
 
 // Snapshotter is a Driver that can save a running VM and start copies of

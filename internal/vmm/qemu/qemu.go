@@ -261,6 +261,24 @@ func (d *Driver) Clear(dir string) error {
 	return errors.Join(errs...)
 }
 
+// Reap kills any QEMU whose command line names dir's agent socket, and
+// removes its control group. The command line, not a pid file, finds it:
+// a process that died right after starting QEMU wrote nothing, and QEMU
+// writes its own pid file only once it has parsed its options.
+func (d *Driver) Reap(ctx context.Context, dir string) error {
+	var errs []error
+	for _, pid := range vmm.ProcessesWith(paths(dir).AgentSocket) {
+		m := &machine{rt: paths(dir), cgroups: d.cgroups}
+		m.rt.PID = pid
+		if d.cgroups != nil {
+			m.rt.Cgroup = cgroup.Of(pid)
+		}
+		slog.Warn("ending a VM whose start was cut short", "dir", dir, "pid", pid)
+		errs = append(errs, m.Kill(ctx))
+	}
+	return errors.Join(errs...)
+}
+
 // createDisk makes a qcow2 overlay at disk over base, of sizeMiB (0: the
 // base's size).
 func createDisk(ctx context.Context, base, disk string, sizeMiB int) error {

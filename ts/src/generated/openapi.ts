@@ -79,7 +79,7 @@ export interface paths {
         put?: never;
         /**
          * Create a sandbox
-         * @description Creates, boots and registers a sandbox, and answers 201 with a Location header once the sandbox runs commands. Omitted fields take their defaults. With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason.
+         * @description Creates, boots and registers a sandbox, and answers 201 with a Location header once the sandbox runs commands. Omitted fields take their defaults. With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason. When the host's data directory runs out of space it answers 507 host_disk_full, and nothing of the sandbox or the image is kept.
          */
         post: operations["createSandbox"];
         delete?: never;
@@ -299,7 +299,7 @@ export interface paths {
         put?: never;
         /**
          * Expose a guest port
-         * @description Forwards a host port to a TCP port in a running sandbox. The host side listens on 127.0.0.1 unless host_address says otherwise; host port 0 picks a free port, which the response names. A host port in use is 409 port_in_use; a guest port already exposed is 409 port_already_exposed; a sandbox created with network mode off is 409 network_off.
+         * @description Forwards a host port to a TCP port in a running sandbox. The host side listens on 127.0.0.1 unless host_address says otherwise; host port 0 picks a free port, which the response names. A host port in use is 409 port_in_use; a guest port already exposed is 409 port_already_exposed; a sandbox created with network mode off is 409 network_off; one whose network process has ended is 409 network_down (stop and start it).
          */
         post: operations["exposePort"];
         delete?: never;
@@ -667,7 +667,7 @@ export interface components {
         };
         CommandTimeoutProblem: {
             /**
-             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off). New codes may be added.
+             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off, network_down, disk_full, host_disk_full). New codes may be added.
              * @example sandbox_not_found
              */
             code: string;
@@ -1253,7 +1253,7 @@ export interface components {
         };
         Problem: {
             /**
-             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off). New codes may be added.
+             * @description Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off, network_down, disk_full, host_disk_full). New codes may be added.
              * @example sandbox_not_found
              */
             code: string;
@@ -2078,6 +2078,15 @@ export interface operations {
             };
             /** @description Service Unavailable */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Insufficient Storage */
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };
