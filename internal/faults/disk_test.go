@@ -3,6 +3,7 @@
 package faults
 
 import (
+	"context"
 	"net/http"
 	"os"
 	"os/exec"
@@ -140,10 +141,23 @@ func TestHostDiskFull(t *testing.T) {
 			t.Errorf("image cache entry %s kept from a pull that failed", e.Name())
 		}
 	}
-	h.srv.answers(bystander.ID)
+	// The bystander cannot write to its disk either: QEMU stops it on
+	// such a write, and it goes on once there is space. To be sure of
+	// that path, it writes now.
+	var res execResult
+	code, _ := h.srv.try(context.Background(), "POST", "/sandboxes/"+bystander.ID+"/exec",
+		map[string]any{"command": "head -c 50000000 /dev/urandom > /root/big; sync", "timeout": 10}, &res)
+	t.Logf("the bystander writing 50 MB with the host disk full: %d %+v", code, res)
+	templates, _ := filepath.Glob(filepath.Join(h.d.Templates(), "*", "bad"))
+	if len(templates) > 0 {
+		t.Errorf("a template was retired for the host's full disk: %v", templates)
+	}
 
-	// Space again: everything works, the images that failed included.
+	// Space again: everything works, the images that failed included,
+	// and the bystander goes on by itself.
 	free()
+	h.srv.answers(bystander.ID)
+	h.srv.exec(bystander.ID, "rm -f /root/big")
 	h.srv.delete(failed)
 	for _, r := range []string{heldRef, ref} {
 		sb := h.srv.create2(map[string]any{"image": r, "memory": 256})

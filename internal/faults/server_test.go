@@ -162,6 +162,8 @@ func TestServerKilled(t *testing.T) {
 		stop := runCommands(h.srv, sb.ID)
 		time.Sleep(300 * time.Millisecond)
 		syscall.Kill(sb.PID, syscall.SIGKILL)
+		// Long enough for several commands to meet the dead VM.
+		time.Sleep(time.Second)
 		if n, errs := stop(); n == 0 || errs == 0 {
 			t.Errorf("%d commands ran and %d failed around the kill", n, errs)
 		}

@@ -297,6 +297,17 @@ func (l *launcher) client(ctx context.Context, rec store.Record) (*guest.Client,
 	dctx, cancel := context.WithTimeout(ctx, connectTimeout)
 	defer cancel()
 	c, err := guest.Dial(dctx, mach.DialAgent)
+	if err != nil {
+		// A VM the full host disk stopped cannot answer: say so, or let
+		// it go on and try again.
+		if stalled, serr := l.unstall(ctx, rec); serr != nil {
+			return nil, serr
+		} else if stalled {
+			dctx, cancel := context.WithTimeout(ctx, connectTimeout)
+			defer cancel()
+			c, err = guest.Dial(dctx, mach.DialAgent)
+		}
+	}
 	if ve := (*guest.VersionError)(nil); errors.As(err, &ve) {
 		return nil, &Error{Kind: KindConflict, Code: "agent_incompatible", Message: fmt.Sprintf("sandbox %s: %v", rec.ID, ve), Err: err}
 	}

@@ -261,6 +261,7 @@ func (m *Manager) runReaper(ctx context.Context) {
 	defer t.Stop()
 	for {
 		m.reap(ctx)
+		m.unstallAll(ctx)
 		select {
 		case <-ctx.Done():
 			return

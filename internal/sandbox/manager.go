@@ -109,6 +109,9 @@ type Manager struct {
 	progress map[string]Progress
 	cancels  map[string]func() // asynchronous creates in progress, by id
 	configs  map[string]image.Config
+	// sawFull is set when the reaper found the data directory's
+	// filesystem full, so that it looks for stopped VMs once it is not.
+	sawFull bool
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -169,6 +172,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m.finishDeletes(ctx)
 	m.templates.sweepBuilds(ctx)
+	m.templates.sweepRetired(ctx)
 	if err := image.SweepTmp(opts.DataDir); err != nil {
 		opts.Logger.Error("remove what interrupted image builds left", "err", err)
 	}
@@ -773,6 +777,7 @@ func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 	} else if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("remove sandbox %s record: %w", rec.ID, err)
 	}
+	m.templates.sweepRetired(ctx)
 	return nil
 }
 

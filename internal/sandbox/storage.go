@@ -1,12 +1,17 @@
 package sandbox
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/store"
+	"github.com/smolvm/smolvm/internal/vmm"
 )
 
 // lowSpace is how little free space on the data directory's filesystem
@@ -36,15 +41,83 @@ func (m *Manager) storageError(err error) error {
 	if se, ok := AsError(err); ok && se.Kind != KindInternal && se.Kind != KindUpstream {
 		return err // already says what went wrong
 	}
-	dir := m.opts.DataDir.Path()
-	var st unix.Statfs_t
-	free := int64(-1)
-	if unix.Statfs(dir, &st) == nil {
-		free = int64(st.Bavail) * st.Bsize
-	}
+	free := freeSpace(m.opts.DataDir.Path())
 	if !HostFull(err) && (free < 0 || free >= lowSpace) {
 		return err
 	}
+	return hostFullError(m.opts.DataDir.Path(), free, err)
+}
+
+func hostFullError(dir string, free int64, err error) error {
 	return &Error{Kind: KindInsufficientStorage, Code: "host_disk_full", Err: err,
 		Message: fmt.Sprintf("the filesystem of smolvm's data directory %s is full (%d MiB free): free some space and try again", dir, max(free, 0)>>20)}
+}
+
+// freeSpace is what is free on dir's filesystem for this process, or -1.
+func freeSpace(dir string) int64 {
+	var st unix.Statfs_t
+	if unix.Statfs(dir, &st) != nil {
+		return -1
+	}
+	return int64(st.Bavail) * st.Bsize
+}
+
+// unstall lets rec's VM go on if the host's full disk stopped it and
+// there is space again. It reports whether the VM was stopped so, and
+// returns a 507 while it must stay stopped.
+func (l *launcher) unstall(ctx context.Context, rec store.Record) (bool, error) {
+	drv, mach, err := l.machine(rec)
+	if err != nil {
+		return false, nil
+	}
+	st, ok := drv.(vmm.Staller)
+	if !ok {
+		return false, nil
+	}
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	stalled, err := st.Stalled(qctx, mach)
+	if err != nil || !stalled {
+		return false, nil
+	}
+	dir := l.opts.DataDir.Path()
+	if free := freeSpace(dir); free >= 0 && free < lowSpace {
+		return true, &Error{Kind: KindInsufficientStorage, Code: "host_disk_full",
+			Message: fmt.Sprintf("sandbox %s stopped on a write to its disk because the filesystem of %s is full (%d MiB free); free some space and it goes on where it stopped", rec.ID, dir, max(free, 0)>>20)}
+	}
+	if err := st.Unstall(qctx, mach); err != nil {
+		return true, fmt.Errorf("continue sandbox %s after its disk had no space: %w", rec.ID, err)
+	}
+	l.opts.Logger.Info("a sandbox stopped by the full host disk goes on", "sandbox", rec.ID)
+	return true, nil
+}
+
+// unstallAll lets go on every running sandbox that the host's full disk
+// stopped, once there is space: an idle sandbox gets no request that
+// would do it.
+func (m *Manager) unstallAll(ctx context.Context) {
+	if free := freeSpace(m.opts.DataDir.Path()); free >= 0 && free < lowSpace {
+		m.mu.Lock()
+		m.sawFull = true
+		m.mu.Unlock()
+		return
+	}
+	m.mu.Lock()
+	saw := m.sawFull
+	m.sawFull = false
+	m.mu.Unlock()
+	if !saw {
+		return
+	}
+	recs, err := m.store.List(ctx)
+	if err != nil {
+		return
+	}
+	for _, rec := range recs {
+		if rec.Status == StatusRunning {
+			if _, err := m.l.unstall(ctx, rec); err != nil {
+				m.opts.Logger.Warn("a sandbox stopped by the full host disk", "sandbox", rec.ID, "err", err)
+			}
+		}
+	}
 }

@@ -98,6 +98,13 @@ func templateDiskMiB(a assets, diskMiB int) int {
 	return max(imageMiB, min(diskMiB, DefaultDiskMiB))
 }
 
+// hostFull reports whether err is, or may well be, the data directory's
+// filesystem running out of space.
+func (tc *templates) hostFull(err error) bool {
+	free := freeSpace(tc.l.opts.DataDir.Path())
+	return HostFull(err) || (free >= 0 && free < lowSpace)
+}
+
 // launch brings rec's VM up from a template when it can, and cold when it
 // cannot; a template that fails is retired at once, logged with why, and
 // never returned as a broken sandbox.
@@ -123,6 +130,11 @@ func (tc *templates) launch(ctx context.Context, drv vmm.Driver, a assets, rec *
 		if e, ok := AsError(rerr); ok && (e.Kind == KindInvalid || e.Kind == KindConflict) {
 			return Info{}, rerr
 		}
+		// Nor does the host's disk filling up, which a cold boot needs
+		// space on as well.
+		if tc.hostFull(rerr) {
+			return Info{}, rerr
+		}
 		// A crash the console shows says more than the broken
 		// connection it caused.
 		if line := (&consoleWatch{path: console}).crash(); line != "" && !errors.Is(rerr, errGuestCrashed) {
@@ -139,7 +151,7 @@ func (tc *templates) launch(ctx context.Context, drv vmm.Driver, a assets, rec *
 			"console", consoleTail(console))
 		warning = fmt.Sprintf("booted cold: the clone of template %s failed (%s); the template is retired", t.Key, summary(rerr))
 	} else {
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || tc.hostFull(err) {
 			return Info{}, err
 		}
 		tc.l.opts.Logger.Warn("no template; booting cold", "sandbox", rec.ID, "err", err)
@@ -532,6 +544,31 @@ func (tc *templates) remove(ctx context.Context, key string) error {
 			Message: fmt.Sprintf("template %s backs %d sandbox(es); delete them first", key, inUse)}
 	}
 	return nil
+}
+
+// sweepRetired removes the retired builds that no sandbox or snapshot
+// uses any more: nothing can restore from them, and their disk was kept
+// only for the clones made before they were retired.
+func (tc *templates) sweepRetired(ctx context.Context) {
+	marks, _ := filepath.Glob(filepath.Join(tc.root, "*", "bad"))
+	if len(marks) == 0 {
+		return
+	}
+	ts, err := tc.list()
+	if err != nil {
+		return
+	}
+	for _, t := range ts {
+		if _, err := os.Stat(filepath.Join(t.Dir, "bad")); err != nil {
+			continue
+		}
+		if n, err := tc.templateUsers(ctx, t); err != nil || n > 0 {
+			continue
+		}
+		if err := os.RemoveAll(t.Dir); err != nil {
+			tc.l.opts.Logger.Error("remove a retired template", "template", t.Key, "err", err)
+		}
+	}
 }
 
 // PruneTemplates removes every template that no sandbox uses.

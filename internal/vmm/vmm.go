@@ -164,6 +164,16 @@ type Pauser interface {
 	Resume(ctx context.Context, m Machine) error
 }
 
+// Staller is a Driver whose VMs stop, rather than fail the guest's
+// write, when the host has no space left for their disk: nothing the
+// guest wrote is lost, and it goes on once there is space again.
+type Staller interface {
+	// Stalled reports whether m is stopped on such a write.
+	Stalled(ctx context.Context, m Machine) (bool, error)
+	// Unstall lets m run again; the write is tried again.
+	Unstall(ctx context.Context, m Machine) error
+}
+
 // DiskResizer is a Driver that can grow a running VM's root disk.
 type DiskResizer interface {
 	Resize(ctx context.Context, m Machine, bytes int64) error

@@ -289,6 +289,27 @@ func (d *Driver) Status(ctx context.Context, vm vmm.Machine) (string, error) {
 	return st.Status, err
 }
 
+// Stalled reports whether QEMU stopped the VM on a failed write (its
+// default for a full host disk is to stop: werror=enospc).
+func (d *Driver) Stalled(ctx context.Context, vm vmm.Machine) (bool, error) {
+	st, err := d.Status(ctx, vm)
+	return st == "io-error", err
+}
+
+// Unstall continues a VM stopped on a failed write.
+func (d *Driver) Unstall(ctx context.Context, vm vmm.Machine) error {
+	qm, ok := vm.(*machine)
+	if !ok {
+		return fmt.Errorf("continue: %T is not a QEMU machine", vm)
+	}
+	m, err := dialQMP(ctx, qm.rt.QMPSocket)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return m.run(ctx, "cont", nil, nil)
+}
+
 // withLog adds what QEMU printed, which often says why a migration
 // failed when QMP does not.
 func (m *machine) withLog(err error) error {
