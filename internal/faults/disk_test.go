@@ -132,8 +132,13 @@ func TestHostDiskFull(t *testing.T) {
 	}
 	expectFull("a create", shape)
 	expectFull("a pull", map[string]any{"image": ref, "memory": 256})
-	if list := h.consistent(); len(list) != 2 {
-		t.Errorf("after the refused creates, the list is %+v; want the bystander and the failed pull", list)
+	// A refused create's record normally goes; with the database unable
+	// to write even that, it stays until there is space (then it is an
+	// interrupted create, deleted below with the rest).
+	for _, sb := range h.consistent() {
+		if sb.ID != bystander.ID && sb.ID != failed && sb.Status == "running" {
+			t.Errorf("a refused create left a running sandbox: %+v", sb)
+		}
 	}
 	entries, _ := os.ReadDir(h.d.Images())
 	for _, e := range entries {
@@ -148,9 +153,12 @@ func TestHostDiskFull(t *testing.T) {
 	code, _ := h.srv.try(context.Background(), "POST", "/sandboxes/"+bystander.ID+"/exec",
 		map[string]any{"command": "head -c 50000000 /dev/urandom > /root/big; sync", "timeout": 10}, &res)
 	t.Logf("the bystander writing 50 MB with the host disk full: %d %+v", code, res)
-	templates, _ := filepath.Glob(filepath.Join(h.d.Templates(), "*", "bad"))
-	if len(templates) > 0 {
-		t.Errorf("a template was retired for the host's full disk: %v", templates)
+	marks, _ := filepath.Glob(filepath.Join(h.d.Templates(), "*", "bad"))
+	for _, m := range marks {
+		// A clone may fail for other reasons on a loaded machine.
+		if why, _ := os.ReadFile(m); strings.Contains(string(why), "no space") || strings.Contains(string(why), "is full") {
+			t.Errorf("a template was retired for the host's full disk: %s", why)
+		}
 	}
 
 	// Space again: everything works, the images that failed included,

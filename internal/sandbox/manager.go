@@ -417,7 +417,12 @@ func holdCreation(dir string) (func(), error) {
 func abandonedCreation(dir string) bool {
 	f, err := os.Open(filepath.Join(dir, creationLock))
 	if err != nil {
-		return false // done, or made before creations were locked
+		// A create holds its directory from before its record exists, so
+		// a record without one was left by a create whose cleanup could
+		// not remove the record (a full disk). Otherwise it is done, or
+		// was made before creations were locked.
+		_, serr := os.Stat(dir)
+		return errors.Is(serr, os.ErrNotExist)
 	}
 	defer f.Close()
 	if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
