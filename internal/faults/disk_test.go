@@ -149,10 +149,13 @@ func TestHostDiskFull(t *testing.T) {
 	// The bystander cannot write to its disk either: QEMU stops it on
 	// such a write, and it goes on once there is space. To be sure of
 	// that path, it writes now.
-	var res execResult
+	var p problem
 	code, _ := h.srv.try(context.Background(), "POST", "/sandboxes/"+bystander.ID+"/exec",
-		map[string]any{"command": "head -c 50000000 /dev/urandom > /root/big; sync", "timeout": 10}, &res)
-	t.Logf("the bystander writing 50 MB with the host disk full: %d %+v", code, res)
+		map[string]any{"command": "head -c 50000000 /dev/urandom > /root/big; sync", "timeout": 10}, &p)
+	if code != http.StatusInsufficientStorage || p.Code != "host_disk_full" {
+		t.Errorf("the bystander writing with the host disk full: %d %s, want 507 host_disk_full", code, p.raw)
+	}
+	t.Logf("the bystander writing 50 MB with the host disk full: %d %s", code, p.Detail)
 	marks, _ := filepath.Glob(filepath.Join(h.d.Templates(), "*", "bad"))
 	for _, m := range marks {
 		// A clone may fail for other reasons on a loaded machine.

@@ -687,9 +687,13 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.St
 			Exit: &ExitEvent{ExitCode: res.ExitCode, TimedOut: res.TimedOut, Duration: res.Duration}})
 	}
 	if err != nil && timeout > 0 && ctx.Err() == nil && rctx.Err() != nil {
-		// The agent did not confirm the kill in time (a guest too busy
-		// to answer): the command ran past its timeout all the same,
-		// and the agent ends it when it gets to.
+		// A guest the full host disk stopped cannot answer at all.
+		if _, serr := m.l.unstall(ctx, rec); serr != nil {
+			return res, serr
+		}
+		// Otherwise the agent did not confirm the kill in time (a guest
+		// too busy to answer): the command ran past its timeout all the
+		// same, and the agent ends it when it gets to.
 		m.l.opts.Logger.Warn("the agent did not report a timed-out command's end", "sandbox", id, "timeout", timeout)
 		res.TimedOut = true
 		return res, nil
