@@ -95,12 +95,15 @@ func (r *reaper) start(argv0 string, argv []string, attr *syscall.ProcAttr) (int
 	}
 	pid, err := syscall.ForkExec(argv0, argv, attr)
 	if err != nil && r.group >= 0 && (errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP)) {
-		// A kernel without clone3 into a group: run without limits.
-		r.logf("commands run without limits: starting in the command group failed: %v", err)
-		unix.Close(r.group)
-		r.group = -1
+		// Perhaps a kernel without clone3 into a group: if the command
+		// starts outside it, commands run without limits from now on.
 		attr.Sys.UseCgroupFD = false
-		pid, err = syscall.ForkExec(argv0, argv, attr)
+		if p, rerr := syscall.ForkExec(argv0, argv, attr); rerr == nil {
+			r.logf("commands run without limits: starting in the command group failed: %v", err)
+			unix.Close(r.group)
+			r.group = -1
+			pid, err = p, nil
+		}
 	}
 	if err != nil {
 		return 0, nil, err

@@ -541,7 +541,7 @@ func (m *Manager) lookup(ctx context.Context, id string) (store.Record, error) {
 // reconcile marks a running sandbox whose VM process is gone as stopped,
 // and one whose creating process died as failed (ending what it started).
 func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record {
-	if rec.Status == StatusCreating && abandonedCreation(rec.Dir) {
+	if rec.Status == StatusCreating && abandonedCreation(rec.Dir) && !m.creating(rec.ID) {
 		return m.interrupted(ctx, rec)
 	}
 	if rec.Status != StatusRunning && rec.Status != StatusPaused {
@@ -564,6 +564,16 @@ func (m *Manager) reconcile(ctx context.Context, rec store.Record) store.Record 
 	rec.Status, rec.Error, rec.PID = StatusStopped, reason, 0
 	m.l.publishSandbox(EventSandboxUpdated, toInfo(rec))
 	return rec
+}
+
+// creating reports whether this process is creating sandbox id in the
+// background: a failed one removes its directory a moment before it
+// records the failure, which must not pass for an abandoned create.
+func (m *Manager) creating(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.cancels[id]
+	return ok
 }
 
 // interrupted fails a sandbox whose creation was abandoned and stops the
