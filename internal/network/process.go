@@ -194,10 +194,11 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 		}
 		select {
 		case err := <-exited:
-			return 0, fmt.Errorf("network process exited at start (%v): %s", err, tail(f.logFile()))
+			return 0, errors.Join(fmt.Errorf("network process exited at start (%v): %s", err, tail(f.logFile())), dropStarted(ctx, dir, group))
 		case <-sctx.Done():
 			cmd.Process.Kill()
-			return 0, fmt.Errorf("network process did not answer within %s: %s", startTimeout, tail(f.logFile()))
+			<-exited
+			return 0, errors.Join(fmt.Errorf("network process did not answer within %s: %s", startTimeout, tail(f.logFile())), dropStarted(ctx, dir, group))
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
@@ -216,6 +217,14 @@ func Stop(ctx context.Context, dir string) error {
 		return err
 	}
 	return dropGroup(ctx, dir)
+}
+
+// dropStarted removes the group Start made for a process that has ended.
+func dropStarted(ctx context.Context, dir string, group *cgroup.Group) error {
+	if group == nil {
+		return nil
+	}
+	return dropGroup(context.WithoutCancel(ctx), dir)
 }
 
 // dropGroup removes the control group of dir's network process, once the
