@@ -37,6 +37,16 @@ func (s *server) createAsync(body map[string]any) sandbox {
 	return sb
 }
 
+// killDuringStart asks for a sandbox, freezes its VMM the moment it
+// appears, kills the server and checks what the next one makes of it.
+func (h *host) killDuringStart(body map[string]any) {
+	h.t.Helper()
+	sb := h.srv.createAsync(body)
+	stopProc(h.t, h.waitProc("the new sandbox's VMM", func(p proc) bool { return p.vmm() && p.sandboxID(h.d) == sb.ID }))
+	h.restart()
+	h.interrupted(sb.ID)
+}
+
 // interrupted checks that a sandbox whose creation the server's death cut
 // short is listed as failed with the reason, and deletes it.
 func (h *host) interrupted(id string) {
@@ -73,10 +83,7 @@ func TestServerKilled(t *testing.T) {
 
 	t.Run("during a restore", func(t *testing.T) {
 		defer h.in(t)()
-		sb := h.srv.createAsync(shape)
-		stopProc(t, h.waitProc("restored VMM", func(p proc) bool { return p.vmm() && p.sandboxID(h.d) == sb.ID }))
-		h.restart()
-		h.interrupted(sb.ID)
+		h.killDuringStart(shape)
 		h.srv.answers(bystander.ID)
 	})
 
@@ -149,10 +156,7 @@ func TestServerKilled(t *testing.T) {
 		// Mounting a host directory is the one create that boots cold.
 		share := t.TempDir()
 		h.restart("--allow-mount", share)
-		sb := h.srv.createAsync(map[string]any{"memory": 256, "mounts": []map[string]any{{"host": share, "guest": "/mnt/share"}}})
-		stopProc(t, h.waitProc("cold VMM", func(p proc) bool { return p.vmm() && p.sandboxID(h.d) == sb.ID }))
-		h.restart()
-		h.interrupted(sb.ID)
+		h.killDuringStart(map[string]any{"memory": 256, "mounts": []map[string]any{{"host": share, "guest": "/mnt/share"}}})
 		h.srv.answers(bystander.ID)
 	})
 

@@ -377,14 +377,16 @@ func (l *launcher) halt(ctx context.Context, rec store.Record) error {
 	l.sessions.drop(rec.ID)
 	var errs []error
 	drv, mach, err := l.machine(rec)
+	recorded := err == nil && mach.Alive()
 	if err == nil {
 		if err := mach.Kill(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("stop VM: %w", err))
 		}
 	}
-	// A VM whose start the record does not show yet (the process
-	// starting it died first) is found from its directory.
-	if drv != nil && rec.Dir != "" {
+	// A VM whose start the record does not show (the process starting it
+	// died first) is found from its directory. The record is current
+	// while the VM it names runs, so the common teardown skips the search.
+	if drv != nil && rec.Dir != "" && !recorded {
 		if err := drv.Reap(ctx, rec.Dir); err != nil {
 			errs = append(errs, fmt.Errorf("stop VM: %w", err))
 		}

@@ -41,16 +41,20 @@ func (m *Manager) storageError(err error) error {
 	if se, ok := AsError(err); ok && se.Kind != KindInternal && se.Kind != KindUpstream {
 		return err // already says what went wrong
 	}
-	free := freeSpace(m.opts.DataDir.Path())
-	if !HostFull(err) && (free < 0 || free >= lowSpace) {
+	dir := m.opts.DataDir.Path()
+	full, free := explainsFull(dir, err)
+	if !full {
 		return err
 	}
-	return hostFullError(m.opts.DataDir.Path(), free, err)
-}
-
-func hostFullError(dir string, free int64, err error) error {
 	return &Error{Kind: KindInsufficientStorage, Code: "host_disk_full", Err: err,
 		Message: fmt.Sprintf("the filesystem of smolvm's data directory %s is full (%d MiB free): free some space and try again", dir, max(free, 0)>>20)}
+}
+
+// explainsFull reports whether err is, or may well be, dir's filesystem
+// running out of space, and what is free there (-1 if unknown).
+func explainsFull(dir string, err error) (bool, int64) {
+	free := freeSpace(dir)
+	return HostFull(err) || (free >= 0 && free < lowSpace), free
 }
 
 // freeSpace is what is free on dir's filesystem for this process, or -1.

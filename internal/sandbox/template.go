@@ -101,8 +101,8 @@ func templateDiskMiB(a assets, diskMiB int) int {
 // hostFull reports whether err is, or may well be, the data directory's
 // filesystem running out of space.
 func (tc *templates) hostFull(err error) bool {
-	free := freeSpace(tc.l.opts.DataDir.Path())
-	return HostFull(err) || (free >= 0 && free < lowSpace)
+	full, _ := explainsFull(tc.l.opts.DataDir.Path(), err)
+	return full
 }
 
 // launch brings rec's VM up from a template when it can, and cold when it
