@@ -32,6 +32,7 @@ func main() {
 		newBenchCmd(),
 		newImageCmd(),
 		newTemplateCmd(),
+		newMCPCmd(),
 	)
 	if err := root.ExecuteContext(ctx); err != nil {
 		if code, ok := err.(exitCode); ok {

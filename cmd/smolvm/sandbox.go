@@ -388,28 +388,7 @@ type sandboxClient interface {
 // Manager on the data directory, and reports its error as text or JSON.
 func withSandboxClient(cmd *cobra.Command, sf *sandboxFlags, fn func(context.Context, sandboxClient) error) error {
 	ctx := cmd.Context()
-	base := sf.url
-	if base == "" {
-		base = os.Getenv("SMOLVM_URL")
-	}
-	token := sf.token
-	if token == "" {
-		token = os.Getenv("SMOLVM_TOKEN")
-	}
-
-	if base == "" {
-		// A server on this data directory owns its sandboxes' agent
-		// connections; go through it rather than wait on them.
-		if d, err := setupDataDir(cmd); err == nil {
-			if r, ok := runningServer(d); ok {
-				base = r.URL
-				if token == "" {
-					token = r.Token
-				}
-			}
-		}
-	}
-
+	base, token := serverTarget(cmd, sf.url, sf.token)
 	var err error
 	if base != "" {
 		var c *httpSandboxClient
@@ -435,6 +414,31 @@ func withSandboxClient(cmd *cobra.Command, sf *sandboxFlags, fn func(context.Con
 		return exitCode(1)
 	}
 	return err
+}
+
+// serverTarget is the server the CLI talks to: --url (or $SMOLVM_URL), else
+// the server running on the data directory, else none (""): then the CLI
+// opens the data directory itself.
+func serverTarget(cmd *cobra.Command, url, token string) (string, string) {
+	if url == "" {
+		url = os.Getenv("SMOLVM_URL")
+	}
+	if token == "" {
+		token = os.Getenv("SMOLVM_TOKEN")
+	}
+	if url == "" {
+		// A server on this data directory owns its sandboxes' agent
+		// connections; go through it rather than wait on them.
+		if d, err := setupDataDir(cmd); err == nil {
+			if r, ok := runningServer(d); ok {
+				url = r.URL
+				if token == "" {
+					token = r.Token
+				}
+			}
+		}
+	}
+	return url, token
 }
 
 func withLocalClient(cmd *cobra.Command, allowMounts []string, fn func(context.Context, sandboxClient) error) error {

@@ -13,8 +13,11 @@ import (
 
 	"github.com/danielgtaylor/huma/v2"
 	"github.com/danielgtaylor/huma/v2/adapters/humago"
+	sdk "github.com/modelcontextprotocol/go-sdk/mcp"
 
+	"github.com/smolvm/smolvm/internal/mcp"
 	"github.com/smolvm/smolvm/internal/sandbox"
+	"github.com/smolvm/smolvm/internal/ui"
 )
 
 // APIVersion is the version of the HTTP interface (info.version in the
@@ -79,6 +82,29 @@ func setInstance(hctx huma.Context, _ string, v any) (any, error) {
 // New returns the HTTP handler serving m. m may be nil only to render the
 // OpenAPI document.
 func New(m *sandbox.Manager, opts Options) http.Handler {
+	inner, _ := build(m, opts)
+	g := newGuard(opts)
+	var h http.Handler = g.wrap(releaseLarge(inner))
+	h = recoverer(h, opts.Logger)
+	if opts.Logger != nil {
+		h = logRequests(h, opts.Logger)
+	}
+	if opts.Version != "" {
+		h = withServerHeader(h, "smolvm/"+opts.Version)
+	}
+	return h
+}
+
+// MCPServer returns the MCP tools over m, served in this process without
+// HTTP (`smolvm mcp`); the server's /mcp offers the same tools.
+func MCPServer(m *sandbox.Manager, version string) (*sdk.Server, error) {
+	inner, spec := build(m, Options{Version: version})
+	return mcp.New(spec, mcp.HandlerCaller(inner), version)
+}
+
+// build returns the routes without the guard and logging around them, and
+// the OpenAPI document as JSON.
+func build(m *sandbox.Manager, opts Options) (http.Handler, []byte) {
 	mux := http.NewServeMux()
 	hapi, hs := newAPI(mux, m)
 	hs.stop, hs.keepalive = opts.Stop, opts.Keepalive
@@ -104,18 +130,25 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 	serveStatic(mux, "GET /openapi.json", "application/openapi+json", specJSON)
 	serveStatic(mux, "GET /openapi.yaml", "application/openapi+yaml", specYAML)
 	mux.HandleFunc("GET /docs", serveDocs)
+	mux.Handle("GET "+ui.Prefix, ui.Handler())
+	mux.Handle("GET /ui", http.RedirectHandler(ui.Prefix, http.StatusMovedPermanently))
 	mux.HandleFunc("/", fallback(mux))
 
-	g := newGuard(opts)
-	var h http.Handler = g.wrap(releaseLarge(streamExec(hs, mux)))
-	h = recoverer(h, opts.Logger)
-	if opts.Logger != nil {
-		h = logRequests(h, opts.Logger)
+	inner := streamExec(hs, mux)
+	if m != nil {
+		tools, err := mcp.New(specJSON, mcp.HandlerCaller(inner), opts.Version)
+		if err != nil {
+			// The tools are built from our own document; failing is a
+			// programming error caught by every test.
+			panic(fmt.Sprintf("build the MCP tools: %v", err))
+		}
+		// Stateless with plain JSON answers: every tool call is one
+		// request and one answer, so there is no session to keep and no
+		// stream a proxy could cut.
+		mux.Handle("/mcp", sdk.NewStreamableHTTPHandler(func(*http.Request) *sdk.Server { return tools },
+			&sdk.StreamableHTTPOptions{Stateless: true, JSONResponse: true, MaxRequestBodyBytes: maxMCPBodyBytes}))
 	}
-	if opts.Version != "" {
-		h = withServerHeader(h, "smolvm/"+opts.Version)
-	}
-	return h
+	return inner, specJSON
 }
 
 // OpenAPIDocument returns the OpenAPI document, indented, exactly as it is

@@ -13,11 +13,17 @@ import (
 	"runtime/debug"
 	"strings"
 	"time"
+
+	"github.com/smolvm/smolvm/internal/ui"
 )
 
 // maxBodyBytes bounds every request body; it is huma's default per
 // operation, which enforces it for bodies of unknown length.
 const maxBodyBytes = 1 << 20
+
+// maxMCPBodyBytes bounds a request to /mcp, whose write_file tool carries a
+// whole file in one JSON message.
+const maxMCPBodyBytes = 4 << 20
 
 // guard refuses requests that a web page or a DNS-rebinding attacker could
 // make, and requests without the token when one is configured. The server
@@ -32,13 +38,14 @@ type guard struct {
 }
 
 // isPublic reports the routes that stay open without a token: they describe
-// the API and reveal nothing about sandboxes.
+// the API or are the dashboard's own files, and reveal nothing about
+// sandboxes (the dashboard asks for the token before it shows any).
 func isPublic(path string) bool {
 	switch path {
-	case "/openapi.json", "/openapi.yaml", "/docs":
+	case "/openapi.json", "/openapi.yaml", "/docs", "/ui":
 		return true
 	}
-	return false
+	return strings.HasPrefix(path, ui.Prefix)
 }
 
 // loopbackNames are the Host names by which a loopback server is reached.
@@ -151,14 +158,18 @@ func (g *guard) wrap(next http.Handler) http.Handler {
 			writeProblem(w, r, p)
 			return
 		}
-		if r.ContentLength > maxBodyBytes && !rawBody {
+		limit := int64(maxBodyBytes)
+		if r.URL.Path == "/mcp" {
+			limit = maxMCPBodyBytes
+		}
+		if r.ContentLength > limit && !rawBody {
 			// Answer from the header, before the body: net/http sends no
 			// "100 Continue" to a client that asked for one, so the body
 			// is never sent, and the connection is closed rather than
 			// drained.
 			w.Header().Set("Connection", "close")
 			writeProblem(w, r, newProblem(http.StatusRequestEntityTooLarge, CodeBodyTooLarge,
-				fmt.Sprintf("the request body is %d bytes; the limit is %d bytes", r.ContentLength, maxBodyBytes)))
+				fmt.Sprintf("the request body is %d bytes; the limit is %d bytes", r.ContentLength, limit)))
 			return
 		}
 		if !hasBody(r) {
