@@ -236,6 +236,7 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 	registerProcesses(hapi, h, common, withBody)
 	registerFiles(hapi, h, common, withBody)
 	registerHost(hapi, h, common)
+	registerStats(hapi, h, common)
 }
 
 // plausibleID rejects ids that no sandbox can have before they reach the

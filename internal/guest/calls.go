@@ -21,6 +21,15 @@ func (c *Client) Ping(ctx context.Context) (*agentpb.GuestInfo, error) {
 	return resp.Msg.Info, nil
 }
 
+// Stats asks the guest for its resource use and process list.
+func (c *Client) Stats(ctx context.Context) (*agentpb.StatsResponse, error) {
+	resp, err := c.system.Stats(ctx, connect.NewRequest(&agentpb.StatsRequest{}))
+	if err != nil {
+		return nil, c.callErr(ctx, err)
+	}
+	return resp.Msg, nil
+}
+
 // Shutdown asks the guest to sync its disks and power off.
 func (c *Client) Shutdown(ctx context.Context) error {
 	_, err := c.system.Shutdown(ctx, connect.NewRequest(&agentpb.ShutdownRequest{}))

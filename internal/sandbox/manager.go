@@ -112,6 +112,8 @@ type Manager struct {
 	// sawFull is set when the reaper found the data directory's
 	// filesystem full, so that it looks for stopped VMs once it is not.
 	sawFull bool
+	// cpu is each sandbox's last CPU sample, which Stats measures from.
+	cpu map[string]cpuSample
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes

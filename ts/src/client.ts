@@ -4,6 +4,7 @@ import { SmolvmConnectionError, SmolvmError } from "./errors.js";
 import type { paths } from "./generated/openapi.js";
 import type {
   Capabilities,
+  SandboxStats,
   ClosePortResult,
   CreateSandboxRequest,
   DeleteResult,
@@ -109,6 +110,13 @@ export interface SandboxApi {
   update(id: string, body: UpdateSandboxRequest, options?: RequestOptions): Promise<Sandbox>;
   /** GET /sandboxes/{id}/logs: the console log (guest kernel and agent) since its VM last started, as text. */
   logs(id: string, options?: RequestOptions): Promise<string>;
+  /**
+   * GET /sandboxes/{id}/stats: the VM process's CPU and memory on the host
+   * and, while it runs, the guest's memory, disk, load and processes
+   * (`guest` is absent while paused). A stopped sandbox rejects with a
+   * SmolvmError 409 "sandbox_not_running".
+   */
+  stats(id: string, options?: RequestOptions): Promise<SandboxStats>;
   /**
    * The same as a stream of bytes; with `follow` it stays open with what the
    * console prints next, until `signal` aborts or the sandbox goes.
@@ -358,6 +366,10 @@ export class Smolvm {
       update: async (id, body, opts) => {
         const params = pathParams(id);
         return this.call(opts, this.timeoutMs, (signal) => client.PATCH("/sandboxes/{id}", { params, body, signal }));
+      },
+      stats: async (id, opts) => {
+        const params = pathParams(id);
+        return this.call(opts, this.timeoutMs, (signal) => client.GET("/sandboxes/{id}/stats", { params, signal }));
       },
       logs: async (id, opts) => {
         const resp = await this.rawCall(opts, `/sandboxes/${encodeURIComponent(pathParams(id).path.id)}/logs`, {}, {

@@ -66,6 +66,10 @@ export type Problem = Schemas["Problem"];
 export type CommandTimeoutProblem = Schemas["CommandTimeoutProblem"];
 /** One validation failure inside `Problem.errors`. */
 export type ErrorDetail = Schemas["ErrorDetail"];
+/** Body of `smolvm.sandbox.stats()`: a sandbox's resource use on the host and in the guest. */
+export type SandboxStats = Schemas["SandboxStats"];
+/** One process in the guest, as ps shows it. */
+export type GuestProcess = Schemas["GuestProcess"];
 /** Body of `smolvm.capabilities()`: backends, OSes and network modes, whether this host runs each, and the server's operations. */
 export type Capabilities = Schemas["Capabilities"];
 /** A backend on the server's host, with why it is unavailable if it is. */

@@ -130,6 +130,14 @@ describe("with a sandbox", { timeout: 180_000 }, () => {
     assert.ok(text.length >= logs.length);
   });
 
+  test("stats show the VM on the host and the guest's processes", async () => {
+    const stats = await smolvm.sandbox.stats(sandbox.id);
+    assert.equal(stats.sandbox_id, sandbox.id);
+    assert.ok(stats.host.pid > 0 && stats.host.rss_bytes > 0, JSON.stringify(stats.host));
+    assert.ok(stats.guest && stats.guest.memory_total_bytes > 0, JSON.stringify(stats.guest));
+    assert.ok((stats.guest.processes ?? []).some((p) => p.pid === 1), JSON.stringify(stats.guest.processes));
+  });
+
   test("list contains it and get returns it", async () => {
     const list = await smolvm.sandbox.list();
     assert.ok(Array.isArray(list));

@@ -482,6 +482,231 @@ func (*ShutdownResponse) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
+type StatsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatsRequest) Reset() {
+	*x = StatsRequest{}
+	mi := &file_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatsRequest) ProtoMessage() {}
+
+func (x *StatsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
+func (*StatsRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{7}
+}
+
+type GuestProcess struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pid   int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Ppid  int32                  `protobuf:"varint,2,opt,name=ppid,proto3" json:"ppid,omitempty"`
+	User  string                 `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
+	// One letter, as in ps: R running, S sleeping, D disk wait, Z zombie...
+	State    string `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	RssBytes uint64 `protobuf:"varint,5,opt,name=rss_bytes,json=rssBytes,proto3" json:"rss_bytes,omitempty"`
+	// User and system time together.
+	CpuSeconds float64 `protobuf:"fixed64,6,opt,name=cpu_seconds,json=cpuSeconds,proto3" json:"cpu_seconds,omitempty"`
+	// The command line; the name in brackets for kernel threads, as ps.
+	Command       string `protobuf:"bytes,7,opt,name=command,proto3" json:"command,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GuestProcess) Reset() {
+	*x = GuestProcess{}
+	mi := &file_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GuestProcess) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GuestProcess) ProtoMessage() {}
+
+func (x *GuestProcess) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GuestProcess.ProtoReflect.Descriptor instead.
+func (*GuestProcess) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *GuestProcess) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *GuestProcess) GetPpid() int32 {
+	if x != nil {
+		return x.Ppid
+	}
+	return 0
+}
+
+func (x *GuestProcess) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *GuestProcess) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *GuestProcess) GetRssBytes() uint64 {
+	if x != nil {
+		return x.RssBytes
+	}
+	return 0
+}
+
+func (x *GuestProcess) GetCpuSeconds() float64 {
+	if x != nil {
+		return x.CpuSeconds
+	}
+	return 0
+}
+
+func (x *GuestProcess) GetCommand() string {
+	if x != nil {
+		return x.Command
+	}
+	return ""
+}
+
+type StatsResponse struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	MemoryTotalBytes     uint64                 `protobuf:"varint,1,opt,name=memory_total_bytes,json=memoryTotalBytes,proto3" json:"memory_total_bytes,omitempty"`
+	MemoryAvailableBytes uint64                 `protobuf:"varint,2,opt,name=memory_available_bytes,json=memoryAvailableBytes,proto3" json:"memory_available_bytes,omitempty"`
+	// The root filesystem's.
+	DiskTotalBytes uint64  `protobuf:"varint,3,opt,name=disk_total_bytes,json=diskTotalBytes,proto3" json:"disk_total_bytes,omitempty"`
+	DiskFreeBytes  uint64  `protobuf:"varint,4,opt,name=disk_free_bytes,json=diskFreeBytes,proto3" json:"disk_free_bytes,omitempty"`
+	Load1          float64 `protobuf:"fixed64,5,opt,name=load1,proto3" json:"load1,omitempty"`
+	UptimeMs       int64   `protobuf:"varint,6,opt,name=uptime_ms,json=uptimeMs,proto3" json:"uptime_ms,omitempty"`
+	// Every process but kernel threads.
+	Processes     []*GuestProcess `protobuf:"bytes,7,rep,name=processes,proto3" json:"processes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatsResponse) Reset() {
+	*x = StatsResponse{}
+	mi := &file_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatsResponse) ProtoMessage() {}
+
+func (x *StatsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
+func (*StatsResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *StatsResponse) GetMemoryTotalBytes() uint64 {
+	if x != nil {
+		return x.MemoryTotalBytes
+	}
+	return 0
+}
+
+func (x *StatsResponse) GetMemoryAvailableBytes() uint64 {
+	if x != nil {
+		return x.MemoryAvailableBytes
+	}
+	return 0
+}
+
+func (x *StatsResponse) GetDiskTotalBytes() uint64 {
+	if x != nil {
+		return x.DiskTotalBytes
+	}
+	return 0
+}
+
+func (x *StatsResponse) GetDiskFreeBytes() uint64 {
+	if x != nil {
+		return x.DiskFreeBytes
+	}
+	return 0
+}
+
+func (x *StatsResponse) GetLoad1() float64 {
+	if x != nil {
+		return x.Load1
+	}
+	return 0
+}
+
+func (x *StatsResponse) GetUptimeMs() int64 {
+	if x != nil {
+		return x.UptimeMs
+	}
+	return 0
+}
+
+func (x *StatsResponse) GetProcesses() []*GuestProcess {
+	if x != nil {
+		return x.Processes
+	}
+	return nil
+}
+
 type ProcessConfig struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Run exactly, looked up in PATH. Exclusive with script.
@@ -504,7 +729,7 @@ type ProcessConfig struct {
 
 func (x *ProcessConfig) Reset() {
 	*x = ProcessConfig{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -516,7 +741,7 @@ func (x *ProcessConfig) String() string {
 func (*ProcessConfig) ProtoMessage() {}
 
 func (x *ProcessConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -529,7 +754,7 @@ func (x *ProcessConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessConfig.ProtoReflect.Descriptor instead.
 func (*ProcessConfig) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ProcessConfig) GetArgv() []string {
@@ -591,7 +816,7 @@ type TerminalSize struct {
 
 func (x *TerminalSize) Reset() {
 	*x = TerminalSize{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -603,7 +828,7 @@ func (x *TerminalSize) String() string {
 func (*TerminalSize) ProtoMessage() {}
 
 func (x *TerminalSize) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -616,7 +841,7 @@ func (x *TerminalSize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TerminalSize.ProtoReflect.Descriptor instead.
 func (*TerminalSize) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *TerminalSize) GetCols() uint32 {
@@ -656,7 +881,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -668,7 +893,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -681,7 +906,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *StartRequest) GetProcess() *ProcessConfig {
@@ -748,7 +973,7 @@ type ProcessEvent struct {
 
 func (x *ProcessEvent) Reset() {
 	*x = ProcessEvent{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +985,7 @@ func (x *ProcessEvent) String() string {
 func (*ProcessEvent) ProtoMessage() {}
 
 func (x *ProcessEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +998,7 @@ func (x *ProcessEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessEvent.ProtoReflect.Descriptor instead.
 func (*ProcessEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProcessEvent) GetEvent() isProcessEvent_Event {
@@ -860,7 +1085,7 @@ type StartEvent struct {
 
 func (x *StartEvent) Reset() {
 	*x = StartEvent{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -872,7 +1097,7 @@ func (x *StartEvent) String() string {
 func (*StartEvent) ProtoMessage() {}
 
 func (x *StartEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -885,7 +1110,7 @@ func (x *StartEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartEvent.ProtoReflect.Descriptor instead.
 func (*StartEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StartEvent) GetPid() uint32 {
@@ -916,7 +1141,7 @@ type DataEvent struct {
 
 func (x *DataEvent) Reset() {
 	*x = DataEvent{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1153,7 @@ func (x *DataEvent) String() string {
 func (*DataEvent) ProtoMessage() {}
 
 func (x *DataEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1166,7 @@ func (x *DataEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DataEvent.ProtoReflect.Descriptor instead.
 func (*DataEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DataEvent) GetOutput() isDataEvent_Output {
@@ -1016,7 +1241,7 @@ type EndEvent struct {
 
 func (x *EndEvent) Reset() {
 	*x = EndEvent{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1028,7 +1253,7 @@ func (x *EndEvent) String() string {
 func (*EndEvent) ProtoMessage() {}
 
 func (x *EndEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1041,7 +1266,7 @@ func (x *EndEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndEvent.ProtoReflect.Descriptor instead.
 func (*EndEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *EndEvent) GetExitCode() int32 {
@@ -1080,7 +1305,7 @@ type KeepAlive struct {
 
 func (x *KeepAlive) Reset() {
 	*x = KeepAlive{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1092,7 +1317,7 @@ func (x *KeepAlive) String() string {
 func (*KeepAlive) ProtoMessage() {}
 
 func (x *KeepAlive) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1105,7 +1330,7 @@ func (x *KeepAlive) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAlive.ProtoReflect.Descriptor instead.
 func (*KeepAlive) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 type ProcessSelector struct {
@@ -1121,7 +1346,7 @@ type ProcessSelector struct {
 
 func (x *ProcessSelector) Reset() {
 	*x = ProcessSelector{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1358,7 @@ func (x *ProcessSelector) String() string {
 func (*ProcessSelector) ProtoMessage() {}
 
 func (x *ProcessSelector) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1371,7 @@ func (x *ProcessSelector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessSelector.ProtoReflect.Descriptor instead.
 func (*ProcessSelector) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ProcessSelector) GetSelector() isProcessSelector_Selector {
@@ -1202,7 +1427,7 @@ type ConnectRequest struct {
 
 func (x *ConnectRequest) Reset() {
 	*x = ConnectRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1214,7 +1439,7 @@ func (x *ConnectRequest) String() string {
 func (*ConnectRequest) ProtoMessage() {}
 
 func (x *ConnectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1227,7 +1452,7 @@ func (x *ConnectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectRequest.ProtoReflect.Descriptor instead.
 func (*ConnectRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ConnectRequest) GetProcess() *ProcessSelector {
@@ -1252,7 +1477,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1264,7 +1489,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1277,7 +1502,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 type ProcessInfo struct {
@@ -1295,7 +1520,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1307,7 +1532,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1320,7 +1545,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1374,7 +1599,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1386,7 +1611,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1399,7 +1624,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListResponse) GetProcesses() []*ProcessInfo {
@@ -1418,7 +1643,7 @@ type OutputRequest struct {
 
 func (x *OutputRequest) Reset() {
 	*x = OutputRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1430,7 +1655,7 @@ func (x *OutputRequest) String() string {
 func (*OutputRequest) ProtoMessage() {}
 
 func (x *OutputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1443,7 +1668,7 @@ func (x *OutputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutputRequest.ProtoReflect.Descriptor instead.
 func (*OutputRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *OutputRequest) GetProcess() *ProcessSelector {
@@ -1465,7 +1690,7 @@ type OutputResponse struct {
 
 func (x *OutputResponse) Reset() {
 	*x = OutputResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +1702,7 @@ func (x *OutputResponse) String() string {
 func (*OutputResponse) ProtoMessage() {}
 
 func (x *OutputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +1715,7 @@ func (x *OutputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutputResponse.ProtoReflect.Descriptor instead.
 func (*OutputResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *OutputResponse) GetInfo() *ProcessInfo {
@@ -1524,7 +1749,7 @@ type SendInputRequest struct {
 
 func (x *SendInputRequest) Reset() {
 	*x = SendInputRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +1761,7 @@ func (x *SendInputRequest) String() string {
 func (*SendInputRequest) ProtoMessage() {}
 
 func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +1774,7 @@ func (x *SendInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputRequest.ProtoReflect.Descriptor instead.
 func (*SendInputRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SendInputRequest) GetProcess() *ProcessSelector {
@@ -1574,7 +1799,7 @@ type SendInputResponse struct {
 
 func (x *SendInputResponse) Reset() {
 	*x = SendInputResponse{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1586,7 +1811,7 @@ func (x *SendInputResponse) String() string {
 func (*SendInputResponse) ProtoMessage() {}
 
 func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1599,7 +1824,7 @@ func (x *SendInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendInputResponse.ProtoReflect.Descriptor instead.
 func (*SendInputResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 type StreamInputRequest struct {
@@ -1616,7 +1841,7 @@ type StreamInputRequest struct {
 
 func (x *StreamInputRequest) Reset() {
 	*x = StreamInputRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1628,7 +1853,7 @@ func (x *StreamInputRequest) String() string {
 func (*StreamInputRequest) ProtoMessage() {}
 
 func (x *StreamInputRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1641,7 +1866,7 @@ func (x *StreamInputRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamInputRequest.ProtoReflect.Descriptor instead.
 func (*StreamInputRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StreamInputRequest) GetEvent() isStreamInputRequest_Event {
@@ -1709,7 +1934,7 @@ type StreamInputResponse struct {
 
 func (x *StreamInputResponse) Reset() {
 	*x = StreamInputResponse{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1721,7 +1946,7 @@ func (x *StreamInputResponse) String() string {
 func (*StreamInputResponse) ProtoMessage() {}
 
 func (x *StreamInputResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1734,7 +1959,7 @@ func (x *StreamInputResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamInputResponse.ProtoReflect.Descriptor instead.
 func (*StreamInputResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 type CloseStdinRequest struct {
@@ -1746,7 +1971,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1758,7 +1983,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1771,7 +1996,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CloseStdinRequest) GetProcess() *ProcessSelector {
@@ -1789,7 +2014,7 @@ type CloseStdinResponse struct {
 
 func (x *CloseStdinResponse) Reset() {
 	*x = CloseStdinResponse{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1801,7 +2026,7 @@ func (x *CloseStdinResponse) String() string {
 func (*CloseStdinResponse) ProtoMessage() {}
 
 func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1814,7 +2039,7 @@ func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinResponse.ProtoReflect.Descriptor instead.
 func (*CloseStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 type SendSignalRequest struct {
@@ -1828,7 +2053,7 @@ type SendSignalRequest struct {
 
 func (x *SendSignalRequest) Reset() {
 	*x = SendSignalRequest{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +2065,7 @@ func (x *SendSignalRequest) String() string {
 func (*SendSignalRequest) ProtoMessage() {}
 
 func (x *SendSignalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +2078,7 @@ func (x *SendSignalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendSignalRequest.ProtoReflect.Descriptor instead.
 func (*SendSignalRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SendSignalRequest) GetProcess() *ProcessSelector {
@@ -1878,7 +2103,7 @@ type SendSignalResponse struct {
 
 func (x *SendSignalResponse) Reset() {
 	*x = SendSignalResponse{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1890,7 +2115,7 @@ func (x *SendSignalResponse) String() string {
 func (*SendSignalResponse) ProtoMessage() {}
 
 func (x *SendSignalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1903,7 +2128,7 @@ func (x *SendSignalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendSignalResponse.ProtoReflect.Descriptor instead.
 func (*SendSignalResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 type ResizeRequest struct {
@@ -1916,7 +2141,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1928,7 +2153,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1941,7 +2166,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ResizeRequest) GetProcess() *ProcessSelector {
@@ -1966,7 +2191,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1978,7 +2203,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1991,7 +2216,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 type EntryInfo struct {
@@ -2013,7 +2238,7 @@ type EntryInfo struct {
 
 func (x *EntryInfo) Reset() {
 	*x = EntryInfo{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2025,7 +2250,7 @@ func (x *EntryInfo) String() string {
 func (*EntryInfo) ProtoMessage() {}
 
 func (x *EntryInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2038,7 +2263,7 @@ func (x *EntryInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntryInfo.ProtoReflect.Descriptor instead.
 func (*EntryInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *EntryInfo) GetName() string {
@@ -2113,7 +2338,7 @@ type StatRequest struct {
 
 func (x *StatRequest) Reset() {
 	*x = StatRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2125,7 +2350,7 @@ func (x *StatRequest) String() string {
 func (*StatRequest) ProtoMessage() {}
 
 func (x *StatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2138,7 +2363,7 @@ func (x *StatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatRequest.ProtoReflect.Descriptor instead.
 func (*StatRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *StatRequest) GetPath() string {
@@ -2157,7 +2382,7 @@ type StatResponse struct {
 
 func (x *StatResponse) Reset() {
 	*x = StatResponse{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2169,7 +2394,7 @@ func (x *StatResponse) String() string {
 func (*StatResponse) ProtoMessage() {}
 
 func (x *StatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2182,7 +2407,7 @@ func (x *StatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatResponse.ProtoReflect.Descriptor instead.
 func (*StatResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StatResponse) GetEntry() *EntryInfo {
@@ -2201,7 +2426,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2213,7 +2438,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2226,7 +2451,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListDirRequest) GetPath() string {
@@ -2245,7 +2470,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2257,7 +2482,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2270,7 +2495,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListDirResponse) GetEntries() []*EntryInfo {
@@ -2292,7 +2517,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2529,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2542,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *MakeDirRequest) GetPath() string {
@@ -2350,7 +2575,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2587,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2600,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *MakeDirResponse) GetEntry() *EntryInfo {
@@ -2395,7 +2620,7 @@ type MoveRequest struct {
 
 func (x *MoveRequest) Reset() {
 	*x = MoveRequest{}
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2407,7 +2632,7 @@ func (x *MoveRequest) String() string {
 func (*MoveRequest) ProtoMessage() {}
 
 func (x *MoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2420,7 +2645,7 @@ func (x *MoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MoveRequest.ProtoReflect.Descriptor instead.
 func (*MoveRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{39}
+	return file_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *MoveRequest) GetSource() string {
@@ -2446,7 +2671,7 @@ type MoveResponse struct {
 
 func (x *MoveResponse) Reset() {
 	*x = MoveResponse{}
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2458,7 +2683,7 @@ func (x *MoveResponse) String() string {
 func (*MoveResponse) ProtoMessage() {}
 
 func (x *MoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2471,7 +2696,7 @@ func (x *MoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MoveResponse.ProtoReflect.Descriptor instead.
 func (*MoveResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{40}
+	return file_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *MoveResponse) GetEntry() *EntryInfo {
@@ -2492,7 +2717,7 @@ type RemoveRequest struct {
 
 func (x *RemoveRequest) Reset() {
 	*x = RemoveRequest{}
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2504,7 +2729,7 @@ func (x *RemoveRequest) String() string {
 func (*RemoveRequest) ProtoMessage() {}
 
 func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2517,7 +2742,7 @@ func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
 func (*RemoveRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{41}
+	return file_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RemoveRequest) GetPath() string {
@@ -2542,7 +2767,7 @@ type RemoveResponse struct {
 
 func (x *RemoveResponse) Reset() {
 	*x = RemoveResponse{}
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2554,7 +2779,7 @@ func (x *RemoveResponse) String() string {
 func (*RemoveResponse) ProtoMessage() {}
 
 func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2567,7 +2792,7 @@ func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveResponse.ProtoReflect.Descriptor instead.
 func (*RemoveResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{42}
+	return file_agent_proto_rawDescGZIP(), []int{45}
 }
 
 type ReadRequest struct {
@@ -2582,7 +2807,7 @@ type ReadRequest struct {
 
 func (x *ReadRequest) Reset() {
 	*x = ReadRequest{}
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2594,7 +2819,7 @@ func (x *ReadRequest) String() string {
 func (*ReadRequest) ProtoMessage() {}
 
 func (x *ReadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2607,7 +2832,7 @@ func (x *ReadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadRequest.ProtoReflect.Descriptor instead.
 func (*ReadRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{43}
+	return file_agent_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ReadRequest) GetPath() string {
@@ -2644,7 +2869,7 @@ type ReadResponse struct {
 
 func (x *ReadResponse) Reset() {
 	*x = ReadResponse{}
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2656,7 +2881,7 @@ func (x *ReadResponse) String() string {
 func (*ReadResponse) ProtoMessage() {}
 
 func (x *ReadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2669,7 +2894,7 @@ func (x *ReadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadResponse.ProtoReflect.Descriptor instead.
 func (*ReadResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{44}
+	return file_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ReadResponse) GetEvent() isReadResponse_Event {
@@ -2731,7 +2956,7 @@ type WriteHeader struct {
 
 func (x *WriteHeader) Reset() {
 	*x = WriteHeader{}
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +2968,7 @@ func (x *WriteHeader) String() string {
 func (*WriteHeader) ProtoMessage() {}
 
 func (x *WriteHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +2981,7 @@ func (x *WriteHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteHeader.ProtoReflect.Descriptor instead.
 func (*WriteHeader) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{45}
+	return file_agent_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *WriteHeader) GetPath() string {
@@ -2807,7 +3032,7 @@ type WriteRequest struct {
 
 func (x *WriteRequest) Reset() {
 	*x = WriteRequest{}
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2819,7 +3044,7 @@ func (x *WriteRequest) String() string {
 func (*WriteRequest) ProtoMessage() {}
 
 func (x *WriteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2832,7 +3057,7 @@ func (x *WriteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteRequest.ProtoReflect.Descriptor instead.
 func (*WriteRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{46}
+	return file_agent_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *WriteRequest) GetEvent() isWriteRequest_Event {
@@ -2885,7 +3110,7 @@ type WriteResponse struct {
 
 func (x *WriteResponse) Reset() {
 	*x = WriteResponse{}
-	mi := &file_agent_proto_msgTypes[47]
+	mi := &file_agent_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2897,7 +3122,7 @@ func (x *WriteResponse) String() string {
 func (*WriteResponse) ProtoMessage() {}
 
 func (x *WriteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[47]
+	mi := &file_agent_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2910,7 +3135,7 @@ func (x *WriteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteResponse.ProtoReflect.Descriptor instead.
 func (*WriteResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{47}
+	return file_agent_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *WriteResponse) GetEntry() *EntryInfo {
@@ -2929,7 +3154,7 @@ type ReadTarRequest struct {
 
 func (x *ReadTarRequest) Reset() {
 	*x = ReadTarRequest{}
-	mi := &file_agent_proto_msgTypes[48]
+	mi := &file_agent_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2941,7 +3166,7 @@ func (x *ReadTarRequest) String() string {
 func (*ReadTarRequest) ProtoMessage() {}
 
 func (x *ReadTarRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[48]
+	mi := &file_agent_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2954,7 +3179,7 @@ func (x *ReadTarRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadTarRequest.ProtoReflect.Descriptor instead.
 func (*ReadTarRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{48}
+	return file_agent_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ReadTarRequest) GetPath() string {
@@ -2973,7 +3198,7 @@ type ReadTarResponse struct {
 
 func (x *ReadTarResponse) Reset() {
 	*x = ReadTarResponse{}
-	mi := &file_agent_proto_msgTypes[49]
+	mi := &file_agent_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2985,7 +3210,7 @@ func (x *ReadTarResponse) String() string {
 func (*ReadTarResponse) ProtoMessage() {}
 
 func (x *ReadTarResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[49]
+	mi := &file_agent_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2998,7 +3223,7 @@ func (x *ReadTarResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadTarResponse.ProtoReflect.Descriptor instead.
 func (*ReadTarResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{49}
+	return file_agent_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ReadTarResponse) GetData() []byte {
@@ -3017,7 +3242,7 @@ type WriteTarHeader struct {
 
 func (x *WriteTarHeader) Reset() {
 	*x = WriteTarHeader{}
-	mi := &file_agent_proto_msgTypes[50]
+	mi := &file_agent_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3029,7 +3254,7 @@ func (x *WriteTarHeader) String() string {
 func (*WriteTarHeader) ProtoMessage() {}
 
 func (x *WriteTarHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[50]
+	mi := &file_agent_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3042,7 +3267,7 @@ func (x *WriteTarHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteTarHeader.ProtoReflect.Descriptor instead.
 func (*WriteTarHeader) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{50}
+	return file_agent_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *WriteTarHeader) GetPath() string {
@@ -3065,7 +3290,7 @@ type WriteTarRequest struct {
 
 func (x *WriteTarRequest) Reset() {
 	*x = WriteTarRequest{}
-	mi := &file_agent_proto_msgTypes[51]
+	mi := &file_agent_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3077,7 +3302,7 @@ func (x *WriteTarRequest) String() string {
 func (*WriteTarRequest) ProtoMessage() {}
 
 func (x *WriteTarRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[51]
+	mi := &file_agent_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3090,7 +3315,7 @@ func (x *WriteTarRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteTarRequest.ProtoReflect.Descriptor instead.
 func (*WriteTarRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{51}
+	return file_agent_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *WriteTarRequest) GetEvent() isWriteTarRequest_Event {
@@ -3144,7 +3369,7 @@ type WriteTarResponse struct {
 
 func (x *WriteTarResponse) Reset() {
 	*x = WriteTarResponse{}
-	mi := &file_agent_proto_msgTypes[52]
+	mi := &file_agent_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3156,7 +3381,7 @@ func (x *WriteTarResponse) String() string {
 func (*WriteTarResponse) ProtoMessage() {}
 
 func (x *WriteTarResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[52]
+	mi := &file_agent_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3169,7 +3394,7 @@ func (x *WriteTarResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteTarResponse.ProtoReflect.Descriptor instead.
 func (*WriteTarResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{52}
+	return file_agent_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *WriteTarResponse) GetEntries() int64 {
@@ -3203,7 +3428,25 @@ const file_agent_proto_rawDesc = "" +
 	"\x13SetIdentityResponse\x12.\n" +
 	"\x04info\x18\x01 \x01(\v2\x1a.smolvm.agent.v1.GuestInfoR\x04info\"\x11\n" +
 	"\x0fShutdownRequest\"\x12\n" +
-	"\x10ShutdownResponse\"\xc2\x01\n" +
+	"\x10ShutdownResponse\"\x0e\n" +
+	"\fStatsRequest\"\xb6\x01\n" +
+	"\fGuestProcess\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
+	"\x04ppid\x18\x02 \x01(\x05R\x04ppid\x12\x12\n" +
+	"\x04user\x18\x03 \x01(\tR\x04user\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12\x1b\n" +
+	"\trss_bytes\x18\x05 \x01(\x04R\brssBytes\x12\x1f\n" +
+	"\vcpu_seconds\x18\x06 \x01(\x01R\n" +
+	"cpuSeconds\x12\x18\n" +
+	"\acommand\x18\a \x01(\tR\acommand\"\xb5\x02\n" +
+	"\rStatsResponse\x12,\n" +
+	"\x12memory_total_bytes\x18\x01 \x01(\x04R\x10memoryTotalBytes\x124\n" +
+	"\x16memory_available_bytes\x18\x02 \x01(\x04R\x14memoryAvailableBytes\x12(\n" +
+	"\x10disk_total_bytes\x18\x03 \x01(\x04R\x0ediskTotalBytes\x12&\n" +
+	"\x0fdisk_free_bytes\x18\x04 \x01(\x04R\rdiskFreeBytes\x12\x14\n" +
+	"\x05load1\x18\x05 \x01(\x01R\x05load1\x12\x1b\n" +
+	"\tuptime_ms\x18\x06 \x01(\x03R\buptimeMs\x12;\n" +
+	"\tprocesses\x18\a \x03(\v2\x1d.smolvm.agent.v1.GuestProcessR\tprocesses\"\xc2\x01\n" +
 	"\rProcessConfig\x12\x12\n" +
 	"\x04argv\x18\x01 \x03(\tR\x04argv\x12\x16\n" +
 	"\x06script\x18\x02 \x01(\tR\x06script\x12,\n" +
@@ -3366,11 +3609,12 @@ const file_agent_proto_rawDesc = "" +
 	"\x0eFILE_TYPE_FILE\x10\x01\x12\x17\n" +
 	"\x13FILE_TYPE_DIRECTORY\x10\x02\x12\x15\n" +
 	"\x11FILE_TYPE_SYMLINK\x10\x03\x12\x13\n" +
-	"\x0fFILE_TYPE_OTHER\x10\x042\xf8\x01\n" +
+	"\x0fFILE_TYPE_OTHER\x10\x042\xc0\x02\n" +
 	"\x06System\x12C\n" +
 	"\x04Ping\x12\x1c.smolvm.agent.v1.PingRequest\x1a\x1d.smolvm.agent.v1.PingResponse\x12X\n" +
 	"\vSetIdentity\x12#.smolvm.agent.v1.SetIdentityRequest\x1a$.smolvm.agent.v1.SetIdentityResponse\x12O\n" +
-	"\bShutdown\x12 .smolvm.agent.v1.ShutdownRequest\x1a!.smolvm.agent.v1.ShutdownResponse2\xd8\x05\n" +
+	"\bShutdown\x12 .smolvm.agent.v1.ShutdownRequest\x1a!.smolvm.agent.v1.ShutdownResponse\x12F\n" +
+	"\x05Stats\x12\x1d.smolvm.agent.v1.StatsRequest\x1a\x1e.smolvm.agent.v1.StatsResponse2\xd8\x05\n" +
 	"\aProcess\x12G\n" +
 	"\x05Start\x12\x1d.smolvm.agent.v1.StartRequest\x1a\x1d.smolvm.agent.v1.ProcessEvent0\x01\x12K\n" +
 	"\aConnect\x12\x1f.smolvm.agent.v1.ConnectRequest\x1a\x1d.smolvm.agent.v1.ProcessEvent0\x01\x12C\n" +
@@ -3408,7 +3652,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
 var file_agent_proto_goTypes = []any{
 	(Shell)(0),                  // 0: smolvm.agent.v1.Shell
 	(FileType)(0),               // 1: smolvm.agent.v1.FileType
@@ -3419,133 +3663,139 @@ var file_agent_proto_goTypes = []any{
 	(*SetIdentityResponse)(nil), // 6: smolvm.agent.v1.SetIdentityResponse
 	(*ShutdownRequest)(nil),     // 7: smolvm.agent.v1.ShutdownRequest
 	(*ShutdownResponse)(nil),    // 8: smolvm.agent.v1.ShutdownResponse
-	(*ProcessConfig)(nil),       // 9: smolvm.agent.v1.ProcessConfig
-	(*TerminalSize)(nil),        // 10: smolvm.agent.v1.TerminalSize
-	(*StartRequest)(nil),        // 11: smolvm.agent.v1.StartRequest
-	(*ProcessEvent)(nil),        // 12: smolvm.agent.v1.ProcessEvent
-	(*StartEvent)(nil),          // 13: smolvm.agent.v1.StartEvent
-	(*DataEvent)(nil),           // 14: smolvm.agent.v1.DataEvent
-	(*EndEvent)(nil),            // 15: smolvm.agent.v1.EndEvent
-	(*KeepAlive)(nil),           // 16: smolvm.agent.v1.KeepAlive
-	(*ProcessSelector)(nil),     // 17: smolvm.agent.v1.ProcessSelector
-	(*ConnectRequest)(nil),      // 18: smolvm.agent.v1.ConnectRequest
-	(*ListRequest)(nil),         // 19: smolvm.agent.v1.ListRequest
-	(*ProcessInfo)(nil),         // 20: smolvm.agent.v1.ProcessInfo
-	(*ListResponse)(nil),        // 21: smolvm.agent.v1.ListResponse
-	(*OutputRequest)(nil),       // 22: smolvm.agent.v1.OutputRequest
-	(*OutputResponse)(nil),      // 23: smolvm.agent.v1.OutputResponse
-	(*SendInputRequest)(nil),    // 24: smolvm.agent.v1.SendInputRequest
-	(*SendInputResponse)(nil),   // 25: smolvm.agent.v1.SendInputResponse
-	(*StreamInputRequest)(nil),  // 26: smolvm.agent.v1.StreamInputRequest
-	(*StreamInputResponse)(nil), // 27: smolvm.agent.v1.StreamInputResponse
-	(*CloseStdinRequest)(nil),   // 28: smolvm.agent.v1.CloseStdinRequest
-	(*CloseStdinResponse)(nil),  // 29: smolvm.agent.v1.CloseStdinResponse
-	(*SendSignalRequest)(nil),   // 30: smolvm.agent.v1.SendSignalRequest
-	(*SendSignalResponse)(nil),  // 31: smolvm.agent.v1.SendSignalResponse
-	(*ResizeRequest)(nil),       // 32: smolvm.agent.v1.ResizeRequest
-	(*ResizeResponse)(nil),      // 33: smolvm.agent.v1.ResizeResponse
-	(*EntryInfo)(nil),           // 34: smolvm.agent.v1.EntryInfo
-	(*StatRequest)(nil),         // 35: smolvm.agent.v1.StatRequest
-	(*StatResponse)(nil),        // 36: smolvm.agent.v1.StatResponse
-	(*ListDirRequest)(nil),      // 37: smolvm.agent.v1.ListDirRequest
-	(*ListDirResponse)(nil),     // 38: smolvm.agent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),      // 39: smolvm.agent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),     // 40: smolvm.agent.v1.MakeDirResponse
-	(*MoveRequest)(nil),         // 41: smolvm.agent.v1.MoveRequest
-	(*MoveResponse)(nil),        // 42: smolvm.agent.v1.MoveResponse
-	(*RemoveRequest)(nil),       // 43: smolvm.agent.v1.RemoveRequest
-	(*RemoveResponse)(nil),      // 44: smolvm.agent.v1.RemoveResponse
-	(*ReadRequest)(nil),         // 45: smolvm.agent.v1.ReadRequest
-	(*ReadResponse)(nil),        // 46: smolvm.agent.v1.ReadResponse
-	(*WriteHeader)(nil),         // 47: smolvm.agent.v1.WriteHeader
-	(*WriteRequest)(nil),        // 48: smolvm.agent.v1.WriteRequest
-	(*WriteResponse)(nil),       // 49: smolvm.agent.v1.WriteResponse
-	(*ReadTarRequest)(nil),      // 50: smolvm.agent.v1.ReadTarRequest
-	(*ReadTarResponse)(nil),     // 51: smolvm.agent.v1.ReadTarResponse
-	(*WriteTarHeader)(nil),      // 52: smolvm.agent.v1.WriteTarHeader
-	(*WriteTarRequest)(nil),     // 53: smolvm.agent.v1.WriteTarRequest
-	(*WriteTarResponse)(nil),    // 54: smolvm.agent.v1.WriteTarResponse
+	(*StatsRequest)(nil),        // 9: smolvm.agent.v1.StatsRequest
+	(*GuestProcess)(nil),        // 10: smolvm.agent.v1.GuestProcess
+	(*StatsResponse)(nil),       // 11: smolvm.agent.v1.StatsResponse
+	(*ProcessConfig)(nil),       // 12: smolvm.agent.v1.ProcessConfig
+	(*TerminalSize)(nil),        // 13: smolvm.agent.v1.TerminalSize
+	(*StartRequest)(nil),        // 14: smolvm.agent.v1.StartRequest
+	(*ProcessEvent)(nil),        // 15: smolvm.agent.v1.ProcessEvent
+	(*StartEvent)(nil),          // 16: smolvm.agent.v1.StartEvent
+	(*DataEvent)(nil),           // 17: smolvm.agent.v1.DataEvent
+	(*EndEvent)(nil),            // 18: smolvm.agent.v1.EndEvent
+	(*KeepAlive)(nil),           // 19: smolvm.agent.v1.KeepAlive
+	(*ProcessSelector)(nil),     // 20: smolvm.agent.v1.ProcessSelector
+	(*ConnectRequest)(nil),      // 21: smolvm.agent.v1.ConnectRequest
+	(*ListRequest)(nil),         // 22: smolvm.agent.v1.ListRequest
+	(*ProcessInfo)(nil),         // 23: smolvm.agent.v1.ProcessInfo
+	(*ListResponse)(nil),        // 24: smolvm.agent.v1.ListResponse
+	(*OutputRequest)(nil),       // 25: smolvm.agent.v1.OutputRequest
+	(*OutputResponse)(nil),      // 26: smolvm.agent.v1.OutputResponse
+	(*SendInputRequest)(nil),    // 27: smolvm.agent.v1.SendInputRequest
+	(*SendInputResponse)(nil),   // 28: smolvm.agent.v1.SendInputResponse
+	(*StreamInputRequest)(nil),  // 29: smolvm.agent.v1.StreamInputRequest
+	(*StreamInputResponse)(nil), // 30: smolvm.agent.v1.StreamInputResponse
+	(*CloseStdinRequest)(nil),   // 31: smolvm.agent.v1.CloseStdinRequest
+	(*CloseStdinResponse)(nil),  // 32: smolvm.agent.v1.CloseStdinResponse
+	(*SendSignalRequest)(nil),   // 33: smolvm.agent.v1.SendSignalRequest
+	(*SendSignalResponse)(nil),  // 34: smolvm.agent.v1.SendSignalResponse
+	(*ResizeRequest)(nil),       // 35: smolvm.agent.v1.ResizeRequest
+	(*ResizeResponse)(nil),      // 36: smolvm.agent.v1.ResizeResponse
+	(*EntryInfo)(nil),           // 37: smolvm.agent.v1.EntryInfo
+	(*StatRequest)(nil),         // 38: smolvm.agent.v1.StatRequest
+	(*StatResponse)(nil),        // 39: smolvm.agent.v1.StatResponse
+	(*ListDirRequest)(nil),      // 40: smolvm.agent.v1.ListDirRequest
+	(*ListDirResponse)(nil),     // 41: smolvm.agent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),      // 42: smolvm.agent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),     // 43: smolvm.agent.v1.MakeDirResponse
+	(*MoveRequest)(nil),         // 44: smolvm.agent.v1.MoveRequest
+	(*MoveResponse)(nil),        // 45: smolvm.agent.v1.MoveResponse
+	(*RemoveRequest)(nil),       // 46: smolvm.agent.v1.RemoveRequest
+	(*RemoveResponse)(nil),      // 47: smolvm.agent.v1.RemoveResponse
+	(*ReadRequest)(nil),         // 48: smolvm.agent.v1.ReadRequest
+	(*ReadResponse)(nil),        // 49: smolvm.agent.v1.ReadResponse
+	(*WriteHeader)(nil),         // 50: smolvm.agent.v1.WriteHeader
+	(*WriteRequest)(nil),        // 51: smolvm.agent.v1.WriteRequest
+	(*WriteResponse)(nil),       // 52: smolvm.agent.v1.WriteResponse
+	(*ReadTarRequest)(nil),      // 53: smolvm.agent.v1.ReadTarRequest
+	(*ReadTarResponse)(nil),     // 54: smolvm.agent.v1.ReadTarResponse
+	(*WriteTarHeader)(nil),      // 55: smolvm.agent.v1.WriteTarHeader
+	(*WriteTarRequest)(nil),     // 56: smolvm.agent.v1.WriteTarRequest
+	(*WriteTarResponse)(nil),    // 57: smolvm.agent.v1.WriteTarResponse
 }
 var file_agent_proto_depIdxs = []int32{
 	3,  // 0: smolvm.agent.v1.PingResponse.info:type_name -> smolvm.agent.v1.GuestInfo
 	3,  // 1: smolvm.agent.v1.SetIdentityResponse.info:type_name -> smolvm.agent.v1.GuestInfo
-	0,  // 2: smolvm.agent.v1.ProcessConfig.shell:type_name -> smolvm.agent.v1.Shell
-	9,  // 3: smolvm.agent.v1.StartRequest.process:type_name -> smolvm.agent.v1.ProcessConfig
-	10, // 4: smolvm.agent.v1.StartRequest.pty:type_name -> smolvm.agent.v1.TerminalSize
-	13, // 5: smolvm.agent.v1.ProcessEvent.start:type_name -> smolvm.agent.v1.StartEvent
-	14, // 6: smolvm.agent.v1.ProcessEvent.data:type_name -> smolvm.agent.v1.DataEvent
-	15, // 7: smolvm.agent.v1.ProcessEvent.end:type_name -> smolvm.agent.v1.EndEvent
-	16, // 8: smolvm.agent.v1.ProcessEvent.keepalive:type_name -> smolvm.agent.v1.KeepAlive
-	17, // 9: smolvm.agent.v1.ConnectRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
-	9,  // 10: smolvm.agent.v1.ProcessInfo.config:type_name -> smolvm.agent.v1.ProcessConfig
-	15, // 11: smolvm.agent.v1.ProcessInfo.end:type_name -> smolvm.agent.v1.EndEvent
-	20, // 12: smolvm.agent.v1.ListResponse.processes:type_name -> smolvm.agent.v1.ProcessInfo
-	17, // 13: smolvm.agent.v1.OutputRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
-	20, // 14: smolvm.agent.v1.OutputResponse.info:type_name -> smolvm.agent.v1.ProcessInfo
-	14, // 15: smolvm.agent.v1.OutputResponse.data:type_name -> smolvm.agent.v1.DataEvent
-	17, // 16: smolvm.agent.v1.SendInputRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
-	17, // 17: smolvm.agent.v1.StreamInputRequest.start:type_name -> smolvm.agent.v1.ProcessSelector
-	16, // 18: smolvm.agent.v1.StreamInputRequest.keepalive:type_name -> smolvm.agent.v1.KeepAlive
-	17, // 19: smolvm.agent.v1.CloseStdinRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
-	17, // 20: smolvm.agent.v1.SendSignalRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
-	17, // 21: smolvm.agent.v1.ResizeRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
-	10, // 22: smolvm.agent.v1.ResizeRequest.size:type_name -> smolvm.agent.v1.TerminalSize
-	1,  // 23: smolvm.agent.v1.EntryInfo.type:type_name -> smolvm.agent.v1.FileType
-	34, // 24: smolvm.agent.v1.StatResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
-	34, // 25: smolvm.agent.v1.ListDirResponse.entries:type_name -> smolvm.agent.v1.EntryInfo
-	34, // 26: smolvm.agent.v1.MakeDirResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
-	34, // 27: smolvm.agent.v1.MoveResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
-	34, // 28: smolvm.agent.v1.ReadResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
-	47, // 29: smolvm.agent.v1.WriteRequest.header:type_name -> smolvm.agent.v1.WriteHeader
-	34, // 30: smolvm.agent.v1.WriteResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
-	52, // 31: smolvm.agent.v1.WriteTarRequest.header:type_name -> smolvm.agent.v1.WriteTarHeader
-	2,  // 32: smolvm.agent.v1.System.Ping:input_type -> smolvm.agent.v1.PingRequest
-	5,  // 33: smolvm.agent.v1.System.SetIdentity:input_type -> smolvm.agent.v1.SetIdentityRequest
-	7,  // 34: smolvm.agent.v1.System.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
-	11, // 35: smolvm.agent.v1.Process.Start:input_type -> smolvm.agent.v1.StartRequest
-	18, // 36: smolvm.agent.v1.Process.Connect:input_type -> smolvm.agent.v1.ConnectRequest
-	19, // 37: smolvm.agent.v1.Process.List:input_type -> smolvm.agent.v1.ListRequest
-	22, // 38: smolvm.agent.v1.Process.Output:input_type -> smolvm.agent.v1.OutputRequest
-	24, // 39: smolvm.agent.v1.Process.SendInput:input_type -> smolvm.agent.v1.SendInputRequest
-	26, // 40: smolvm.agent.v1.Process.StreamInput:input_type -> smolvm.agent.v1.StreamInputRequest
-	28, // 41: smolvm.agent.v1.Process.CloseStdin:input_type -> smolvm.agent.v1.CloseStdinRequest
-	30, // 42: smolvm.agent.v1.Process.SendSignal:input_type -> smolvm.agent.v1.SendSignalRequest
-	32, // 43: smolvm.agent.v1.Process.Resize:input_type -> smolvm.agent.v1.ResizeRequest
-	35, // 44: smolvm.agent.v1.Filesystem.Stat:input_type -> smolvm.agent.v1.StatRequest
-	37, // 45: smolvm.agent.v1.Filesystem.ListDir:input_type -> smolvm.agent.v1.ListDirRequest
-	39, // 46: smolvm.agent.v1.Filesystem.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
-	41, // 47: smolvm.agent.v1.Filesystem.Move:input_type -> smolvm.agent.v1.MoveRequest
-	43, // 48: smolvm.agent.v1.Filesystem.Remove:input_type -> smolvm.agent.v1.RemoveRequest
-	45, // 49: smolvm.agent.v1.Filesystem.Read:input_type -> smolvm.agent.v1.ReadRequest
-	48, // 50: smolvm.agent.v1.Filesystem.Write:input_type -> smolvm.agent.v1.WriteRequest
-	50, // 51: smolvm.agent.v1.Filesystem.ReadTar:input_type -> smolvm.agent.v1.ReadTarRequest
-	53, // 52: smolvm.agent.v1.Filesystem.WriteTar:input_type -> smolvm.agent.v1.WriteTarRequest
-	4,  // 53: smolvm.agent.v1.System.Ping:output_type -> smolvm.agent.v1.PingResponse
-	6,  // 54: smolvm.agent.v1.System.SetIdentity:output_type -> smolvm.agent.v1.SetIdentityResponse
-	8,  // 55: smolvm.agent.v1.System.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
-	12, // 56: smolvm.agent.v1.Process.Start:output_type -> smolvm.agent.v1.ProcessEvent
-	12, // 57: smolvm.agent.v1.Process.Connect:output_type -> smolvm.agent.v1.ProcessEvent
-	21, // 58: smolvm.agent.v1.Process.List:output_type -> smolvm.agent.v1.ListResponse
-	23, // 59: smolvm.agent.v1.Process.Output:output_type -> smolvm.agent.v1.OutputResponse
-	25, // 60: smolvm.agent.v1.Process.SendInput:output_type -> smolvm.agent.v1.SendInputResponse
-	27, // 61: smolvm.agent.v1.Process.StreamInput:output_type -> smolvm.agent.v1.StreamInputResponse
-	29, // 62: smolvm.agent.v1.Process.CloseStdin:output_type -> smolvm.agent.v1.CloseStdinResponse
-	31, // 63: smolvm.agent.v1.Process.SendSignal:output_type -> smolvm.agent.v1.SendSignalResponse
-	33, // 64: smolvm.agent.v1.Process.Resize:output_type -> smolvm.agent.v1.ResizeResponse
-	36, // 65: smolvm.agent.v1.Filesystem.Stat:output_type -> smolvm.agent.v1.StatResponse
-	38, // 66: smolvm.agent.v1.Filesystem.ListDir:output_type -> smolvm.agent.v1.ListDirResponse
-	40, // 67: smolvm.agent.v1.Filesystem.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
-	42, // 68: smolvm.agent.v1.Filesystem.Move:output_type -> smolvm.agent.v1.MoveResponse
-	44, // 69: smolvm.agent.v1.Filesystem.Remove:output_type -> smolvm.agent.v1.RemoveResponse
-	46, // 70: smolvm.agent.v1.Filesystem.Read:output_type -> smolvm.agent.v1.ReadResponse
-	49, // 71: smolvm.agent.v1.Filesystem.Write:output_type -> smolvm.agent.v1.WriteResponse
-	51, // 72: smolvm.agent.v1.Filesystem.ReadTar:output_type -> smolvm.agent.v1.ReadTarResponse
-	54, // 73: smolvm.agent.v1.Filesystem.WriteTar:output_type -> smolvm.agent.v1.WriteTarResponse
-	53, // [53:74] is the sub-list for method output_type
-	32, // [32:53] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	10, // 2: smolvm.agent.v1.StatsResponse.processes:type_name -> smolvm.agent.v1.GuestProcess
+	0,  // 3: smolvm.agent.v1.ProcessConfig.shell:type_name -> smolvm.agent.v1.Shell
+	12, // 4: smolvm.agent.v1.StartRequest.process:type_name -> smolvm.agent.v1.ProcessConfig
+	13, // 5: smolvm.agent.v1.StartRequest.pty:type_name -> smolvm.agent.v1.TerminalSize
+	16, // 6: smolvm.agent.v1.ProcessEvent.start:type_name -> smolvm.agent.v1.StartEvent
+	17, // 7: smolvm.agent.v1.ProcessEvent.data:type_name -> smolvm.agent.v1.DataEvent
+	18, // 8: smolvm.agent.v1.ProcessEvent.end:type_name -> smolvm.agent.v1.EndEvent
+	19, // 9: smolvm.agent.v1.ProcessEvent.keepalive:type_name -> smolvm.agent.v1.KeepAlive
+	20, // 10: smolvm.agent.v1.ConnectRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
+	12, // 11: smolvm.agent.v1.ProcessInfo.config:type_name -> smolvm.agent.v1.ProcessConfig
+	18, // 12: smolvm.agent.v1.ProcessInfo.end:type_name -> smolvm.agent.v1.EndEvent
+	23, // 13: smolvm.agent.v1.ListResponse.processes:type_name -> smolvm.agent.v1.ProcessInfo
+	20, // 14: smolvm.agent.v1.OutputRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
+	23, // 15: smolvm.agent.v1.OutputResponse.info:type_name -> smolvm.agent.v1.ProcessInfo
+	17, // 16: smolvm.agent.v1.OutputResponse.data:type_name -> smolvm.agent.v1.DataEvent
+	20, // 17: smolvm.agent.v1.SendInputRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
+	20, // 18: smolvm.agent.v1.StreamInputRequest.start:type_name -> smolvm.agent.v1.ProcessSelector
+	19, // 19: smolvm.agent.v1.StreamInputRequest.keepalive:type_name -> smolvm.agent.v1.KeepAlive
+	20, // 20: smolvm.agent.v1.CloseStdinRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
+	20, // 21: smolvm.agent.v1.SendSignalRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
+	20, // 22: smolvm.agent.v1.ResizeRequest.process:type_name -> smolvm.agent.v1.ProcessSelector
+	13, // 23: smolvm.agent.v1.ResizeRequest.size:type_name -> smolvm.agent.v1.TerminalSize
+	1,  // 24: smolvm.agent.v1.EntryInfo.type:type_name -> smolvm.agent.v1.FileType
+	37, // 25: smolvm.agent.v1.StatResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
+	37, // 26: smolvm.agent.v1.ListDirResponse.entries:type_name -> smolvm.agent.v1.EntryInfo
+	37, // 27: smolvm.agent.v1.MakeDirResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
+	37, // 28: smolvm.agent.v1.MoveResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
+	37, // 29: smolvm.agent.v1.ReadResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
+	50, // 30: smolvm.agent.v1.WriteRequest.header:type_name -> smolvm.agent.v1.WriteHeader
+	37, // 31: smolvm.agent.v1.WriteResponse.entry:type_name -> smolvm.agent.v1.EntryInfo
+	55, // 32: smolvm.agent.v1.WriteTarRequest.header:type_name -> smolvm.agent.v1.WriteTarHeader
+	2,  // 33: smolvm.agent.v1.System.Ping:input_type -> smolvm.agent.v1.PingRequest
+	5,  // 34: smolvm.agent.v1.System.SetIdentity:input_type -> smolvm.agent.v1.SetIdentityRequest
+	7,  // 35: smolvm.agent.v1.System.Shutdown:input_type -> smolvm.agent.v1.ShutdownRequest
+	9,  // 36: smolvm.agent.v1.System.Stats:input_type -> smolvm.agent.v1.StatsRequest
+	14, // 37: smolvm.agent.v1.Process.Start:input_type -> smolvm.agent.v1.StartRequest
+	21, // 38: smolvm.agent.v1.Process.Connect:input_type -> smolvm.agent.v1.ConnectRequest
+	22, // 39: smolvm.agent.v1.Process.List:input_type -> smolvm.agent.v1.ListRequest
+	25, // 40: smolvm.agent.v1.Process.Output:input_type -> smolvm.agent.v1.OutputRequest
+	27, // 41: smolvm.agent.v1.Process.SendInput:input_type -> smolvm.agent.v1.SendInputRequest
+	29, // 42: smolvm.agent.v1.Process.StreamInput:input_type -> smolvm.agent.v1.StreamInputRequest
+	31, // 43: smolvm.agent.v1.Process.CloseStdin:input_type -> smolvm.agent.v1.CloseStdinRequest
+	33, // 44: smolvm.agent.v1.Process.SendSignal:input_type -> smolvm.agent.v1.SendSignalRequest
+	35, // 45: smolvm.agent.v1.Process.Resize:input_type -> smolvm.agent.v1.ResizeRequest
+	38, // 46: smolvm.agent.v1.Filesystem.Stat:input_type -> smolvm.agent.v1.StatRequest
+	40, // 47: smolvm.agent.v1.Filesystem.ListDir:input_type -> smolvm.agent.v1.ListDirRequest
+	42, // 48: smolvm.agent.v1.Filesystem.MakeDir:input_type -> smolvm.agent.v1.MakeDirRequest
+	44, // 49: smolvm.agent.v1.Filesystem.Move:input_type -> smolvm.agent.v1.MoveRequest
+	46, // 50: smolvm.agent.v1.Filesystem.Remove:input_type -> smolvm.agent.v1.RemoveRequest
+	48, // 51: smolvm.agent.v1.Filesystem.Read:input_type -> smolvm.agent.v1.ReadRequest
+	51, // 52: smolvm.agent.v1.Filesystem.Write:input_type -> smolvm.agent.v1.WriteRequest
+	53, // 53: smolvm.agent.v1.Filesystem.ReadTar:input_type -> smolvm.agent.v1.ReadTarRequest
+	56, // 54: smolvm.agent.v1.Filesystem.WriteTar:input_type -> smolvm.agent.v1.WriteTarRequest
+	4,  // 55: smolvm.agent.v1.System.Ping:output_type -> smolvm.agent.v1.PingResponse
+	6,  // 56: smolvm.agent.v1.System.SetIdentity:output_type -> smolvm.agent.v1.SetIdentityResponse
+	8,  // 57: smolvm.agent.v1.System.Shutdown:output_type -> smolvm.agent.v1.ShutdownResponse
+	11, // 58: smolvm.agent.v1.System.Stats:output_type -> smolvm.agent.v1.StatsResponse
+	15, // 59: smolvm.agent.v1.Process.Start:output_type -> smolvm.agent.v1.ProcessEvent
+	15, // 60: smolvm.agent.v1.Process.Connect:output_type -> smolvm.agent.v1.ProcessEvent
+	24, // 61: smolvm.agent.v1.Process.List:output_type -> smolvm.agent.v1.ListResponse
+	26, // 62: smolvm.agent.v1.Process.Output:output_type -> smolvm.agent.v1.OutputResponse
+	28, // 63: smolvm.agent.v1.Process.SendInput:output_type -> smolvm.agent.v1.SendInputResponse
+	30, // 64: smolvm.agent.v1.Process.StreamInput:output_type -> smolvm.agent.v1.StreamInputResponse
+	32, // 65: smolvm.agent.v1.Process.CloseStdin:output_type -> smolvm.agent.v1.CloseStdinResponse
+	34, // 66: smolvm.agent.v1.Process.SendSignal:output_type -> smolvm.agent.v1.SendSignalResponse
+	36, // 67: smolvm.agent.v1.Process.Resize:output_type -> smolvm.agent.v1.ResizeResponse
+	39, // 68: smolvm.agent.v1.Filesystem.Stat:output_type -> smolvm.agent.v1.StatResponse
+	41, // 69: smolvm.agent.v1.Filesystem.ListDir:output_type -> smolvm.agent.v1.ListDirResponse
+	43, // 70: smolvm.agent.v1.Filesystem.MakeDir:output_type -> smolvm.agent.v1.MakeDirResponse
+	45, // 71: smolvm.agent.v1.Filesystem.Move:output_type -> smolvm.agent.v1.MoveResponse
+	47, // 72: smolvm.agent.v1.Filesystem.Remove:output_type -> smolvm.agent.v1.RemoveResponse
+	49, // 73: smolvm.agent.v1.Filesystem.Read:output_type -> smolvm.agent.v1.ReadResponse
+	52, // 74: smolvm.agent.v1.Filesystem.Write:output_type -> smolvm.agent.v1.WriteResponse
+	54, // 75: smolvm.agent.v1.Filesystem.ReadTar:output_type -> smolvm.agent.v1.ReadTarResponse
+	57, // 76: smolvm.agent.v1.Filesystem.WriteTar:output_type -> smolvm.agent.v1.WriteTarResponse
+	55, // [55:77] is the sub-list for method output_type
+	33, // [33:55] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3553,35 +3803,35 @@ func file_agent_proto_init() {
 	if File_agent_proto != nil {
 		return
 	}
-	file_agent_proto_msgTypes[10].OneofWrappers = []any{
+	file_agent_proto_msgTypes[13].OneofWrappers = []any{
 		(*ProcessEvent_Start)(nil),
 		(*ProcessEvent_Data)(nil),
 		(*ProcessEvent_End)(nil),
 		(*ProcessEvent_Keepalive)(nil),
 	}
-	file_agent_proto_msgTypes[12].OneofWrappers = []any{
+	file_agent_proto_msgTypes[15].OneofWrappers = []any{
 		(*DataEvent_Stdout)(nil),
 		(*DataEvent_Stderr)(nil),
 		(*DataEvent_Pty)(nil),
 	}
-	file_agent_proto_msgTypes[15].OneofWrappers = []any{
+	file_agent_proto_msgTypes[18].OneofWrappers = []any{
 		(*ProcessSelector_Pid)(nil),
 		(*ProcessSelector_Tag)(nil),
 	}
-	file_agent_proto_msgTypes[24].OneofWrappers = []any{
+	file_agent_proto_msgTypes[27].OneofWrappers = []any{
 		(*StreamInputRequest_Start)(nil),
 		(*StreamInputRequest_Data)(nil),
 		(*StreamInputRequest_Keepalive)(nil),
 	}
-	file_agent_proto_msgTypes[44].OneofWrappers = []any{
+	file_agent_proto_msgTypes[47].OneofWrappers = []any{
 		(*ReadResponse_Entry)(nil),
 		(*ReadResponse_Data)(nil),
 	}
-	file_agent_proto_msgTypes[46].OneofWrappers = []any{
+	file_agent_proto_msgTypes[49].OneofWrappers = []any{
 		(*WriteRequest_Header)(nil),
 		(*WriteRequest_Data)(nil),
 	}
-	file_agent_proto_msgTypes[51].OneofWrappers = []any{
+	file_agent_proto_msgTypes[54].OneofWrappers = []any{
 		(*WriteTarRequest_Header)(nil),
 		(*WriteTarRequest_Data)(nil),
 	}
@@ -3591,7 +3841,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   53,
+			NumMessages:   56,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -509,6 +509,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/sandboxes/{id}/stats": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Measure a sandbox's resource use
+         * @description The VM process's CPU and memory on the host and, while the sandbox runs, the guest's memory, disk, load and process list from its agent. A stopped sandbox answers 409 sandbox_not_running.
+         */
+        get: operations["getSandboxStats"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/sandboxes/{id}/stop": {
         parameters: {
             query?: never;
@@ -1091,6 +1111,109 @@ export interface components {
              */
             reason: string;
         };
+        GuestProcess: {
+            /** @example /init */
+            command: string;
+            /**
+             * Format: double
+             * @example 0.12
+             */
+            cpu_seconds: number;
+            /**
+             * Format: int64
+             * @example 1
+             */
+            pid: number;
+            /**
+             * Format: int64
+             * @example 0
+             */
+            ppid: number;
+            /**
+             * Format: int64
+             * @example 8388608
+             */
+            rss_bytes: number;
+            /**
+             * @description As in ps: R running, S sleeping, D waiting on I/O, T stopped, Z zombie.
+             * @example S
+             */
+            state: string;
+            /** @example root */
+            user: string;
+        };
+        GuestStats: {
+            /**
+             * Format: int64
+             * @description Space free on the root filesystem for ordinary users.
+             * @example 805306368
+             */
+            disk_free_bytes: number;
+            /**
+             * Format: int64
+             * @description Size of the root filesystem.
+             * @example 1073741824
+             */
+            disk_total_bytes: number;
+            /**
+             * Format: double
+             * @description One-minute load average.
+             * @example 0.08
+             */
+            load1: number;
+            /**
+             * Format: int64
+             * @description Memory available for new work without swapping (MemAvailable).
+             * @example 402653184
+             */
+            memory_available_bytes: number;
+            /**
+             * Format: int64
+             * @description Memory the guest kernel manages.
+             * @example 503316480
+             */
+            memory_total_bytes: number;
+            /** @description The guest's processes, kernel threads left out, at most 512. */
+            processes: components["schemas"]["GuestProcess"][] | null;
+            /**
+             * Format: int64
+             * @description Time since the guest booted (its clock; a fork counts from its snapshot's boot).
+             * @example 5230
+             */
+            uptime_ms: number;
+        };
+        HostStats: {
+            /**
+             * Format: double
+             * @description Share of one host CPU used since the previous stats call for this sandbox (if within a minute), else since the VM started. Above 100 with several busy vCPUs.
+             * @example 12.5
+             */
+            cpu_percent: number;
+            /**
+             * Format: double
+             * @description CPU time used since the VM started, user and system.
+             * @example 3.21
+             */
+            cpu_seconds: number;
+            /**
+             * Format: int64
+             * @description The VM process's id on the host.
+             * @example 4242
+             */
+            pid: number;
+            /**
+             * Format: int64
+             * @description Proportional set size: resident memory with pages shared with other processes (clones of one template) counted by their share.
+             * @example 67108864
+             */
+            pss_bytes: number;
+            /**
+             * Format: int64
+             * @description Resident memory.
+             * @example 98566144
+             */
+            rss_bytes: number;
+        };
         MkdirRequest: {
             /**
              * @description Permission bits in octal; 0755 by default.
@@ -1590,6 +1713,23 @@ export interface components {
              * @example 31457280
              */
             total_bytes: number;
+        };
+        SandboxStats: {
+            /** @description The guest's own view, from its agent; absent while the sandbox is paused. */
+            guest?: components["schemas"]["GuestStats"];
+            /** @description The sandbox's VM process on the host. */
+            host: components["schemas"]["HostStats"];
+            /**
+             * @description The sandbox measured.
+             * @example vm-a1b2c3d4
+             */
+            sandbox_id: string;
+            /**
+             * Format: date-time
+             * @description When it was measured (RFC 3339).
+             * @example 2026-06-24T10:00:00Z
+             */
+            time: string;
         };
         SignalRequest: {
             /**
@@ -4611,6 +4751,92 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getSandboxStats: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Sandbox id, as returned by create. */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SandboxStats"];
                 };
             };
             /** @description Unauthorized */

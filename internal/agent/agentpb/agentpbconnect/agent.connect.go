@@ -52,6 +52,8 @@ const (
 	SystemSetIdentityProcedure = "/smolvm.agent.v1.System/SetIdentity"
 	// SystemShutdownProcedure is the fully-qualified name of the System's Shutdown RPC.
 	SystemShutdownProcedure = "/smolvm.agent.v1.System/Shutdown"
+	// SystemStatsProcedure is the fully-qualified name of the System's Stats RPC.
+	SystemStatsProcedure = "/smolvm.agent.v1.System/Stats"
 	// ProcessStartProcedure is the fully-qualified name of the Process's Start RPC.
 	ProcessStartProcedure = "/smolvm.agent.v1.Process/Start"
 	// ProcessConnectProcedure is the fully-qualified name of the Process's Connect RPC.
@@ -99,6 +101,8 @@ type SystemClient interface {
 	SetIdentity(context.Context, *connect.Request[agentpb.SetIdentityRequest]) (*connect.Response[agentpb.SetIdentityResponse], error)
 	// Shutdown answers, then syncs the disks and powers the guest off.
 	Shutdown(context.Context, *connect.Request[agentpb.ShutdownRequest]) (*connect.Response[agentpb.ShutdownResponse], error)
+	// Stats answers the guest's resource use and its process list.
+	Stats(context.Context, *connect.Request[agentpb.StatsRequest]) (*connect.Response[agentpb.StatsResponse], error)
 }
 
 // NewSystemClient constructs a client for the smolvm.agent.v1.System service. By default, it uses
@@ -130,6 +134,12 @@ func NewSystemClient(httpClient connect.HTTPClient, baseURL string, opts ...conn
 			connect.WithSchema(systemMethods.ByName("Shutdown")),
 			connect.WithClientOptions(opts...),
 		),
+		stats: connect.NewClient[agentpb.StatsRequest, agentpb.StatsResponse](
+			httpClient,
+			baseURL+SystemStatsProcedure,
+			connect.WithSchema(systemMethods.ByName("Stats")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -138,6 +148,7 @@ type systemClient struct {
 	ping        *connect.Client[agentpb.PingRequest, agentpb.PingResponse]
 	setIdentity *connect.Client[agentpb.SetIdentityRequest, agentpb.SetIdentityResponse]
 	shutdown    *connect.Client[agentpb.ShutdownRequest, agentpb.ShutdownResponse]
+	stats       *connect.Client[agentpb.StatsRequest, agentpb.StatsResponse]
 }
 
 // Ping calls smolvm.agent.v1.System.Ping.
@@ -155,6 +166,11 @@ func (c *systemClient) Shutdown(ctx context.Context, req *connect.Request[agentp
 	return c.shutdown.CallUnary(ctx, req)
 }
 
+// Stats calls smolvm.agent.v1.System.Stats.
+func (c *systemClient) Stats(ctx context.Context, req *connect.Request[agentpb.StatsRequest]) (*connect.Response[agentpb.StatsResponse], error) {
+	return c.stats.CallUnary(ctx, req)
+}
+
 // SystemHandler is an implementation of the smolvm.agent.v1.System service.
 type SystemHandler interface {
 	// Ping answers facts about the guest; it is the cheapest round trip.
@@ -164,6 +180,8 @@ type SystemHandler interface {
 	SetIdentity(context.Context, *connect.Request[agentpb.SetIdentityRequest]) (*connect.Response[agentpb.SetIdentityResponse], error)
 	// Shutdown answers, then syncs the disks and powers the guest off.
 	Shutdown(context.Context, *connect.Request[agentpb.ShutdownRequest]) (*connect.Response[agentpb.ShutdownResponse], error)
+	// Stats answers the guest's resource use and its process list.
+	Stats(context.Context, *connect.Request[agentpb.StatsRequest]) (*connect.Response[agentpb.StatsResponse], error)
 }
 
 // NewSystemHandler builds an HTTP handler from the service implementation. It returns the path on
@@ -191,6 +209,12 @@ func NewSystemHandler(svc SystemHandler, opts ...connect.HandlerOption) (string,
 		connect.WithSchema(systemMethods.ByName("Shutdown")),
 		connect.WithHandlerOptions(opts...),
 	)
+	systemStatsHandler := connect.NewUnaryHandler(
+		SystemStatsProcedure,
+		svc.Stats,
+		connect.WithSchema(systemMethods.ByName("Stats")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/smolvm.agent.v1.System/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case SystemPingProcedure:
@@ -199,6 +223,8 @@ func NewSystemHandler(svc SystemHandler, opts ...connect.HandlerOption) (string,
 			systemSetIdentityHandler.ServeHTTP(w, r)
 		case SystemShutdownProcedure:
 			systemShutdownHandler.ServeHTTP(w, r)
+		case SystemStatsProcedure:
+			systemStatsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -218,6 +244,10 @@ func (UnimplementedSystemHandler) SetIdentity(context.Context, *connect.Request[
 
 func (UnimplementedSystemHandler) Shutdown(context.Context, *connect.Request[agentpb.ShutdownRequest]) (*connect.Response[agentpb.ShutdownResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("smolvm.agent.v1.System.Shutdown is not implemented"))
+}
+
+func (UnimplementedSystemHandler) Stats(context.Context, *connect.Request[agentpb.StatsRequest]) (*connect.Response[agentpb.StatsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("smolvm.agent.v1.System.Stats is not implemented"))
 }
 
 // ProcessClient is a client for the smolvm.agent.v1.Process service.
