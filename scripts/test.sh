@@ -24,16 +24,23 @@ bash scripts/setup.sh
 
 # Test-only dependencies: the image tests build OCI images around Debian's
 # static busybox; the agent API's drift test regenerates its code with
-# protoc; the shell test drives a terminal with tmux.
+# protoc; the shell test drives a terminal with tmux; the dashboard's tests
+# drive Debian's Chromium, and its build (checked against the committed
+# one) and the TypeScript client need Node.js and npm.
 need=()
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "installing ${need[*]} for the tests"
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" ||
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
 fi
+
+echo "== dashboard build tools"
+(cd internal/ui/web && npm ci --no-audit --no-fund && npm run typecheck)
 
 echo "== gofmt and go vet"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './ts/*'))

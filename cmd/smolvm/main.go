@@ -33,6 +33,7 @@ func main() {
 		newImageCmd(),
 		newTemplateCmd(),
 		newMCPCmd(),
+		newUICmd(),
 	)
 	if err := root.ExecuteContext(ctx); err != nil {
 		if code, ok := err.(exitCode); ok {

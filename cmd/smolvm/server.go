@@ -57,6 +57,9 @@ type serverConfig struct {
 	pool        int
 	poolCleanup bool
 	allowMounts []string
+	// ready, when set, is called once the server listens, with its URL
+	// and token.
+	ready func(url, token string)
 }
 
 func newServerStartCmd() *cobra.Command {
@@ -177,6 +180,9 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	srv.RegisterOnShutdown(func() { stopOnce.Do(func() { close(stopStreams) }) })
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	if c.ready != nil {
+		c.ready("http://"+shown, c.token)
+	}
 
 	select {
 	case err := <-served:
