@@ -24,14 +24,14 @@ import (
 )
 
 // Config describes a sandbox. Zero values take the defaults: the Debian
-// image, 512 MiB of memory, a 1024 MiB disk, 1 vCPU, the qemu backend.
+// image, 512 MiB of memory, a 1024 MiB disk, 1 vCPU, the backend chosen for the host (see Backend).
 type Config struct {
 	OS       string // "" or "debian" (built locally), "alpine", "ubuntu" (pulled); "windows" is refused
 	Image    string // an OCI reference, file:///path (ext4, qcow2, tarball), s3://bucket/key; "" for the OS default
 	Memory   int    // MiB, 128..16384
 	DiskSize int    // MiB
 	VCPUs    int    // 1..32
-	Backend  string // "qemu" (default); "firecracker", "libkrun" are not available yet
+	Backend  string // "" or "auto": Firecracker where KVM works and it is installed, else QEMU, else libkrun; or one of them by name
 	// Network is what the guest may reach; the zero value is mode "open":
 	// the public Internet, not the host itself, link-local (metadata)
 	// addresses or private ranges unless Allow lists them or AllowPrivate

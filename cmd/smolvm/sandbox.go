@@ -125,7 +125,7 @@ func newSandboxCreateCmd(sf *sandboxFlags) *cobra.Command {
 	f.IntVar(&req.Memory, "memory", 0, fmt.Sprintf("guest memory in MiB, %d to %d (default %d)", sandbox.MinMemoryMiB, sandbox.MaxMemoryMiB, sandbox.DefaultMemoryMiB))
 	f.IntVar(&req.DiskSize, "disk-size", 0, fmt.Sprintf("guest disk size in MiB, %d to %d (default %d)", sandbox.MinDiskMiB, sandbox.MaxDiskMiB, sandbox.DefaultDiskMiB))
 	f.IntVar(&req.VCPUs, "vcpus", 0, fmt.Sprintf("virtual CPUs, %d to %d (default %d)", sandbox.MinVCPUs, sandbox.MaxVCPUs, sandbox.DefaultVCPUs))
-	f.StringVar(&req.Backend, "backend", "", "runtime backend: qemu, firecracker or libkrun (default "+sandbox.DefaultBackend+")")
+	f.StringVar(&req.Backend, "backend", "", "runtime backend: auto (the fastest this host runs), firecracker, qemu or libkrun")
 	f.StringVar(&nf.mode, "network", string(network.ModeOpen), "what the guest may reach: `MODE` is open (the public Internet: not the host, link-local or private addresses), off (no network) or restricted (only --allow)")
 	f.StringSliceVar(&nf.allow, "allow", nil, "an IPv4 `CIDR` or address the guest may connect to, with --network restricted (which it implies when --network is not given), or a private one it may reach with --network open; repeatable")
 	f.BoolVar(&nf.hostLoopback, "allow-host-loopback", false, "let the guest reach services on the host's 127.0.0.1, as host.smolvm.internal")

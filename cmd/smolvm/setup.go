@@ -21,29 +21,110 @@ import (
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/image"
 	"github.com/smolvm/smolvm/internal/kernel"
+	"github.com/smolvm/smolvm/internal/sandbox"
+	"github.com/smolvm/smolvm/internal/vmm/drivers"
 )
 
 func newSetupCmd() *cobra.Command {
-	return &cobra.Command{
+	var backend, fcBin, binDir string
+	cmd := &cobra.Command{
 		Use:   "setup",
 		Short: "Prepare this host: install QEMU and tools, fetch the guest kernel, build the default image",
 		Long: `Prepare this host to run sandboxes. Installs the missing Debian packages
 (qemu-system-x86, qemu-utils, e2fsprogs, debootstrap) with apt-get, imports
 Debian's kernel as the guest kernel, and builds the default Debian image
 (about a minute). Needs root for the packages and the image build. Running it
-again only checks, and returns at once.`,
+again only checks, and returns at once.
+
+--backend firecracker also installs a Firecracker release binary that you
+downloaded (--firecracker-bin; no Debian package serves one) as
+/usr/local/bin/firecracker, after checking that it runs. Firecracker needs a
+working /dev/kvm; sandboxes then use it unless they name another backend.`,
+		Example: `  sudo smolvm setup
+  sudo smolvm setup --backend firecracker --firecracker-bin ./release-v1.17.0-x86_64/firecracker-v1.17.0-x86_64`,
 		Args:         cobra.NoArgs,
 		SilenceUsage: true,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch backend {
+			case "qemu", "":
+				if fcBin != "" {
+					return errors.New("--firecracker-bin goes with --backend firecracker")
+				}
+			case "firecracker":
+				if fcBin == "" {
+					return errors.New("--backend firecracker needs --firecracker-bin PATH: a Firecracker release binary (https://github.com/firecracker-microvm/firecracker/releases), as no package serves one")
+				}
+			case "libkrun":
+				return errors.New("--backend libkrun: install libkrun (libkrun.so.1) from your distribution or a release, and put smolvm-krun beside smolvm; `smolvm doctor` then shows the backend available")
+			default:
+				return fmt.Errorf("--backend %q: want qemu, firecracker or libkrun", backend)
+			}
 			d, err := setupDataDir(cmd)
 			if err != nil {
 				return err
 			}
+			out := cmd.OutOrStdout()
+			if fcBin != "" {
+				// Checked first: a wrong binary should not wait for the
+				// image build to be reported.
+				if err := installFirecracker(cmd.Context(), fcBin, binDir, out); err != nil {
+					return err
+				}
+			}
 			// cmd.Context() ends on SIGINT/SIGTERM; the build then removes
 			// its temp files before returning.
-			return runSetup(cmd.Context(), d, cmd.OutOrStdout())
+			return runSetup(cmd.Context(), d, out)
 		},
 	}
+	f := cmd.Flags()
+	f.StringVar(&backend, "backend", "qemu", "backend to prepare besides QEMU's tools, kernel and image: qemu, firecracker or libkrun")
+	f.StringVar(&fcBin, "firecracker-bin", "", "a Firecracker release binary to install (with --backend firecracker)")
+	f.StringVar(&binDir, "bin-dir", "/usr/local/bin", "where --firecracker-bin is installed")
+	f.MarkHidden("bin-dir")
+	return cmd
+}
+
+// installFirecracker copies a Firecracker binary into binDir once it has
+// shown its version: a file that is not Firecracker (or not for this
+// machine) fails here rather than at the first sandbox.
+func installFirecracker(ctx context.Context, src, binDir string, out io.Writer) error {
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	b, err := exec.CommandContext(vctx, src, "--version").CombinedOutput()
+	version := strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])
+	if err != nil || !strings.HasPrefix(version, "Firecracker v") {
+		return fmt.Errorf("%s is not a Firecracker binary that runs here (`%s --version`: %v %q)", src, src, err, version)
+	}
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", src, err)
+	}
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return fmt.Errorf("make %s: %w", binDir, err)
+	}
+	dst := filepath.Join(binDir, "firecracker")
+	tmp, err := os.CreateTemp(binDir, ".firecracker-*")
+	if err != nil {
+		return fmt.Errorf("install firecracker in %s: %w (run as root)", binDir, err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Chmod(0o755); err != nil {
+		tmp.Close()
+		return fmt.Errorf("chmod %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	// A rename replaces a binary that running VMMs still execute safely.
+	if err := os.Rename(tmp.Name(), dst); err != nil {
+		return fmt.Errorf("install %s: %w", dst, err)
+	}
+	fmt.Fprintf(out, "firecracker: %s installed as %s\n", version, dst)
+	return nil
 }
 
 func newDoctorCmd() *cobra.Command {
@@ -61,7 +142,7 @@ status 1 if anything required is missing.`,
 			if err != nil {
 				return err
 			}
-			checks := doctor.Run(cmd.Context(), d)
+			checks := hostChecks(cmd.Context(), d)
 			missing := doctor.AnyMissing(checks)
 			out := cmd.OutOrStdout()
 			if asJSON {
@@ -133,7 +214,7 @@ func runSetup(ctx context.Context, d datadir.Dir, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "default image: %s (%d MiB)\n", b.Path, b.SizeBytes>>20)
 
-	checks := doctor.Run(ctx, d)
+	checks := hostChecks(ctx, d)
 	fmt.Fprintln(out)
 	printDoctorTable(out, checks)
 	if doctor.AnyMissing(checks) {
@@ -141,6 +222,17 @@ func runSetup(ctx context.Context, d datadir.Dir, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "\nsmolvm is ready (setup took %.0f s); data in %s\n", time.Since(start).Seconds(), d.Path())
 	return nil
+}
+
+// hostChecks are doctor's checks of the host and data directory, and each
+// backend's state.
+func hostChecks(ctx context.Context, d datadir.Dir) []doctor.Check {
+	checks := doctor.Run(ctx, d)
+	var backends []doctor.Backend
+	for _, b := range sandbox.BackendStates(drivers.Default("")) {
+		backends = append(backends, doctor.Backend{Name: b.Name, Reason: b.Reason, Default: b.Default})
+	}
+	return append(checks, doctor.BackendChecks(backends)...)
 }
 
 // setupReturnToSudoUser hands the data directory back to the user who ran

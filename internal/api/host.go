@@ -105,6 +105,11 @@ func (h *handlers) diagnostics(ctx context.Context, _ *struct{}) (*diagnosticsOu
 		return nil, err
 	}
 	checks := doctor.Run(ctx, m.DataDir(), m.Helpers())
+	var backends []doctor.Backend
+	for _, b := range m.Backends() {
+		backends = append(backends, doctor.Backend{Name: b.Name, Reason: b.Reason, Default: b.Default})
+	}
+	checks = append(checks, doctor.BackendChecks(backends)...)
 	d := Diagnostics{Ready: !doctor.AnyMissing(checks)}
 	d.Accelerator, _ = doctor.Accelerator()
 	for _, c := range checks {

@@ -223,7 +223,7 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 	if req.VCPUs == 0 {
 		req.VCPUs = DefaultVCPUs
 	}
-	if req.Backend == "" {
+	if req.Backend == "" || req.Backend == AutoBackend {
 		req.Backend = m.drivers.Default().Name()
 	}
 	if req.MemoryMiB < MinMemoryMiB || req.MemoryMiB > MaxMemoryMiB {
@@ -277,7 +277,7 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status Status) 
 	if err != nil {
 		return Info{}, err
 	}
-	if status == StatusRunning && poolable(req) {
+	if status == StatusRunning && poolable(req, m.drivers.Default().Name()) {
 		if info, ok, err := m.pool.takePooled(ctx, req); ok || err != nil {
 			return info, err
 		}
@@ -299,7 +299,7 @@ func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, err
 	if err != nil {
 		return Info{}, err
 	}
-	if poolable(req) {
+	if poolable(req, m.drivers.Default().Name()) {
 		if info, ok, err := m.pool.takePooled(ctx, req); ok || err != nil {
 			return info, err
 		}
@@ -843,25 +843,28 @@ type BackendStatus struct {
 	Default bool
 }
 
-// Backends reports every backend the API knows, in its order: those of
-// this build's registry with what their host lacks, and the others as not
-// built in.
-func (m *Manager) Backends() []BackendStatus {
-	def := m.drivers.Default()
+// Backends reports every backend the API knows, in its order, with
+// whether this host can run it.
+func (m *Manager) Backends() []BackendStatus { return BackendStates(m.drivers) }
+
+// BackendStates reports every backend the API knows, in its order, as the
+// drivers in reg can run them on this host.
+func BackendStates(reg *vmm.Registry) []BackendStatus {
+	def := reg.Default()
 	var out []BackendStatus
 	for _, name := range Backends {
 		s := BackendStatus{Name: name}
-		drv, err := m.drivers.Get(name)
+		drv, err := reg.Get(name)
 		switch {
 		case err != nil:
-			s.Reason = fmt.Sprintf("this build of smolvm has no %s driver; it runs sandboxes with %s", name, strings.Join(m.drivers.Names(), ", "))
+			s.Reason = fmt.Sprintf("this build of smolvm has no %s driver; it runs sandboxes with %s", name, strings.Join(reg.Names(), ", "))
 		default:
 			if aerr := drv.Available(); aerr != nil {
 				s.Reason = aerr.Error()
 			} else {
 				s.Available = true
 			}
-			s.Default = def != nil && drv.Name() == def.Name()
+			s.Default = def != nil && drv.Name() == def.Name() && s.Available
 		}
 		out = append(out, s)
 	}

@@ -80,18 +80,20 @@ func (p *pool) close() {
 	}
 }
 
-// poolShape is the one create request the pool serves: the defaults.
+// poolShape is the one create request the pool serves: the defaults, on
+// the backend chosen for this host.
 func poolShape() CreateRequest {
 	return CreateRequest{OS: "", MemoryMiB: DefaultMemoryMiB, DiskSizeMiB: DefaultDiskMiB, VCPUs: DefaultVCPUs, Backend: DefaultBackend,
 		Network: network.Policy{Mode: network.ModeOpen}}
 }
 
-// poolable reports whether a normalized request can take a pooled sandbox.
-func poolable(req CreateRequest) bool {
+// poolable reports whether a normalized request can take a pooled sandbox;
+// defBackend is the backend a request that names none gets.
+func poolable(req CreateRequest, defBackend string) bool {
 	want := poolShape()
 	return (req.OS == "" || req.OS == "debian") && req.Image == "" &&
 		req.MemoryMiB == want.MemoryMiB && req.DiskSizeMiB == want.DiskSizeMiB &&
-		req.VCPUs == want.VCPUs && req.Backend == want.Backend &&
+		req.VCPUs == want.VCPUs && req.Backend == defBackend &&
 		req.Network.Enabled() && // the policy and ports are set on the way out
 		req.Snapshot == "" && len(req.Mounts) == 0
 }

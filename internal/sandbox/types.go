@@ -49,8 +49,14 @@ const (
 	DefaultMemoryMiB = 512
 	DefaultDiskMiB   = 1024
 	DefaultVCPUs     = 1
-	DefaultBackend   = "qemu"
+	// DefaultBackend picks the fastest backend this host runs:
+	// Firecracker where KVM works and it is installed, else QEMU (with KVM,
+	// else emulation), else libkrun.
+	DefaultBackend = AutoBackend
 )
+
+// AutoBackend asks for the backend chosen for this host.
+const AutoBackend = "auto"
 
 // Backends are the backend names the API knows; a driver registry may hold
 // fewer, and a known name it lacks is refused as unavailable, not unknown.
@@ -63,7 +69,7 @@ type CreateRequest struct {
 	MemoryMiB   int
 	DiskSizeMiB int
 	VCPUs       int
-	Backend     string // "" (default), "qemu", "firecracker", "libkrun"
+	Backend     string // "" or "auto" (chosen for the host), "qemu", "firecracker", "libkrun"
 	// Network is what the guest may reach; the zero value is mode open.
 	Network network.Policy
 	// Ports are exposed from the guest on the host once it runs.

@@ -188,7 +188,7 @@ type Registry struct {
 	names   []string
 }
 
-// NewRegistry holds drivers; the first is the default.
+// NewRegistry holds drivers in order of preference.
 func NewRegistry(drivers ...Driver) *Registry {
 	r := &Registry{drivers: make(map[string]Driver)}
 	for _, d := range drivers {
@@ -207,15 +207,22 @@ func (r *Registry) Get(name string) (Driver, error) {
 	return d, nil
 }
 
-// Default is the first driver registered.
+// Default is the most preferred driver this host can run, else the most
+// preferred of all (whose Available then says what is missing). It is
+// asked each time: a backend installed while the server runs is picked up.
 func (r *Registry) Default() Driver {
+	for _, n := range r.names {
+		if r.drivers[n].Available() == nil {
+			return r.drivers[n]
+		}
+	}
 	if len(r.names) == 0 {
 		return nil
 	}
 	return r.drivers[r.names[0]]
 }
 
-// Names lists the registered drivers, the default first.
+// Names lists the registered drivers in order of preference.
 func (r *Registry) Names() []string { return slices.Clone(r.names) }
 
 // DirSharer is a Driver that can share host directories with a guest

@@ -756,12 +756,12 @@ export interface components {
         };
         CreateSandboxRequest: {
             /**
-             * @description Runtime backend. A valid backend that this host cannot run is refused with backend_unavailable, naming what is missing.
-             * @default qemu
+             * @description Runtime backend. auto (or omitted) picks Firecracker where KVM works and it is installed, else QEMU (with KVM, else emulation), else libkrun; the answer's backend says which. A named backend that this host cannot run is refused with backend_unavailable, naming what is missing.
+             * @default auto
              * @example qemu
              * @enum {string}
              */
-            backend?: "firecracker" | "qemu" | "libkrun";
+            backend?: "auto" | "firecracker" | "qemu" | "libkrun";
             /**
              * Format: int64
              * @description Guest disk size in MiB. The disk is sparse: only what the guest writes takes space on the host.
