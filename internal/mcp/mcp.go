@@ -187,8 +187,20 @@ func (o *operation) request(ctx context.Context, t tool, args map[string]json.Ra
 			header[http.CanonicalHeaderKey(prm.Name)] = vals
 		}
 	}
-	if strings.Contains(p, "{") {
-		return nil, fmt.Errorf("missing %s", strings.Trim(p[strings.Index(p, "{"):], "{}/"))
+	if _, rest, found := strings.Cut(p, "{"); found {
+		name, _, _ := strings.Cut(rest, "}")
+		return nil, fmt.Errorf("missing argument %q", name)
+	}
+	if t.name == "write_file" || !o.hasBody {
+		// With no JSON body to carry them (where the API would refuse
+		// unknown fields), arguments left over are mistakes to report,
+		// not to drop.
+		for k := range body {
+			if t.name == "write_file" && (k == "content" || k == "encoding") {
+				continue
+			}
+			return nil, fmt.Errorf("unknown argument %q", k)
+		}
 	}
 	var rd io.Reader
 	switch {

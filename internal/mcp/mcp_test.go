@@ -172,7 +172,9 @@ func TestToolsMatchTheAPI(t *testing.T) {
 	failsWith(t, ctx, cs, "get_sandbox", map[string]any{"id": "vm-00000000"}, "404 sandbox_not_found")
 	failsWith(t, ctx, cs, "create_sandbox", map[string]any{"memory": 1}, "422")
 	failsWith(t, ctx, cs, "create_sandbox", map[string]any{"no_such_field": 1}, "422")
-	failsWith(t, ctx, cs, "exec", map[string]any{"command": "true"}, "missing id")
+	failsWith(t, ctx, cs, "exec", map[string]any{"command": "true"}, `missing argument "id"`)
+	failsWith(t, ctx, cs, "get_sandbox", map[string]any{"id": "vm-00000000", "verbose": true}, `unknown argument "verbose"`)
+	failsWith(t, ctx, cs, "write_file", map[string]any{"id": "vm-00000000", "path": "/x", "content": "", "mode": "0644", "append": true}, `unknown argument "append"`)
 	failsWith(t, ctx, cs, "write_file", map[string]any{"id": "vm-00000000", "path": "/x"}, "content is required")
 	failsWith(t, ctx, cs, "write_file", map[string]any{"id": "vm-00000000", "path": "/x", "content": "!", "encoding": "base64"}, "not base64")
 	var list struct {
