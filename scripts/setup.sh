@@ -55,7 +55,7 @@ if ! git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
 fi
 
 mkdir -p bin
-echo "building bin/smolvm, bin/smolvm-agent and bin/smolvm-net"
+echo "building bin/smolvm, bin/smolvm-agent, bin/smolvm-net and bin/smolvm-krun"
 # Without symbol tables: the agent rides in every guest's initramfs, and
 # panics still name their functions.
 CGO_ENABLED=0 go build "${buildflags[@]}" -ldflags="-s -w" -o bin/ ./cmd/...

@@ -26,12 +26,14 @@ bash scripts/setup.sh
 # static busybox; the agent API's drift test regenerates its code with
 # protoc; the shell test drives a terminal with tmux; the dashboard's tests
 # drive Debian's Chromium, and its build (checked against the committed
-# one) and the TypeScript client need Node.js and npm.
+# one) and the TypeScript client need Node.js and npm; the libkrun tests
+# compile a stand-in libkrun.so with the C compiler.
 need=()
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "installing ${need[*]} for the tests"

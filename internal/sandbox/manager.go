@@ -247,7 +247,7 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 	if err != nil {
 		if slices.Contains(Backends, req.Backend) {
 			return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend",
-				Message: fmt.Sprintf("backend %s is not available on this host: this build runs sandboxes with %s", req.Backend, strings.Join(m.drivers.Names(), ", "))}
+				Message: fmt.Sprintf("backend %s is not available: this build of smolvm runs sandboxes with %s", req.Backend, strings.Join(m.drivers.Names(), ", "))}
 		}
 		return nil, invalid("unknown_backend", "backend", "unknown backend %q: use %s", req.Backend, strings.Join(Backends, ", "))
 	}
@@ -255,7 +255,17 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 		return nil, err
 	}
 	if err := drv.Available(); err != nil {
-		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend", Message: err.Error()}
+		msg := fmt.Sprintf("backend %s is not available on this host: %v", req.Backend, err)
+		var runs []string
+		for _, b := range BackendStates(m.drivers) {
+			if b.Available {
+				runs = append(runs, b.Name)
+			}
+		}
+		if len(runs) > 0 {
+			msg += fmt.Sprintf(" (it runs %s; omit backend to get the default)", strings.Join(runs, ", "))
+		}
+		return nil, &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend", Message: msg}
 	}
 	if err := m.normalizeConfig(req, drv); err != nil {
 		return nil, err

@@ -6,8 +6,6 @@ package qemu
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -79,32 +77,6 @@ func New(o Options) *Driver {
 		}
 	}
 	return d
-}
-
-// vmmAllowanceMiB is what a VMM may hold besides its guest's memory:
-// TCG's code buffer (tcgBufferMiB), QEMU's heap and libraries, and the
-// page cache its files bring in. Measured, an idle 512 MiB clone's QEMU
-// holds about 100 MiB in all.
-const vmmAllowanceMiB = 256
-
-// vmmTasks bounds a VMM's threads: one per vCPU, QEMU's own, and its
-// block I/O pool of up to 64.
-const vmmTasks = 256
-
-// limits are what spec's VMM may use.
-func limits(spec vmm.Spec) cgroup.Limits {
-	mem := spec.MemoryLimitMiB
-	if mem == 0 {
-		mem = spec.MemoryMiB + vmmAllowanceMiB
-	}
-	return cgroup.Limits{MemoryBytes: int64(mem) << 20, Tasks: vmmTasks, CPUWeight: 100 * max(1, spec.VCPUs)}
-}
-
-// cgroupName is a group name unique to the machine in dir: ids alone
-// repeat across data directories.
-func cgroupName(spec vmm.Spec) string {
-	sum := sha256.Sum256([]byte(spec.Dir))
-	return spec.ID + "." + hex.EncodeToString(sum[:4])
 }
 
 func (d *Driver) Name() string { return "qemu" }
@@ -185,32 +157,14 @@ type machine struct {
 	cgroups *cgroup.Hierarchy
 }
 
-// dropGroup removes the process's control group once it has ended. The
-// kernel lets go of a group only once its last task is reaped, a moment
-// after the process is gone (and longer when its parent is busy), so the
-// removal is retried briefly; a group still busy then is left to the
-// sweep at the next start, and logged, rather than failing the caller.
+// dropGroup removes the process's control group once it has ended.
 func (m *machine) dropGroup(err error) error {
 	if err != nil || m.rt.Cgroup == "" || m.cgroups == nil {
 		return err
 	}
-	g := cgroup.Open(*m.cgroups, m.rt.Cgroup)
-	deadline := time.Now().Add(groupRelease)
-	for {
-		rerr := g.Remove()
-		if rerr == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			slog.Warn("the control group of an ended VM is still busy; the next start sweeps it", "group", m.rt.Cgroup, "err", rerr)
-			return nil
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	vmm.DropGroup(*m.cgroups, m.rt.Cgroup)
+	return nil
 }
-
-// groupRelease is how long dropGroup waits for the kernel to let go.
-const groupRelease = 5 * time.Second
 
 func (m *machine) Runtime() json.RawMessage {
 	b, _ := json.Marshal(m.rt)
@@ -553,12 +507,12 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 				slog.Warn("remove the control groups of ended VMs", "err", err)
 			}
 		}
-		g, err := cgroup.New(*d.cgroups, cgroupName(spec), limits(spec))
+		g, err := cgroup.New(*d.cgroups, vmm.GroupName(spec), vmm.Limits(spec))
 		if err != nil {
 			return nil, fmt.Errorf("start qemu: %w", err)
 		}
 		group = &g
-		rt.Cgroup = cgroupName(spec)
+		rt.Cgroup = vmm.GroupName(spec)
 	}
 	cmd := exec.Command(qemuBinary, args...)
 	cmd.Dir = spec.Dir

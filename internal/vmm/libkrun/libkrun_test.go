@@ -1,0 +1,684 @@
+package libkrun
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smolvm/smolvm/internal/agent/wire"
+	"github.com/smolvm/smolvm/internal/cgroup"
+	"github.com/smolvm/smolvm/internal/vmm"
+	"github.com/smolvm/smolvm/internal/vmm/libkrun/libkruntest"
+)
+
+// These tests run the real smolvm-krun, built with CGO_ENABLED=0, through
+// the driver's real Start, against a stub libkrun.so that records each
+// call (libkruntest): this host has neither KVM nor libkrun.
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	libkruntest.Cleanup()
+	os.Exit(code)
+}
+
+type fixture struct {
+	drv   *Driver
+	spec  vmm.Spec
+	calls string // the stub's record
+	base  []byte // the base image's contents
+	lib   string
+}
+
+const (
+	testVCPUs  = 2
+	testMemory = 512
+	testDisk   = 8 // MiB
+	testMAC    = "52:54:00:12:34:56"
+)
+
+// setup builds the helper and a stub library, and describes a sandbox in
+// a directory of its own. omit leaves functions out of the stub.
+func setup(t *testing.T, omit ...string) *fixture {
+	t.Helper()
+	helper, err := libkruntest.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	lib, err := libkruntest.BuildStub(work, omit...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{lib: lib, calls: filepath.Join(work, "calls.jsonl")}
+	t.Setenv(libkruntest.EnvLog, f.calls)
+	t.Setenv(libkruntest.EnvFail, "")
+
+	// A base image with data, a hole and more data, as an ext4 image has.
+	base := filepath.Join(work, "base.ext4")
+	f.base = make([]byte, 3<<20)
+	copy(f.base, "not a real ext4 superblock, which the driver never reads")
+	copy(f.base[2<<20:], "data after a hole")
+	writeSparse(t, base, f.base)
+
+	kernel := filepath.Join(work, "vmlinux")
+	initrd := filepath.Join(work, "initramfs.cpio")
+	for _, p := range []string{kernel, initrd} {
+		if err := os.WriteFile(p, []byte("stub"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := filepath.Join(work, "sb")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f.spec = vmm.Spec{
+		ID:        "vm-test",
+		Dir:       dir,
+		Kernel:    kernel,
+		Initrd:    initrd,
+		Cmdline:   "console=ttyS0 quiet panic=-1 smolvm.hostname=vm-test",
+		BaseImage: base,
+		DiskMiB:   testDisk,
+		MemoryMiB: testMemory,
+		VCPUs:     testVCPUs,
+		Net:       &vmm.NetAttachment{Kind: vmm.NetStream, Socket: filepath.Join(dir, "net.sock"), MAC: testMAC},
+	}
+	f.drv = New(Options{Helper: helper, Library: lib, NoCgroup: true})
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := f.drv.Reap(ctx, dir); err != nil {
+			t.Errorf("reap: %v", err)
+		}
+	})
+	return f
+}
+
+// writeSparse writes b to path, leaving its 4 KiB blocks of zeros as holes.
+func writeSparse(t *testing.T, path string, b []byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for off := 0; off < len(b); off += 4096 {
+		blk := b[off:min(off+4096, len(b))]
+		if !allZero(blk) {
+			if _, err := f.WriteAt(blk, int64(off)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := f.Truncate(int64(len(b))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (f *fixture) recorded(t *testing.T) []libkruntest.Call {
+	t.Helper()
+	calls, err := libkruntest.Calls(f.calls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return calls
+}
+
+func (f *fixture) start(t *testing.T) vmm.Machine {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	m, err := f.drv.Start(ctx, f.spec)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() { m.Kill(context.Background()) })
+	return m
+}
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// ctxCalls are libkrun.h's functions that take a context id first.
+var ctxCalls = []string{
+	"krun_set_vm_config", "krun_set_kernel", "krun_add_disk",
+	"krun_disable_implicit_vsock", "krun_add_vsock", "krun_add_vsock_port2",
+	"krun_add_net_unixstream", "krun_set_console_output", "krun_start_enter",
+}
+
+// argCount is how many arguments each recorded function has in libkrun.h.
+var argCount = map[string]int{
+	"krun_set_log_level": 1, "krun_create_ctx": 0, "krun_set_vm_config": 3,
+	"krun_set_kernel": 5, "krun_add_disk": 4, "krun_disable_implicit_vsock": 1,
+	"krun_add_vsock": 2, "krun_add_vsock_port2": 4, "krun_add_net_unixstream": 6,
+	"krun_set_console_output": 2, "krun_start_enter": 1,
+}
+
+// checkOrder checks the rules libkrun.h sets for a sequence of calls:
+// the context comes first and every call after names it; the VM config
+// and the vsock device come before what depends on them; and
+// krun_start_enter, which consumes the context, comes last and once.
+func checkOrder(t *testing.T, calls []libkruntest.Call) {
+	t.Helper()
+	var names []string
+	for _, c := range calls {
+		names = append(names, c.Name)
+		if n, ok := argCount[c.Name]; !ok {
+			t.Errorf("call to %s, which the stub records but the test does not know", c.Name)
+		} else if len(c.Args) != n {
+			t.Errorf("%s has %d arguments, libkrun.h declares %d", c, len(c.Args), n)
+		}
+	}
+	create := slices.Index(names, "krun_create_ctx")
+	if create < 0 {
+		t.Fatalf("no krun_create_ctx in %v", names)
+	}
+	for i, c := range calls {
+		if !slices.Contains(ctxCalls, c.Name) {
+			continue
+		}
+		if i < create {
+			t.Errorf("%s before krun_create_ctx", c)
+		}
+		if string(c.Args[0]) != fmt.Sprint(libkruntest.StubCtx) {
+			t.Errorf("%s: context id is not the %d krun_create_ctx returned", c, libkruntest.StubCtx)
+		}
+	}
+	before := func(a, b string) {
+		t.Helper()
+		ia, ib := slices.Index(names, a), slices.Index(names, b)
+		if ia < 0 || ib < 0 || ia > ib {
+			t.Errorf("%s must come before %s: %v", a, b, names)
+		}
+	}
+	before("krun_set_log_level", "krun_create_ctx")
+	before("krun_set_vm_config", "krun_start_enter")
+	before("krun_set_kernel", "krun_start_enter")
+	before("krun_disable_implicit_vsock", "krun_add_vsock")
+	before("krun_add_vsock", "krun_add_vsock_port2")
+	before("krun_set_console_output", "krun_start_enter")
+	if n := len(names); names[n-1] != "krun_start_enter" || slices.Index(names, "krun_start_enter") != n-1 {
+		t.Errorf("krun_start_enter is not last and once: %v", names)
+	}
+	if n := len(slices.DeleteFunc(slices.Clone(names), func(n string) bool { return n != "krun_create_ctx" })); n != 1 {
+		t.Errorf("%d krun_create_ctx calls, want 1", n)
+	}
+}
+
+func TestStartConfiguresLibkrunAsTheSpecSays(t *testing.T) {
+	f := setup(t)
+	m := f.start(t)
+	dir := f.spec.Dir
+	q := libkruntest.Quote
+	want := []string{
+		"krun_set_log_level(2)",
+		"krun_create_ctx()",
+		fmt.Sprintf("krun_set_vm_config(7, %d, %d)", testVCPUs, testMemory),
+		fmt.Sprintf("krun_set_kernel(7, %s, 1, %s, %s)", q(f.spec.Kernel), q(f.spec.Initrd),
+			q("quiet panic=-1 smolvm.hostname=vm-test console=hvc0 reboot=k")),
+		fmt.Sprintf("krun_add_disk(7, \"root\", %s, false)", q(filepath.Join(dir, "disk.raw"))),
+		"krun_disable_implicit_vsock(7)",
+		"krun_add_vsock(7, 0)",
+		fmt.Sprintf("krun_add_vsock_port2(7, %d, %s, true)", wire.VsockPort, q(filepath.Join(dir, "agent.sock"))),
+		fmt.Sprintf("krun_add_net_unixstream(7, %s, -1, %s, 0, 0)", q(f.spec.Net.Socket), q(testMAC)),
+		fmt.Sprintf("krun_set_console_output(7, %s)", q(filepath.Join(dir, "console.log"))),
+		"krun_start_enter(7)",
+	}
+	calls := f.recorded(t)
+	var got []string
+	for _, c := range calls {
+		got = append(got, c.String())
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("libkrun calls:\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+	checkOrder(t, calls)
+
+	if !m.Alive() {
+		t.Fatal("machine not alive after Start")
+	}
+	if m.ConsoleLog() != filepath.Join(dir, "console.log") {
+		t.Errorf("console log %s", m.ConsoleLog())
+	}
+
+	// The disk: the base's contents, grown to the spec's size, its holes
+	// kept.
+	disk := filepath.Join(dir, "disk.raw")
+	b, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != testDisk<<20 || !bytes.Equal(b[:len(f.base)], f.base) || len(bytes.Trim(b[len(f.base):], "\x00")) != 0 {
+		t.Errorf("disk is %d bytes, want the base (%d bytes) grown to %d", len(b), len(f.base), testDisk<<20)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(disk, &st); err != nil {
+		t.Fatal(err)
+	}
+	if used := st.Blocks * 512; used >= 1<<20 {
+		t.Errorf("disk takes %d bytes on the host; the base's holes should stay holes", used)
+	}
+
+	// Found again from its runtime record, as a later process would.
+	m2, err := f.drv.Attach(m.Runtime())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m2.PID() != m.PID() || !m2.Alive() || m2.ConsoleLog() != m.ConsoleLog() {
+		t.Errorf("attached machine: pid %d alive %v console %s; want pid %d", m2.PID(), m2.Alive(), m2.ConsoleLog(), m.PID())
+	}
+	var rt map[string]any
+	if err := json.Unmarshal(m.Runtime(), &rt); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"pid", "dir", "agent_socket", "console", "disk", "config"} {
+		if rt[k] == nil {
+			t.Errorf("runtime record %s lacks %q", m.Runtime(), k)
+		}
+	}
+
+	// The agent's socket: the stub listens on it as libkrun does.
+	c, err := m2.DialAgent(ctxFor(t, 10*time.Second))
+	if err != nil {
+		t.Fatalf("DialAgent: %v", err)
+	}
+	c.Close()
+
+	if err := m2.Kill(ctxFor(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if m.Alive() || m2.Alive() {
+		t.Error("machine alive after Kill")
+	}
+	if pids := vmm.ProcessesWith(filepath.Join(dir, "krun.json")); len(pids) > 0 {
+		t.Errorf("helper processes %v left after Kill", pids)
+	}
+	if err := m.Kill(ctxFor(t, 10*time.Second)); err != nil {
+		t.Errorf("a second Kill: %v", err)
+	}
+	// The kernel closes the listener as the last of the killed process's
+	// threads exits, a moment after its main thread shows it gone.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		c, err := m.DialAgent(ctxFor(t, 10*time.Second))
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Error("DialAgent reaches a killed machine")
+			break
+		}
+	}
+
+	if err := f.drv.Clear(dir); err != nil {
+		t.Fatal(err)
+	}
+	left, _ := os.ReadDir(dir)
+	for _, e := range left {
+		if e.Name() != "net.sock" {
+			t.Errorf("%s left after Clear", e.Name())
+		}
+	}
+}
+
+func TestStartWithoutNetworkAddsNoInterface(t *testing.T) {
+	f := setup(t)
+	f.spec.Net = nil
+	f.start(t)
+	calls := f.recorded(t)
+	checkOrder(t, calls)
+	for _, c := range calls {
+		if strings.HasPrefix(c.Name, "krun_add_net") {
+			t.Errorf("network interface added without Spec.Net: %s", c)
+		}
+	}
+	// TSI stays off with no interface, where libkrun would turn it on.
+	var names []string
+	for _, c := range calls {
+		names = append(names, c.String())
+	}
+	if !slices.Contains(names, "krun_disable_implicit_vsock(7)") || !slices.Contains(names, "krun_add_vsock(7, 0)") {
+		t.Errorf("the vsock device is not one without TSI: %v", names)
+	}
+}
+
+func TestStartReusesAnExistingDisk(t *testing.T) {
+	f := setup(t)
+	disk := filepath.Join(f.spec.Dir, "disk.raw")
+	if err := os.WriteFile(disk, []byte("the sandbox's own disk"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m := f.start(t)
+	if b, _ := os.ReadFile(disk); string(b) != "the sandbox's own disk" {
+		t.Errorf("Start replaced an existing disk: %q", b)
+	}
+	m.Kill(ctxFor(t, 10*time.Second))
+}
+
+// Every call's failure makes Start fail naming it, and leaves no process
+// and none of the files this Start made.
+func TestStartFailureNamesTheCallAndLeavesNothing(t *testing.T) {
+	f := setup(t)
+	for _, name := range []string{
+		"krun_set_log_level", "krun_create_ctx", "krun_set_vm_config", "krun_set_kernel",
+		"krun_add_disk", "krun_disable_implicit_vsock", "krun_add_vsock", "krun_add_vsock_port2",
+		"krun_add_net_unixstream", "krun_set_console_output", "krun_start_enter",
+	} {
+		t.Run(name, func(t *testing.T) {
+			os.Remove(f.calls)
+			t.Setenv(libkruntest.EnvFail, name)
+			_, err := f.drv.Start(ctxFor(t, 30*time.Second), f.spec)
+			if err == nil {
+				t.Fatal("Start succeeded")
+			}
+			msg := err.Error()
+			t.Logf("Start: %v", err)
+			if !strings.Contains(msg, name+": invalid argument (EINVAL, -22)") {
+				t.Errorf("Start's error does not name the failed call %s and its error:\n%s", name, msg)
+			}
+			if pids := vmm.ProcessesWith(f.spec.Dir); len(pids) > 0 {
+				t.Errorf("processes %v left after a failed Start", pids)
+			}
+			for _, file := range []string{"krun.json", "agent.sock", "disk.raw"} {
+				if _, err := os.Stat(filepath.Join(f.spec.Dir, file)); err == nil {
+					t.Errorf("%s left after a failed Start", file)
+				}
+			}
+			// The helper stops at the first failure.
+			calls := f.recorded(t)
+			if len(calls) == 0 || calls[len(calls)-1].Name != name {
+				t.Errorf("calls after the failed %s: %v", name, calls)
+			}
+		})
+	}
+}
+
+func TestStartFailsOnALibkrunTooOld(t *testing.T) {
+	f := setup(t, "krun_add_vsock_port2")
+	_, err := f.drv.Start(ctxFor(t, 30*time.Second), f.spec)
+	if err == nil || !strings.Contains(err.Error(), "krun_add_vsock_port2") {
+		t.Fatalf("Start with a libkrun lacking krun_add_vsock_port2: %v", err)
+	}
+	if calls := f.recorded(t); len(calls) > 0 {
+		t.Errorf("the helper called libkrun before finding it incomplete: %v", calls)
+	}
+	if pids := vmm.ProcessesWith(f.spec.Dir); len(pids) > 0 {
+		t.Errorf("processes %v left after a failed Start", pids)
+	}
+}
+
+func TestStartRefusesWhatLibkrunCannotTake(t *testing.T) {
+	f := setup(t)
+	for name, change := range map[string]func(*vmm.Spec){
+		"mounts":      func(s *vmm.Spec) { s.Mounts = []vmm.Mount{{Tag: "m0", HostPath: "/tmp", GuestPath: "/mnt"}} },
+		"no vCPUs":    func(s *vmm.Spec) { s.VCPUs = 0 },
+		"256 vCPUs":   func(s *vmm.Spec) { s.VCPUs = 256 },
+		"no memory":   func(s *vmm.Spec) { s.MemoryMiB = 0 },
+		"bad MAC":     func(s *vmm.Spec) { s.Net.MAC = "52:54:00" },
+		"other net":   func(s *vmm.Spec) { s.Net.Kind = "tap" },
+		"long cmd":    func(s *vmm.Spec) { s.Cmdline = strings.Repeat("x", 2000) },
+		"long dir":    func(s *vmm.Spec) { s.Dir = filepath.Join(s.Dir, strings.Repeat("d", 100)) },
+		"small disk":  func(s *vmm.Spec) { s.DiskMiB = 1 },
+		"no base":     func(s *vmm.Spec) { s.BaseImage = filepath.Join(s.Dir, "missing") },
+		"no kernel":   func(s *vmm.Spec) { s.Kernel = "" },
+		"no cmdline":  func(s *vmm.Spec) { s.Cmdline = "" },
+		"long netsck": func(s *vmm.Spec) { s.Net.Socket = "/" + strings.Repeat("n", 110) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			spec := f.spec
+			net := *f.spec.Net
+			spec.Net = &net
+			change(&spec)
+			if _, err := f.drv.Start(ctxFor(t, 30*time.Second), spec); err == nil {
+				t.Fatal("Start succeeded")
+			}
+			if calls := f.recorded(t); len(calls) > 0 {
+				t.Errorf("libkrun was called: %v", calls)
+			}
+			if _, err := os.Stat(filepath.Join(f.spec.Dir, "disk.raw")); err == nil {
+				t.Error("a disk was made")
+			}
+		})
+	}
+}
+
+func TestReapEndsAVMNoRecordNames(t *testing.T) {
+	f := setup(t)
+	if err := f.drv.Reap(ctxFor(t, 10*time.Second), f.spec.Dir); err != nil {
+		t.Fatalf("Reap with nothing running: %v", err)
+	}
+	m := f.start(t)
+	if err := f.drv.Reap(ctxFor(t, 10*time.Second), f.spec.Dir); err != nil {
+		t.Fatal(err)
+	}
+	if m.Alive() {
+		t.Error("VM alive after Reap")
+	}
+}
+
+func TestWaitReturnsOnceTheVMEnds(t *testing.T) {
+	f := setup(t)
+	m := f.start(t)
+	if err := m.Wait(ctxFor(t, 100*time.Millisecond)); err == nil {
+		t.Fatal("Wait returned while the VM runs")
+	}
+	// As libkrun's exit when the guest powers off.
+	if err := syscall.Kill(m.PID(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Wait(ctxFor(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if m.Alive() {
+		t.Error("alive after Wait")
+	}
+}
+
+func TestStartPutsTheVMInItsControlGroup(t *testing.T) {
+	h, err := cgroup.Detect(cgroup.Root)
+	if os.Geteuid() != 0 || err != nil {
+		t.Skipf("needs root and a cgroup hierarchy (%v)", err)
+	}
+	f := setup(t)
+	f.drv = New(Options{Helper: f.drv.opts.Helper, Library: f.lib})
+	if f.drv.cgroups == nil {
+		t.Fatalf("no cgroups as root: %v", f.drv.cgroupErr)
+	}
+	m := f.start(t)
+	name := vmm.GroupName(f.spec)
+	if got := cgroup.Of(m.PID()); got != name {
+		t.Errorf("VM in group %q, want %q", got, name)
+	}
+	if err := m.Kill(ctxFor(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if dir := cgroup.Open(h, name).Dir("memory"); dir != "" {
+		if _, err := os.Stat(dir); err == nil {
+			t.Errorf("group %s left after Kill", dir)
+		}
+	}
+}
+
+func TestDialAgentWaitsForTheSocket(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "agent.sock")
+	// This test process stands in for the VMM.
+	self := &machine{rt: runtime{PID: os.Getpid(), AgentSocket: sock, Config: os.Args[0]}}
+	listener := make(chan net.Listener, 1)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Error(err)
+		}
+		listener <- l
+	}()
+	c, err := self.DialAgent(ctxFor(t, 10*time.Second))
+	if l := <-listener; l != nil {
+		defer l.Close()
+	}
+	if err != nil {
+		t.Fatalf("DialAgent while the socket appears: %v", err)
+	}
+	c.Close()
+
+	// A VMM that has gone is given up on at once, not at ctx's end.
+	gone := &machine{rt: runtime{PID: 1 << 30, AgentSocket: filepath.Join(dir, "none.sock"), Config: "x"}}
+	start := time.Now()
+	if _, err := gone.DialAgent(ctxFor(t, 10*time.Second)); err == nil || time.Since(start) > 5*time.Second {
+		t.Errorf("DialAgent to an ended VM: %v after %s", err, time.Since(start))
+	}
+	// And one that runs, until ctx ends.
+	waiting := &machine{rt: runtime{PID: os.Getpid(), AgentSocket: filepath.Join(dir, "none.sock"), Config: os.Args[0]}}
+	if _, err := waiting.DialAgent(ctxFor(t, 100*time.Millisecond)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("DialAgent past its deadline: %v", err)
+	}
+}
+
+func TestAttachRefusesAnotherRecord(t *testing.T) {
+	d := New(Options{NoCgroup: true})
+	for _, raw := range []string{`not json`, `{"pid":1}`, `{"pid":1,"agent_socket":"/a"}`} {
+		if _, err := d.Attach(json.RawMessage(raw)); err == nil {
+			t.Errorf("Attach(%s) succeeded", raw)
+		}
+	}
+}
+
+func TestAvailableNamesWhatIsMissing(t *testing.T) {
+	f := setup(t) // before PATH goes: it needs cc
+	d := New(Options{Helper: "/nonexistent/smolvm-krun", Library: "/nonexistent/libkrun.so.1", NoCgroup: true})
+	t.Setenv(HelperEnv, "")
+	t.Setenv("PATH", t.TempDir())
+	err := d.Available()
+	if err == nil || !strings.Contains(err.Error(), "libkrun") || !strings.Contains(err.Error(), "smolvm-krun not found") {
+		t.Errorf("Available without library or helper: %v", err)
+	}
+	if kerr := kvmUsable(); kerr != nil && !strings.Contains(err.Error(), kerr.Error()) {
+		t.Errorf("Available does not say KVM is unusable (%v): %v", kerr, err)
+	}
+
+	err = f.drv.Available()
+	if kerr := kvmUsable(); kerr == nil && err != nil {
+		t.Errorf("Available with KVM, library and helper: %v", err)
+	} else if kerr != nil && (err == nil || err.Error() != kerr.Error()) {
+		t.Errorf("Available with library and helper but no KVM (%v): %v", kerr, err)
+	}
+}
+
+func TestIdentityIsTheLibrarysVersionAndHash(t *testing.T) {
+	f := setup(t)
+	// As distributions install it: the soname a link to the real file.
+	link := filepath.Join(filepath.Dir(f.lib), "libkrun.so.1")
+	if err := os.Symlink(filepath.Base(f.lib), link); err != nil {
+		t.Fatal(err)
+	}
+	d := New(Options{Helper: f.drv.opts.Helper, Library: link, NoCgroup: true})
+	id, err := d.Identity(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := "libkrun " + libkruntest.StubVersion + " (sha256 "
+	if !strings.HasPrefix(id, prefix) || len(id) != len(prefix)+16+1 {
+		t.Errorf("identity %q, want %q and 16 hex digits", id, prefix)
+	}
+}
+
+func TestLibrarySearchFollowsLdSoConf(t *testing.T) {
+	dir := t.TempDir()
+	libdir := filepath.Join(dir, "lib")
+	confd := filepath.Join(dir, "ld.so.conf.d")
+	for _, d := range []string{libdir, confd} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conf := filepath.Join(dir, "ld.so.conf")
+	os.WriteFile(conf, []byte("# comment\ninclude "+confd+"/*.conf\n/first\n"), 0o644)
+	os.WriteFile(filepath.Join(confd, "a.conf"), []byte(libdir+" # ours\n"), 0o644)
+	if got, want := ldSoConf(conf, 0), []string{libdir, "/first"}; !slices.Equal(got, want) {
+		t.Errorf("ldSoConf: %v, want %v", got, want)
+	}
+
+	os.WriteFile(filepath.Join(libdir, "libkrun.so.1"), []byte("lib"), 0o644)
+	t.Setenv("LD_LIBRARY_PATH", libdir)
+	d := New(Options{NoCgroup: true})
+	if got, err := d.library(); err != nil || got != filepath.Join(libdir, "libkrun.so.1") {
+		t.Errorf("library from LD_LIBRARY_PATH: %q, %v", got, err)
+	}
+}
+
+func TestKernelCmdlineUsesLibkrunsConsole(t *testing.T) {
+	for in, want := range map[string]string{
+		"console=ttyS0 quiet panic=-1":        "quiet panic=-1 console=hvc0 reboot=k",
+		"a console=tty0 console=ttyS0,115200": "a console=hvc0 reboot=k",
+		"reboot=t b":                          "b console=hvc0 reboot=k",
+	} {
+		if got := kernelCmdline(in); got != want {
+			t.Errorf("kernelCmdline(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestCreateDisk(t *testing.T) {
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base")
+	content := make([]byte, 1<<20)
+	copy(content[4096*3:], "data")
+	writeSparse(t, base, content)
+	ctx := ctxFor(t, 10*time.Second)
+
+	disk := filepath.Join(dir, "same")
+	if err := createDisk(ctx, base, disk, 0); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(disk); !bytes.Equal(b, content) {
+		t.Error("a disk of size 0 is not the base as it is")
+	}
+	if err := createDisk(ctx, base, filepath.Join(dir, "small"), 0); err != nil {
+		t.Fatal(err)
+	}
+
+	big := make([]byte, 2<<20)
+	copy(big, content)
+	writeSparse(t, base, big)
+	if err := createDisk(ctx, base, filepath.Join(dir, "smaller"), 1); err == nil {
+		t.Error("made a disk smaller than its base")
+	}
+
+	// Without reflinks or SEEK_DATA, the copy still skips zero blocks.
+	src, _ := os.Open(base)
+	defer src.Close()
+	dst, _ := os.Create(filepath.Join(dir, "copy"))
+	defer dst.Close()
+	if err := sparseCopy(ctx, src, dst, int64(len(big))); err != nil {
+		t.Fatal(err)
+	}
+	dst.Truncate(int64(len(big)))
+	if b, _ := os.ReadFile(dst.Name()); !bytes.Equal(b, big) {
+		t.Error("sparse copy differs from its source")
+	}
+
+	qcow := filepath.Join(dir, "template.qcow2")
+	os.WriteFile(qcow, append([]byte{'Q', 'F', 'I', 0xfb}, make([]byte, 4096)...), 0o644)
+	if err := createDisk(ctx, qcow, filepath.Join(dir, "q"), 0); err == nil || !strings.Contains(err.Error(), "qcow2") {
+		t.Errorf("disk over a qcow2 base: %v", err)
+	}
+	for _, name := range []string{"smaller", "smaller.tmp", "q", "q.tmp"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+			t.Errorf("%s left after a failed createDisk", name)
+		}
+	}
+}
