@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -164,5 +165,45 @@ func TestLifecycleHTTP(t *testing.T) {
 
 	if r := do(t, http.MethodDelete, base+"/sandboxes/api-box", nil, nil); r.Status != http.StatusNoContent || len(r.Body) != 0 {
 		t.Fatalf("delete: %d %s", r.Status, r.Body)
+	}
+}
+
+// A request in flight when its sandbox is deleted answers 404
+// sandbox_not_found, not a 500 about a lost connection.
+func TestDeleteDuringRequest(t *testing.T) {
+	t.Parallel()
+	m := testenv.Manager(t)
+	base := testServer(t, m, Options{}).URL
+	r := do(t, http.MethodPost, base+"/sandboxes", `{"memory":256}`, nil)
+	var sb Sandbox
+	if r.Status != http.StatusCreated || json.Unmarshal(r.Body, &sb) != nil {
+		t.Fatalf("create: %d %s", r.Status, r.Body)
+	}
+	answered := make(chan response, 1)
+	go func() {
+		answered <- do(t, http.MethodPost, base+"/sandboxes/"+sb.ID+"/exec", `{"command":"echo started; sleep 60","timeout":120}`, nil)
+	}()
+	// Delete once the command runs in the guest.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		r := do(t, http.MethodGet, base+"/sandboxes/"+sb.ID+"/stats", nil, nil)
+		var st SandboxStats
+		if r.Status == http.StatusOK && json.Unmarshal(r.Body, &st) == nil && st.Guest != nil && slices.ContainsFunc(st.Guest.Processes, func(p GuestProcess) bool { return p.Command == "sleep 60" }) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the command did not start: %d %s", r.Status, r.Body)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := do(t, http.MethodDelete, base+"/sandboxes/"+sb.ID, nil, nil); r.Status != http.StatusNoContent {
+		t.Fatalf("delete: %d %s", r.Status, r.Body)
+	}
+	select {
+	case r := <-answered:
+		if p := r.problem(t); r.Status != http.StatusNotFound || p.Code != "sandbox_not_found" {
+			t.Errorf("exec cut short by a delete: %d %s, want 404 sandbox_not_found", r.Status, r.Body)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("exec cut short by a delete did not answer")
 	}
 }

@@ -526,6 +526,22 @@ func toInfo(r store.Record) Info {
 	}
 }
 
+// sessionLost explains a request (what) whose agent connection closed:
+// the sandbox was deleted (404) or stopped (409) meanwhile; nil when it
+// still runs.
+func (m *Manager) sessionLost(ctx context.Context, rec store.Record, err error, what string) error {
+	m.sessions.drop(rec.ID)
+	cur, gerr := m.get(context.WithoutCancel(ctx), rec.ID)
+	var e *Error
+	switch {
+	case errors.As(gerr, &e) && e.Kind == KindNotFound:
+		return &Error{Kind: KindNotFound, Code: "sandbox_not_found", Message: fmt.Sprintf("sandbox %s was deleted while %s ran", rec.ID, what), Err: err}
+	case gerr == nil && cur.Status != StatusRunning:
+		return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s stopped while %s ran", rec.ID, what), Err: err}
+	}
+	return nil
+}
+
 func notFound(id string) error {
 	return &Error{Kind: KindNotFound, Code: "sandbox_not_found", Message: fmt.Sprintf("no sandbox with id %q", id)}
 }
@@ -722,10 +738,8 @@ func (m *Manager) stream(ctx context.Context, rec store.Record, wreq *agentpb.St
 	}
 	if err != nil {
 		if errors.Is(err, guest.ErrSessionClosed) {
-			m.sessions.drop(id)
-			if r := m.reconcile(ctx, rec); r.Status != StatusRunning {
-				return res, &Error{Kind: KindConflict, Code: "sandbox_not_running",
-					Message: fmt.Sprintf("sandbox %s stopped while the command ran", id), Err: err}
+			if lost := m.sessionLost(ctx, rec, err, "the command"); lost != nil {
+				return res, lost
 			}
 		}
 		if ctx.Err() != nil {

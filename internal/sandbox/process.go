@@ -144,9 +144,8 @@ func (m *Manager) StartProcess(ctx context.Context, id string, req ProcessReques
 func (m *Manager) processErr(ctx context.Context, rec store.Record, cfg *agentpb.ProcessConfig, err error) error {
 	switch {
 	case errors.Is(err, guest.ErrSessionClosed):
-		m.sessions.drop(rec.ID)
-		if r := m.reconcile(ctx, rec); r.Status != StatusRunning {
-			return &Error{Kind: KindConflict, Code: "sandbox_not_running", Message: fmt.Sprintf("sandbox %s stopped", rec.ID), Err: err}
+		if lost := m.sessionLost(ctx, rec, err, "the request"); lost != nil {
+			return lost
 		}
 	case cfg != nil && cfg.Cwd != "" && (guest.IsCode(err, guest.CodeNotFound) || guest.IsCode(err, guest.CodeWrongState)):
 		return &Error{Kind: KindInvalid, Code: "invalid_cwd", Field: "cwd", Message: fmt.Sprintf("cwd %s is not a directory in the sandbox", cfg.Cwd), Err: err}

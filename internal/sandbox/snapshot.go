@@ -353,7 +353,7 @@ func (m *Manager) forkShape(req *CreateRequest) (Snapshot, error) {
 		return s, mismatch("memory", req.MemoryMiB, s.MemoryMiB)
 	case req.VCPUs != 0 && req.VCPUs != s.VCPUs:
 		return s, mismatch("vcpus", req.VCPUs, s.VCPUs)
-	case req.Backend != "" && req.Backend != s.Backend:
+	case req.Backend != "" && req.Backend != AutoBackend && req.Backend != s.Backend:
 		return s, mismatch("backend", req.Backend, s.Backend)
 	case req.OS != "" || req.Image != "":
 		return s, invalid("snapshot_mismatch", "image", "a fork of snapshot %s runs its image (%s): leave os and image out", s.ID, s.Image)
