@@ -93,13 +93,20 @@ func (e *events) publish(ev Event) {
 // Subscribe returns, when resume is set, the past events after the one
 // with id after (0: every event kept), and a channel of those that follow,
 // closed when the subscriber falls too far behind or cancels. complete is
-// false when some events after it have left the backlog.
+// false when some events after it have left the backlog, or when after is
+// from an earlier run of the server (ids start again at 1).
 func (m *Manager) Subscribe(after uint64, resume bool) (past []Event, complete bool, next <-chan Event, cancel func()) {
 	e := m.events
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	complete = true
 	if resume {
+		if after >= e.next {
+			// An id this process never gave out: the subscriber saw
+			// an earlier server, whose events are gone. Everything kept
+			// is new to it.
+			complete, after = false, 0
+		}
 		if len(e.backlog) > 0 && e.backlog[0].ID > after+1 {
 			complete = false
 		}

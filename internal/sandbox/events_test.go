@@ -27,6 +27,19 @@ func TestEventBacklogAndSlowSubscribers(t *testing.T) {
 	if !complete || len(past) != EventBacklog+100-1000 || past[0].ID != 1001 {
 		t.Errorf("resume from 1000: complete %v, %d events", complete, len(past))
 	}
+	// An id past the newest comes from an earlier run of the server,
+	// whose ids began at 1 as these did: a gap, then everything kept.
+	past, complete, _, cancel = m.Subscribe(EventBacklog+100+5, true)
+	cancel()
+	if complete || len(past) != EventBacklog || past[0].ID != 101 {
+		t.Errorf("resume from an id never given out: complete %v, %d events; want incomplete, the whole backlog", complete, len(past))
+	}
+	// The newest id itself is this run's: nothing missed.
+	past, complete, _, cancel = m.Subscribe(EventBacklog+100, true)
+	cancel()
+	if !complete || len(past) != 0 {
+		t.Errorf("resume from the newest id: complete %v, %d events", complete, len(past))
+	}
 }
 
 func TestImagePullEventsArePaced(t *testing.T) {
