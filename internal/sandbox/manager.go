@@ -255,7 +255,7 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 		return nil, err
 	}
 	if err := drv.Available(); err != nil {
-		msg := fmt.Sprintf("backend %s is not available on this host: %v", req.Backend, err)
+		msg := fmt.Sprintf("backend %s is not available on this host: %s", req.Backend, strings.ReplaceAll(err.Error(), "\n", "; "))
 		var runs []string
 		for _, b := range BackendStates(m.drivers) {
 			if b.Available {
@@ -884,7 +884,9 @@ func BackendStates(reg *vmm.Registry) []BackendStatus {
 			s.Reason = fmt.Sprintf("this build of smolvm has no %s driver; it runs sandboxes with %s", name, strings.Join(reg.Names(), ", "))
 		default:
 			if aerr := drv.Available(); aerr != nil {
-				s.Reason = aerr.Error()
+				// One line, however many things are missing (a joined
+				// error has one per line).
+				s.Reason = strings.ReplaceAll(aerr.Error(), "\n", "; ")
 			} else {
 				s.Available = true
 			}

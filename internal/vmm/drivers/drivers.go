@@ -7,6 +7,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/doctor"
 	"github.com/smolvm/smolvm/internal/vmm"
+	"github.com/smolvm/smolvm/internal/vmm/firecracker"
 	"github.com/smolvm/smolvm/internal/vmm/libkrun"
 	"github.com/smolvm/smolvm/internal/vmm/qemu"
 )
@@ -20,6 +21,9 @@ func Default(accel string) *vmm.Registry {
 		accel, _ = doctor.Accelerator()
 	}
 	return vmm.NewRegistry(
+		// Its helper is smolvm-net's binary, found as the Manager finds
+		// it: $SMOLVM_NET, beside this executable, then $PATH.
+		firecracker.New(firecracker.Options{HelperPath: doctor.Net.Locate("")}),
 		qemu.New(qemu.Options{Accel: accel}),
 		libkrun.New(libkrun.Options{Library: os.Getenv("SMOLVM_LIBKRUN")}),
 	)

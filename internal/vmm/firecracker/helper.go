@@ -1,0 +1,263 @@
+package firecracker
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// The driver's two helper processes are subcommands of a helper binary
+// (smolvm-net), since a process must be running to hold a namespace or a
+// relay after the server that started it is gone:
+//
+//	fc-launch  sets up one VM's namespaces and becomes its Firecracker
+//	tap-relay  carries Ethernet frames between the VM's TAP device and
+//	           its network process's stream socket
+const (
+	LaunchCommand = "fc-launch"
+	RelayCommand  = "tap-relay"
+)
+
+// Subcommands are the hidden subcommands Main runs.
+var Subcommands = []string{LaunchCommand, RelayCommand}
+
+// Main runs the subcommand args[0] (one of Subcommands) with the rest of
+// args. fc-launch returns only on failure: it becomes Firecracker.
+func Main(args []string) error {
+	if len(args) == 0 {
+		return errors.New("no subcommand")
+	}
+	switch args[0] {
+	case LaunchCommand:
+		return launchMain(args[1:])
+	case RelayCommand:
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		return relayMain(ctx, args[1:])
+	}
+	return fmt.Errorf("unknown subcommand %q", args[0])
+}
+
+// Where Firecracker sees its files. Every Firecracker runs in a mount
+// namespace of its own in which a small tmpfs covers runRoot (an empty
+// directory on the host) and the sandbox's directory is bound at vmDir.
+// Every path Firecracker is given, and so every path a snapshot records
+// (the drive, the vsock socket), is under vmDir: a clone restored from a
+// template sees its own disk and socket at the paths the template's
+// recorded, whatever the template's directory was called when it was
+// saved and wherever the clone's is. The host never sees these mounts.
+const (
+	runRoot = "/run/smolvm-firecracker"
+	vmDir   = runRoot + "/vm"
+)
+
+// tapName is the guest's TAP device in its VM's network namespace: each
+// namespace has its own, so every VM (and every snapshot) names the same.
+const tapName = "tap0"
+
+// tapMTU is the TAP device's MTU, the largest a TAP takes (65535 less
+// its Ethernet header): the relay sends each frame from the network
+// process through it whole, and the guest's link carries up to
+// 65520-byte packets.
+const tapMTU = 65521
+
+// launchMain is fc-launch. It is started by the driver, as root, in new
+// mount and network namespaces, with Firecracker's binary
+// open on --exec-fd, and, once the driver opens --gate-fd:
+//   - makes its mount namespace private, mounts a tmpfs on runRoot and
+//     binds --dir at vmDir;
+//   - with --uid, gives that user device nodes of its own for /dev/kvm
+//     (and /dev/net/tun), bound over the host's, which stay root's;
+//   - with --tap, makes the TAP device, owned by --uid;
+//   - drops root for --uid (no supplementary groups), sets no_new_privs,
+//     and executes Firecracker with the arguments after "--".
+func launchMain(args []string) error {
+	// no_new_privs belongs to a thread; the one that sets it must be the
+	// one that executes Firecracker.
+	runtime.LockOSThread()
+	fs := flag.NewFlagSet(LaunchCommand, flag.ContinueOnError)
+	dir := fs.String("dir", "", "the sandbox directory, bound at "+vmDir)
+	fs.String("id", "", "the VM's marker (names the process)")
+	uid := fs.Int("uid", 0, "the user Firecracker runs as (0: root)")
+	tap := fs.String("tap", "", "the TAP device to make in the network namespace")
+	execFD := fs.Int("exec-fd", 4, "Firecracker's binary, open")
+	gateFD := fs.Int("gate-fd", 0, "a pipe to read a byte from before anything else (0: none)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *gateFD > 0 {
+		// The driver puts this process in its control group first.
+		gate := os.NewFile(uintptr(*gateFD), "gate")
+		n, err := gate.Read(make([]byte, 1))
+		gate.Close()
+		if n != 1 {
+			return fmt.Errorf("the driver did not let it start: %v", err)
+		}
+	}
+	argv := fs.Args()
+	if *dir == "" || !filepath.IsAbs(*dir) || len(argv) == 0 {
+		return fmt.Errorf("usage: %s --dir=ABSDIR [--uid=N] [--tap=NAME] [--gate-fd=N] [--exec-fd=N] -- firecracker ARGS", LaunchCommand)
+	}
+	// What follows changes mounts and links: they must not be the host's.
+	for _, kind := range []string{"mnt", "net"} {
+		if err := ownNamespace(kind); err != nil {
+			return err
+		}
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make the mount namespace private: %w", err)
+	}
+	if err := unix.Mount("tmpfs", runRoot, "tmpfs", unix.MS_NOSUID|unix.MS_NOEXEC, "mode=0755,size=64k"); err != nil {
+		return fmt.Errorf("mount a tmpfs on %s: %w", runRoot, err)
+	}
+	if err := os.Mkdir(vmDir, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount(*dir, vmDir, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind %s at %s: %w", *dir, vmDir, err)
+	}
+	if *uid != 0 {
+		devs := []string{"/dev/kvm"}
+		if *tap != "" {
+			devs = append(devs, "/dev/net/tun")
+		}
+		for _, d := range devs {
+			if err := ownDevice(d, *uid); err != nil {
+				return err
+			}
+		}
+	}
+	if *tap != "" {
+		if err := makeTap(*tap, *uid); err != nil {
+			return err
+		}
+	}
+	if err := os.Chdir(vmDir); err != nil {
+		return err
+	}
+	if *uid != 0 {
+		if err := dropTo(*uid); err != nil {
+			return err
+		}
+	}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("no_new_privs: %w", err)
+	}
+	// Through the descriptor: the binary may sit where the user cannot
+	// reach (under a home of mode 0700). The environment is the one the
+	// driver gave fc-launch (Options.Env).
+	bin := "/proc/self/fd/" + strconv.Itoa(*execFD)
+	return fmt.Errorf("exec firecracker: %w", unix.Exec(bin, argv, os.Environ()))
+}
+
+// ownNamespace checks that this process has a namespace of kind ("mnt",
+// "net") other than its parent's, the host's.
+func ownNamespace(kind string) error {
+	var self, parent unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/"+kind, &self); err != nil {
+		return err
+	}
+	if err := unix.Stat("/proc/"+strconv.Itoa(os.Getppid())+"/ns/"+kind, &parent); err != nil {
+		return err
+	}
+	if self.Ino == parent.Ino && self.Dev == parent.Dev {
+		return fmt.Errorf("%s must start in a %s namespace of its own", LaunchCommand, kind)
+	}
+	return nil
+}
+
+// ownDevice covers the host's device node path with a node of the same
+// device owned by uid (mode 0600), made on the private tmpfs: Firecracker
+// opens it as that user, and the host's node, and its mode, stay as they
+// are. A device the host lacks is left missing; Firecracker says so.
+func ownDevice(path string, uid int) error {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		return err
+	}
+	node := filepath.Join(runRoot, filepath.Base(path))
+	if err := unix.Mknod(node, unix.S_IFCHR|0o600, int(st.Rdev)); err != nil {
+		return fmt.Errorf("device node for %s: %w", path, err)
+	}
+	if err := os.Chown(node, uid, uid); err != nil {
+		return err
+	}
+	if err := unix.Mount(node, path, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind user %d's node over %s: %w", uid, path, err)
+	}
+	return nil
+}
+
+// makeTap makes the persistent TAP device name, owned by uid, with no
+// IPv6 (the namespace's kernel must not talk on the guest's link), and
+// brings it up. The namespace goes when its last process does, and the
+// device with it.
+func makeTap(name string, uid int) error {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("tap: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return fmt.Errorf("tap: %w", err)
+	}
+	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		return fmt.Errorf("tap %s: %w", name, err)
+	}
+	if uid != 0 {
+		if err := unix.IoctlSetInt(fd, unix.TUNSETOWNER, uid); err != nil {
+			return fmt.Errorf("tap %s owner: %w", name, err)
+		}
+		if err := unix.IoctlSetInt(fd, unix.TUNSETGROUP, uid); err != nil {
+			return fmt.Errorf("tap %s group: %w", name, err)
+		}
+	}
+	if err := unix.IoctlSetInt(fd, unix.TUNSETPERSIST, 1); err != nil {
+		return fmt.Errorf("tap %s: %w", name, err)
+	}
+	// /proc/sys/net is the reading process's namespace's.
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/disable_ipv6", []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("tap %s: disable IPv6: %w", name, err)
+	}
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("tap %s: %w", name, err)
+	}
+	if err := netlink.LinkSetMTU(link, tapMTU); err != nil {
+		return fmt.Errorf("tap %s: MTU: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("tap %s: up: %w", name, err)
+	}
+	return nil
+}
+
+// dropTo makes the whole process uid (user and group) with no
+// supplementary groups, which leaves it no capabilities.
+func dropTo(uid int) error {
+	if err := syscall.Setgroups(nil); err != nil {
+		return fmt.Errorf("drop groups: %w", err)
+	}
+	if err := syscall.Setgid(uid); err != nil {
+		return fmt.Errorf("setgid %d: %w", uid, err)
+	}
+	if err := syscall.Setuid(uid); err != nil {
+		return fmt.Errorf("setuid %d: %w", uid, err)
+	}
+	return nil
+}
