@@ -1,5 +1,10 @@
 package agent
 
+import (
+	"net"
+	"time"
+)
+
 // SpareUsed counts the commands s handed to a spare login shell.
 func SpareUsed(s *Server) int64 { return s.spares.used.Load() }
 
@@ -12,4 +17,10 @@ func SpareKey(s *Server) string {
 		return ""
 	}
 	return s.spares.shell.key
+}
+
+// ListenWithoutSerial is the agent's listener on a guest without the
+// virtio-serial port (Firecracker, libkrun): a vsock port.
+func ListenWithoutSerial(timeout time.Duration, port uint32) (net.Listener, error) {
+	return listenAt(timeout, func() (string, bool) { return "", false }, port)
 }

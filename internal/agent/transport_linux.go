@@ -23,18 +23,24 @@ import (
 // port the host named (QEMU), else a vsock port (Firecracker, libkrun).
 // Modules are loaded by now, so a missing port is only waited for briefly.
 func listen(timeout time.Duration) (net.Listener, error) {
+	return listenAt(timeout, findPort, wire.VsockPort)
+}
+
+// listenAt is listen with the port lookup and the vsock port given, so a
+// test can take the vsock path on a host that has vsock.
+func listenAt(timeout time.Duration, findPort func() (string, bool), vsockPort uint32) (net.Listener, error) {
 	deadline := time.Now().Add(timeout)
 	for {
 		if path, ok := findPort(); ok {
 			return listenSerial(path)
 		}
 		if _, err := os.Stat("/dev/vsock"); err == nil {
-			l, err := vsock.Listen(wire.VsockPort, nil)
+			l, err := vsock.Listen(vsockPort, nil)
 			if err == nil {
 				return l, nil
 			}
 			if time.Now().After(deadline) {
-				return nil, fmt.Errorf("listen on vsock port %d: %w", wire.VsockPort, err)
+				return nil, fmt.Errorf("listen on vsock port %d: %w", vsockPort, err)
 			}
 		}
 		if time.Now().After(deadline) {
