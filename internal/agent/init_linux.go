@@ -30,6 +30,8 @@ type bootParams struct {
 	netErr   error
 	mounts   []wire.Mount // host directories to mount, in order
 	mountErr []error      // malformed smolvm.mount parameters
+	// resetToPowerOff (smolvm.poweroff=reset) powers off by resetting.
+	resetToPowerOff bool
 }
 
 func readBootParams() bootParams {
@@ -50,6 +52,8 @@ func readBootParams() bootParams {
 			p.rootFS = v
 		case "smolvm.probe":
 			p.probe = v
+		case "smolvm.poweroff":
+			p.resetToPowerOff = v == "reset"
 		case "smolvm.net":
 			p.net, p.netErr = parseNetParam(v)
 		case wire.MountKey:

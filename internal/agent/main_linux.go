@@ -15,19 +15,20 @@ func Main() {
 		poweroff()
 	}
 	params := readBootParams()
+	sys := guestSystem{reset: params.resetToPowerOff}
 	if params.probe == "poweroff" {
 		// Benchmarks time a boot to this point as their baseline.
-		poweroff()
+		sys.Poweroff()
 	}
 	if err := boot(params); err != nil {
 		logf("boot failed: %v", err)
-		poweroff()
+		sys.Poweroff()
 	}
 	group, err := setupCommandGroup(cgroupRoot)
 	if err != nil {
 		logf("commands run without limits: %v", err)
 	}
-	srv := NewServer(Options{System: guestSystem{}, Hostname: params.hostname, ReapAll: true, Logf: logf, CommandGroup: group})
+	srv := NewServer(Options{System: sys, Hostname: params.hostname, ReapAll: true, Logf: logf, CommandGroup: group})
 	for {
 		l, err := listen(10 * time.Second)
 		if err != nil {
@@ -58,9 +59,21 @@ func boot(p bootParams) error {
 }
 
 // guestSystem is the machine the agent is PID 1 of.
-type guestSystem struct{}
+type guestSystem struct {
+	// reset ends the VM with a reset instead of a power-off: VMMs with
+	// no ACPI power button (Firecracker, libkrun) exit on a reset and
+	// would only halt on a power-off.
+	reset bool
+}
 
-func (guestSystem) Poweroff() { poweroff() }
+func (g guestSystem) Poweroff() {
+	if g.reset {
+		unix.Sync()
+		unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+		select {}
+	}
+	poweroff()
+}
 
 func poweroff() {
 	unix.Sync()

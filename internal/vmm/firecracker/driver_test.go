@@ -177,7 +177,7 @@ var logRequests = [][2]string{
 
 func bootRequests(spec vmm.Spec, net bool) [][2]string {
 	want := append(slices.Clone(logRequests),
-		[2]string{"PUT /boot-source", `{"kernel_image_path":"/proc/self/fd/5","initrd_path":"/proc/self/fd/6","boot_args":"` + spec.Cmdline + ` reboot=k pci=off"}`},
+		[2]string{"PUT /boot-source", `{"kernel_image_path":"/proc/self/fd/5","initrd_path":"/proc/self/fd/6","boot_args":"` + spec.Cmdline + ` reboot=k pci=off smolvm.poweroff=reset"}`},
 		[2]string{"PUT /drives/rootfs", `{"drive_id":"rootfs","path_on_host":"` + vmDir + `/rootfs.ext4","is_root_device":true,"is_read_only":false}`},
 		[2]string{"PUT /machine-config", `{"vcpu_count":` + strconv.Itoa(spec.VCPUs) + `,"mem_size_mib":` + strconv.Itoa(spec.MemoryMiB) + `}`},
 		[2]string{"PUT /vsock", `{"guest_cid":3,"uds_path":"` + vmDir + `/run/vsock.sock"}`},

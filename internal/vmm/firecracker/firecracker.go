@@ -434,7 +434,9 @@ const maxCmdline = 2047
 // the keyboard controller, which ends Firecracker (it does not reboot), so
 // a panic (panic=-1 reboots at once) ends the process as QEMU's
 // -no-reboot does; pci=off skips probing a bus Firecracker does not have.
-const bootArgs = "reboot=k pci=off"
+// Firecracker has no ACPI power button on x86, so smolvm.poweroff=reset
+// has the agent end the VM with a reset when asked to power off.
+const bootArgs = "reboot=k pci=off smolvm.poweroff=reset"
 
 // checkSpec refuses what Firecracker or the driver cannot do, before
 // anything is made.

@@ -304,7 +304,8 @@ func kernelCmdline(c string) string {
 		}
 		out = append(out, f)
 	}
-	return strings.Join(append(out, "console=hvc0", "reboot=k"), " ")
+	// No ACPI power button either: the agent powers off by a reset.
+	return strings.Join(append(out, "console=hvc0", "reboot=k", "smolvm.poweroff=reset"), " ")
 }
 
 // checkSpec refuses, before anything is made, what libkrun or the guest

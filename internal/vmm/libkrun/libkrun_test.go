@@ -228,7 +228,7 @@ func TestStartConfiguresLibkrunAsTheSpecSays(t *testing.T) {
 		"krun_create_ctx()",
 		fmt.Sprintf("krun_set_vm_config(7, %d, %d)", testVCPUs, testMemory),
 		fmt.Sprintf("krun_set_kernel(7, %s, 1, %s, %s)", q(f.spec.Kernel), q(f.spec.Initrd),
-			q("quiet panic=-1 smolvm.hostname=vm-test console=hvc0 reboot=k")),
+			q("quiet panic=-1 smolvm.hostname=vm-test console=hvc0 reboot=k smolvm.poweroff=reset")),
 		fmt.Sprintf("krun_add_disk(7, \"root\", %s, false)", q(filepath.Join(dir, "disk.raw"))),
 		"krun_disable_implicit_vsock(7)",
 		"krun_add_vsock(7, 0)",
@@ -622,9 +622,9 @@ func TestLibrarySearchFollowsLdSoConf(t *testing.T) {
 
 func TestKernelCmdlineUsesLibkrunsConsole(t *testing.T) {
 	for in, want := range map[string]string{
-		"console=ttyS0 quiet panic=-1":        "quiet panic=-1 console=hvc0 reboot=k",
-		"a console=tty0 console=ttyS0,115200": "a console=hvc0 reboot=k",
-		"reboot=t b":                          "b console=hvc0 reboot=k",
+		"console=ttyS0 quiet panic=-1":        "quiet panic=-1 console=hvc0 reboot=k smolvm.poweroff=reset",
+		"a console=tty0 console=ttyS0,115200": "a console=hvc0 reboot=k smolvm.poweroff=reset",
+		"reboot=t b":                          "b console=hvc0 reboot=k smolvm.poweroff=reset",
 	} {
 		if got := kernelCmdline(in); got != want {
 			t.Errorf("kernelCmdline(%q) = %q, want %q", in, got, want)

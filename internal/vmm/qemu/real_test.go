@@ -477,3 +477,32 @@ func TestRealMemoryLimit(t *testing.T) {
 		t.Errorf("the guest's own OOM killer acted, not the host's limit:\n%s", console)
 	}
 }
+
+// Under smolvm.poweroff=reset (what Firecracker and libkrun guests get,
+// having no ACPI power button) the agent ends the VM with a reset when
+// asked to shut down; QEMU, started with -no-reboot, then exits as it
+// does on a power-off.
+func TestRealPowerOffByReset(t *testing.T) {
+	t.Parallel()
+	g := needGuest(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	d := New(Options{})
+	spec := g.spec(t, "reset", "smolvm.poweroff=reset")
+	m, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed(t, m)
+	if err := agent(t, ctx, m).Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	if err := m.Wait(ctx); err != nil {
+		t.Fatalf("the VM did not end after a shutdown by reset: %v", err)
+	}
+	// The kernel says which it did, at a level quiet does not hide.
+	b, _ := os.ReadFile(m.ConsoleLog())
+	if !strings.Contains(string(b), "reboot: Restarting system") || strings.Contains(string(b), "reboot: Power down") {
+		t.Errorf("console does not show a reset:\n%s", b)
+	}
+}
