@@ -99,7 +99,7 @@ func New(m *sandbox.Manager, opts Options) http.Handler {
 // HTTP (`smolvm mcp`); the server's /mcp offers the same tools.
 func MCPServer(m *sandbox.Manager, version string) (*sdk.Server, error) {
 	inner, spec := build(m, Options{Version: version})
-	return mcp.New(spec, mcp.HandlerCaller(inner), version)
+	return mcp.New(spec, mcp.HandlerCaller(recoverer(inner, slog.Default())), version)
 }
 
 // build returns the routes without the guard and logging around them, and
@@ -136,7 +136,9 @@ func build(m *sandbox.Manager, opts Options) (http.Handler, []byte) {
 
 	inner := streamExec(hs, mux)
 	if m != nil {
-		tools, err := mcp.New(specJSON, mcp.HandlerCaller(inner), opts.Version)
+		// The SDK runs each tool call on a goroutine of its own and does
+		// not recover: a handler's panic must end as a 500 there too.
+		tools, err := mcp.New(specJSON, mcp.HandlerCaller(recoverer(inner, opts.Logger)), opts.Version)
 		if err != nil {
 			// The tools are built from our own document; failing is a
 			// programming error caught by every test.
@@ -146,7 +148,10 @@ func build(m *sandbox.Manager, opts Options) (http.Handler, []byte) {
 		// request and one answer, so there is no session to keep and no
 		// stream a proxy could cut.
 		mux.Handle("/mcp", sdk.NewStreamableHTTPHandler(func(*http.Request) *sdk.Server { return tools },
-			&sdk.StreamableHTTPOptions{Stateless: true, JSONResponse: true, MaxRequestBodyBytes: maxMCPBodyBytes}))
+			// The guard has checked Host already, against this server's
+			// own names (a proxy's too, when configured); the SDK's
+			// check knows only loopback names.
+			&sdk.StreamableHTTPOptions{Stateless: true, JSONResponse: true, MaxRequestBodyBytes: maxMCPBodyBytes, DisableLocalhostProtection: true}))
 	}
 	return inner, specJSON
 }

@@ -14,6 +14,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -32,14 +33,42 @@ type Caller func(r *http.Request) (*http.Response, error)
 
 // HandlerCaller serves requests with h in this process. h is the API
 // without its Host/token guard: the request that reached the MCP server
-// (or the local user running `smolvm mcp`) was already let in.
+// (or the local user running `smolvm mcp`) was already let in. An answer
+// is held in memory, so one larger than maxAnswer is cut off and the call
+// fails with ErrAnswerTooLarge rather than fill the server's memory.
 func HandlerCaller(h http.Handler) Caller {
 	return func(r *http.Request) (*http.Response, error) {
-		rec := httptest.NewRecorder()
-		h.ServeHTTP(rec, r)
-		return rec.Result(), nil
+		w := &cappedRecorder{ResponseRecorder: httptest.NewRecorder()}
+		h.ServeHTTP(w, r)
+		if w.over {
+			return nil, ErrAnswerTooLarge
+		}
+		return w.Result(), nil
 	}
 }
+
+// maxAnswer bounds an answer a tool call holds: more than a model reads.
+const maxAnswer = 64 << 20
+
+// ErrAnswerTooLarge is an API answer past maxAnswer.
+var ErrAnswerTooLarge = fmt.Errorf("the answer is larger than %d MiB: ask for less (a file's part, a command's output into a file)", maxAnswer>>20)
+
+// cappedRecorder records an answer up to maxAnswer; past that its writes
+// fail, which ends the handler's copy.
+type cappedRecorder struct {
+	*httptest.ResponseRecorder
+	over bool
+}
+
+func (c *cappedRecorder) Write(b []byte) (int, error) {
+	if c.over || c.Body.Len()+len(b) > maxAnswer {
+		c.over = true
+		return 0, ErrAnswerTooLarge
+	}
+	return c.ResponseRecorder.Write(b)
+}
+
+func (c *cappedRecorder) WriteString(s string) (int, error) { return c.Write([]byte(s)) }
 
 // ClientCaller sends requests to the server at base, with token when set.
 func ClientCaller(c *http.Client, base *url.URL, token string) Caller {
@@ -147,6 +176,9 @@ func handler(t tool, o *operation, call Caller) sdk.ToolHandler {
 			return failure(err.Error()), nil
 		}
 		resp, err := call(r)
+		if errors.Is(err, ErrAnswerTooLarge) {
+			return failure(err.Error()), nil
+		}
 		if err != nil {
 			return failure(fmt.Sprintf("the smolvm server did not answer: %v", err)), nil
 		}
@@ -212,6 +244,11 @@ func (o *operation) request(ctx context.Context, t tool, args map[string]json.Ra
 		rd = bytes.NewReader(data)
 		header.Set("Content-Type", "application/octet-stream")
 	case t.name == "read_file":
+		// A path ending in / downloads a directory as tar, whole: not
+		// something to read into a model's context.
+		if p, _ := q["path"]; len(p) == 1 && strings.HasSuffix(p[0], "/") {
+			return nil, fmt.Errorf("path %q is a directory: list it with list_files, and read its files one by one", p[0])
+		}
 		header.Set("Range", "bytes=0-"+strconv.Itoa(maxRead-1))
 	case o.hasBody:
 		b, err := json.Marshal(body)
@@ -293,9 +330,12 @@ func writeContent(body map[string]json.RawMessage) ([]byte, error) {
 // error carrying its text; success carries the JSON answer both as text
 // and as structured content.
 func result(t tool, resp *http.Response) (*sdk.CallToolResult, error) {
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer+1))
 	if err != nil {
 		return failure(fmt.Sprintf("read the answer: %v", err)), nil
+	}
+	if len(b) > maxAnswer {
+		return failure(ErrAnswerTooLarge.Error()), nil
 	}
 	if resp.StatusCode >= 300 {
 		return problem(resp.StatusCode, b), nil

@@ -266,6 +266,7 @@ func TestAgentWorkflow(t *testing.T) {
 	if file.Encoding != "base64" || file.Content != "AP8Q" {
 		t.Errorf("binary read_file: %+v", file)
 	}
+	failsWith(t, ctx, cs, "read_file", map[string]any{"id": sb.ID, "path": "/usr/"}, "is a directory")
 	ok(t, ctx, cs, "write_file", map[string]any{"id": sb.ID, "path": "/tmp/empty", "content": ""}, nil)
 	ok(t, ctx, cs, "read_file", map[string]any{"id": sb.ID, "path": "/tmp/empty"}, &file)
 	if file.Content != "" || file.Truncated {
