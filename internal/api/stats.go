@@ -21,7 +21,7 @@ type SandboxStats struct {
 // HostStats is what a sandbox's VM process uses of the host.
 type HostStats struct {
 	PID        int     `json:"pid" example:"4242" doc:"The VM process's id on the host."`
-	CPUPercent float64 `json:"cpu_percent" minimum:"0" example:"12.5" doc:"Share of one host CPU used since the previous stats call for this sandbox (if within a minute), else since the VM started. Above 100 with several busy vCPUs."`
+	CPUPercent float64 `json:"cpu_percent" minimum:"0" example:"12.5" doc:"Share of one host CPU used since an earlier stats call for this sandbox (at least a second and at most a minute before), else since the VM started. Above 100 with several busy vCPUs."`
 	CPUSeconds float64 `json:"cpu_seconds" minimum:"0" example:"3.21" doc:"CPU time used since the VM started, user and system."`
 	RSSBytes   uint64  `json:"rss_bytes" example:"98566144" doc:"Resident memory."`
 	PSSBytes   uint64  `json:"pss_bytes" example:"67108864" doc:"Proportional set size: resident memory with pages shared with other processes (clones of one template) counted by their share."`

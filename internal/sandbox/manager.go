@@ -112,8 +112,9 @@ type Manager struct {
 	// sawFull is set when the reaper found the data directory's
 	// filesystem full, so that it looks for stopped VMs once it is not.
 	sawFull bool
-	// cpu is each sandbox's last CPU sample, which Stats measures from.
-	cpu map[string]cpuSample
+	// cpu is each sandbox's last CPU samples, newest last, which Stats
+	// measures from.
+	cpu map[string][]cpuSample
 }
 
 // Open opens the store under opts.DataDir and reconciles recorded sandboxes
@@ -224,7 +225,11 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 		req.VCPUs = DefaultVCPUs
 	}
 	if req.Backend == "" || req.Backend == AutoBackend {
-		req.Backend = m.drivers.Default().Name()
+		name, err := m.autoBackend(req)
+		if err != nil {
+			return nil, err
+		}
+		req.Backend = name
 	}
 	if req.MemoryMiB < MinMemoryMiB || req.MemoryMiB > MaxMemoryMiB {
 		return nil, invalid("invalid_memory", "memory", "memory must be between %d and %d MiB, got %d", MinMemoryMiB, MaxMemoryMiB, req.MemoryMiB)
@@ -255,7 +260,7 @@ func (m *Manager) normalize(req *CreateRequest) (vmm.Driver, error) {
 		return nil, err
 	}
 	if err := drv.Available(); err != nil {
-		msg := fmt.Sprintf("backend %s is not available on this host: %s", req.Backend, strings.ReplaceAll(err.Error(), "\n", "; "))
+		msg := fmt.Sprintf("backend %s is not available on this host: %s", req.Backend, oneLine(err))
 		var runs []string
 		for _, b := range BackendStates(m.drivers) {
 			if b.Available {
@@ -867,6 +872,32 @@ type BackendStatus struct {
 	Default bool
 }
 
+// autoBackend is the most preferred backend this host runs that can also
+// run req (host directories need a driver that shares them).
+func (m *Manager) autoBackend(req *CreateRequest) (string, error) {
+	var why []string
+	for _, name := range m.drivers.Names() {
+		drv, err := m.drivers.Get(name)
+		if err != nil {
+			continue
+		}
+		if err := drv.Available(); err != nil {
+			why = append(why, name+": "+oneLine(err))
+			continue
+		}
+		if _, ok := drv.(vmm.DirSharer); len(req.Mounts) > 0 && !ok {
+			why = append(why, name+": cannot share host directories (mounts)")
+			continue
+		}
+		return name, nil
+	}
+	return "", &Error{Kind: KindUnavailable, Code: "backend_unavailable", Field: "backend",
+		Message: fmt.Sprintf("no backend can run this sandbox on this host (%s): run `smolvm setup`, and `smolvm doctor` for what is missing", strings.Join(why, "; "))}
+}
+
+// oneLine is err's text on one line, however many things it joins.
+func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", "; ") }
+
 // Backends reports every backend the API knows, in its order, with
 // whether this host can run it.
 func (m *Manager) Backends() []BackendStatus { return BackendStates(m.drivers) }
@@ -884,9 +915,7 @@ func BackendStates(reg *vmm.Registry) []BackendStatus {
 			s.Reason = fmt.Sprintf("this build of smolvm has no %s driver; it runs sandboxes with %s", name, strings.Join(reg.Names(), ", "))
 		default:
 			if aerr := drv.Available(); aerr != nil {
-				// One line, however many things are missing (a joined
-				// error has one per line).
-				s.Reason = strings.ReplaceAll(aerr.Error(), "\n", "; ")
+				s.Reason = oneLine(aerr)
 			} else {
 				s.Available = true
 			}

@@ -113,7 +113,9 @@ func (p *pool) takePooled(ctx context.Context, req CreateRequest) (Info, bool, e
 	for _, r := range recs {
 		// Its network process must be there too: a member whose network
 		// died would be handed out without one.
-		if r.Status != statusPooled || !readNet(r).Policy.Enabled() || !network.Running(r.Dir) {
+		// And the backend asked for: the pool's may be an earlier
+		// default's.
+		if r.Status != statusPooled || r.Backend != req.Backend || !readNet(r).Policy.Enabled() || !network.Running(r.Dir) {
 			continue
 		}
 		// Only one that answers: a pooled VM may have died unseen, or be

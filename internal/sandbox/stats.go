@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/prometheus/procfs"
 )
 
@@ -19,8 +20,9 @@ type Stats struct {
 // HostStats is the VM process's use of the host.
 type HostStats struct {
 	PID int
-	// CPUPercent is the share of one host CPU used since the previous
-	// call for this sandbox (within cpuWindow), else over its lifetime.
+	// CPUPercent is the share of one host CPU used since an earlier call
+	// for this sandbox (at least cpuMinSpan and at most cpuWindow ago),
+	// else over its lifetime.
 	CPUPercent float64
 	CPUSeconds float64
 	RSSBytes   uint64
@@ -55,6 +57,13 @@ type GuestProcess struct {
 // says little about now.
 const cpuWindow = time.Minute
 
+// cpuMinSpan is the shortest span a CPU share is measured over: two
+// callers polling the same sandbox must not measure milliseconds.
+const cpuMinSpan = time.Second
+
+// statsTimeout bounds the agent's answer to a stats call.
+const statsTimeout = 5 * time.Second
+
 type cpuSample struct {
 	pid     int
 	at      time.Time
@@ -82,11 +91,20 @@ func (m *Manager) Stats(ctx context.Context, id string) (Stats, error) {
 	}
 	c, err := m.l.client(ctx, rec)
 	if err != nil {
-		return Stats{}, err
+		return Stats{}, m.processErr(ctx, rec, nil, err)
 	}
-	g, err := c.Stats(ctx)
+	// A guest that cannot answer in time (paused meanwhile, or stalled)
+	// must not hold a dashboard's poll.
+	sctx, cancel := context.WithTimeout(ctx, statsTimeout)
+	defer cancel()
+	g, err := c.Stats(sctx)
+	if connect.CodeOf(err) == connect.CodeUnimplemented {
+		// An agent older than the call (a VM started before an
+		// upgrade): the host side is still worth showing.
+		return st, nil
+	}
 	if err != nil {
-		return Stats{}, err
+		return Stats{}, m.processErr(ctx, rec, nil, err)
 	}
 	gs := &GuestStats{
 		MemoryTotalBytes:     g.GetMemoryTotalBytes(),
@@ -127,20 +145,41 @@ func (m *Manager) hostStats(id string, pid int, now time.Time) (HostStats, error
 	}
 
 	m.mu.Lock()
-	prev, ok := m.cpu[id]
 	if m.cpu == nil {
-		m.cpu = map[string]cpuSample{}
+		m.cpu = map[string][]cpuSample{}
 	}
-	for k, s := range m.cpu {
-		if now.Sub(s.at) > cpuWindow {
+	for k, hist := range m.cpu {
+		if len(hist) == 0 || now.Sub(hist[len(hist)-1].at) > cpuWindow {
 			delete(m.cpu, k)
 		}
 	}
-	m.cpu[id] = cpuSample{pid: pid, at: now, seconds: hs.CPUSeconds}
+	// Measure from the newest sample at least cpuMinSpan old, and keep a
+	// new sample only that often: several callers polling one sandbox
+	// then all measure over a second or more.
+	hist := m.cpu[id]
+	var base *cpuSample
+	for i := len(hist) - 1; i >= 0; i-- {
+		if age := now.Sub(hist[i].at); hist[i].pid == pid && age >= cpuMinSpan && age <= cpuWindow {
+			base = &hist[i]
+			break
+		}
+	}
+	if n := len(hist); n == 0 || hist[n-1].pid != pid || now.Sub(hist[n-1].at) >= cpuMinSpan {
+		hist = append(hist, cpuSample{pid: pid, at: now, seconds: hs.CPUSeconds})
+		if len(hist) > 2 {
+			hist = hist[len(hist)-2:]
+		}
+		m.cpu[id] = hist
+	}
+	var since *cpuSample
+	if base != nil {
+		b := *base
+		since = &b
+	}
 	m.mu.Unlock()
 
-	if ok && prev.pid == pid && now.Sub(prev.at) <= cpuWindow && now.After(prev.at) {
-		hs.CPUPercent = 100 * (hs.CPUSeconds - prev.seconds) / now.Sub(prev.at).Seconds()
+	if since != nil {
+		hs.CPUPercent = 100 * (hs.CPUSeconds - since.seconds) / now.Sub(since.at).Seconds()
 	} else if start, err := stat.StartTime(); err == nil {
 		if age := float64(now.Unix()) - start; age > 0 {
 			hs.CPUPercent = 100 * hs.CPUSeconds / age

@@ -53,7 +53,7 @@ export interface paths {
         };
         /**
          * Stream events
-         * @description Server-Sent Events of what happens to this server's sandboxes: `sandbox.created`, `sandbox.updated` (status or ports changed), `sandbox.deleted`, `image.pull` (at most one a second per sandbox, the last always sent), and `process.exited`. Each event has an increasing `id`; reconnecting with `Last-Event-ID` resumes after it from a backlog of the last 1024 events, and a `stream.gap` event says when some were no longer kept or the id came from an earlier run of the server (ids start again at 1 when it restarts). A comment line every 15 s keeps proxies from closing an idle stream. The data of every event is a JSON object.
+         * @description Server-Sent Events of what happens to this server's sandboxes: `sandbox.created`, `sandbox.updated` (status or ports changed), `sandbox.deleted`, `image.pull` (at most one a second per sandbox, the last always sent), and `process.exited`. Each event has an increasing `id`; reconnecting with `Last-Event-ID` resumes after it from a backlog of the last 1024 events, and a `stream.gap` event says when some were no longer kept, or when the id is past the newest this server gave out (ids start again at 1 when the server restarts: a client that reconnects to a restarted server should list the sandboxes again). A comment line every 15 s keeps proxies from closing an idle stream. The data of every event is a JSON object.
          */
         get: operations["streamEvents"];
         put?: never;
@@ -1185,7 +1185,7 @@ export interface components {
         HostStats: {
             /**
              * Format: double
-             * @description Share of one host CPU used since the previous stats call for this sandbox (if within a minute), else since the VM started. Above 100 with several busy vCPUs.
+             * @description Share of one host CPU used since an earlier stats call for this sandbox (at least a second and at most a minute before), else since the VM started. Above 100 with several busy vCPUs.
              * @example 12.5
              */
             cpu_percent: number;
