@@ -53,9 +53,8 @@ func copyFrom(in *os.File, dst string, sizeMiB int) (err error) {
 			os.Remove(tmp.Name())
 		}
 	}()
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return fmt.Errorf("disk: %w", err)
-	}
+	// The sandbox's disk is its data: 0600 as CreateTemp made it, for its
+	// owner (root, or the jail's user it is handed to) alone.
 	if unix.IoctlFileClone(int(tmp.Fd()), int(in.Fd())) != nil {
 		if err := copySparse(in, tmp, size); err != nil {
 			return fmt.Errorf("disk: copy %s: %w", src, err)

@@ -71,9 +71,8 @@ type Driver struct {
 	cgroups *cgroup.Hierarchy
 	swept   atomic.Int64 // when the groups were last swept, unix ns
 
-	versionOnce sync.Once
-	version     string
-	versionErr  error
+	mu      sync.Mutex
+	version string // once read; an error is not kept, so it is tried again
 }
 
 // New returns the Firecracker driver.
@@ -205,9 +204,16 @@ func cpuHasVirt(cpuinfo string) bool {
 // Identity is Firecracker's version, and the path every VM sees its
 // directory at, which snapshots record.
 func (d *Driver) Identity(ctx context.Context) (string, error) {
-	d.versionOnce.Do(func() { d.version, d.versionErr = d.readVersion(ctx) })
-	if d.versionErr != nil {
-		return "", d.versionErr
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.version == "" {
+		// Not the caller's cancellation: a request that ended must not
+		// decide the version for the server's life.
+		v, err := d.readVersion(context.WithoutCancel(ctx))
+		if err != nil {
+			return "", err
+		}
+		d.version = v
 	}
 	return "firecracker " + d.version + "; root " + vmDir, nil
 }
@@ -558,17 +564,19 @@ const apiTimeout = 10 * time.Second
 // and the page cache its files bring in.
 const vmmAllowanceMiB = 128
 
-// vmmTasks bounds a Firecracker's threads: one per vCPU, its API and VMM
-// threads, and the relay beside it.
+// vmmTasks bounds a Firecracker's threads besides one per vCPU: its API
+// and VMM threads, and the relay beside it (a Go program, whose threads
+// grow with the host's CPUs).
 const vmmTasks = 64
 
-// limits are what spec's VMM may use.
+// limits are what spec's VMM may use. Firecracker holds less than QEMU
+// (no TCG code buffer), so its allowance is its own.
 func limits(spec vmm.Spec) cgroup.Limits {
 	mem := spec.MemoryLimitMiB
 	if mem == 0 {
 		mem = spec.MemoryMiB + vmmAllowanceMiB
 	}
-	return cgroup.Limits{MemoryBytes: int64(mem) << 20, Tasks: vmmTasks, CPUWeight: 100 * max(1, spec.VCPUs)}
+	return cgroup.Limits{MemoryBytes: int64(mem) << 20, Tasks: int64(vmmTasks + spec.VCPUs), CPUWeight: 100 * max(1, spec.VCPUs)}
 }
 
 // launch starts fc-launch, and so Firecracker, for spec, handing it

@@ -122,7 +122,13 @@ func segmentTCP(frame []byte, mss int, emit func([]byte) error) error {
 		if len(frame) < l3+20 || frame[l3+9] != 6 {
 			return errNotTCP
 		}
-		v4, l4 = true, l3+int(frame[l3]&0x0f)*4
+		// The guest writes the header length: one shorter than the
+		// fixed header would send the slicing below out of bounds.
+		ihl := int(frame[l3]&0x0f) * 4
+		if ihl < 20 || len(frame) < l3+ihl {
+			return errNotTCP
+		}
+		v4, l4 = true, l3+ihl
 	case 0x86dd:
 		if len(frame) < l3+40 || frame[l3+6] != 6 { // no extension headers
 			return errNotTCP

@@ -385,3 +385,17 @@ func TestSegmentTCPv6(t *testing.T) {
 		t.Error("a UDP segmentation offload went through")
 	}
 }
+
+// A guest's frame with an IPv4 header length shorter than the header
+// itself is refused, not a panic of its relay.
+func TestSegmentTCPBadHeaderLength(t *testing.T) {
+	for _, ihl := range []byte{0, 1, 4} {
+		ip := make([]byte, 20)
+		ip[0], ip[9] = 0x40|ihl, 6
+		frame := ether(0x0800, append(ip, make([]byte, 2000)...))
+		err := fromGuest(vnetHdr{Flags: vnetNeedsCsum, GSOType: gsoTCPv4, GSOSize: 1000, CsumStart: 34, CsumOffset: 16}, frame, func([]byte) error { return nil })
+		if !errors.Is(err, errNotTCP) {
+			t.Errorf("IHL %d: %v, want errNotTCP", ihl, err)
+		}
+	}
+}

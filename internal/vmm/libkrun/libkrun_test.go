@@ -380,6 +380,14 @@ func TestStartFailureNamesTheCallAndLeavesNothing(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			os.Remove(f.calls)
 			t.Setenv(libkruntest.EnvFail, name)
+			if name == "krun_start_enter" {
+				// Start takes a helper still in krun_start_enter after
+				// startSettle as a running VM; this one fails there,
+				// and a loaded machine may take it a while.
+				old := startSettle
+				startSettle = 30 * time.Second
+				defer func() { startSettle = old }()
+			}
 			_, err := f.drv.Start(ctxFor(t, 30*time.Second), f.spec)
 			if err == nil {
 				t.Fatal("Start succeeded")
