@@ -88,6 +88,12 @@ working /dev/kvm; sandboxes then use it unless they name another backend.`,
 // shown its version: a file that is not Firecracker (or not for this
 // machine) fails here rather than at the first sandbox.
 func installFirecracker(ctx context.Context, src, binDir string, out io.Writer) error {
+	// The file checked must be the file installed: a bare name would be
+	// looked up on $PATH to run, but read from here to copy.
+	src, err := filepath.Abs(src)
+	if err != nil {
+		return fmt.Errorf("--firecracker-bin: %w", err)
+	}
 	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	b, err := exec.CommandContext(vctx, src, "--version").CombinedOutput()

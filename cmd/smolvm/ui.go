@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net/url"
 	"os"
 
 	"github.com/cli/browser"
@@ -20,16 +19,17 @@ data directory, its dashboard opens and this command exits; otherwise this
 command runs one (as "smolvm server start" would, on --host and --port)
 until interrupted.
 
-The page gets the server's token in the URL's fragment, which the browser
-does not send to any server; the dashboard keeps it for the tab only.`,
+A server with a token keeps it out of the browser's command line, where
+other users of this machine could read it: the page asks for it once, and
+keeps it for the tab only.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			open := func(base, token string) {
 				u := base + "/ui/"
+				fmt.Fprintf(cmd.OutOrStdout(), "Dashboard: %s\n", u)
 				if token != "" {
-					u += "#token=" + url.QueryEscape(token)
+					fmt.Fprintln(cmd.ErrOrStderr(), "smolvm: the dashboard asks for the server's token ($SMOLVM_TOKEN, or --token when it was started)")
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "Dashboard: %s/ui/\n", base)
 				if noOpen {
 					return
 				}

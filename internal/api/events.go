@@ -44,7 +44,7 @@ func documentEvents(hapi huma.API) {
 		Summary:     "Stream events",
 		Tags:        []string{"host"},
 		Description: "Server-Sent Events of what happens to this server's sandboxes: `sandbox.created`, `sandbox.updated` (status or ports changed), `sandbox.deleted`, `image.pull` (at most one a second per sandbox, the last always sent), and `process.exited`. " +
-			"Each event has an increasing `id`; reconnecting with `Last-Event-ID` resumes after it from a backlog of the last " + strconv.Itoa(sandbox.EventBacklog) + " events, and a `stream.gap` event says when some were no longer kept or the id came from an earlier run of the server (ids start again at 1 when it restarts). " +
+			"Each event has an increasing `id`; reconnecting with `Last-Event-ID` resumes after it from a backlog of the last " + strconv.Itoa(sandbox.EventBacklog) + " events, and a `stream.gap` event says when some were no longer kept, or when the id is past the newest this server gave out (ids start again at 1 when the server restarts: a client that reconnects to a restarted server should list the sandboxes again). " +
 			"A comment line every 15 s keeps proxies from closing an idle stream. The data of every event is a JSON object.",
 		Parameters: []*huma.Param{{
 			Name: "Last-Event-ID", In: "header", Description: "The id of the last event received: the stream resumes after it. 0 replays every event still kept.",
