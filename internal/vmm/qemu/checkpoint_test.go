@@ -19,8 +19,10 @@ const (
 	statusRunning     = `{"return":{"status":"running","singlestep":false,"running":true}}`
 	statusPaused      = `{"return":{"status":"paused","singlestep":false,"running":false}}`
 	statusPostmigrate = `{"return":{"status":"postmigrate","singlestep":false,"running":false}}`
-	ramBackend        = `{"return":"/objects/ram0"}`
-	migrateCompleted  = `{"return":{"status":"completed"}}`
+	// QEMU says the migration completed while the VM is still here.
+	statusFinishMigrate = `{"return":{"status":"finish-migrate","singlestep":false,"running":false}}`
+	ramBackend          = `{"return":"/objects/ram0"}`
+	migrateCompleted    = `{"return":{"status":"completed"}}`
 )
 
 func TestPauseResume(t *testing.T) {
@@ -104,7 +106,7 @@ func TestCheckpointSequence(t *testing.T) {
 	dir := t.TempDir()
 	f := newFakeQMP(t, script{
 		"qom-get":      seq(ramBackend),
-		"query-status": seq(statusRunning),
+		"query-status": seq(statusRunning, statusFinishMigrate, statusFinishMigrate, statusPostmigrate),
 		"stop":         seq(qmpEvent("STOP") + "\n" + qmpOK),
 		"migrate":      writesState(t, filepath.Join(dir, fileState)),
 		"query-migrate": seq(
@@ -118,9 +120,12 @@ func TestCheckpointSequence(t *testing.T) {
 	if err := New(Options{}).Checkpoint(testCtx(t), vm, dir); err != nil {
 		t.Fatalf("Checkpoint: %v", err)
 	}
+	// cont only once the VM has left finish-migrate: QEMU refuses it
+	// before ("Migration is not finalized yet").
 	wantNames(t, f, "qmp_capabilities", "qom-get", "query-status", "stop",
 		"migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
-		"query-migrate", "query-migrate", "query-migrate", "cont")
+		"query-migrate", "query-migrate", "query-migrate",
+		"query-status", "query-status", "query-status", "cont")
 	if a := f.args(t, "qom-get", 0); a["path"] != "/machine" || a["property"] != "memory-backend" {
 		t.Errorf("qom-get arguments %v", a)
 	}
@@ -165,7 +170,7 @@ func TestCheckpointPausedStaysPaused(t *testing.T) {
 	// No stop before; cont and stop after, for the disks' sake.
 	wantNames(t, f, "qmp_capabilities", "qom-get", "query-status",
 		"migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
-		"query-migrate", "cont", "stop")
+		"query-migrate", "query-status", "cont", "stop")
 }
 
 func TestCheckpointFailedMigration(t *testing.T) {
@@ -219,7 +224,7 @@ func TestCheckpointCopyFails(t *testing.T) {
 				t.Fatalf("Checkpoint with no disk to copy: %v", err)
 			}
 			names := f.names()
-			if i := indexOf(names, "query-migrate"); i < 0 || !equal(names[i+1:], append([]string{"qmp_capabilities", "query-migrate", "query-status"}, tc.undo...)) {
+			if i := indexOf(names, "query-migrate"); i < 0 || !equal(names[i+1:], append([]string{"query-status", "qmp_capabilities", "query-migrate", "query-status"}, tc.undo...)) {
 				t.Errorf("commands sent: %q; want the undo to end with %q", names, tc.undo)
 			}
 			wantNoFiles(t, dir)

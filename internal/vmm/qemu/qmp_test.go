@@ -501,7 +501,7 @@ func TestSaveSequence(t *testing.T) {
 		}
 	}
 	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "getfd", "migrate",
-		"query-migrate", "query-migrate", "query-migrate", "quit")
+		"query-migrate", "query-migrate", "query-migrate", "query-status", "quit")
 	if got := f.args(t, "migrate", 0)["uri"]; got != "fd:"+stateFD {
 		t.Errorf("migrate uri %q, want %q", got, "fd:"+stateFD)
 	}
@@ -522,7 +522,7 @@ func TestSaveQuitHangsUp(t *testing.T) {
 	if err := New(Options{}).Save(testCtx(t), fakeInstance(f), snapshotDir(t)); err != nil {
 		t.Fatalf("Save with quit unanswered: %v", err)
 	}
-	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "getfd", "migrate", "query-migrate", "quit")
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "getfd", "migrate", "query-migrate", "query-status", "quit")
 }
 
 func TestSaveFailedMigration(t *testing.T) {
@@ -577,7 +577,7 @@ func TestSaveProcessStaysAlive(t *testing.T) {
 	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Save with a process that stays: got %v, want a deadline error", err)
 	}
-	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "getfd", "migrate", "query-migrate", "quit")
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-parameters", "getfd", "migrate", "query-migrate", "query-status", "quit")
 }
 
 // stateFile is a saved state for resume to read.
@@ -717,7 +717,7 @@ func TestMemoryFileSaveAndResume(t *testing.T) {
 	if err := New(Options{}).Save(testCtx(t), vm, snapshotDir(t)); err != nil {
 		t.Fatalf("Save: %v", err)
 	}
-	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate", "query-migrate", "quit")
+	wantNames(t, f, "qmp_capabilities", "stop", "migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate", "query-migrate", "query-status", "quit")
 	caps, _ := f.args(t, "migrate-set-capabilities", 0)["capabilities"].([]any)
 	if len(caps) != 1 || caps[0].(map[string]any)["capability"] != "x-ignore-shared" || caps[0].(map[string]any)["state"] != true {
 		t.Errorf("capabilities %v, want x-ignore-shared on", caps)

@@ -85,13 +85,34 @@ func waitMigration(ctx context.Context, m *monitor, what string) error {
 		}
 		switch st.Status {
 		case "completed":
-			return nil
+			// QEMU reports the migration completed a moment before
+			// the VM leaves finish-migrate, and refuses cont until it
+			// has ("Migration is not finalized yet").
+			return waitRunState(ctx, m, "finish-migrate", what)
 		case "failed", "cancelled":
 			return fmt.Errorf("%s: migration %s: %s", what, st.Status, st.ErrorDesc)
 		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%s: %w", what, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// waitRunState waits until the VM's run state is no longer leave.
+func waitRunState(ctx context.Context, m *monitor, leave, what string) error {
+	for {
+		st, err := queryStatus(ctx, m)
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if st.Status != leave {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: still %s: %w", what, leave, ctx.Err())
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
