@@ -28,13 +28,17 @@ for c in json.load(sys.stdin)["data"]["checks"]:
 		continue
 	fi
 	start=$(date +%s.%N)
-	out=$("$smolvm" sandbox create --backend "$b" --memory 256 --json 2>&1)
+	# JSON on stdout; progress (a template's first build) on stderr.
+	errf=$(mktemp)
+	out=$("$smolvm" sandbox create --backend "$b" --memory 256 --json 2>"$errf")
 	id=$(printf '%s' "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["id"])' 2>/dev/null)
 	if [ -z "$id" ]; then
-		echo "$b: FAILED to create: $out"
+		echo "$b: FAILED to create: $out $(cat "$errf")"
+		rm -f "$errf"
 		failed=1
 		continue
 	fi
+	rm -f "$errf"
 	booted=$(date +%s.%N)
 	res=$("$smolvm" sandbox exec "$id" -- uname -sr 2>&1)
 	code=$?
