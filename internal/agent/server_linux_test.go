@@ -58,12 +58,22 @@ func serve(t *testing.T) (guest.Dialer, *recordingSystem) {
 func serveServer(t *testing.T) (*agent.Server, guest.Dialer, *recordingSystem) {
 	t.Helper()
 	sys := &recordingSystem{}
-	srv := agent.NewServer(agent.Options{System: sys, Hostname: "agent-test"})
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv := serveOn(t, l, sys, "agent-test")
+	return srv, func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}, sys
+}
+
+// serveOn serves a real agent on l until the test ends.
+func serveOn(t *testing.T, l net.Listener, sys *recordingSystem, hostname string) *agent.Server {
+	t.Helper()
+	srv := agent.NewServer(agent.Options{System: sys, Hostname: hostname})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -76,10 +86,7 @@ func serveServer(t *testing.T) (*agent.Server, guest.Dialer, *recordingSystem) {
 		srv.Close()
 		<-done
 	})
-	return srv, func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}, sys
+	return srv
 }
 
 func connect(t *testing.T) (*guest.Client, *recordingSystem) {

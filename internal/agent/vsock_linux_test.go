@@ -54,19 +54,8 @@ func TestAgentOverVsock(t *testing.T) {
 		l.Close()
 		t.Fatalf("listener is a %T, want vsock", l)
 	}
-	srv := agent.NewServer(agent.Options{System: &recordingSystem{}, Hostname: "vsock-test"})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ctx, l)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		l.Close()
-		srv.Close()
-		<-done
-	})
+	serveOn(t, l, &recordingSystem{}, "vsock-test")
+	ctx := testCtx(t)
 	dial := func(ctx context.Context) (net.Conn, error) { return vsock.Dial(vsock.Local, port, nil) }
 	probe, err := dial(ctx)
 	// Without the loopback transport a connection to the local CID goes
