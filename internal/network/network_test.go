@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -184,6 +186,9 @@ func TestProcessAndForwards(t *testing.T) {
 			t.Errorf("the network process's status lacks %q:\n%s", want, status)
 		}
 	}
+	if uid != 0 {
+		checkNetJail(t, pid, status)
+	}
 	if j.Cgroups != nil {
 		if g := cgroup.Of(pid); !strings.HasPrefix(g, "net-") {
 			t.Errorf("the network process is in control group %q, not one of its own", g)
@@ -274,4 +279,61 @@ func TestStartFailure(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "exited") {
 		t.Fatalf("start of /bin/false: %v", err)
 	}
+}
+
+// checkNetJail checks, from the host, the walls around a network process
+// started by root: its own mount namespace, a root that holds the host's
+// /etc (read-only) and no more, and no capability but binding low ports.
+func checkNetJail(t *testing.T, pid int, status string) {
+	t.Helper()
+	for _, want := range []string{"CapPrm:\t0000000000000400\n", "CapInh:\t0000000000000400\n"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("the network process's status lacks %q:\n%s", want, status)
+		}
+	}
+	ours, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ours == theirs {
+		t.Errorf("the network process shares the host's mount namespace (%s)", ours)
+	}
+	root := fmt.Sprintf("/proc/%d/root", pid)
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	// /etc, and where resolv.conf leads if it is a link out of /etc.
+	allowed := []string{"etc", strings.Split(strings.TrimPrefix(resolvDir(), "/"), "/")[0]}
+	if !slices.Contains(names, "etc") || slices.ContainsFunc(names, func(n string) bool { return !slices.Contains(allowed, n) }) {
+		t.Errorf("the network process's root holds %q, want only %q", names, allowed)
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc", "hostname")); err != nil {
+		t.Errorf("the network process cannot see /etc: %v", err)
+	}
+	// Read-only to everyone, root included.
+	if err := os.WriteFile(filepath.Join(root, "etc", "smolvm-jail-test"), nil, 0o644); err == nil {
+		os.Remove(filepath.Join(root, "etc", "smolvm-jail-test"))
+		t.Error("the network process's /etc is writable")
+	}
+	if err := os.Mkdir(filepath.Join(root, "x"), 0o755); err == nil {
+		t.Error("the network process's root is writable")
+	}
+}
+
+// resolvDir is where /etc/resolv.conf leads, if out of /etc.
+func resolvDir() string {
+	target, err := filepath.EvalSymlinks("/etc/resolv.conf")
+	if err != nil || strings.HasPrefix(target, "/etc/") {
+		return "/etc"
+	}
+	return filepath.Dir(target)
 }

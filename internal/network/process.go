@@ -129,7 +129,11 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 		defer lf.Close()
 		files = append(files, lf)
 	}
-	cmd := exec.Command(bin, f.marker(), "--policy="+string(pj), "--inherited")
+	args := []string{f.marker(), "--policy=" + string(pj), "--inherited"}
+	if uid != 0 {
+		args = append(args, "--jail")
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = files // fds 3 (the link) and 4 (control)
 	if uid != 0 {
@@ -149,7 +153,10 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if uid != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true}
-		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
+		// A mount namespace of its own, and CAP_SYS_ADMIN only until it
+		// has made its root there (enterJail).
+		cmd.SysProcAttr.Unshareflags = syscall.CLONE_NEWNS
+		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE, unix.CAP_SYS_ADMIN}
 	}
 	var group *cgroup.Group
 	if j.Cgroups != nil {
@@ -277,11 +284,14 @@ func tail(path string) string {
 // disconnects. args are the process's arguments after its name.
 func Main(args []string) error {
 	var dir, policy string
+	var jailed bool
 	for _, a := range args {
 		switch {
 		// Start hands the sockets down; the flag says so on the command
 		// line, which ps shows.
 		case a == "--inherited":
+		case a == "--jail":
+			jailed = true
 		case strings.HasPrefix(a, "--dir="):
 			dir = strings.TrimPrefix(a, "--dir=")
 		case strings.HasPrefix(a, "--policy="):
@@ -318,8 +328,14 @@ func Main(args []string) error {
 	if !ok {
 		return fmt.Errorf("the link socket handed down is a %T, not a unix socket", link)
 	}
-	// Everything it needs from the host is open: from here on it may make
-	// none of the system calls an escape would want.
+	// Everything it needs from the host is open: from here on it sees
+	// only the host's /etc, and may make none of the system calls an
+	// escape would want.
+	if jailed {
+		if err := enterJail(); err != nil {
+			return err
+		}
+	}
 	if err := restrict(); err != nil {
 		return err
 	}
