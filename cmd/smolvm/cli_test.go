@@ -193,6 +193,12 @@ func TestCLI(t *testing.T) {
 			t.Errorf("busy port: exit %d stderr %q", code, errOut)
 		}
 
+		// A negative cap is refused before anything starts.
+		_, errOut, code = c.run("server", "start", "--port", "0", "--disk-mibps", "-1")
+		if code == 0 || !strings.Contains(errOut, "--disk-mibps") {
+			t.Errorf("--disk-mibps -1: exit %d stderr %q", code, errOut)
+		}
+
 		// The CLI finds the running server and goes through it, rather
 		// than waiting on the agent connection the server holds.
 		start := time.Now()

@@ -21,6 +21,7 @@ import (
 	"github.com/smolvm/smolvm/internal/api"
 	"github.com/smolvm/smolvm/internal/datadir"
 	"github.com/smolvm/smolvm/internal/sandbox"
+	"github.com/smolvm/smolvm/internal/vmm"
 )
 
 // shutdownGrace is how long requests in flight may run after a stop signal
@@ -57,6 +58,8 @@ type serverConfig struct {
 	pool        int
 	poolCleanup bool
 	allowMounts []string
+	diskMiBps   int
+	diskIOPS    int
 	// ready, when set, is called once the server listens, with its URL
 	// and token.
 	ready func(url, token string)
@@ -95,6 +98,8 @@ commands on this machine. Binding any other address requires a token
 	f.IntVar(&c.pool, "pool", 0, "keep this many default sandboxes booted and waiting, so creating one takes milliseconds (each uses its memory while it waits)")
 	f.StringArrayVar(&c.allowMounts, "allow-mount", nil, "let sandboxes mount host directories under `DIR` (create --mount); repeatable; none by default")
 	f.BoolVar(&c.poolCleanup, "pool-cleanup", false, "delete the waiting sandboxes when the server stops (otherwise the next server reuses them)")
+	f.IntVar(&c.diskMiBps, "disk-mibps", vmm.DefaultDiskBPS>>20, "cap each sandbox's reads and writes on the host's disk at this many MiB/s each way, where the server runs as root; 0: no cap")
+	f.IntVar(&c.diskIOPS, "disk-iops", vmm.DefaultDiskIOPS, "cap each sandbox's disk operations at this many a second each way, where the server runs as root; 0: no cap")
 	return cmd
 }
 
@@ -130,7 +135,17 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if c.pool < 0 || c.pool > 64 {
 		return fmt.Errorf("--pool %d is out of range: 0 to 64", c.pool)
 	}
-	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr, Pool: c.pool, PoolCleanup: c.poolCleanup, AllowMounts: c.allowMounts})
+	if c.diskMiBps < 0 || c.diskIOPS < 0 {
+		return fmt.Errorf("--disk-mibps and --disk-iops take 0 (no cap) or more, not %d and %d", c.diskMiBps, c.diskIOPS)
+	}
+	diskIO := vmm.DiskIO{ReadBPS: vmm.NoCap, WriteBPS: vmm.NoCap, ReadIOPS: vmm.NoCap, WriteIOPS: vmm.NoCap}
+	if c.diskMiBps > 0 {
+		diskIO.ReadBPS, diskIO.WriteBPS = uint64(c.diskMiBps)<<20, uint64(c.diskMiBps)<<20
+	}
+	if c.diskIOPS > 0 {
+		diskIO.ReadIOPS, diskIO.WriteIOPS = uint64(c.diskIOPS), uint64(c.diskIOPS)
+	}
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, Progress: stderr, Pool: c.pool, PoolCleanup: c.poolCleanup, AllowMounts: c.allowMounts, DiskIO: diskIO})
 	if err != nil {
 		return fmt.Errorf("open sandboxes in %s: %w", d.Path(), err)
 	}

@@ -1,5 +1,6 @@
 // Package cgroup bounds what one VMM process may take of the host: its
-// memory, its number of tasks and its share of CPU time, in a control
+// memory, its number of tasks, its share of CPU time and its disk
+// bandwidth, in a control
 // group of its own under "smolvm". It uses cgroup v2 where the host has
 // it (one unified hierarchy with controllers) and v1 where it has only
 // that (a hierarchy per controller, as these test machines do).
@@ -13,11 +14,14 @@ package cgroup
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Limits are what one group may use; a zero field is no limit.
@@ -27,7 +31,19 @@ type Limits struct {
 	// CPUWeight is the group's share of CPU time against its siblings,
 	// 1 to 10000 (cgroup v2's scale; 100 is the default).
 	CPUWeight int
+	// IO caps the group's reads and writes on block devices.
+	IO []DeviceIO
 }
+
+// DeviceIO caps I/O on one block device (a whole disk, not a partition:
+// the kernel throttles where requests queue); a zero field is no cap.
+type DeviceIO struct {
+	Major, Minor        uint32
+	ReadBPS, WriteBPS   uint64 // bytes a second
+	ReadIOPS, WriteIOPS uint64
+}
+
+func (d DeviceIO) dev() string { return fmt.Sprintf("%d:%d", d.Major, d.Minor) }
 
 // Root is where the host's cgroups are mounted.
 const Root = "/sys/fs/cgroup"
@@ -35,12 +51,19 @@ const Root = "/sys/fs/cgroup"
 // parent is the group every VMM's group is made in.
 const parent = "smolvm"
 
+// controllers are the ones a group is made in, by their v2 names.
+var controllers = []string{"memory", "pids", "cpu", "io"}
+
+// v1Names are their hierarchies' names under cgroup v1.
+var v1Names = map[string]string{"memory": "memory", "pids": "pids", "cpu": "cpu", "io": "blkio"}
+
 // Hierarchy is one way the host has of grouping processes.
 type Hierarchy struct {
 	// V2 is the unified hierarchy; otherwise each controller has its own.
 	V2 bool
-	// Mounts are the directories the groups are made in: one for v2, one
-	// per controller for v1 (memory, pids, cpu).
+	// Mounts are the directories the groups are made in, by controller
+	// (memory, pids, cpu, io): the one root for v2, a hierarchy each for
+	// v1 (where io is blkio).
 	Mounts map[string]string
 }
 
@@ -50,7 +73,7 @@ func Detect(root string) (Hierarchy, error) {
 	if b, err := os.ReadFile(filepath.Join(root, "cgroup.controllers")); err == nil {
 		have := strings.Fields(string(b))
 		h := Hierarchy{V2: true, Mounts: map[string]string{}}
-		for _, c := range []string{"memory", "pids", "cpu"} {
+		for _, c := range controllers {
 			for _, x := range have {
 				if x == c {
 					h.Mounts[c] = root
@@ -63,8 +86,8 @@ func Detect(root string) (Hierarchy, error) {
 		return h, nil
 	}
 	h := Hierarchy{Mounts: map[string]string{}}
-	for _, c := range []string{"memory", "pids", "cpu"} {
-		dir := filepath.Join(root, c)
+	for _, c := range controllers {
+		dir := filepath.Join(root, v1Names[c])
 		if _, err := os.Stat(filepath.Join(dir, "cgroup.procs")); err == nil {
 			h.Mounts[c] = dir
 		}
@@ -85,7 +108,8 @@ type Group struct {
 func (g Group) dirs() []string {
 	seen := map[string]bool{}
 	var out []string
-	for _, m := range []string{g.h.Mounts["memory"], g.h.Mounts["pids"], g.h.Mounts["cpu"]} {
+	for _, c := range controllers {
+		m := g.h.Mounts[c]
 		if m == "" || seen[m] {
 			continue
 		}
@@ -95,7 +119,8 @@ func (g Group) dirs() []string {
 	return out
 }
 
-// Dir is the group's directory for controller ("memory", "pids", "cpu").
+// Dir is the group's directory for controller ("memory", "pids", "cpu",
+// "io").
 func (g Group) Dir(controller string) string {
 	m := g.h.Mounts[controller]
 	if m == "" {
@@ -117,11 +142,13 @@ func New(h Hierarchy, name string, l Limits) (Group, error) {
 		// Controllers reach a group only when its parents enable them for
 		// their children.
 		var ctrls []string
-		for c := range h.Mounts {
-			ctrls = append(ctrls, "+"+c)
+		for _, c := range controllers {
+			if h.Mounts[c] != "" {
+				ctrls = append(ctrls, "+"+c)
+			}
 		}
 		enable := strings.Join(ctrls, " ")
-		root := firstNonEmpty(h.Mounts["memory"], h.Mounts["pids"], h.Mounts["cpu"])
+		root := firstNonEmpty(h.Mounts["memory"], h.Mounts["pids"], h.Mounts["cpu"], h.Mounts["io"])
 		if err := os.MkdirAll(filepath.Join(root, parent), 0o755); err != nil {
 			return g, fmt.Errorf("cgroup: %w", err)
 		}
@@ -171,6 +198,14 @@ func (g Group) set(l Limits) error {
 			ss = append(ss, setting{"cpu", "cpu.shares", "", strconv.Itoa(max(2, w*1024/100))})
 		}
 	}
+	if dir := g.Dir("io"); dir != "" {
+		// Where the host allows: a device the kernel does not throttle
+		// (no request queue of its own) leaves the group without a cap
+		// rather than the VM without a start.
+		if err := g.setIO(dir, l.IO); err != nil {
+			slog.Warn("disk I/O left uncapped", "group", g.name, "err", err)
+		}
+	}
 	for _, s := range ss {
 		dir := g.Dir(s.controller)
 		if dir == "" {
@@ -185,6 +220,74 @@ func (g Group) set(l Limits) error {
 		}
 	}
 	return nil
+}
+
+// setIO writes the I/O caps: one io.max line per device under v2, one
+// line per device and direction in the blkio.throttle files under v1.
+// Under v1 only I/O the group's own tasks issue is throttled (reads,
+// direct writes, the writeback they force by syncing); v2 also charges
+// the group for the page cache's writeback of what it dirtied.
+func (g Group) setIO(dir string, ios []DeviceIO) error {
+	var errs []error
+	for _, d := range ios {
+		if g.h.V2 {
+			var kv []string
+			for _, f := range []struct {
+				key string
+				v   uint64
+			}{{"rbps", d.ReadBPS}, {"wbps", d.WriteBPS}, {"riops", d.ReadIOPS}, {"wiops", d.WriteIOPS}} {
+				if f.v > 0 {
+					kv = append(kv, f.key+"="+strconv.FormatUint(f.v, 10))
+				}
+			}
+			if len(kv) > 0 {
+				errs = append(errs, write(filepath.Join(dir, "io.max"), d.dev()+" "+strings.Join(kv, " ")))
+			}
+			continue
+		}
+		for _, f := range []struct {
+			file string
+			v    uint64
+		}{{"read_bps_device", d.ReadBPS}, {"write_bps_device", d.WriteBPS}, {"read_iops_device", d.ReadIOPS}, {"write_iops_device", d.WriteIOPS}} {
+			if f.v > 0 {
+				errs = append(errs, write(filepath.Join(dir, "blkio.throttle."+f.file), d.dev()+" "+strconv.FormatUint(f.v, 10)))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DiskOf finds the whole disk that holds path's filesystem, the device an
+// I/O cap for files under path names. ok is false for a filesystem with
+// no block device of its own (tmpfs, overlay, NFS).
+func DiskOf(path string) (major, minor uint32, ok bool) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, 0, false
+	}
+	major, minor = unix.Major(st.Dev), unix.Minor(st.Dev)
+	if major == 0 {
+		return 0, 0, false
+	}
+	sys := fmt.Sprintf("/sys/dev/block/%d:%d", major, minor)
+	if _, err := os.Stat(sys); err != nil {
+		return 0, 0, false
+	}
+	// A partition's parent directory in sysfs is its disk.
+	if _, err := os.Stat(filepath.Join(sys, "partition")); err == nil {
+		real, err := filepath.EvalSymlinks(sys)
+		if err != nil {
+			return 0, 0, false
+		}
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(real), "dev"))
+		if err != nil {
+			return 0, 0, false
+		}
+		if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d:%d", &major, &minor); err != nil {
+			return 0, 0, false
+		}
+	}
+	return major, minor, true
 }
 
 // Add moves pid, with the threads it starts from then on, into the group.

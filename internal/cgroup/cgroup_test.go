@@ -19,7 +19,7 @@ func fakeRoot(t *testing.T, v2 bool) string {
 		os.WriteFile(filepath.Join(root, "cgroup.controllers"), []byte("cpuset cpu io memory pids\n"), 0o644)
 		return root
 	}
-	for _, c := range []string{"memory", "pids", "cpu"} {
+	for _, c := range []string{"memory", "pids", "cpu", "blkio"} {
 		os.MkdirAll(filepath.Join(root, c), 0o755)
 		os.WriteFile(filepath.Join(root, c, "cgroup.procs"), nil, 0o644)
 	}
@@ -36,7 +36,10 @@ func read(t *testing.T, path string) string {
 }
 
 func TestLimitsWrittenForEachVersion(t *testing.T) {
-	l := Limits{MemoryBytes: 768 << 20, Tasks: 256, CPUWeight: 200}
+	l := Limits{MemoryBytes: 768 << 20, Tasks: 256, CPUWeight: 200, IO: []DeviceIO{
+		{Major: 254, Minor: 0, ReadBPS: 256 << 20, WriteBPS: 128 << 20, ReadIOPS: 8192},
+		{Major: 8, Minor: 16, WriteIOPS: 100},
+	}}
 	for _, v2 := range []bool{false, true} {
 		root := fakeRoot(t, v2)
 		h, err := Detect(root)
@@ -53,16 +56,23 @@ func TestLimitsWrittenForEachVersion(t *testing.T) {
 			want[filepath.Join(dir, "memory.max")] = strconv.Itoa(768 << 20)
 			want[filepath.Join(dir, "pids.max")] = "256"
 			want[filepath.Join(dir, "cpu.weight")] = "200"
+			// One line a write: the fake keeps the last.
+			want[filepath.Join(dir, "io.max")] = "8:16 wiops=100"
 			for _, d := range []string{root, filepath.Join(root, "smolvm")} {
 				got := strings.Fields(read(t, filepath.Join(d, "cgroup.subtree_control")))
-				if len(got) != 3 || !strings.Contains(strings.Join(got, " "), "+memory") {
-					t.Errorf("v2: %s/cgroup.subtree_control = %q, want the three controllers enabled", d, got)
+				if len(got) != 4 || !strings.Contains(strings.Join(got, " "), "+memory") || !strings.Contains(strings.Join(got, " "), "+io") {
+					t.Errorf("v2: %s/cgroup.subtree_control = %q, want the four controllers enabled", d, got)
 				}
 			}
 		} else {
 			want[filepath.Join(root, "memory", "smolvm", "vm-1.abcd", "memory.limit_in_bytes")] = strconv.Itoa(768 << 20)
 			want[filepath.Join(root, "pids", "smolvm", "vm-1.abcd", "pids.max")] = "256"
 			want[filepath.Join(root, "cpu", "smolvm", "vm-1.abcd", "cpu.shares")] = "2048"
+			blkio := filepath.Join(root, "blkio", "smolvm", "vm-1.abcd")
+			want[filepath.Join(blkio, "blkio.throttle.read_bps_device")] = "254:0 268435456"
+			want[filepath.Join(blkio, "blkio.throttle.write_bps_device")] = "254:0 134217728"
+			want[filepath.Join(blkio, "blkio.throttle.read_iops_device")] = "254:0 8192"
+			want[filepath.Join(blkio, "blkio.throttle.write_iops_device")] = "8:16 100"
 		}
 		for path, v := range want {
 			if got := read(t, path); got != v {
@@ -105,9 +115,29 @@ func TestRealGroup(t *testing.T) {
 		t.Skipf("no usable cgroups on this host: %v", err)
 	}
 	name := "test-" + strconv.Itoa(os.Getpid())
-	g, err := New(h, name, Limits{MemoryBytes: 64 << 20, Tasks: 16, CPUWeight: 100})
+	l := Limits{MemoryBytes: 64 << 20, Tasks: 16, CPUWeight: 100}
+	major, minor, disk := DiskOf(os.TempDir())
+	if disk {
+		l.IO = []DeviceIO{{Major: major, Minor: minor, ReadBPS: 100 << 20, WriteIOPS: 500}}
+	}
+	g, err := New(h, name, l)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if dir := g.Dir("io"); dir != "" && disk {
+		// The kernel took the caps (it prints them back as it keeps them).
+		dev := strconv.Itoa(int(major)) + ":" + strconv.Itoa(int(minor))
+		files := map[string]string{"blkio.throttle.read_bps_device": dev + " 104857600", "blkio.throttle.write_iops_device": dev + " 500"}
+		if h.V2 {
+			files = map[string]string{"io.max": dev + " rbps=104857600 wbps=max riops=max wiops=500"}
+		}
+		for f, want := range files {
+			if got := strings.TrimSpace(read(t, filepath.Join(dir, f))); got != want {
+				t.Errorf("%s = %q, want %q", f, got, want)
+			}
+		}
+	} else {
+		t.Logf("no I/O caps tried: io controller %q, disk %v", dir, disk)
 	}
 	cmd := exec.Command("sleep", "60")
 	if err := cmd.Start(); err != nil {
@@ -149,5 +179,45 @@ func TestRealGroup(t *testing.T) {
 	}
 	if err := g.Remove(); err != nil {
 		t.Errorf("Remove of a group already gone: %v", err)
+	}
+}
+
+// Under v2 a device's caps are one io.max line, the directions left out
+// uncapped.
+func TestIOMaxLine(t *testing.T) {
+	root := fakeRoot(t, true)
+	h, err := Detect(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(h, "vm-2.abcd", Limits{IO: []DeviceIO{{Major: 254, Minor: 0, ReadBPS: 256 << 20, WriteBPS: 128 << 20, ReadIOPS: 8192}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := read(t, filepath.Join(g.Dir("io"), "io.max")), "254:0 rbps=268435456 wbps=134217728 riops=8192"; got != want {
+		t.Errorf("io.max = %q, want %q", got, want)
+	}
+}
+
+// DiskOf names the whole disk under a directory on this host, the device
+// the kernel throttles, and nothing for a filesystem without one.
+func TestDiskOf(t *testing.T) {
+	major, minor, ok := DiskOf(t.TempDir())
+	if ok {
+		sys := "/sys/dev/block/" + strconv.Itoa(int(major)) + ":" + strconv.Itoa(int(minor))
+		if _, err := os.Stat(filepath.Join(sys, "queue")); err != nil {
+			t.Errorf("DiskOf(temp dir) = %d:%d, which has no request queue: %v", major, minor, err)
+		}
+		if _, err := os.Stat(filepath.Join(sys, "partition")); err == nil {
+			t.Errorf("DiskOf(temp dir) = %d:%d, a partition", major, minor)
+		}
+	} else {
+		t.Logf("the temp directory is on no block device of its own")
+	}
+	if _, _, ok := DiskOf("/proc"); ok {
+		t.Error("DiskOf(/proc) found a disk")
+	}
+	if _, _, ok := DiskOf("/nonexistent/path"); ok {
+		t.Error("DiskOf of a missing path found a disk")
 	}
 }

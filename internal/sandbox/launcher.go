@@ -138,6 +138,7 @@ func (l *launcher) spec(a assets, rec *store.Record) vmm.Spec {
 		Cmdline:   bootCmdline(rec.ID, readNet(*rec).Policy.Enabled()),
 		BaseImage: a.base.Path, DiskMiB: rec.DiskSizeMiB,
 		MemoryMiB: rec.MemoryMiB, VCPUs: rec.VCPUs,
+		DiskIO: l.opts.DiskIO,
 		Mounts: driverMounts(readConfig(*rec).Mounts),
 	}
 	for _, mt := range spec.Mounts {

@@ -64,6 +64,10 @@ type Options struct {
 	// AllowMounts are the host directories sandboxes may mount (each
 	// with what is beneath it); none by default.
 	AllowMounts []string
+	// DiskIO caps each VMM's I/O on the host disk that holds the data
+	// directory, where the server runs as root; zero fields take
+	// vmm's defaults.
+	DiskIO vmm.DiskIO
 	// Logger receives what an operator needs to see: templates retired,
 	// guests that crashed, cleanup that failed. nil logs as text to
 	// Progress.

@@ -278,6 +278,7 @@ func (tc *templates) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm
 		Kernel: a.kernel.Vmlinux, Initrd: a.initrd, Cmdline: bootCmdline("template", t.Network),
 		BaseImage: a.base.Path, DiskMiB: t.DiskMiB,
 		MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
+		DiskIO:      tc.l.opts.DiskIO,
 		ForSnapshot: true,
 	}
 	if t.Network {

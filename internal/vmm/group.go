@@ -19,14 +19,58 @@ const AllowanceMiB = 256
 // I/O pool of up to 64.
 const Tasks = 256
 
+// DiskIO caps a VMM's disk I/O, per second, each way; a zero field takes
+// the default (DefaultDiskBPS, DefaultDiskIOPS), and NoCap leaves that
+// one uncapped.
+type DiskIO struct {
+	ReadBPS, WriteBPS   uint64
+	ReadIOPS, WriteIOPS uint64
+}
+
+// The default caps keep one sandbox from taking the whole of a host disk
+// while leaving it the speed of a good SSD: a guest's disk is a file on
+// the host's, and without a cap one guest copying files in a loop slows
+// every other sandbox and the host itself.
+const (
+	DefaultDiskBPS  = 256 << 20
+	DefaultDiskIOPS = 8192
+)
+
+// NoCap in a DiskIO field leaves that direction uncapped.
+const NoCap = ^uint64(0)
+
+// orDefault fills d's zero fields with the defaults.
+func (d DiskIO) orDefault() DiskIO {
+	pick := func(v, dv uint64) uint64 {
+		switch v {
+		case 0:
+			return dv
+		case NoCap:
+			return 0 // cgroup.DeviceIO's "no cap"
+		}
+		return v
+	}
+	return DiskIO{
+		ReadBPS: pick(d.ReadBPS, DefaultDiskBPS), WriteBPS: pick(d.WriteBPS, DefaultDiskBPS),
+		ReadIOPS: pick(d.ReadIOPS, DefaultDiskIOPS), WriteIOPS: pick(d.WriteIOPS, DefaultDiskIOPS),
+	}
+}
+
 // Limits are what spec's VMM may use, in the control group every driver
-// puts its VMM in when it runs as root.
+// puts its VMM in when it runs as root: its memory, tasks and CPU share,
+// and its I/O on the disk that holds its directory (its disk image and
+// memory files), where that is a block device of the host's.
 func Limits(spec Spec) cgroup.Limits {
 	mem := spec.MemoryLimitMiB
 	if mem == 0 {
 		mem = spec.MemoryMiB + AllowanceMiB
 	}
-	return cgroup.Limits{MemoryBytes: int64(mem) << 20, Tasks: Tasks, CPUWeight: 100 * max(1, spec.VCPUs)}
+	l := cgroup.Limits{MemoryBytes: int64(mem) << 20, Tasks: Tasks, CPUWeight: 100 * max(1, spec.VCPUs)}
+	if major, minor, ok := cgroup.DiskOf(spec.Dir); ok {
+		io := spec.DiskIO.orDefault()
+		l.IO = []cgroup.DeviceIO{{Major: major, Minor: minor, ReadBPS: io.ReadBPS, WriteBPS: io.WriteBPS, ReadIOPS: io.ReadIOPS, WriteIOPS: io.WriteIOPS}}
+	}
+	return l
 }
 
 // GroupName is a control group name unique to the machine in spec.Dir:

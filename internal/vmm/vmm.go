@@ -34,6 +34,9 @@ type Spec struct {
 	// memory and its own; 0 is the driver's default, guest memory plus an
 	// allowance for the VMM.
 	MemoryLimitMiB int
+	// DiskIO caps the VMM's I/O on the disk that holds Dir; a zero field
+	// is the default (DefaultDiskBPS, DefaultDiskIOPS).
+	DiskIO DiskIO
 	// Net attaches the guest's network interface; nil gives the guest no
 	// interface but loopback.
 	Net *NetAttachment

@@ -506,3 +506,74 @@ func TestRealPowerOffByReset(t *testing.T) {
 		t.Errorf("console does not show a reset:\n%s", b)
 	}
 }
+
+// A VMM's disk I/O is capped on the host disk that holds its directory,
+// and what the guest writes and syncs passes through that cap: the
+// kernel counts it against the VMM's group.
+func TestRealDiskIOCap(t *testing.T) {
+	t.Parallel()
+	g := needGuest(t)
+	d := New(Options{})
+	if d.cgroups == nil || d.cgroups.Mounts["io"] == "" {
+		t.Skipf("no io control group for VMMs here (root: %v; %v)", os.Geteuid() == 0, d.cgroupErr)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	spec := g.spec(t, "diskio")
+	major, minor, ok := cgroup.DiskOf(spec.Dir)
+	if !ok {
+		t.Skipf("%s is on no block device of its own", spec.Dir)
+	}
+	spec.DiskIO = vmm.DiskIO{WriteBPS: 64 << 20}
+	m, err := d.Start(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed(t, m)
+	c := agent(t, ctx, m)
+	dir := cgroup.Open(*d.cgroups, m.(*machine).rt.Cgroup).Dir("io")
+	dev := fmt.Sprintf("%d:%d", major, minor)
+	caps := map[string]string{
+		"blkio.throttle.write_bps_device": dev + " 67108864",
+		"blkio.throttle.read_bps_device":  fmt.Sprintf("%s %d", dev, vmm.DefaultDiskBPS),
+		"blkio.throttle.read_iops_device": fmt.Sprintf("%s %d", dev, vmm.DefaultDiskIOPS),
+	}
+	if d.cgroups.V2 {
+		caps = map[string]string{"io.max": fmt.Sprintf("%s rbps=%d wbps=67108864 riops=%d wiops=%d", dev, vmm.DefaultDiskBPS, vmm.DefaultDiskIOPS, vmm.DefaultDiskIOPS)}
+	}
+	for f, want := range caps {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil || strings.TrimSpace(string(b)) != want {
+			t.Errorf("%s = %q, %v; want %q", f, b, err, want)
+		}
+	}
+	// 16 MiB written and synced in the guest: QEMU flushes the disk file,
+	// and the host writes it out from QEMU's own thread.
+	mustSh(t, ctx, c, "dd if=/dev/urandom of=/root/blob bs=1M count=16 conv=fsync 2>/dev/null; sync")
+	stat := "blkio.throttle.io_service_bytes"
+	if d.cgroups.V2 {
+		stat = "io.stat"
+	}
+	b, err := os.ReadFile(filepath.Join(dir, stat))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var written int64
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case !d.cgroups.V2 && len(f) == 3 && f[0] == dev && f[1] == "Write":
+			fmt.Sscan(f[2], &written)
+		case d.cgroups.V2 && len(f) > 1 && f[0] == dev:
+			for _, kv := range f[1:] {
+				if v, ok := strings.CutPrefix(kv, "wbytes="); ok {
+					fmt.Sscan(v, &written)
+				}
+			}
+		}
+	}
+	t.Logf("the VMM's group counts %d bytes written to %s", written, dev)
+	if written < 8<<20 {
+		t.Errorf("the VMM's group counts %d bytes written to %s, want the guest's 16 MiB or most of it:\n%s", written, dev, b)
+	}
+}
