@@ -471,18 +471,29 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	}
 	args := append(d.args(spec, mem), extra...)
 	var release func()
-	// A VM that shares host directories needs their paths and its user's
-	// access to them: it is not jailed, and keeps its seccomp filter.
 	if d.jail != nil && len(spec.Mounts) == 0 {
 		uid, rel, err := d.jail.Allocate()
 		if err != nil {
 			return nil, err
 		}
 		release = rel
-		args = append(args, jailArgs(uid, spec.Dir)...)
-		if err := enterable(spec.Dir, rt.Disk, uid); err != nil {
+		args = append(args, jailArgs(uid, uid, spec.Dir)...)
+		if err := enterable(spec.Dir, rt.Disk, uid, uid); err != nil {
 			rel()
 			return nil, err
+		}
+	} else if d.jail != nil {
+		// A VM that shares host directories needs their owner's rights
+		// on them: it runs as that user. It is not chrooted: QEMU's 9p
+		// server sets modes through /proc/self/fd. Shares of root's, or
+		// of several owners, leave it unjailed but for its filter.
+		if uid, gid, ok := sharesOwner(spec.Mounts); ok {
+			args = append(args, "-runas", strconv.Itoa(uid)+":"+strconv.Itoa(gid))
+			if err := enterable(spec.Dir, rt.Disk, uid, gid); err != nil {
+				return nil, err
+			}
+		} else {
+			slog.Warn("a sandbox sharing directories of root's, or of more than one user, runs its QEMU as root", "sandbox", spec.ID)
 		}
 	}
 	if release != nil {

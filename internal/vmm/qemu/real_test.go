@@ -12,6 +12,7 @@ import (
 	goruntime "runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -366,6 +367,17 @@ func TestRealMounts(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(ro, "hello"), []byte("from the host\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// As root, the shares belong to a user, as a user's project would:
+	// QEMU then runs as that user.
+	const owner = 65534
+	jailed := os.Geteuid() == 0
+	if jailed {
+		for _, p := range []string{ro, rw, filepath.Join(ro, "hello")} {
+			if err := os.Chown(p, owner, owner); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	mounts := []vmm.Mount{
 		{Tag: "m0", HostPath: ro, GuestPath: "/mnt/host files", ReadOnly: true},
 		{Tag: "m1", HostPath: rw, GuestPath: "/work"},
@@ -396,6 +408,22 @@ func TestRealMounts(t *testing.T) {
 	mustSh(t, ctx, c, "echo from the guest > /work/out && mkdir -p /work/d/e")
 	if b, err := os.ReadFile(filepath.Join(rw, "out")); err != nil || string(b) != "from the guest\n" {
 		t.Errorf("read-write share on the host: %q, %v", b, err)
+	}
+	if jailed {
+		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.PID()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{fmt.Sprintf("Uid:\t%d\t%d\t%d\t%d\n", owner, owner, owner, owner), "CapEff:\t0000000000000000\n", "Seccomp:\t2\n"} {
+			if !strings.Contains(string(status), want) {
+				t.Errorf("QEMU sharing a user's directories: status lacks %q:\n%s", want, status)
+			}
+		}
+		// What the guest makes in a share belongs to the share's owner.
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(rw, "out"), &st); err != nil || st.Uid != owner {
+			t.Errorf("the guest's file in the share is owned by %d (%v), want %d", st.Uid, err, owner)
+		}
 	}
 	if st, err := os.Stat(filepath.Join(rw, "d", "e")); err != nil || !st.IsDir() {
 		t.Errorf("directory made in the share: %v", err)
