@@ -56,6 +56,9 @@ type Driver struct {
 	cgroupErr error
 	swept     atomic.Int64 // when the groups were last swept, unix ns
 
+	// rams makes the sealed copies of template RAM its clones map.
+	rams sealedRAMs
+
 	versionOnce sync.Once
 	version     string
 	versionErr  error
@@ -274,7 +277,7 @@ func machineArgs(spec vmm.Spec, accel string, mem memory) []string {
 		if mem.shared {
 			share = "on"
 		}
-		ram = fmt.Sprintf("memory-backend-file,id=%s,size=%dM,mem-path=%s,share=%s", ramObject, spec.MemoryMiB, mem.file, share)
+		ram = fmt.Sprintf("memory-backend-file,id=%s,size=%dM,mem-path=%s,share=%s", ramObject, spec.MemoryMiB, optValue(mem.path()), share)
 	}
 	args = append(args, "-object", ram)
 	machine := "q35,memory-backend=" + ramObject
@@ -333,6 +336,18 @@ const ramObject = "ram0"
 type memory struct {
 	file   string // "" for anonymous memory
 	shared bool   // map file shared (a template) or private (a clone)
+	// sealed, for a clone, is the sealed copy of file it maps instead
+	// (ram.go), handed down as descriptor ramFD; sealedName names it.
+	sealed     *os.File
+	sealedName string
+}
+
+// path is what QEMU opens for the RAM.
+func (m memory) path() string {
+	if m.sealed != nil {
+		return "/proc/self/fd/" + strconv.Itoa(ramFD)
+	}
+	return m.file
 }
 
 // args builds the QEMU command line for a sandbox.
@@ -529,6 +544,9 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	cmd.Dir = spec.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if mem.sealed != nil {
+		cmd.ExtraFiles = []*os.File{mem.sealed} // ramFD
+	}
 	err = cmd.Start()
 	logf.Close()
 	if err == nil && group != nil {
@@ -555,6 +573,9 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 			err = errors.Join(err, kerr)
 		}
 		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	if mem.sealed != nil {
+		held(filepath.Dir(mem.file), mem.sealedName, qm.rt.PID)
 	}
 	return qm, nil
 }

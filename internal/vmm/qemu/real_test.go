@@ -253,6 +253,20 @@ func TestRealCheckpoint(t *testing.T) {
 	}
 	killed(t, clone)
 	cc := agent(t, ctx, clone)
+	// It maps a sealed copy, not the template's file, which it could
+	// write through; a clone made by another process maps the same copy.
+	ram := checkSealedRAM(t, clone.PID(), filepath.Join(tpl.Dir, fileMemory))
+	clone2, err := New(Options{}).Restore(ctx, g.spec(t, "clone2"), tpl.Dir)
+	if err != nil {
+		t.Fatalf("Restore the template again: %v", err)
+	}
+	killed(t, clone2)
+	if ram2 := checkSealedRAM(t, clone2.PID(), filepath.Join(tpl.Dir, fileMemory)); ram2 != ram {
+		t.Errorf("two clones of one template map different copies of its RAM (inodes %d and %d)", ram, ram2)
+	}
+	if got := mustSh(t, ctx, agent(t, ctx, clone2), "echo clone2"); got != "clone2\n" {
+		t.Errorf("the second clone answers %q", got)
+	}
 	// An emulated guest runs with fixed address layouts, which lets TCG
 	// reuse the code it translated for one process in the next.
 	if got := mustSh(t, ctx, cc, "cat /proc/sys/kernel/randomize_va_space; grep -o norandmaps /proc/cmdline"); got != "0\nnorandmaps\n" {
@@ -604,4 +618,40 @@ func TestRealDiskIOCap(t *testing.T) {
 	if written < 8<<20 {
 		t.Errorf("the VMM's group counts %d bytes written to %s, want the guest's 16 MiB or most of it:\n%s", written, dev, b)
 	}
+}
+
+// checkSealedRAM checks that QEMU pid holds no descriptor of the template
+// RAM file tplRAM, and maps instead a memfd that refuses writes, whose
+// inode it returns.
+func checkSealedRAM(t *testing.T, pid int, tplRAM string) uint64 {
+	t.Helper()
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range fds {
+		if target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); target == tplRAM {
+			t.Errorf("the clone holds the template's RAM file as descriptor %s", e.Name())
+		}
+	}
+	link := fmt.Sprintf("/proc/%d/fd/%d", pid, ramFD)
+	if target, err := os.Readlink(link); err != nil || !strings.HasPrefix(target, "/memfd:smolvm-ram:") {
+		t.Fatalf("the clone's descriptor %d is %q (%v), want the sealed RAM", ramFD, target, err)
+	}
+	f, err := os.OpenFile(link, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("x"), 4096); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("a write into the sealed RAM: %v, want EPERM", err)
+	}
+	if err := f.Truncate(0); err == nil {
+		t.Error("the sealed RAM could be truncated")
+	}
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
 }

@@ -146,7 +146,13 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 	// has none, its RAM is all in the state and loads into anonymous RAM.
 	var mem memory
 	if f := filepath.Join(snapDir, fileMemory); fileExists(f) {
-		mem = memory{file: f}
+		sealed, name, err := d.rams.open(f)
+		if err != nil {
+			return nil, err
+		}
+		// QEMU has a descriptor of its own once started.
+		defer sealed.Close()
+		mem = memory{file: f, sealed: sealed, sealedName: name}
 	}
 	qm, err := d.start(ctx, spec, mem, "-incoming", "defer")
 	if err != nil {
