@@ -86,7 +86,10 @@ func Dial(ctx context.Context, dial Dialer) (*Client, error) {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("agent did not answer: %w", ctx.Err())
 		}
-		wait = min(wait*3/2, 5*time.Second)
+		// Each try waits longer: a guest under heavy load may need
+		// several seconds to answer once, and a try cut short only costs
+		// it more work.
+		wait = min(wait*2, 10*time.Second)
 	}
 }
 
