@@ -5,6 +5,7 @@ package testenv
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,6 +60,18 @@ func build(t testing.TB) {
 	if builds.err != nil {
 		t.Fatalf("build smolvm binaries: %v", builds.err)
 	}
+}
+
+// Main runs a package's tests and then removes the binaries they built;
+// a package that uses AgentPath or NetPath calls it from its TestMain.
+func Main(m *testing.M) int {
+	code := m.Run()
+	if builds.agent != "" {
+		if err := os.RemoveAll(filepath.Dir(builds.agent)); err != nil {
+			fmt.Fprintln(os.Stderr, "testenv: remove the built binaries:", err)
+		}
+	}
+	return code
 }
 
 // AgentPath builds cmd/smolvm-agent once per test process.
