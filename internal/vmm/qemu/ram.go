@@ -167,8 +167,8 @@ func borrowRAM(dir, name string, size int64) *os.File {
 }
 
 // sealCopy copies the template RAM file path into a new memfd and seals
-// it. Pages of zeros stay holes, as most of a guest's memory is: only the
-// memory the template's guest used takes room.
+// it. Only the pages that are not zeros are copied into the memfd, whose
+// pages are all allocated, and so zero, first.
 func sealCopy(path, name string, size int64) (_ *os.File, err error) {
 	src, err := os.Open(path)
 	if err != nil {
@@ -185,7 +185,12 @@ func sealCopy(path, name string, size int64) (_ *os.File, err error) {
 			f.Close()
 		}
 	}()
-	if err := f.Truncate(size); err != nil {
+	// Every page is allocated here, zeros included. A hole would be
+	// filled by the first clone to read it, in that clone's memory
+	// control group and for good (shmem is not reclaimed without swap),
+	// and a write after that copies it again: a clone filling its guest's
+	// memory then held twice its RAM and was killed for its limit.
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, size); err != nil {
 		return nil, fmt.Errorf("template memory: %w", err)
 	}
 	buf := make([]byte, 1<<20)
