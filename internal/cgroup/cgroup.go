@@ -222,11 +222,12 @@ func (g Group) set(l Limits) error {
 	return nil
 }
 
-// setIO writes the I/O caps: one io.max line per device under v2, one
-// line per device and direction in the blkio.throttle files under v1.
-// Under v1 only I/O the group's own tasks issue is throttled (reads,
-// direct writes, the writeback they force by syncing); v2 also charges
-// the group for the page cache's writeback of what it dirtied.
+// setIO writes the I/O caps: one io.max line per device under v2, and
+// under v1 the read caps alone, in the blkio.throttle files. v2 throttles
+// a group's writeback and, with it, how fast the group may dirty pages;
+// v1 throttles only I/O the group's own tasks issue, and holding back
+// their flushes while they go on dirtying the page cache runs the group
+// out of memory.
 func (g Group) setIO(dir string, ios []DeviceIO) error {
 	var errs []error
 	for _, d := range ios {
@@ -245,10 +246,13 @@ func (g Group) setIO(dir string, ios []DeviceIO) error {
 			}
 			continue
 		}
+		// Reads only: v1 does not bound a group's dirty page cache, so a
+		// group whose flushes are held back keeps dirtying pages until
+		// its memory limit kills it (seen: a VMM taking in 1 GiB).
 		for _, f := range []struct {
 			file string
 			v    uint64
-		}{{"read_bps_device", d.ReadBPS}, {"write_bps_device", d.WriteBPS}, {"read_iops_device", d.ReadIOPS}, {"write_iops_device", d.WriteIOPS}} {
+		}{{"read_bps_device", d.ReadBPS}, {"read_iops_device", d.ReadIOPS}} {
 			if f.v > 0 {
 				errs = append(errs, write(filepath.Join(dir, "blkio.throttle."+f.file), d.dev()+" "+strconv.FormatUint(f.v, 10)))
 			}
