@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -224,9 +225,10 @@ func TestFiles(t *testing.T) {
 		start := time.Now()
 		h := sha256.New()
 		resp := put(t, fileURL(base, id, "/root/big"), "application/octet-stream", io.TeeReader(io.LimitReader(pattern{}, size), h))
+		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusNoContent {
-			t.Fatalf("put: %d", resp.StatusCode)
+			t.Fatalf("put: %d %s", resp.StatusCode, body)
 		}
 		up := time.Since(start)
 		want := h.Sum(nil)
@@ -265,13 +267,18 @@ func (p pattern) Read(b []byte) (int, error) {
 }
 
 // watchRSS samples a process's resident memory until the returned
-// function is called, which answers the peak's growth over the start.
+// function is called, which answers the peak's growth over the start. The
+// sampling also stops when the test ends, however it ends.
 func watchRSS(t *testing.T, pid int) func() int64 {
-	start := rssBytes(t, pid)
+	start, err := rssBytes(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var peak atomic.Int64
 	peak.Store(start)
-	done := make(chan struct{})
+	done, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(stopped)
 		tick := time.NewTicker(20 * time.Millisecond)
 		defer tick.Stop()
 		for {
@@ -279,29 +286,34 @@ func watchRSS(t *testing.T, pid int) func() int64 {
 			case <-done:
 				return
 			case <-tick.C:
-				if v := rssBytes(t, pid); v > peak.Load() {
+				if v, err := rssBytes(pid); err == nil && v > peak.Load() {
 					peak.Store(v)
 				}
 			}
 		}
 	}()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() { close(done) })
+		<-stopped
+	}
+	t.Cleanup(stop)
 	return func() int64 {
-		close(done)
+		stop()
 		return peak.Load() - start
 	}
 }
 
-func rssBytes(t *testing.T, pid int) int64 {
+func rssBytes(pid int) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		t.Fatal(err)
+		return 0, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return kb << 10
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10, err
 		}
 	}
-	t.Error(errors.New("no VmRSS in the process's status"))
-	return 0
+	return 0, errors.New("no VmRSS in the process's status")
 }
