@@ -11,6 +11,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/network"
 	"github.com/smolvm/smolvm/internal/vmm/firecracker"
+	"github.com/smolvm/smolvm/internal/vmm/qemu"
 )
 
 func main() {
@@ -20,6 +21,15 @@ func main() {
 	// forbids the mounts and namespaces they set up.
 	if len(os.Args) > 1 && slices.Contains(firecracker.Subcommands, os.Args[1]) {
 		if err := firecracker.Main(os.Args[1:]); err != nil {
+			fmt.Fprintln(os.Stderr, "smolvm-net:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	// So does the QEMU backend's launcher, which builds a jailed QEMU's
+	// root and becomes that QEMU.
+	if len(os.Args) > 1 && os.Args[1] == qemu.LaunchCommand {
+		if err := qemu.Main(os.Args[1:]); err != nil {
 			fmt.Fprintln(os.Stderr, "smolvm-net:", err)
 			os.Exit(1)
 		}

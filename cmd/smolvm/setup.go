@@ -235,7 +235,7 @@ func runSetup(ctx context.Context, d datadir.Dir, out io.Writer) error {
 func hostChecks(ctx context.Context, d datadir.Dir) []doctor.Check {
 	checks := doctor.Run(ctx, d)
 	var backends []doctor.Backend
-	for _, b := range sandbox.BackendStates(drivers.Default("")) {
+	for _, b := range sandbox.BackendStates(drivers.Default("", "")) {
 		backends = append(backends, doctor.Backend{Name: b.Name, Reason: b.Reason, Default: b.Default})
 	}
 	return append(checks, doctor.BackendChecks(backends)...)

@@ -95,7 +95,7 @@ func Run(ctx context.Context, d datadir.Dir, located ...map[string]string) []Che
 	checks = append(checks, checkQboot(qbootPath))
 	checks = append(checks, checkAccelerator())
 	_, cgErr := cgroup.Detect(cgroup.Root)
-	checks = append(checks, jailCheck(os.Geteuid(), cgErr))
+	checks = append(checks, jailCheck(os.Geteuid(), cgErr, Net.Locate("") != ""))
 	checks = append(checks, checkKernel(d))
 	checks = append(checks, imageCheck)
 	checks = append(checks, checkDataDir(d))
@@ -349,18 +349,23 @@ func acceleratorCheck(accel, reason, problem string) Check {
 }
 
 // jailCheck says how each VMM is confined for a server running as euid,
-// on a host whose control groups Detect judged (cgErr).
-func jailCheck(euid int, cgErr error) Check {
+// on a host whose control groups Detect judged (cgErr), with or without
+// the launcher (smolvm-net) that starts a jailed QEMU.
+func jailCheck(euid int, cgErr error, launcher bool) Check {
 	c := Check{Name: "jail", Status: StatusOK,
-		Detail: "each QEMU runs as a user of its own (not root), with no capabilities, chrooted to its sandbox directory, under its seccomp filter, in a control group that bounds its memory, tasks and CPU share"}
+		Detail: "no QEMU runs as root: each starts as a user of its own, with no capabilities, in a root of its own holding /usr and its own files, under its seccomp filter (set*id calls refused), in a control group that bounds its memory, tasks, CPU share and disk bandwidth"}
 	switch {
 	case euid != 0:
 		c.Status = StatusWarn
 		c.Detail = "not root: each QEMU runs as this user under its seccomp filter, without a user, root or control group of its own"
 		c.Fix = "run the server as root (sudo) for the full jail"
+	case !launcher:
+		c.Status = StatusWarn
+		c.Detail = "smolvm-net is missing: each QEMU starts as root and drops root itself (-runas, -chroot to its sandbox directory), and its filter allows set*id calls"
+		c.Fix = "build smolvm-net beside smolvm (scripts/setup.sh)"
 	case cgErr != nil:
 		c.Status = StatusWarn
-		c.Detail = "each QEMU runs as a user of its own, chrooted, under its seccomp filter, but without limits: " + cgErr.Error()
+		c.Detail = "each QEMU runs as a user of its own in a root of its own, under its seccomp filter, but without limits: " + cgErr.Error()
 		c.Fix = "mount cgroup v2 with the memory, pids and cpu controllers (or v1 hierarchies for them)"
 	}
 	return c

@@ -150,13 +150,16 @@ func TestMissingToolHasInstallFix(t *testing.T) {
 }
 
 func TestJailCheck(t *testing.T) {
-	if c := jailCheck(0, nil); c.Status != StatusOK || !strings.Contains(c.Detail, "chrooted") || !strings.Contains(c.Detail, "control group") {
+	if c := jailCheck(0, nil, true); c.Status != StatusOK || !strings.Contains(c.Detail, "root of its own") || !strings.Contains(c.Detail, "control group") {
 		t.Errorf("as root: %+v", c)
 	}
-	if c := jailCheck(1000, nil); c.Status != StatusWarn || c.Fix == "" || !strings.Contains(c.Detail, "seccomp") {
+	if c := jailCheck(0, nil, false); c.Status != StatusWarn || !strings.Contains(c.Detail, "smolvm-net") || c.Fix == "" {
+		t.Errorf("jail without the launcher: %+v", c)
+	}
+	if c := jailCheck(1000, nil, true); c.Status != StatusWarn || c.Fix == "" || !strings.Contains(c.Detail, "seccomp") {
 		t.Errorf("as a user: %+v", c)
 	}
-	if c := jailCheck(0, errors.New("no cgroups here")); c.Status != StatusWarn || !strings.Contains(c.Detail, "no cgroups here") || c.Fix == "" {
+	if c := jailCheck(0, errors.New("no cgroups here"), true); c.Status != StatusWarn || !strings.Contains(c.Detail, "no cgroups here") || c.Fix == "" {
 		t.Errorf("as root without cgroups: %+v", c)
 	}
 }

@@ -151,7 +151,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		return nil, err
 	}
 	if opts.Drivers == nil {
-		opts.Drivers = drivers.Default(opts.Accel)
+		opts.Drivers = drivers.Default(opts.Accel, opts.NetPath)
 	}
 	m := &Manager{
 		opts:     opts,

@@ -15,16 +15,17 @@ import (
 // Default is every driver, in order of preference: a sandbox that names
 // no backend gets the first this host can run. accel forces QEMU's
 // accelerator ("kvm" or "tcg"); "" picks KVM only where it really works
-// ($SMOLVM_ACCEL overrides).
-func Default(accel string) *vmm.Registry {
+// ($SMOLVM_ACCEL overrides). net is smolvm-net's binary, the helper that
+// launches Firecracker and jailed QEMUs; "" finds it as the Manager does:
+// $SMOLVM_NET, beside this executable, then $PATH.
+func Default(accel, net string) *vmm.Registry {
 	if accel == "" {
 		accel, _ = doctor.Accelerator()
 	}
+	helper := doctor.Net.Locate(net)
 	return vmm.NewRegistry(
-		// Its helper is smolvm-net's binary, found as the Manager finds
-		// it: $SMOLVM_NET, beside this executable, then $PATH.
-		firecracker.New(firecracker.Options{HelperPath: doctor.Net.Locate("")}),
-		qemu.New(qemu.Options{Accel: accel}),
+		firecracker.New(firecracker.Options{HelperPath: helper}),
+		qemu.New(qemu.Options{Accel: accel, HelperPath: helper}),
 		libkrun.New(libkrun.Options{Library: os.Getenv("SMOLVM_LIBKRUN")}),
 	)
 }

@@ -44,12 +44,19 @@ type Options struct {
 	// NoJail runs QEMU as the calling user, without a chroot. The jail
 	// needs root; without it QEMU keeps only its seccomp filter.
 	NoJail bool
+	// HelperPath is the binary with the qemu-launch subcommand
+	// (smolvm-net), through which a jailed QEMU starts (launch.go).
+	// Without it a jailed QEMU starts as root and drops root itself
+	// (-runas, -chroot).
+	HelperPath string
 }
 
 // Driver is the QEMU backend.
 type Driver struct {
 	accel string
 	jail  *jail.Users // nil: not jailed
+	// helper is the binary whose qemu-launch starts a jailed QEMU.
+	helper string
 	// cgroups is where each VMM gets a control group; nil without root
 	// or without a usable hierarchy (cgroupErr says why).
 	cgroups   *cgroup.Hierarchy
@@ -70,7 +77,7 @@ func New(o Options) *Driver {
 	if accel == "" {
 		accel = "tcg"
 	}
-	d := &Driver{accel: accel}
+	d := &Driver{accel: accel, helper: o.HelperPath}
 	if !o.NoJail && os.Geteuid() == 0 {
 		d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
 		if h, err := cgroup.Detect(cgroup.Root); err == nil {
@@ -177,8 +184,17 @@ func (m *machine) PID() int           { return m.rt.PID }
 func (m *machine) ConsoleLog() string { return m.rt.Console }
 
 // marker identifies a sandbox's QEMU process on its command line, which
-// guards against a recycled pid.
-func (m *machine) marker() string { return m.rt.AgentSocket }
+// guards against a recycled pid: its console file, named there however
+// QEMU was started (a launched QEMU is handed its sockets, not their
+// names).
+func (m *machine) marker() string { return consoleMarker(m.rt) }
+
+func consoleMarker(rt runtime) string {
+	if rt.Console == "" {
+		return rt.AgentSocket // records from before the console was kept
+	}
+	return "file:" + rt.Console
+}
 
 func (m *machine) Alive() bool { return vmm.ProcessAlive(m.rt.PID, m.marker()) }
 
@@ -218,13 +234,13 @@ func (d *Driver) Clear(dir string) error {
 	return errors.Join(errs...)
 }
 
-// Reap kills any QEMU whose command line names dir's agent socket, and
+// Reap kills any QEMU whose command line names dir's console, and
 // removes its control group. The command line, not a pid file, finds it:
 // a process that died right after starting QEMU wrote nothing, and QEMU
 // writes its own pid file only once it has parsed its options.
 func (d *Driver) Reap(ctx context.Context, dir string) error {
 	var errs []error
-	for _, pid := range vmm.ProcessesWith(paths(dir).AgentSocket) {
+	for _, pid := range vmm.ProcessesWith(consoleMarker(paths(dir))) {
 		m := &machine{rt: paths(dir), cgroups: d.cgroups}
 		m.rt.PID = pid
 		if d.cgroups != nil {
@@ -350,8 +366,18 @@ func (m memory) path() string {
 	return m.file
 }
 
-// args builds the QEMU command line for a sandbox.
-func (d *Driver) args(spec vmm.Spec, mem memory) []string {
+// Descriptors a launched QEMU is handed (ramFD, 3, is the first): its
+// two sockets, made and listening, and the launcher's gate.
+const (
+	agentFD = 4
+	qmpFD   = 5
+	gateFD  = 6
+)
+
+// args builds the QEMU command line for a sandbox. A launched QEMU
+// (launch.go) is handed its sockets rather than naming them, writes no
+// pid file, and refuses the set*id calls too.
+func (d *Driver) args(spec vmm.Spec, mem memory, launched bool) []string {
 	p := paths(spec.Dir)
 	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec, d.accel, mem)...)
 	if n := spec.Net; n != nil {
@@ -369,12 +395,24 @@ func (d *Driver) args(spec vmm.Spec, mem memory) []string {
 		"-drive", "file="+fileDisk+",if=none,id=root,format=qcow2,discard=unmap",
 		"-device", "virtio-blk-pci,drive=root",
 		"-device", "virtio-serial-pci,id=vser",
-		"-chardev", "socket,id=agent,path="+p.AgentSocket+",server=on,wait=off",
-		"-device", "virtserialport,bus=vser.0,chardev=agent,name="+wire.PortName,
 	)
+	if launched {
+		args = append(args, "-chardev", "socket,id=agent,fd="+strconv.Itoa(agentFD)+",server=on,wait=off")
+	} else {
+		args = append(args, "-chardev", "socket,id=agent,path="+p.AgentSocket+",server=on,wait=off")
+	}
+	args = append(args, "-device", "virtserialport,bus=vser.0,chardev=agent,name="+wire.PortName)
 	// After the other devices, so a machine without shares has the same
 	// PCI layout as before there were any.
 	args = append(args, mountArgs(spec.Mounts)...)
+	if launched {
+		return append(args,
+			"-chardev", "socket,id=qmp,fd="+strconv.Itoa(qmpFD)+",server=on,wait=off",
+			"-mon", "chardev=qmp,mode=control",
+			"-serial", "file:"+p.Console,
+			"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+		)
+	}
 	return append(args,
 		"-qmp", "unix:"+p.QMPSocket+",server=on,wait=off",
 		"-serial", "file:"+p.Console,
@@ -383,8 +421,8 @@ func (d *Driver) args(spec vmm.Spec, mem memory) []string {
 		// state of a save or restore comes through a passed descriptor),
 		// no scheduling or affinity changes. elevateprivileges=deny would
 		// also refuse the setuid of -runas, which QEMU 7.2 makes after
-		// installing the filter; the jail's user has no privileges to
-		// raise, and no_new_privs is set with the filter.
+		// installing the filter: a QEMU that drops root itself has only
+		// no_new_privs, and no privileges left to raise.
 		"-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
 	)
 }
@@ -484,18 +522,29 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 			return nil, fmt.Errorf("remove stale %s: %w", f, err)
 		}
 	}
-	args := append(d.args(spec, mem), extra...)
 	var release func()
+	var l *launch    // QEMU starts through the launcher, into its jail
+	var own []string // or drops root itself, with these arguments
 	if d.jail != nil && len(spec.Mounts) == 0 {
 		uid, rel, err := d.jail.Allocate()
 		if err != nil {
 			return nil, err
 		}
 		release = rel
-		args = append(args, jailArgs(uid, uid, spec.Dir)...)
 		if err := enterable(spec.Dir, rt.Disk, uid, uid); err != nil {
 			rel()
 			return nil, err
+		}
+		if d.helper != "" {
+			if l, err = d.prepareLaunch(spec, rt, mem, uid); err != nil {
+				rel()
+				return nil, err
+			}
+		}
+		if l == nil {
+			own = jailArgs(uid, uid, spec.Dir)
+		} else {
+			defer l.close()
 		}
 	} else if d.jail != nil {
 		// A VM that shares host directories needs their owner's rights
@@ -503,7 +552,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 		// server sets modes through /proc/self/fd. Shares of root's, or
 		// of several owners, leave it unjailed but for its filter.
 		if uid, gid, ok := sharesOwner(spec.Mounts); ok {
-			args = append(args, "-runas", strconv.Itoa(uid)+":"+strconv.Itoa(gid))
+			own = []string{"-runas", strconv.Itoa(uid) + ":" + strconv.Itoa(gid)}
 			if err := enterable(spec.Dir, rt.Disk, uid, gid); err != nil {
 				return nil, err
 			}
@@ -514,6 +563,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	if release != nil {
 		defer release()
 	}
+	args := append(append(d.args(spec, mem, l != nil), extra...), own...)
 	// QEMU runs in a session of its own, so it outlives this process, and
 	// is not daemonized: its filter forbids the fork -daemonize makes.
 	// Until it answers on QMP it is starting; if it exits first, its log
@@ -540,22 +590,38 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 		group = &g
 		rt.Cgroup = vmm.GroupName(spec)
 	}
-	cmd := exec.Command(qemuBinary, args...)
+	var cmd *exec.Cmd
+	if l != nil {
+		cmd = exec.Command(d.helper, append(l.argv, args...)...)
+		cmd.ExtraFiles = l.files
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Unshareflags: syscall.CLONE_NEWNS}
+	} else {
+		cmd = exec.Command(qemuBinary, args...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if mem.sealed != nil {
+			cmd.ExtraFiles = []*os.File{mem.sealed} // ramFD
+		}
+	}
 	cmd.Dir = spec.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if mem.sealed != nil {
-		cmd.ExtraFiles = []*os.File{mem.sealed} // ramFD
-	}
 	err = cmd.Start()
 	logf.Close()
 	if err == nil && group != nil {
 		// At once: QEMU allocates the guest's memory only as it builds
-		// the machine.
-		if err = group.Add(cmd.Process.Pid); err != nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
+		// the machine (a launched one waits for the gate).
+		err = group.Add(cmd.Process.Pid)
+	}
+	if err == nil && l != nil {
+		_, err = l.gate.Write([]byte{1})
+	}
+	if err != nil && cmd.Process != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+	if l != nil {
+		// QEMU has its own copies; with ours closed, a QEMU that dies
+		// leaves its sockets refusing rather than queueing connects.
+		l.close()
 	}
 	if err != nil {
 		if group != nil {
@@ -573,6 +639,13 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 			err = errors.Join(err, kerr)
 		}
 		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	if l != nil {
+		// A launched QEMU cannot write its pid file; the pid is the
+		// launcher's, which became QEMU.
+		if err := os.WriteFile(filepath.Join(spec.Dir, filePID), []byte(strconv.Itoa(qm.rt.PID)+"\n"), 0o644); err != nil {
+			return nil, errors.Join(fmt.Errorf("start qemu: %w", err), qm.Kill(context.WithoutCancel(ctx)))
+		}
 	}
 	if mem.sealed != nil {
 		held(filepath.Dir(mem.file), mem.sealedName, qm.rt.PID)

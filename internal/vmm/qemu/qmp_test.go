@@ -737,7 +737,7 @@ func TestMemoryFileSaveAndResume(t *testing.T) {
 func TestMemoryBackendArgs(t *testing.T) {
 	t.Parallel()
 	spec := vmm.Spec{ID: "vm-1", Dir: "/d", Kernel: "/k", Initrd: "/i", Cmdline: "c", MemoryMiB: 256, VCPUs: 1}
-	joined := func(m memory) string { return strings.Join(New(Options{}).args(spec, m), " ") }
+	joined := func(m memory) string { return strings.Join(New(Options{}).args(spec, m, false), " ") }
 	tpl := joined(memory{file: "/t/memory", shared: true})
 	if !strings.Contains(tpl, "memory-backend-file,id=ram0,size=256M,mem-path=/t/memory,share=on") || !strings.Contains(tpl, "-machine q35,memory-backend=ram0") {
 		t.Errorf("template args: %s", tpl)

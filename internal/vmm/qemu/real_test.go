@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -32,7 +33,12 @@ import (
 // realGuest is what booting a sandbox's guest takes.
 type realGuest struct {
 	kernel, initrd, base string
+	// net is smolvm-net, whose qemu-launch starts jailed QEMUs.
+	net string
 }
+
+// driver is the driver as the server makes it, with its launcher.
+func (g realGuest) driver() *Driver { return New(Options{HelperPath: g.net}) }
 
 var realBuild struct {
 	once sync.Once
@@ -81,21 +87,23 @@ func needGuest(t *testing.T) realGuest {
 			return
 		}
 		realBuild.dir = dir
-		agent := filepath.Join(dir, "smolvm-agent")
+		agent, net := filepath.Join(dir, "smolvm-agent"), filepath.Join(dir, "smolvm-net")
 		_, file, _, _ := goruntime.Caller(0)
-		cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", agent, "./cmd/smolvm-agent")
-		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..", "..")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			realBuild.err = errors.New("build the agent: " + err.Error() + ": " + string(out))
-			return
+		for out, pkg := range map[string]string{agent: "./cmd/smolvm-agent", net: "./cmd/smolvm-net"} {
+			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", out, pkg)
+			cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..", "..")
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+			if b, err := cmd.CombinedOutput(); err != nil {
+				realBuild.err = errors.New("build " + pkg + ": " + err.Error() + ": " + string(b))
+				return
+			}
 		}
 		initrd, err := kernel.BuildInitramfs(context.Background(), datadir.Dir(dir), k, agent)
 		if err != nil {
 			realBuild.err = err
 			return
 		}
-		realBuild.g = realGuest{kernel: k.Vmlinux, initrd: initrd, base: base.Path}
+		realBuild.g = realGuest{kernel: k.Vmlinux, initrd: initrd, base: base.Path, net: net}
 	})
 	if realBuild.skip != "" {
 		msg := realBuild.skip + ": run `scripts/setup.sh` (or `smolvm setup`) first"
@@ -183,11 +191,14 @@ func mustSh(t *testing.T, ctx context.Context, c *guest.Client, script string) s
 
 // wantJailed checks each wall of m's jail from outside, as the kernel
 // reports it: a user of its own that is not root, no capabilities, no
-// new privileges, QEMU's seccomp filter, and dir as its root. It returns
-// the user.
+// new privileges, QEMU's seccomp filter refusing set*id calls too, and a
+// root of its own in which, of the host's files, only /usr, the loader's
+// cache and its own directory (and the images it reads) are there. It
+// returns the user.
 func wantJailed(t *testing.T, m vmm.Machine, dir string) string {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.PID()))
+	proc := fmt.Sprintf("/proc/%d", m.PID())
+	b, err := os.ReadFile(proc + "/status")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,8 +219,64 @@ func wantJailed(t *testing.T, m vmm.Machine, dir string) string {
 			t.Errorf("jailed QEMU: %s %q, want %q", name, got, want)
 		}
 	}
-	if root, err := os.Readlink(fmt.Sprintf("/proc/%d/root", m.PID())); err != nil || root != dir {
-		t.Errorf("jailed QEMU's root is %q (%v), want its directory %s", root, err, dir)
+	cmdline, _ := os.ReadFile(proc + "/cmdline")
+	if !bytes.Contains(cmdline, []byte("elevateprivileges=deny")) || bytes.Contains(cmdline, []byte("-runas")) {
+		t.Errorf("jailed QEMU's command line: %q, want elevateprivileges=deny and no -runas", cmdline)
+	}
+	ours, _ := os.Readlink("/proc/self/ns/mnt")
+	if theirs, err := os.Readlink(proc + "/ns/mnt"); err != nil || theirs == ours {
+		t.Errorf("jailed QEMU's mount namespace is %q (%v), the host's", theirs, err)
+	}
+	root := proc + "/root"
+	names := func(d string) []string {
+		ents, err := os.ReadDir(root + d)
+		if err != nil {
+			t.Errorf("jailed QEMU's %s: %v", d, err)
+		}
+		var out []string
+		for _, e := range ents {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	top := strings.Split(strings.TrimPrefix(dir, "/"), "/")[0]
+	for _, n := range names("/") {
+		if !slices.Contains([]string{"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", top}, n) && !strings.HasPrefix(m.(*machine).rt.Disk, "/"+n) && !strings.HasPrefix(realBuild.g.kernel, "/"+n) && !strings.HasPrefix(realBuild.g.initrd, "/"+n) && !strings.HasPrefix(realBuild.g.base, "/"+n) {
+			t.Errorf("jailed QEMU sees /%s", n)
+		}
+	}
+	if got := names("/etc"); !slices.Equal(got, []string{"ld.so.cache"}) {
+		t.Errorf("jailed QEMU's /etc holds %q", got)
+	}
+	// Its own directory and the images it reads, each alone in its
+	// directory, and nothing beside them.
+	read := append(backingChain(m.(*machine).rt.Disk), realBuild.g.kernel, realBuild.g.initrd)
+	parent := filepath.Dir(dir)
+	want := []string{filepath.Base(dir)}
+	for _, p := range read {
+		if got := names(filepath.Dir(p)); !slices.Equal(got, []string{filepath.Base(p)}) {
+			t.Errorf("jailed QEMU sees %q beside %s", got, p)
+		}
+		if rel, err := filepath.Rel(parent, p); err == nil && !strings.HasPrefix(rel, "..") {
+			want = append(want, strings.Split(rel, "/")[0])
+		}
+	}
+	for _, n := range names(parent) {
+		if !slices.Contains(want, n) {
+			t.Errorf("jailed QEMU sees %s in %s, which holds its own directory", n, parent)
+		}
+	}
+	// Its /proc shows its own processes alone (as the mount says: root,
+	// reading it from here, would see them all).
+	mounts, _ := os.ReadFile(proc + "/mountinfo")
+	var procOpts string
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == "/proc" {
+			procOpts = line
+		}
+	}
+	if !strings.Contains(procOpts, "hidepid=invisible") || !strings.Contains(procOpts, "subset=pid") {
+		t.Errorf("jailed QEMU's /proc is mounted %q, want hidepid=invisible and subset=pid", procOpts)
 	}
 	return strings.Fields(uid + " x")[0]
 }
@@ -228,7 +295,7 @@ func TestRealCheckpoint(t *testing.T) {
 	g := needGuest(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 	defer cancel()
-	d := New(Options{})
+	d := g.driver()
 
 	// A template, as the sandbox manager makes one.
 	tpl := g.spec(t, "tpl")
@@ -256,7 +323,7 @@ func TestRealCheckpoint(t *testing.T) {
 	// It maps a sealed copy, not the template's file, which it could
 	// write through; a clone made by another process maps the same copy.
 	ram := checkSealedRAM(t, clone.PID(), filepath.Join(tpl.Dir, fileMemory))
-	clone2, err := New(Options{}).Restore(ctx, g.spec(t, "clone2"), tpl.Dir)
+	clone2, err := g.driver().Restore(ctx, g.spec(t, "clone2"), tpl.Dir)
 	if err != nil {
 		t.Fatalf("Restore the template again: %v", err)
 	}
@@ -369,7 +436,7 @@ func TestRealMounts(t *testing.T) {
 	g := needGuest(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
 	defer cancel()
-	d := New(Options{})
+	d := g.driver()
 
 	host := t.TempDir()
 	ro, rw := filepath.Join(host, "read,only"), filepath.Join(host, "rw")
@@ -472,7 +539,7 @@ func TestRealMounts(t *testing.T) {
 // and nothing else on the host is touched.
 func TestRealMemoryLimit(t *testing.T) {
 	g := needGuest(t)
-	d := New(Options{})
+	d := g.driver()
 	if d.cgroups == nil {
 		t.Skipf("no control groups for VMMs here (root: %v; %v)", os.Geteuid() == 0, d.cgroupErr)
 	}
@@ -529,7 +596,7 @@ func TestRealPowerOffByReset(t *testing.T) {
 	g := needGuest(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
-	d := New(Options{})
+	d := g.driver()
 	spec := g.spec(t, "reset", "smolvm.poweroff=reset")
 	m, err := d.Start(ctx, spec)
 	if err != nil {
@@ -555,7 +622,7 @@ func TestRealPowerOffByReset(t *testing.T) {
 func TestRealDiskIOCap(t *testing.T) {
 	t.Parallel()
 	g := needGuest(t)
-	d := New(Options{})
+	d := g.driver()
 	if d.cgroups == nil || d.cgroups.Mounts["io"] == "" {
 		t.Skipf("no io control group for VMMs here (root: %v; %v)", os.Geteuid() == 0, d.cgroupErr)
 	}
@@ -575,8 +642,9 @@ func TestRealDiskIOCap(t *testing.T) {
 	c := agent(t, ctx, m)
 	dir := cgroup.Open(*d.cgroups, m.(*machine).rt.Cgroup).Dir("io")
 	dev := fmt.Sprintf("%d:%d", major, minor)
+	// v1 caps reads only (cgroup.setIO says why).
 	caps := map[string]string{
-		"blkio.throttle.write_bps_device": dev + " 67108864",
+		"blkio.throttle.write_bps_device": "",
 		"blkio.throttle.read_bps_device":  fmt.Sprintf("%s %d", dev, vmm.DefaultDiskBPS),
 		"blkio.throttle.read_iops_device": fmt.Sprintf("%s %d", dev, vmm.DefaultDiskIOPS),
 	}

@@ -69,6 +69,16 @@ func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
 	if err := os.Chmod(filepath.Join(dir, fileDisk), 0o444); err != nil {
 		errs = append(errs, err)
 	}
+	// The files the VM's user wrote become root's: that user is handed
+	// to another VM once this one has ended.
+	for _, f := range []string{fileDisk, fileMemory} {
+		if os.Geteuid() != 0 {
+			break
+		}
+		if err := os.Lchown(filepath.Join(dir, f), 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
 }
 
