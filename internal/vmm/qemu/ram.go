@@ -28,9 +28,10 @@ import (
 // (the server, the CLI): the template's ramHolder file lists the running
 // clones that map it, and a restore borrows the copy from one of them
 // (opening its /proc/PID/fd/3, as root or as the user QEMU runs as). A
-// copy is made only when no clone of the template runs, and lives as
-// long as the clones that map it; the driver keeps the last one it made
-// only until a restore can borrow it from a clone instead.
+// copy is made when a template is saved, or by a restore when no clone of
+// the template runs, and lives as long as the clones that map it; the
+// driver keeps the last one it made only until a restore can borrow it
+// from a clone instead.
 
 // ramHolder, in a template's directory, lists running clones' QEMUs that
 // hold the template's sealed RAM as their descriptor ramFD, a pid a line,
@@ -56,7 +57,6 @@ type sealedRAMs struct {
 
 type sealedRAM struct {
 	f    *os.File
-	path string
 	name string
 }
 
@@ -81,13 +81,15 @@ func (s *sealedRAMs) open(path string) (*os.File, string, error) {
 		s.drop()
 		return f, name, nil
 	}
-	if s.last == nil || s.last.path != path || s.last.name != name {
+	// By name, which is the file's identity: a template is saved in a
+	// directory of its own and then moved into place.
+	if s.last == nil || s.last.name != name {
 		f, err := sealCopy(path, name, st.Size)
 		if err != nil {
 			return nil, "", err
 		}
 		s.drop()
-		s.last = &sealedRAM{f: f, path: path, name: name}
+		s.last = &sealedRAM{f: f, name: name}
 	}
 	fd, err := unix.FcntlInt(s.last.f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {

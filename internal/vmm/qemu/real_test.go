@@ -311,6 +311,10 @@ func TestRealCheckpoint(t *testing.T) {
 	if err := d.Save(ctx, tm, tpl.Dir); err != nil {
 		t.Fatalf("Save: %v", err)
 	}
+	// The clones' sealed copy is made at once, not by the first clone.
+	if d.rams.last == nil {
+		t.Error("Save made no sealed copy of the template's memory")
+	}
 
 	// Its clone maps the template's RAM file private.
 	cloneSpec := g.spec(t, "clone")

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
@@ -77,6 +78,16 @@ func (d *Driver) Save(ctx context.Context, vm vmm.Machine, dir string) error {
 		}
 		if err := os.Lchown(filepath.Join(dir, f), 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
+		}
+	}
+	if qm.rt.MemoryFile != "" && len(errs) == 0 {
+		// The clones' sealed copy, made now while the memory is in the
+		// page cache, so that the first clone does not wait for it. Only
+		// that wait is lost if it fails: the first restore makes it.
+		if f, _, err := d.rams.open(filepath.Join(dir, fileMemory)); err != nil {
+			slog.Warn("copy a saved template's memory for its clones", "dir", dir, "err", err)
+		} else {
+			f.Close()
 		}
 	}
 	return errors.Join(errs...)
