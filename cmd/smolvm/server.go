@@ -98,8 +98,8 @@ commands on this machine. Binding any other address requires a token
 	f.IntVar(&c.pool, "pool", 0, "keep this many default sandboxes booted and waiting, so creating one takes milliseconds (each uses its memory while it waits)")
 	f.StringArrayVar(&c.allowMounts, "allow-mount", nil, "let sandboxes mount host directories under `DIR` (create --mount); repeatable; none by default")
 	f.BoolVar(&c.poolCleanup, "pool-cleanup", false, "delete the waiting sandboxes when the server stops (otherwise the next server reuses them)")
-	f.IntVar(&c.diskMiBps, "disk-mibps", vmm.DefaultDiskBPS>>20, "cap each sandbox's reads and writes on the host's disk at this many MiB/s each way, where the server runs as root; 0: no cap")
-	f.IntVar(&c.diskIOPS, "disk-iops", vmm.DefaultDiskIOPS, "cap each sandbox's disk operations at this many a second each way, where the server runs as root; 0: no cap")
+	f.IntVar(&c.diskMiBps, "disk-mibps", vmm.DefaultDiskBPS>>20, "cap each sandbox's reads and writes on the host's disk at this many MiB/s each way, where the server runs as root (under cgroup v1, reads only); 0: no cap")
+	f.IntVar(&c.diskIOPS, "disk-iops", vmm.DefaultDiskIOPS, "cap each sandbox's disk operations at this many a second each way, where the server runs as root (under cgroup v1, reads only); 0: no cap")
 	return cmd
 }
 
