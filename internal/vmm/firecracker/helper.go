@@ -14,6 +14,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // The driver's two helper processes are subcommands of a helper binary
@@ -95,14 +97,8 @@ func launchMain(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *gateFD > 0 {
-		// The driver puts this process in its control group first.
-		gate := os.NewFile(uintptr(*gateFD), "gate")
-		n, err := gate.Read(make([]byte, 1))
-		gate.Close()
-		if n != 1 {
-			return fmt.Errorf("the driver did not let it start: %v", err)
-		}
+	if err := jail.WaitGate(*gateFD); err != nil {
+		return err
 	}
 	argv := fs.Args()
 	if *dir == "" || !filepath.IsAbs(*dir) || len(argv) == 0 {
@@ -110,7 +106,7 @@ func launchMain(args []string) error {
 	}
 	// What follows changes mounts and links: they must not be the host's.
 	for _, kind := range []string{"mnt", "net"} {
-		if err := ownNamespace(kind); err != nil {
+		if err := jail.OwnNamespace(LaunchCommand, kind); err != nil {
 			return err
 		}
 	}
@@ -146,7 +142,7 @@ func launchMain(args []string) error {
 		return err
 	}
 	if *uid != 0 {
-		if err := dropTo(*uid); err != nil {
+		if err := jail.DropTo(*uid); err != nil {
 			return err
 		}
 	}
@@ -158,22 +154,6 @@ func launchMain(args []string) error {
 	// driver gave fc-launch (Options.Env).
 	bin := "/proc/self/fd/" + strconv.Itoa(*execFD)
 	return fmt.Errorf("exec firecracker: %w", unix.Exec(bin, argv, os.Environ()))
-}
-
-// ownNamespace checks that this process has a namespace of kind ("mnt",
-// "net") other than its parent's, the host's.
-func ownNamespace(kind string) error {
-	var self, parent unix.Stat_t
-	if err := unix.Stat("/proc/self/ns/"+kind, &self); err != nil {
-		return err
-	}
-	if err := unix.Stat("/proc/"+strconv.Itoa(os.Getppid())+"/ns/"+kind, &parent); err != nil {
-		return err
-	}
-	if self.Ino == parent.Ino && self.Dev == parent.Dev {
-		return fmt.Errorf("%s must start in a %s namespace of its own", LaunchCommand, kind)
-	}
-	return nil
 }
 
 // ownDevice covers the host's device node path with a node of the same
@@ -243,21 +223,6 @@ func makeTap(name string, uid int) error {
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("tap %s: up: %w", name, err)
-	}
-	return nil
-}
-
-// dropTo makes the whole process uid (user and group) with no
-// supplementary groups, which leaves it no capabilities.
-func dropTo(uid int) error {
-	if err := syscall.Setgroups(nil); err != nil {
-		return fmt.Errorf("drop groups: %w", err)
-	}
-	if err := syscall.Setgid(uid); err != nil {
-		return fmt.Errorf("setgid %d: %w", uid, err)
-	}
-	if err := syscall.Setuid(uid); err != nil {
-		return fmt.Errorf("setuid %d: %w", uid, err)
 	}
 	return nil
 }

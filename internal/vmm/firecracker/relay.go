@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smolvm/smolvm/internal/jail"
 )
 
 // The relay joins a guest's NIC to its network process. Firecracker's
@@ -105,7 +107,7 @@ func Relay(ctx context.Context, c RelayConfig) error {
 	}
 	if c.UID != 0 {
 		// Everything it needs is open.
-		if err := dropTo(c.UID); err != nil {
+		if err := jail.DropTo(c.UID); err != nil {
 			return fmt.Errorf("relay: %w", err)
 		}
 	}

@@ -11,10 +11,10 @@ import (
 	goruntime "runtime"
 	"strconv"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/qcow2"
 	"github.com/smolvm/smolvm/internal/vmm"
 )
@@ -81,21 +81,12 @@ func launchMain(args []string) error {
 	if *dir == "" || !filepath.IsAbs(*dir) || *uid <= 0 || len(argv) == 0 || !filepath.IsAbs(argv[0]) {
 		return fmt.Errorf("usage: %s --dir=ABSDIR --uid=N [--kvm] [--ro=PATH]... [--gate-fd=N] -- /ABS/qemu ARGS", LaunchCommand)
 	}
-	if *gateFD > 0 {
-		// The driver puts this process in its control group first.
-		gate := os.NewFile(uintptr(*gateFD), "gate")
-		n, err := gate.Read(make([]byte, 1))
-		gate.Close()
-		if n != 1 {
-			return fmt.Errorf("the driver did not let it start: %v", err)
-		}
-	}
-	var self, parent unix.Stat_t
-	if err := errors.Join(unix.Stat("/proc/self/ns/mnt", &self), unix.Stat("/proc/"+strconv.Itoa(os.Getppid())+"/ns/mnt", &parent)); err != nil {
+	// The driver puts this process in its control group first.
+	if err := jail.WaitGate(*gateFD); err != nil {
 		return err
 	}
-	if self.Ino == parent.Ino {
-		return fmt.Errorf("%s must start in a mount namespace of its own", LaunchCommand)
+	if err := jail.OwnNamespace(LaunchCommand, "mnt"); err != nil {
+		return err
 	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("make the mount namespace private: %w", err)
@@ -219,16 +210,8 @@ func launchMain(args []string) error {
 	if err := os.Chdir(*dir); err != nil {
 		return err
 	}
-	// The whole process, every thread: no groups, the VM's user and
-	// group, which leaves it no capabilities.
-	if err := syscall.Setgroups(nil); err != nil {
-		return fmt.Errorf("drop groups: %w", err)
-	}
-	if err := syscall.Setgid(*uid); err != nil {
-		return fmt.Errorf("setgid %d: %w", *uid, err)
-	}
-	if err := syscall.Setuid(*uid); err != nil {
-		return fmt.Errorf("setuid %d: %w", *uid, err)
+	if err := jail.DropTo(*uid); err != nil {
+		return err
 	}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
