@@ -197,6 +197,7 @@ func newAPI(mux *http.ServeMux, m *sandbox.Manager) (huma.API, *handlers) {
 	// Either the bearer token or nothing: the token is optional.
 	config.Security = []map[string][]string{{"bearerAuth": {}}, {}}
 	config.Transformers = []huma.Transformer{setInstance}
+	config.Formats = map[string]huma.Format{"application/json": jsonFormat, "json": jsonFormat}
 	config.Tags = []*huma.Tag{
 		{Name: "sandboxes", Description: "Create, inspect, run commands in and delete sandboxes."},
 		{Name: "host", Description: "What this server and host support, and the host's checks."},

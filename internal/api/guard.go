@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"runtime"
 	"runtime/debug"
 	"strings"
 	"time"
@@ -333,10 +332,6 @@ func releaseLarge(next http.Handler) http.Handler {
 		cw := &countingWriter{ResponseWriter: w}
 		next.ServeHTTP(cw, r)
 		if cw.n >= largeAnswer {
-			// Two collections: encoding/json keeps the buffer it
-			// encoded the answer in, in a sync.Pool, which the first
-			// only moves to its victim cache.
-			runtime.GC()
 			debug.FreeOSMemory()
 		}
 	})
