@@ -35,6 +35,7 @@ command -v tmux >/dev/null 2>&1 || need+=(tmux)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "installing ${need[*]} for the tests"
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" ||
@@ -72,3 +73,10 @@ CGO_ENABLED=0 FUZZTIME=${FUZZTIME:-5s} bash scripts/fuzz.sh
 
 echo "== TypeScript client"
 (cd ts && npm ci --no-audit --no-fund && npm test)
+
+# Its own module, so the main one does not carry Kubernetes. The first build
+# of the control plane takes 10 to 20 minutes on 2 cores; later ones reuse
+# the Go build cache. vet without cgo: with it, vet rebuilds Kubernetes.
+echo "== Kubernetes end-to-end"
+bash deploy/kubernetes/e2e/build.sh
+(cd deploy/kubernetes/e2e && CGO_ENABLED=0 go vet ./... && CGO_ENABLED=0 go test -count=1 -timeout 30m ./...)

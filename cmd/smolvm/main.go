@@ -34,6 +34,7 @@ func main() {
 		newTemplateCmd(),
 		newMCPCmd(),
 		newUICmd(),
+		newNodeCmd(),
 	)
 	if err := root.ExecuteContext(ctx); err != nil {
 		if code, ok := err.(exitCode); ok {
