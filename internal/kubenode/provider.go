@@ -72,22 +72,14 @@ func (p *Provider) CreatePod(ctx context.Context, pod *corev1.Pod) error {
 	key := podKey(pod.Namespace, pod.Name)
 	req, err := createRequest(p.node, pod)
 	if err != nil {
-		// A pod no sandbox can run fails at once rather than being
-		// retried forever.
-		pod = pod.DeepCopy()
-		pod.Status = corev1.PodStatus{Phase: corev1.PodFailed, Reason: "InvalidSmolvmPod", Message: err.Error(), HostIP: p.nodeIP}
-		p.store(key, &tracked{pod: pod})
-		p.send(pod)
+		p.refuse(key, pod, err)
 		return nil
 	}
 	info, err := p.m.CreateAsync(ctx, req)
 	if err != nil {
 		var se *sandbox.Error
 		if errors.As(err, &se) && se.Kind == sandbox.KindInvalid {
-			pod = pod.DeepCopy()
-			pod.Status = corev1.PodStatus{Phase: corev1.PodFailed, Reason: "InvalidSmolvmPod", Message: err.Error(), HostIP: p.nodeIP}
-			p.store(key, &tracked{pod: pod})
-			p.send(pod)
+			p.refuse(key, pod, err)
 			return nil
 		}
 		return fmt.Errorf("creating the sandbox of pod %s: %w", key, err)
@@ -100,17 +92,56 @@ func (p *Provider) CreatePod(ctx context.Context, pod *corev1.Pod) error {
 	return nil
 }
 
-// UpdatePod takes the new spec; a running VM keeps its shape.
+// refuse fails a pod no sandbox can run at once, rather than have it
+// retried forever.
+func (p *Provider) refuse(key string, pod *corev1.Pod, why error) {
+	pod = pod.DeepCopy()
+	pod.Status = corev1.PodStatus{Phase: corev1.PodFailed, Reason: "InvalidSmolvmPod", Message: why.Error(), HostIP: p.nodeIP}
+	p.store(key, &tracked{pod: pod})
+	p.send(pod)
+}
+
+// UpdatePod takes the new spec; a running VM keeps its shape. A pod of
+// the same name but another uid (deleted and made again while the node
+// was down) gets a sandbox of its own.
 func (p *Provider) UpdatePod(ctx context.Context, pod *corev1.Pod) error {
+	key := podKey(pod.Namespace, pod.Name)
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	t, ok := p.pods[podKey(pod.Namespace, pod.Name)]
-	if !ok {
-		return errdefs.NotFoundf("pod %s/%s", pod.Namespace, pod.Name)
+	t, ok := p.pods[key]
+	if ok && t.pod.UID == pod.UID {
+		status := t.pod.Status
+		t.pod = pod.DeepCopy()
+		t.pod.Status = status
 	}
-	status := t.pod.Status
-	t.pod = pod.DeepCopy()
-	t.pod.Status = status
+	p.mu.Unlock()
+	if !ok {
+		return errdefs.NotFoundf("pod %s", key)
+	}
+	if t.pod.UID == pod.UID {
+		return nil
+	}
+	// Not through DeletePod: the pod controller must not be told that
+	// the pod of this name ended.
+	if err := p.deleteSandbox(ctx, key, t.id); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	delete(p.pods, key)
+	p.mu.Unlock()
+	return p.CreatePod(ctx, pod)
+}
+
+// deleteSandbox deletes key's sandbox id, if it has one and it exists.
+func (p *Provider) deleteSandbox(ctx context.Context, key, id string) error {
+	if id == "" {
+		return nil
+	}
+	err := p.m.Delete(ctx, id)
+	var se *sandbox.Error
+	if err != nil && !(errors.As(err, &se) && se.Kind == sandbox.KindNotFound) {
+		return fmt.Errorf("deleting the sandbox of pod %s: %w", key, err)
+	}
+	p.log.Info("deleted a pod's sandbox", "pod", key, "sandbox", id)
 	return nil
 }
 
@@ -123,13 +154,8 @@ func (p *Provider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
 	if !ok {
 		return errdefs.NotFoundf("pod %s", key)
 	}
-	if t.id != "" {
-		err := p.m.Delete(ctx, t.id)
-		var se *sandbox.Error
-		if err != nil && !(errors.As(err, &se) && se.Kind == sandbox.KindNotFound) {
-			return fmt.Errorf("deleting the sandbox of pod %s: %w", key, err)
-		}
-		p.log.Info("deleted a pod's sandbox", "pod", key, "sandbox", t.id)
+	if err := p.deleteSandbox(ctx, key, t.id); err != nil {
+		return err
 	}
 	p.mu.Lock()
 	delete(p.pods, key)
@@ -420,9 +446,10 @@ func (p *Provider) RunInContainer(ctx context.Context, namespace, podName, conta
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	if in := attach.Stdin(); in != nil {
-		wg.Add(1)
+		// Not waited for: a read of the caller's stdin ends only when
+		// the caller closes it or the exec's streams close, after this
+		// returns.
 		go func() {
-			defer wg.Done()
 			buf := make([]byte, 32<<10)
 			for {
 				n, rerr := in.Read(buf)

@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
 )
 
@@ -102,6 +103,21 @@ func TestPodLifecycle(t *testing.T) {
 	if !errors.As(err, &exit) || exit.Code != 3 {
 		t.Errorf("exec of exit 3: %v, want exit code 3", err)
 	}
+	// A command that ends while the caller's stdin is still open ends
+	// the exec (kubectl exec -i on a terminal).
+	stdin, keepOpen := io.Pipe()
+	defer keepOpen.Close()
+	open := &attach{stdin: stdin}
+	done := make(chan error, 1)
+	go func() { done <- p.RunInContainer(ctx, "team", "web", "main", []string{"echo", "bye"}, open) }()
+	select {
+	case err := <-done:
+		if err != nil || open.stdout.String() != "bye\n" {
+			t.Errorf("exec with stdin left open: %q, %v", open.stdout.String(), err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("exec did not return once its command ended, its stdin still open")
+	}
 	if err := p.RunInContainer(ctx, "team", "nope", "main", []string{"true"}, &attach{}); err == nil {
 		t.Errorf("exec in a pod the node does not run succeeded")
 	}
@@ -172,6 +188,37 @@ func TestPodLifecycle(t *testing.T) {
 	}
 	if _, err := p.GetPod(ctx, "team", "web"); err == nil {
 		t.Errorf("the node still holds the deleted pod")
+	}
+
+	// A pod of the same name with another uid, made while the node was
+	// down, is another pod: it gets a sandbox of its own.
+	again := pod.DeepCopy()
+	again.UID = "uid-2"
+	if err := p2.UpdatePod(ctx, again); err != nil {
+		t.Fatal(err)
+	}
+	renewed, err := p2.GetPod(ctx, "team", "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id2 := strings.TrimPrefix(renewed.Status.ContainerStatuses[0].ContainerID, "smolvm://")
+	if renewed.UID != "uid-2" || id2 == id {
+		t.Fatalf("the pod made again: uid %s, sandbox %s (the old one was %s)", renewed.UID, id2, id)
+	}
+	var info2 sandbox.Info
+	for deadline := time.Now().Add(3 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if info2, err = m.Get(ctx, id2); err != nil || info2.Status != sandbox.StatusCreating {
+			break
+		}
+	}
+	if err != nil || info2.Status != sandbox.StatusRunning || info2.Labels[LabelUID] != "uid-2" {
+		t.Errorf("the new pod's sandbox: %+v, %v", info2, err)
+	}
+	if err := p2.DeletePod(ctx, again); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Get(ctx, id2); err == nil {
+		t.Errorf("sandbox %s still exists after its pod was deleted", id2)
 	}
 }
 

@@ -302,8 +302,11 @@ func hostMemoryMiB() (int, error) {
 		return 0, fmt.Errorf("reading /proc: %w", err)
 	}
 	mi, err := fs.Meminfo()
-	if err != nil || mi.MemTotalBytes == nil {
-		return 0, fmt.Errorf("reading the host's memory size: %v", err)
+	if err != nil {
+		return 0, fmt.Errorf("reading the host's memory size: %w", err)
+	}
+	if mi.MemTotalBytes == nil {
+		return 0, errors.New("no MemTotal in /proc/meminfo: pass --memory-mib")
 	}
 	return int(*mi.MemTotalBytes >> 20), nil
 }
