@@ -76,24 +76,31 @@ func TestExecStream(t *testing.T) {
 			t.Fatalf("status %d, %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 		}
 		evs := readSSE(t, resp)
-		var types []string
+		// stdout and stderr are separate pipes, read side by side: only
+		// each stream's own order, and the exit coming last, are promised.
+		var stdout, stderr []execEvent
 		for _, e := range evs {
-			types = append(types, e.Type)
+			switch e.Type {
+			case "stdout":
+				stdout = append(stdout, e)
+			case "stderr":
+				stderr = append(stderr, e)
+			}
 		}
-		if strings.Join(types, ",") != "stdout,stdout,stderr,exit" {
+		if len(evs) != 4 || len(stdout) != 2 || len(stderr) != 1 || evs[3].Type != "exit" {
 			t.Fatalf("events %v", evs)
 		}
-		if evs[0].Data != `{"text":"first\n"}` || evs[1].Data != `{"text":"second\n"}` {
-			t.Errorf("output events %v", evs[:2])
+		if stdout[0].Data != `{"text":"first\n"}` || stdout[1].Data != `{"text":"second\n"}` {
+			t.Errorf("output events %v", stdout)
 		}
 		// The first line arrived while the command still slept.
-		if gap := evs[1].At.Sub(evs[0].At); gap < time.Second {
+		if gap := stdout[1].At.Sub(stdout[0].At); gap < time.Second {
 			t.Errorf("first line arrived only %v before the second: it was held back", gap)
 		}
 		var bin ExecOutputEvent
-		json.Unmarshal([]byte(evs[2].Data), &bin)
+		json.Unmarshal([]byte(stderr[0].Data), &bin)
 		if b, _ := base64.StdEncoding.DecodeString(bin.Base64); string(b) != "\xff" || bin.Text != "" {
-			t.Errorf("invalid UTF-8 as %s", evs[2].Data)
+			t.Errorf("invalid UTF-8 as %s", stderr[0].Data)
 		}
 		var exit ExecExitEvent
 		if err := json.Unmarshal([]byte(evs[3].Data), &exit); err != nil || exit.ExitCode != 4 || exit.TimedOut || exit.DurationMS < 3000 {

@@ -37,14 +37,17 @@ func TestStatsHTTP(t *testing.T) {
 		}
 		return st
 	}
-	// The process may not have become sleep yet: look until it has.
+	// The process may not have become sleep yet, and an emulated guest
+	// takes a while to load it (it shows as running meanwhile): look until
+	// it sleeps.
 	var st SandboxStats
 	var sleep, init *GuestProcess
-	for deadline := time.Now().Add(30 * time.Second); sleep == nil && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(30 * time.Second); (sleep == nil || sleep.State != "S") && time.Now().Before(deadline); {
 		st = stats()
 		if st.Guest == nil {
 			t.Fatal("a running sandbox's stats have no guest part")
 		}
+		sleep, init = nil, nil
 		for i, gp := range st.Guest.Processes {
 			switch {
 			case gp.Command == "sleep 600":
@@ -53,7 +56,7 @@ func TestStatsHTTP(t *testing.T) {
 				init = &st.Guest.Processes[i]
 			}
 		}
-		if sleep == nil {
+		if sleep == nil || sleep.State != "S" {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
