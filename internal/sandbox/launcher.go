@@ -157,10 +157,37 @@ func (l *launcher) waitAgent(ctx context.Context, mach vmm.Machine, rec *store.R
 	t := time.Now()
 	c, err := dialWhileAlive(ctx, mach, timeout)
 	if err != nil {
+		if ctx.Err() == nil && mach.Alive() {
+			err = l.withRunState(ctx, rec.Backend, mach, err)
+		}
 		return nil, errors.Join(err, mach.Kill(context.WithoutCancel(ctx)))
 	}
 	vmm.Step(ctx, "agent handshake", t)
 	return c, nil
+}
+
+// withRunState adds to err, a guest that did not answer, what state its
+// VMM says the VM is in: a VM left paused is not a guest that hangs.
+func (l *launcher) withRunState(ctx context.Context, backend string, mach vmm.Machine, err error) error {
+	drv, derr := l.drivers.Get(backend)
+	if derr != nil {
+		return err
+	}
+	rs, ok := drv.(vmm.RunStater)
+	if !ok {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	st, serr := rs.Status(sctx, mach)
+	if serr != nil {
+		st = "unknown: " + serr.Error()
+	}
+	var ce *consoleError
+	if errors.As(err, &ce) {
+		return &consoleError{err: fmt.Errorf("%w (the VM is %s)", ce.err, st), console: ce.console}
+	}
+	return fmt.Errorf("%w (the VM is %s)", err, st)
 }
 
 // errVMExited means the VM process ended before its agent answered.

@@ -177,6 +177,13 @@ type Staller interface {
 	Unstall(ctx context.Context, m Machine) error
 }
 
+// RunStater is a Driver that can say what state a VM is in as its VMM
+// sees it ("running", "paused", ...): what an operator needs to know of
+// a guest that does not answer.
+type RunStater interface {
+	Status(ctx context.Context, m Machine) (string, error)
+}
+
 // DiskResizer is a Driver that can grow a running VM's root disk.
 type DiskResizer interface {
 	Resize(ctx context.Context, m Machine, bytes int64) error

@@ -3,12 +3,14 @@ package qemu
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	goruntime "runtime"
+	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -18,9 +20,17 @@ import (
 // Go client (go-qemu) pulls in a libvirt RPC library and its calls take no
 // deadline, so this small one is written here: every call is bounded by a
 // context, and asynchronous events are skipped.
+//
+// Every command carries an id that its reply echoes, and a reply with
+// another id is skipped. QEMU sends the reply to a command on whatever
+// connection its monitor has when the command finishes: a session given
+// up before its answer came (a deadline under load) hands that answer to
+// the next one, which would otherwise read every reply one behind.
 type monitor struct {
-	conn net.Conn
-	r    *bufio.Reader
+	conn   net.Conn
+	r      *bufio.Reader
+	prefix string // unique to the session
+	n      int    // commands sent
 }
 
 func dialQMP(ctx context.Context, socket string) (*monitor, error) {
@@ -29,11 +39,18 @@ func dialQMP(ctx context.Context, socket string) (*monitor, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to QMP socket %s: %w", socket, err)
 	}
-	m := &monitor{conn: conn, r: bufio.NewReaderSize(conn, 64<<10)}
+	m := &monitor{conn: conn, r: bufio.NewReaderSize(conn, 64<<10), prefix: rand.Text()[:8]}
 	// The greeting, then capabilities negotiation, before any command.
+	// An earlier session's late answer can come before the greeting.
 	if err := m.within(ctx, func() error {
-		if _, err := m.read(); err != nil {
-			return err
+		for {
+			r, err := m.read()
+			if err != nil {
+				return err
+			}
+			if r.Greeting != nil {
+				break
+			}
 		}
 		return m.call("qmp_capabilities", nil, nil)
 	}); err != nil {
@@ -80,7 +97,9 @@ type qmpReply struct {
 		Class string `json:"class"`
 		Desc  string `json:"desc"`
 	} `json:"error"`
-	Event string `json:"event"`
+	Event    string          `json:"event"`
+	ID       string          `json:"id"`
+	Greeting json.RawMessage `json:"QMP"`
 }
 
 func (m *monitor) read() (qmpReply, error) {
@@ -93,23 +112,26 @@ func (m *monitor) read() (qmpReply, error) {
 }
 
 func (m *monitor) call(command string, args any, out any) error {
-	b, err := encodeCommand(command, args)
+	b, id, err := m.encodeCommand(command, args)
 	if err != nil {
 		return err
 	}
 	if _, err := m.conn.Write(b); err != nil {
 		return err
 	}
-	return m.reply(out)
+	return m.reply(id, out)
 }
 
-func encodeCommand(command string, args any) ([]byte, error) {
-	cmd := map[string]any{"execute": command}
+// encodeCommand returns the command's line and the id its reply carries.
+func (m *monitor) encodeCommand(command string, args any) ([]byte, string, error) {
+	m.n++
+	id := m.prefix + "-" + strconv.Itoa(m.n)
+	cmd := map[string]any{"execute": command, "id": id}
 	if args != nil {
 		cmd["arguments"] = args
 	}
 	b, err := json.Marshal(cmd)
-	return append(b, '\n'), err
+	return append(b, '\n'), id, err
 }
 
 // passFile hands f to QEMU as the file descriptor name (QMP getfd, the
@@ -122,14 +144,14 @@ func (m *monitor) passFile(ctx context.Context, name string, f *os.File) error {
 		return fmt.Errorf("QMP getfd: the monitor is not on a unix socket")
 	}
 	err := m.within(ctx, func() error {
-		b, err := encodeCommand("getfd", map[string]any{"fdname": name})
+		b, id, err := m.encodeCommand("getfd", map[string]any{"fdname": name})
 		if err != nil {
 			return err
 		}
 		if _, _, err := uc.WriteMsgUnix(b, unix.UnixRights(int(f.Fd())), nil); err != nil {
 			return err
 		}
-		return m.reply(nil)
+		return m.reply(id, nil)
 	})
 	goruntime.KeepAlive(f)
 	if err != nil {
@@ -138,14 +160,16 @@ func (m *monitor) passFile(ctx context.Context, name string, f *os.File) error {
 	return nil
 }
 
-// reply reads the answer to the command just sent, skipping events.
-func (m *monitor) reply(out any) error {
+// reply reads the answer to the command sent with id, skipping events and
+// answers to other commands. An answer with no id is QEMU's to a line it
+// could not parse, which can only be the one just sent.
+func (m *monitor) reply(id string, out any) error {
 	for {
 		r, err := m.read()
 		if err != nil {
 			return err
 		}
-		if r.Event != "" {
+		if r.Event != "" || r.Greeting != nil || (r.ID != "" && r.ID != id) {
 			continue
 		}
 		if r.Error != nil {

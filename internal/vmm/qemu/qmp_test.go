@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -177,8 +178,9 @@ func (f *fakeQMP) serve(conn net.Conn) {
 	}()
 	for line := range lines {
 		var msg struct {
-			Execute   string         `json:"execute"`
-			Arguments map[string]any `json:"arguments"`
+			Execute   string          `json:"execute"`
+			Arguments map[string]any  `json:"arguments"`
+			ID        json.RawMessage `json:"id"`
 		}
 		if err := json.Unmarshal(line, &msg); err != nil {
 			conn.Write([]byte(`{"error":{"class":"GenericError","desc":"JSON parse error"}}` + "\n"))
@@ -220,11 +222,26 @@ func (f *fakeQMP) serve(conn net.Conn) {
 				conn.Close()
 				return
 			}
-			if _, err := conn.Write([]byte(line + "\n")); err != nil {
+			if _, err := conn.Write([]byte(withID(line, msg.ID) + "\n")); err != nil {
 				return
 			}
 		}
 	}
+}
+
+// withID adds id to a reply line, as QEMU echoes a command's id in its
+// answer; events, and lines that already carry an id, stay as they are.
+func withID(line string, id json.RawMessage) string {
+	var m map[string]json.RawMessage
+	if len(id) == 0 || json.Unmarshal([]byte(line), &m) != nil || m["event"] != nil || m["id"] != nil {
+		return line
+	}
+	if m["return"] == nil && m["error"] == nil {
+		return line
+	}
+	m["id"] = id
+	b, _ := json.Marshal(m)
+	return string(b)
 }
 
 // passedFile is the descriptor passed under name, nil if none was.
@@ -590,13 +607,20 @@ func stateFile(t *testing.T) string {
 	return p
 }
 
+// QEMU reads "paused" during a load, sets the saved run state when the
+// load ends and only then reports the migration completed: resume looks
+// at the run state only after that, and sees cont take.
 func TestResumeSequence(t *testing.T) {
 	t.Parallel()
 	f := newFakeQMP(t, script{
+		"query-migrate": seq(
+			`{"return":{"status":"active"}}`,
+			qmpEvent("MIGRATION")+"\n"+`{"return":{"status":"completed"}}`,
+		),
 		"query-status": seq(
-			`{"return":{"status":"inmigrate","running":false}}`,
-			qmpEvent("MIGRATION")+"\n"+`{"return":{"status":"inmigrate","running":false}}`,
 			qmpEvent("STOP")+"\n"+`{"return":{"status":"paused","running":false}}`,
+			`{"return":{"status":"paused","running":false}}`,
+			`{"return":{"status":"running","running":true}}`,
 		),
 		"cont": seq(qmpEvent("RESUME") + "\n" + qmpOK),
 	})
@@ -605,7 +629,7 @@ func TestResumeSequence(t *testing.T) {
 		t.Fatalf("resume: %v", err)
 	}
 	wantNames(t, f, "qmp_capabilities", "getfd", "migrate-incoming",
-		"query-status", "query-status", "query-status", "cont")
+		"query-migrate", "query-migrate", "query-status", "query-status", "cont", "query-status")
 	if got := f.args(t, "migrate-incoming", 0)["uri"]; got != "fd:"+stateFD {
 		t.Errorf("migrate-incoming uri %q, want %q", got, "fd:"+stateFD)
 	}
@@ -615,15 +639,13 @@ func TestResumeSequence(t *testing.T) {
 func TestResumeAlreadyRunning(t *testing.T) {
 	t.Parallel()
 	f := newFakeQMP(t, script{
-		"query-status": seq(
-			`{"return":{"status":"inmigrate","running":false}}`,
-			`{"return":{"status":"running","running":true}}`,
-		),
+		"query-migrate": seq(`{"return":{"status":"completed"}}`),
+		"query-status":  seq(`{"return":{"status":"running","running":true}}`),
 	})
 	if err := New(Options{}).resume(testCtx(t), fakeInstance(f), stateFile(t)); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
-	wantNames(t, f, "qmp_capabilities", "getfd", "migrate-incoming", "query-status", "query-status")
+	wantNames(t, f, "qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status")
 }
 
 func TestResumeErrors(t *testing.T) {
@@ -643,21 +665,37 @@ func TestResumeErrors(t *testing.T) {
 		{
 			// A state that fails to load ends QEMU, and so the session.
 			name: "QEMU exits while loading",
-			script: script{"query-status": seq(
-				`{"return":{"status":"inmigrate"}}`,
+			script: script{"query-migrate": seq(
+				`{"return":{"status":"active"}}`,
 				hangUp,
 			)},
 			want: "load VM state",
-			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-status", "query-status"},
+			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-migrate"},
+		},
+		{
+			name:   "load failed",
+			script: script{"query-migrate": seq(`{"return":{"status":"failed","error-desc":"bad section"}}`)},
+			want:   "bad section",
+			sent:   []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate"},
 		},
 		{
 			name: "cont refused",
 			script: script{
-				"query-status": seq(`{"return":{"status":"paused"}}`),
-				"cont":         seq(`{"error":{"class":"GenericError","desc":"cannot continue"}}`),
+				"query-migrate": seq(`{"return":{"status":"completed"}}`),
+				"query-status":  seq(`{"return":{"status":"paused"}}`),
+				"cont":          seq(`{"error":{"class":"GenericError","desc":"cannot continue"}}`),
 			},
 			want: "cannot continue",
-			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-status", "cont"},
+			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont"},
+		},
+		{
+			name: "still paused after cont",
+			script: script{
+				"query-migrate": seq(`{"return":{"status":"completed"}}`),
+				"query-status":  seq(`{"return":{"status":"paused"}}`),
+			},
+			want: `it is "paused" after cont`,
+			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -669,6 +707,60 @@ func TestResumeErrors(t *testing.T) {
 			}
 			wantNames(t, f, tc.sent...)
 		})
+	}
+}
+
+// A session reads no answer one behind: an event can come before the
+// greeting, and QEMU answers a command on whatever connection its monitor
+// has when the command ends, so a session given up before its answer came
+// hands it to the next one. Such answers carry another session's id.
+func TestStaleAnswersSkipped(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "q.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		// Seen from QEMU 7.2: an event queued before the connection came
+		// is sent ahead of the greeting.
+		c.Write([]byte(qmpEvent("NETDEV_STREAM_CONNECTED") + "\n" + `{"return": {}, "id": "earlier-1"}` + "\n" + qmpGreeting + "\n"))
+		for {
+			line, err := br.ReadBytes('\n')
+			if err != nil {
+				return
+			}
+			var cmd struct {
+				Execute string          `json:"execute"`
+				ID      json.RawMessage `json:"id"`
+			}
+			json.Unmarshal(line, &cmd)
+			answer := `{"return": {}, "id": ` + string(cmd.ID) + "}\n"
+			if cmd.Execute == "query-status" {
+				answer = `{"return": {"status": "paused"}, "id": "earlier-2"}` + "\n" + qmpEvent("RESUME") + "\n" +
+					`{"return": {"status": "running", "running": true}, "id": ` + string(cmd.ID) + "}\n"
+			}
+			c.Write([]byte(answer))
+		}
+	}()
+	ctx := testCtx(t)
+	m, err := dialQMP(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for range 2 {
+		st, err := queryStatus(ctx, m)
+		if err != nil || st.Status != "running" {
+			t.Fatalf("query-status: %+v, %v; want the answer with this command's id", st, err)
+		}
 	}
 }
 
@@ -723,13 +815,17 @@ func TestMemoryFileSaveAndResume(t *testing.T) {
 		t.Errorf("capabilities %v, want x-ignore-shared on", caps)
 	}
 
-	g := newFakeQMP(t, script{"query-status": seq(`{"return":{"status":"paused","running":false}}`)})
+	g := newFakeQMP(t, script{
+		"query-migrate": seq(`{"return":{"status":"completed"}}`),
+		"query-status": seq(`{"return":{"status":"paused","running":false}}`, `{"return":{"status":"paused","running":false}}`,
+			`{"return":{"status":"running","running":true}}`),
+	})
 	clone := fakeInstance(g)
 	clone.rt.MemoryFile = "/s/memory"
 	if err := New(Options{}).resume(testCtx(t), clone, stateFile(t)); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
-	wantNames(t, g, "qmp_capabilities", "migrate-set-capabilities", "getfd", "migrate-incoming", "query-status", "cont")
+	wantNames(t, g, "qmp_capabilities", "migrate-set-capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status")
 }
 
 // A template's RAM is a file it maps shared; a clone maps the same file

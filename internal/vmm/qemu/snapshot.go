@@ -102,7 +102,7 @@ func waitMigration(ctx context.Context, m *monitor, what string) error {
 			ErrorDesc string `json:"error-desc"`
 		}
 		if err := m.run(ctx, "query-migrate", nil, &st); err != nil {
-			return err
+			return fmt.Errorf("%s: %w", what, err)
 		}
 		switch st.Status {
 		case "completed":
@@ -279,29 +279,28 @@ func (d *Driver) resume(ctx context.Context, qm *machine, statePath string) erro
 	if err := m.run(ctx, "migrate-incoming", map[string]any{"uri": "fd:" + stateFD}, nil); err != nil {
 		return err
 	}
-	// cont while QEMU is still "inmigrate" would be overridden by the
-	// saved run state ("paused") once loading ends, so wait for that.
+	// QEMU sets the VM's run state from the saved one ("paused") when the
+	// load ends, and says the migration completed only after that. A cont
+	// sent while it still loads only sets autostart, which the saved state
+	// then overrides: the clone would stay paused.
 	// A state that fails to load ends the process and so this session.
-	for {
-		var st struct {
-			Status string `json:"status"`
-		}
-		if err := m.run(ctx, "query-status", nil, &st); err != nil {
-			return fmt.Errorf("load VM state: %w", err)
-		}
-		switch st.Status {
-		case "running":
-			return nil
-		case "inmigrate":
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("load VM state: %w", ctx.Err())
-			case <-time.After(5 * time.Millisecond):
-			}
-		default:
-			return m.run(ctx, "cont", nil, nil)
-		}
+	if err := waitMigration(ctx, m, "load VM state"); err != nil {
+		return err
 	}
+	st, err := queryStatus(ctx, m)
+	if err != nil {
+		return fmt.Errorf("start the restored VM: %w", err)
+	}
+	if st.Status == "running" {
+		return nil
+	}
+	if err := m.run(ctx, "cont", nil, nil); err != nil {
+		return fmt.Errorf("start the restored VM: %w", err)
+	}
+	if st, err = queryStatus(ctx, m); err != nil || st.Status != "running" {
+		return fmt.Errorf("start the restored VM: it is %q after cont: %v", st.Status, err)
+	}
+	return nil
 }
 
 // Resize grows the VM's root disk; the guest sees the new size at once.
