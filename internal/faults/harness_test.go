@@ -280,6 +280,8 @@ type sandbox struct {
 	PID    int    `json:"pid"`
 	Error  string `json:"error"`
 	Boot   string `json:"boot"`
+	// Warnings say why a create booted cold.
+	Warnings []string `json:"warnings"`
 }
 
 type problem struct {

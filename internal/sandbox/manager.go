@@ -112,7 +112,10 @@ type Manager struct {
 	closing  bool
 	progress map[string]Progress
 	cancels  map[string]func() // asynchronous creates in progress, by id
-	configs  map[string]image.Config
+	// unrecorded holds why a create failed when the database could not
+	// take it (the host disk full), until the record says so.
+	unrecorded map[string]string
+	configs    map[string]image.Config
 	// sawFull is set when the reaper found the data directory's
 	// filesystem full, so that it looks for stopped VMs once it is not.
 	sawFull bool
@@ -154,14 +157,15 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		opts.Drivers = drivers.Default(opts.Accel, opts.NetPath)
 	}
 	m := &Manager{
-		opts:     opts,
-		store:    st,
-		drivers:  opts.Drivers,
-		sessions: newSessions(),
-		events:   newEvents(),
-		progress: make(map[string]Progress),
-		cancels:  make(map[string]func()),
-		configs:  make(map[string]image.Config),
+		opts:       opts,
+		store:      st,
+		drivers:    opts.Drivers,
+		sessions:   newSessions(),
+		events:     newEvents(),
+		progress:   make(map[string]Progress),
+		cancels:    make(map[string]func()),
+		unrecorded: make(map[string]string),
+		configs:    make(map[string]image.Config),
 	}
 	m.l = &launcher{opts: opts, store: st, drivers: opts.Drivers, sessions: m.sessions, events: m.events}
 	if os.Geteuid() == 0 {
@@ -490,6 +494,11 @@ func (m *Manager) build(ctx context.Context, drv vmm.Driver, req CreateRequest, 
 		rec.PID, rec.Runtime, rec.Error = 0, "", err.Error()
 		if terr2 := m.l.transition(cctx, rec, StatusError); terr2 != nil {
 			terr = errors.Join(terr, terr2)
+			// The record stays "creating" and is found abandoned; it
+			// must then say why it failed, not that it was abandoned.
+			m.mu.Lock()
+			m.unrecorded[rec.ID] = rec.Error
+			m.mu.Unlock()
 		}
 		m.l.logTeardown(rec.ID, "failed create", terr)
 		return Info{}, err
@@ -616,9 +625,24 @@ func (m *Manager) creating(id string) bool {
 // interrupted fails a sandbox whose creation was abandoned and stops the
 // VM and network it may have started; Delete then removes it.
 func (m *Manager) interrupted(ctx context.Context, rec store.Record) store.Record {
-	const reason = "creation was interrupted: the process creating it exited; delete it and create it again"
+	reason := "creation was interrupted: the process creating it exited; delete it and create it again"
+	m.mu.Lock()
+	lost, failed := m.unrecorded[rec.ID]
+	m.mu.Unlock()
+	if failed {
+		reason = lost
+	}
 	changed, err := m.store.MarkInterrupted(ctx, rec.ID, reason)
-	if err != nil || !changed {
+	if err != nil {
+		// The database cannot take it yet (its disk is full): the caller
+		// sees the failure all the same, and a later look records it.
+		rec.Status, rec.Error, rec.PID = StatusError, reason, 0
+		return rec
+	}
+	m.mu.Lock()
+	delete(m.unrecorded, rec.ID)
+	m.mu.Unlock()
+	if !changed {
 		if fresh, gerr := m.store.Get(ctx, rec.ID); gerr == nil {
 			return fresh
 		}
@@ -832,6 +856,9 @@ func (m *Manager) destroy(ctx context.Context, rec store.Record) error {
 		return fmt.Errorf("remove sandbox %s record: %w", rec.ID, err)
 	}
 	m.templates.sweepRetired(ctx)
+	m.mu.Lock()
+	delete(m.unrecorded, rec.ID)
+	m.mu.Unlock()
 	return nil
 }
 
