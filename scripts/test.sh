@@ -20,6 +20,9 @@ if ! git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
 	export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 fi
 
+# Each stage's heading says how long the run has taken so far.
+stage() { printf '== %s (at %dm%02ds)\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
+
 bash scripts/setup.sh
 
 # Test-only dependencies: the image tests build OCI images around Debian's
@@ -42,10 +45,10 @@ if [ ${#need[@]} -gt 0 ]; then
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
 fi
 
-echo "== dashboard build tools"
+stage "dashboard build tools"
 (cd internal/ui/web && npm ci --no-audit --no-fund && npm run typecheck)
 
-echo "== gofmt and go vet"
+stage "gofmt and go vet"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './ts/*'))
 if [ -n "$unformatted" ]; then
 	echo "gofmt needed on:" >&2
@@ -54,7 +57,7 @@ if [ -n "$unformatted" ]; then
 fi
 CGO_ENABLED=0 go vet -tags faults ./...
 
-echo "== go test"
+stage "go test"
 CGO_ENABLED=0 go test -count=1 -timeout 20m ./...
 
 # The fault suite (internal/faults, build tag faults): servers, VMMs and
@@ -63,20 +66,21 @@ CGO_ENABLED=0 go test -count=1 -timeout 20m ./...
 # create/exec/delete cycles checked for leaks. It runs on its own: guests
 # at their worst beside the other packages' VMs would test the machine's
 # load more than smolvm.
-echo "== fault suite"
+stage "fault suite"
 CGO_ENABLED=0 go test -tags faults -count=1 -timeout 20m ./internal/faults
 
 # A short run of every fuzz target (their seed corpora already ran above):
 # the agent's protocol, image layers and configs, the API's requests.
-echo "== fuzz, ${FUZZTIME:-5s} a target"
+stage "fuzz, ${FUZZTIME:-5s} a target"
 CGO_ENABLED=0 FUZZTIME=${FUZZTIME:-5s} bash scripts/fuzz.sh
 
-echo "== TypeScript client"
+stage "TypeScript client"
 (cd ts && npm ci --no-audit --no-fund && npm test)
 
 # Its own module, so the main one does not carry Kubernetes. The first build
 # of the control plane takes 10 to 20 minutes on 2 cores; later ones reuse
 # the Go build cache. vet without cgo: with it, vet rebuilds Kubernetes.
-echo "== Kubernetes end-to-end"
+stage "Kubernetes end-to-end"
 bash deploy/kubernetes/e2e/build.sh
 (cd deploy/kubernetes/e2e && CGO_ENABLED=0 go vet ./... && CGO_ENABLED=0 go test -count=1 -timeout 30m ./...)
+stage "done"
