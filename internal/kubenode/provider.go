@@ -47,6 +47,9 @@ type tracked struct {
 	pod     *corev1.Pod // the spec as last given; status as last reported
 	id      string      // the sandbox, "" when the pod could not have one
 	started bool        // the container command was started
+	// deleting is set while the node deletes the sandbox itself: its
+	// disappearance is then no news to report.
+	deleting bool
 }
 
 // NewProvider returns the provider of node (reached at nodeIP) over m,
@@ -122,7 +125,7 @@ func (p *Provider) UpdatePod(ctx context.Context, pod *corev1.Pod) error {
 	}
 	// Not through DeletePod: the pod controller must not be told that
 	// the pod of this name ended.
-	if err := p.deleteSandbox(ctx, key, t.id); err != nil {
+	if err := p.deleteSandbox(ctx, key, t); err != nil {
 		return err
 	}
 	p.mu.Lock()
@@ -131,17 +134,24 @@ func (p *Provider) UpdatePod(ctx context.Context, pod *corev1.Pod) error {
 	return p.CreatePod(ctx, pod)
 }
 
-// deleteSandbox deletes key's sandbox id, if it has one and it exists.
-func (p *Provider) deleteSandbox(ctx context.Context, key, id string) error {
-	if id == "" {
+// deleteSandbox deletes the sandbox of t, key's pod, if it has one and it
+// exists.
+func (p *Provider) deleteSandbox(ctx context.Context, key string, t *tracked) error {
+	if t.id == "" {
 		return nil
 	}
-	err := p.m.Delete(ctx, id)
+	p.mu.Lock()
+	t.deleting = true
+	p.mu.Unlock()
+	err := p.m.Delete(ctx, t.id)
 	var se *sandbox.Error
 	if err != nil && !(errors.As(err, &se) && se.Kind == sandbox.KindNotFound) {
+		p.mu.Lock()
+		t.deleting = false
+		p.mu.Unlock()
 		return fmt.Errorf("deleting the sandbox of pod %s: %w", key, err)
 	}
-	p.log.Info("deleted a pod's sandbox", "pod", key, "sandbox", id)
+	p.log.Info("deleted a pod's sandbox", "pod", key, "sandbox", t.id)
 	return nil
 }
 
@@ -154,7 +164,7 @@ func (p *Provider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
 	if !ok {
 		return errdefs.NotFoundf("pod %s", key)
 	}
-	if err := p.deleteSandbox(ctx, key, t.id); err != nil {
+	if err := p.deleteSandbox(ctx, key, t); err != nil {
 		return err
 	}
 	p.mu.Lock()
@@ -260,12 +270,20 @@ func (p *Provider) refreshAndSend(ctx context.Context, key string) {
 	var before string
 	if ok {
 		before = phaseLine(&t.pod.Status)
+		ok = !t.deleting
 	}
 	p.mu.Unlock()
 	if !ok {
 		return
 	}
 	pod, err := p.refresh(ctx, key)
+	p.mu.Lock()
+	// The node may have begun deleting it meanwhile.
+	gone := t.deleting || p.pods[key] != t
+	p.mu.Unlock()
+	if gone {
+		return
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			p.log.Warn("reading a pod's sandbox", "pod", key, "err", err)
@@ -300,7 +318,10 @@ func (p *Provider) refresh(ctx context.Context, key string) (*corev1.Pod, error)
 		ns, name, _ := strings.Cut(key, "/")
 		return nil, errdefs.NotFoundf("pod %s/%s", ns, name)
 	}
-	if t.id == "" {
+	p.mu.Lock()
+	deleting := t.deleting
+	p.mu.Unlock()
+	if t.id == "" || deleting {
 		return t.pod.DeepCopy(), nil
 	}
 	info, err := p.m.Get(ctx, t.id)
