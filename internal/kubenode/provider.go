@@ -270,7 +270,6 @@ func (p *Provider) refreshAndSend(ctx context.Context, key string) {
 	var before string
 	if ok {
 		before = phaseLine(&t.pod.Status)
-		ok = !t.deleting
 	}
 	p.mu.Unlock()
 	if !ok {
@@ -278,7 +277,7 @@ func (p *Provider) refreshAndSend(ctx context.Context, key string) {
 	}
 	pod, err := p.refresh(ctx, key)
 	p.mu.Lock()
-	// The node may have begun deleting it meanwhile.
+	// The node may be deleting it, or have begun to since.
 	gone := t.deleting || p.pods[key] != t
 	p.mu.Unlock()
 	if gone {

@@ -607,9 +607,9 @@ func stateFile(t *testing.T) string {
 	return p
 }
 
-// QEMU reads "paused" during a load, sets the saved run state when the
-// load ends and only then reports the migration completed: resume looks
-// at the run state only after that, and sees cont take.
+// QEMU sets the saved run state when the load ends and only then reports
+// the migration completed: resume looks at the run state only after
+// that, and sees cont take.
 func TestResumeSequence(t *testing.T) {
 	t.Parallel()
 	f := newFakeQMP(t, script{
