@@ -83,6 +83,13 @@ func setInstance(hctx huma.Context, _ string, v any) (any, error) {
 // OpenAPI document.
 func New(m *sandbox.Manager, opts Options) http.Handler {
 	inner, _ := build(m, opts)
+	return Wrap(inner, opts)
+}
+
+// Wrap puts around routes of another backend (the Kubernetes gateway) what
+// New puts around the Manager's: the Host and token guard, large-body
+// release, panic recovery, request logging and the Server header.
+func Wrap(inner http.Handler, opts Options) http.Handler {
 	g := newGuard(opts)
 	var h http.Handler = g.wrap(releaseLarge(inner))
 	h = recoverer(h, opts.Logger)

@@ -84,6 +84,15 @@ func title(status int, code string) string {
 		return "Server shutting down"
 	case CodeInternal:
 		return "Internal error"
+	// The Kubernetes gateway's own (`smolvm server start --kubeconfig`).
+	case "not_supported_in_cluster":
+		return "Not supported in a cluster"
+	case "node_unreachable":
+		return "Node unreachable"
+	case "create_timeout":
+		return "Sandbox not running in time"
+	case "kubernetes_error":
+		return "Kubernetes API error"
 	}
 	return http.StatusText(status)
 }
@@ -99,7 +108,7 @@ type Problem struct {
 	Title    string              `json:"title" example:"Sandbox not found" doc:"A short summary of the problem type; the same for every occurrence of a code."`
 	Status   int                 `json:"status" minimum:"400" maximum:"599" example:"404" doc:"The HTTP status code of this response."`
 	Detail   string              `json:"detail" example:"no sandbox with id vm-a1b2c3d4" doc:"What happened in this occurrence and, where possible, what to do about it."`
-	Code     string              `json:"code" pattern:"^[a-z][a-z0-9_]*$" example:"sandbox_not_found" doc:"Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off, network_down, disk_full, host_disk_full). New codes may be added."`
+	Code     string              `json:"code" pattern:"^[a-z][a-z0-9_]*$" example:"sandbox_not_found" doc:"Stable snake_case error code for programs to branch on. Codes produced by the server: validation_failed, malformed_json, body_required, body_too_large, unsupported_media_type, not_acceptable, unauthorized, forbidden_origin, forbidden_host, not_found, method_not_allowed, request_timeout, sandbox_not_found, sandbox_not_running, conflict, command_timeout, backend_unavailable, unsupported_os, shutting_down, internal_error; the sandbox manager adds more specific ones (e.g. invalid_disk_size, unsupported_image, kernel_missing, agent_unreachable, agent_incompatible, invalid_network, invalid_port, port_in_use, port_already_exposed, port_not_exposed, network_off, network_down, disk_full, host_disk_full). A server over a Kubernetes cluster adds not_supported_in_cluster, node_unreachable, create_timeout and kubernetes_error. New codes may be added."`
 	Field    string              `json:"field,omitempty" example:"memory" doc:"The request field at fault (a body property such as memory, or a path parameter such as id), when one is."`
 	Instance string              `json:"instance,omitempty" format:"uri-reference" example:"/sandboxes/vm-a1b2c3d4" doc:"The request path this problem occurred on."`
 	Errors   []*huma.ErrorDetail `json:"errors,omitempty" nullable:"false" doc:"Every individual validation failure, when there are several."`
@@ -365,6 +374,15 @@ func snake(s string) string {
 	}
 	return strings.TrimSuffix(b.String(), "_")
 }
+
+// WriteProblem answers r with a problem of its own code, for handlers
+// outside this package that serve the same API.
+func WriteProblem(w http.ResponseWriter, r *http.Request, status int, code, detail string) {
+	writeProblem(w, r, newProblem(status, code, detail))
+}
+
+// Write answers r with p, for handlers outside this package.
+func (p *Problem) Write(w http.ResponseWriter, r *http.Request) { writeProblem(w, r, p) }
 
 // writeProblem writes p outside huma (from the request guards and the
 // fallback routes).

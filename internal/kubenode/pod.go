@@ -46,8 +46,10 @@ const (
 // a sandbox, before the API's pod spec replaces it.
 const defaultContainer = "sandbox"
 
-// createRequest is the sandbox a pod asks for on node.
-func createRequest(node string, pod *corev1.Pod) (sandbox.CreateRequest, error) {
+// CreateRequestOf is the sandbox a pod asks for on node, whose address is
+// nodeIP: ports without a hostIP of their own are exposed there, as a
+// kubelet exposes hostPorts on the node's address.
+func CreateRequestOf(node, nodeIP string, pod *corev1.Pod) (sandbox.CreateRequest, error) {
 	if len(pod.Spec.Containers) != 1 {
 		return sandbox.CreateRequest{}, fmt.Errorf("a smolvm pod has exactly one container (its VM), this one has %d", len(pod.Spec.Containers))
 	}
@@ -112,6 +114,9 @@ func createRequest(node string, pod *corev1.Pod) (sandbox.CreateRequest, error) 
 			return sandbox.CreateRequest{}, fmt.Errorf("port %d: only TCP ports can be exposed, not %s", p.ContainerPort, p.Protocol)
 		}
 		f := network.Forward{Guest: int(p.ContainerPort), Host: int(p.HostPort), HostAddress: p.HostIP}
+		if f.HostAddress == "" {
+			f.HostAddress = nodeIP
+		}
 		req.Ports = append(req.Ports, f)
 	}
 	if len(c.Env) > 0 {

@@ -34,7 +34,7 @@ func TestCreateRequestFromPod(t *testing.T) {
 		c.Ports = []corev1.ContainerPort{{ContainerPort: 8080}, {ContainerPort: 22, HostPort: 2222, HostIP: "127.0.0.2", Protocol: corev1.ProtocolTCP}}
 		c.Env = []corev1.EnvVar{{Name: "MODE", Value: "prod"}}
 	})
-	req, err := createRequest("node-a", pod)
+	req, err := CreateRequestOf("node-a", "10.0.0.5", pod)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +48,8 @@ func TestCreateRequestFromPod(t *testing.T) {
 	if req.Network.Mode != network.ModeRestricted || len(req.Network.Allow) != 2 || req.Network.Allow[0] != want[0] || req.Network.Allow[1] != want[1] {
 		t.Errorf("network %+v, want restricted to %v", req.Network, want)
 	}
-	if len(req.Ports) != 2 || req.Ports[0].Guest != 8080 || req.Ports[0].Host != 0 ||
+	// A port without a hostIP is on the node's address, not loopback.
+	if len(req.Ports) != 2 || req.Ports[0] != (network.Forward{Guest: 8080, HostAddress: "10.0.0.5"}) ||
 		req.Ports[1] != (network.Forward{Guest: 22, Host: 2222, HostAddress: "127.0.0.2"}) {
 		t.Errorf("ports %+v", req.Ports)
 	}
@@ -65,7 +66,7 @@ func TestCreateRequestFromPod(t *testing.T) {
 		p.Annotations = map[string]string{AnnotationOS: "alpine"}
 		p.Spec.Containers[0].Resources.Requests = corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("1Gi"), corev1.ResourceCPU: resource.MustParse("2")}
 	})
-	if req, err = createRequest("node-a", pod); err != nil || req.OS != "alpine" || req.Image != "" || req.MemoryMiB != 1024 || req.VCPUs != 2 {
+	if req, err = CreateRequestOf("node-a", "10.0.0.5", pod); err != nil || req.OS != "alpine" || req.Image != "" || req.MemoryMiB != 1024 || req.VCPUs != 2 {
 		t.Errorf("from requests: %+v, %v", req, err)
 	}
 }
@@ -86,7 +87,7 @@ func TestCreateRequestRefusesPods(t *testing.T) {
 			p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 53, Protocol: corev1.ProtocolUDP}}
 		}, "only TCP"},
 	} {
-		_, err := createRequest("node-a", testPod(c.mutate))
+		_, err := CreateRequestOf("node-a", "10.0.0.5", testPod(c.mutate))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want an error naming %q", c.name, err, c.want)
 		}

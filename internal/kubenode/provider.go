@@ -37,6 +37,10 @@ type Provider struct {
 	nodeIP string
 	log    *slog.Logger
 
+	// finished, when set, removes a deleted pod from the API once its
+	// sandbox is gone, as a kubelet does once its containers are.
+	finished func(ctx context.Context, pod *corev1.Pod)
+
 	mu     sync.Mutex
 	pods   map[string]*tracked // by namespace/name
 	notify func(*corev1.Pod)
@@ -73,7 +77,7 @@ func NewProvider(ctx context.Context, m *sandbox.Manager, node, nodeIP string, l
 // status follows through NotifyPods.
 func (p *Provider) CreatePod(ctx context.Context, pod *corev1.Pod) error {
 	key := podKey(pod.Namespace, pod.Name)
-	req, err := createRequest(p.node, pod)
+	req, err := CreateRequestOf(p.node, p.nodeIP, pod)
 	if err != nil {
 		p.refuse(key, pod, err)
 		return nil
@@ -173,6 +177,12 @@ func (p *Provider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
 	done := pod.DeepCopy()
 	done.Status = *terminated(t.pod, "Deleted", "the sandbox was deleted")
 	p.send(done)
+	// Without this the pod controller removes the pod only when its
+	// grace period (30 s by default) has passed: it does not act on the
+	// status just sent.
+	if p.finished != nil && pod.DeletionTimestamp != nil {
+		p.finished(ctx, pod)
+	}
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"sync"
@@ -19,6 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	utilexec "k8s.io/utils/exec"
 
+	sapi "github.com/smolvm/smolvm/internal/api"
 	"github.com/smolvm/smolvm/internal/sandbox"
 	"github.com/smolvm/smolvm/internal/testenv"
 )
@@ -120,6 +122,29 @@ func TestPodLifecycle(t *testing.T) {
 	}
 	if err := p.RunInContainer(ctx, "team", "nope", "main", []string{"true"}, &attach{}); err == nil {
 		t.Errorf("exec in a pod the node does not run succeeded")
+	}
+
+	// The sandbox's own API, as the gateway reaches it: by pod.
+	sandboxAPI := p.sandboxAPI(sapi.New(m, sapi.Options{}))
+	call := func(method, path, body string) (int, string) {
+		req := httptest.NewRequest(method, path, strings.NewReader(body))
+		req.Host = "127.0.0.1:10250"
+		req.Header.Set("Content-Type", "application/json")
+		rec := httptest.NewRecorder()
+		sandboxAPI.ServeHTTP(rec, req)
+		return rec.Code, rec.Body.String()
+	}
+	if code, body := call("POST", SandboxAPIPrefix+"team/web/exec", `{"command":"echo $GREETING"}`); code != 200 || !strings.Contains(body, `"stdout":"hello from the pod\n"`) {
+		t.Errorf("exec through the sandbox API: %d %s", code, body)
+	}
+	if code, body := call("GET", SandboxAPIPrefix+"team/web", ""); code != 200 || !strings.Contains(body, `"id":"`+id+`"`) {
+		t.Errorf("the sandbox through the sandbox API: %d %s", code, body)
+	}
+	if code, body := call("DELETE", SandboxAPIPrefix+"team/web", ""); code != 405 || !strings.Contains(body, "method_not_allowed") {
+		t.Errorf("delete through the sandbox API: %d %s", code, body)
+	}
+	if code, body := call("POST", SandboxAPIPrefix+"team/nope/exec", `{"command":"true"}`); code != 404 || !strings.Contains(body, "sandbox_not_found") {
+		t.Errorf("exec in a pod the node does not run: %d %s", code, body)
 	}
 
 	// port-forward reaches the container's server; logs are its output.

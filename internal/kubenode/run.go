@@ -18,6 +18,7 @@ import (
 	"github.com/virtual-kubelet/virtual-kubelet/node"
 	"github.com/virtual-kubelet/virtual-kubelet/node/api"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -32,6 +33,7 @@ import (
 	"k8s.io/client-go/tools/record"
 	certutil "k8s.io/client-go/util/cert"
 
+	sapi "github.com/smolvm/smolvm/internal/api"
 	"github.com/smolvm/smolvm/internal/sandbox"
 )
 
@@ -129,6 +131,17 @@ func Run(ctx context.Context, m *sandbox.Manager, c Config) error {
 	if err != nil {
 		return err
 	}
+	provider.finished = func(ctx context.Context, pod *corev1.Pod) {
+		// Only the pod this node ran: one made again under the same
+		// name has another uid.
+		now := int64(0)
+		err := client.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{
+			GracePeriodSeconds: &now, Preconditions: metav1.NewUIDPreconditions(string(pod.UID)),
+		})
+		if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+			log.Warn("removing a deleted pod from the API", "pod", podKey(pod.Namespace, pod.Name), "err", err)
+		}
+	}
 
 	// The pod controller watches only this node's pods; secrets, config
 	// maps and services are what environment references resolve from.
@@ -184,7 +197,15 @@ func Run(ctx context.Context, m *sandbox.Manager, c Config) error {
 		GetStatsSummary:    provider.GetStatsSummary,
 		GetMetricsResource: provider.GetMetricsResource,
 	}, false)
-	srv := &http.Server{Handler: authorize(client, c.Name, log, handler), ReadHeaderTimeout: 30 * time.Second}
+	// The sandboxes' own API beside the kubelet's, for the gateway; the
+	// kubelet's authorizer asks for nodes/proxy, as for exec.
+	mux := http.NewServeMux()
+	mux.Handle(SandboxAPIPrefix, provider.sandboxAPI(sapi.New(m, sapi.Options{
+		Addr:    net.JoinHostPort(c.Address, strconv.Itoa(c.Port)),
+		Version: c.Version,
+	})))
+	mux.Handle("/", handler)
+	srv := &http.Server{Handler: authorize(client, c.Name, log, mux), ReadHeaderTimeout: 30 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("kubelet API stopped", "err", err)

@@ -57,6 +57,35 @@ func CheckName(field, name string) error {
 	return nil
 }
 
+// CheckLabels reports whether labels can label a sandbox.
+func CheckLabels(labels map[string]string) error {
+	if len(labels) > 64 {
+		return invalid("invalid_labels", "labels", "at most 64 labels, got %d", len(labels))
+	}
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		if !labelKeyRE.MatchString(k) {
+			return invalid("invalid_labels", "labels", "label key %q must be 1 to 64 characters of letters, digits and ._/-, starting and ending with a letter or digit", k)
+		}
+		if len(labels[k]) > 256 || strings.ContainsAny(labels[k], "\x00\n") {
+			return invalid("invalid_labels", "labels", "label %q: values are at most 256 characters on one line", k)
+		}
+	}
+	return nil
+}
+
+// CheckEnv reports whether env can be a sandbox's environment.
+func CheckEnv(env map[string]string) error {
+	for _, k := range slices.Sorted(maps.Keys(env)) {
+		if !envKeyRE.MatchString(k) {
+			return invalid("invalid_env", "env", "environment variable name %q must be letters, digits and '_', not starting with a digit", k)
+		}
+		if strings.ContainsRune(env[k], 0) {
+			return invalid("invalid_env", "env", "environment variable %s contains a NUL byte", k)
+		}
+	}
+	return nil
+}
+
 // normalizeConfig checks the request's name, labels, environment, time
 // limit and mounts.
 func (m *Manager) normalizeConfig(req *CreateRequest, drv vmm.Driver) error {
@@ -68,24 +97,11 @@ func (m *Manager) normalizeConfig(req *CreateRequest, drv vmm.Driver) error {
 			return invalid("invalid_name", "name", "name %q may not start with \"vm-\", which sandbox ids use", req.Name)
 		}
 	}
-	if len(req.Labels) > 64 {
-		return invalid("invalid_labels", "labels", "at most 64 labels, got %d", len(req.Labels))
+	if err := CheckLabels(req.Labels); err != nil {
+		return err
 	}
-	for _, k := range slices.Sorted(maps.Keys(req.Labels)) {
-		if !labelKeyRE.MatchString(k) {
-			return invalid("invalid_labels", "labels", "label key %q must be 1 to 64 characters of letters, digits and ._/-, starting and ending with a letter or digit", k)
-		}
-		if len(req.Labels[k]) > 256 || strings.ContainsAny(req.Labels[k], "\x00\n") {
-			return invalid("invalid_labels", "labels", "label %q: values are at most 256 characters on one line", k)
-		}
-	}
-	for _, k := range slices.Sorted(maps.Keys(req.Env)) {
-		if !envKeyRE.MatchString(k) {
-			return invalid("invalid_env", "env", "environment variable name %q must be letters, digits and '_', not starting with a digit", k)
-		}
-		if strings.ContainsRune(req.Env[k], 0) {
-			return invalid("invalid_env", "env", "environment variable %s contains a NUL byte", k)
-		}
+	if err := CheckEnv(req.Env); err != nil {
+		return err
 	}
 	if req.Timeout < 0 || req.Timeout > MaxTimeout {
 		return invalid("invalid_timeout", "timeout", "timeout must be between 1 second and %d seconds (24 h), got %.0f", int(MaxTimeout.Seconds()), req.Timeout.Seconds())
