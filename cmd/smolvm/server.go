@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -60,6 +61,11 @@ type serverConfig struct {
 	allowMounts []string
 	diskMiBps   int
 	diskIOPS    int
+	// kubeconfig, namespace and nodeCA make the server a gateway over a
+	// Kubernetes cluster's smolvm nodes.
+	kubeconfig string
+	namespace  string
+	nodeCA     string
 	// ready, when set, is called once the server listens, with its URL
 	// and token.
 	ready func(url, token string)
@@ -79,9 +85,15 @@ later on the same data directory picks them up again.
 Keep the server on a loopback address: the API can create sandboxes and run
 commands on this machine. Binding any other address requires a token
 (--token or $SMOLVM_TOKEN), which clients then send as
-"Authorization: Bearer TOKEN".`,
+"Authorization: Bearer TOKEN".
+
+With --kubeconfig the server runs no VMs itself: it serves the same API over
+the smolvm nodes of a Kubernetes cluster, as agent-sandbox Sandboxes and
+SandboxClaims, and keeps no state, so several may serve one namespace (see
+docs/kubernetes.md).`,
 		Example: `  smolvm server start --host 127.0.0.1 --port 8000
-  SMOLVM_TOKEN=$(openssl rand -hex 16) smolvm server start --host 0.0.0.0`,
+  SMOLVM_TOKEN=$(openssl rand -hex 16) smolvm server start --host 0.0.0.0
+  smolvm server start --kubeconfig ~/.kube/config --namespace agents`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if c.token == "" {
@@ -100,6 +112,9 @@ commands on this machine. Binding any other address requires a token
 	f.BoolVar(&c.poolCleanup, "pool-cleanup", false, "delete the waiting sandboxes when the server stops (otherwise the next server reuses them)")
 	f.IntVar(&c.diskMiBps, "disk-mibps", vmm.DefaultDiskBPS>>20, "cap each sandbox's reads and writes on the host's disk at this many MiB/s each way, where the server runs as root (under cgroup v1, reads only); 0: no cap")
 	f.IntVar(&c.diskIOPS, "disk-iops", vmm.DefaultDiskIOPS, "cap each sandbox's disk operations at this many a second each way, where the server runs as root (under cgroup v1, reads only); 0: no cap")
+	f.StringVar(&c.kubeconfig, "kubeconfig", "", "serve the API over the smolvm nodes of the Kubernetes cluster this `FILE` reaches (agent-sandbox Sandboxes), keeping no state here; see docs/kubernetes.md")
+	f.StringVar(&c.namespace, "namespace", "", "with --kubeconfig: the namespace the sandboxes live in (default: the kubeconfig's, else default)")
+	f.StringVar(&c.nodeCA, "node-ca", "", "with --kubeconfig: verify the nodes' serving certificates with this CA `FILE` (otherwise they are not verified, as the API server does not verify kubelets' by default)")
 	return cmd
 }
 
@@ -127,6 +142,9 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	defer ln.Close()
 	port := ln.Addr().(*net.TCPAddr).Port
 	shown := net.JoinHostPort(c.host, strconv.Itoa(port))
+	if c.kubeconfig != "" {
+		return runGateway(cmd, c, ln, shown)
+	}
 
 	d, err := setupDataDir(cmd)
 	if err != nil {
@@ -170,6 +188,25 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 		Stop:    stopStreams,
 	})
 
+	if err := writeServerRecord(d, "http://"+shown, c.token); err != nil {
+		fmt.Fprintf(stderr, "smolvm: %v (the CLI will not find this server by itself; use --url)\n", err)
+	}
+	defer os.Remove(d.Server())
+	if err := serve(ctx, c, ln, shown, handler, stdout, stderr, stopStreams); err != nil {
+		return err
+	}
+	err = m.Close()
+	m = nil
+	if err != nil {
+		return fmt.Errorf("close sandbox manager: %w", err)
+	}
+	return nil
+}
+
+// serve answers on ln with handler until ctx ends, then shuts down: new
+// connections are refused, requests in flight get shutdownGrace (or until
+// a second signal) to finish.
+func serve(ctx context.Context, c serverConfig, ln net.Listener, shown string, handler http.Handler, stdout, stderr io.Writer, stopStreams chan struct{}) error {
 	// Requests get a context of their own, not the signal context: a signal
 	// must let them finish, and only the grace period running out (or a
 	// second signal) cancels them.
@@ -182,11 +219,6 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 		BaseContext:       func(net.Listener) context.Context { return base },
 		ErrorLog:          slog.NewLogLogger(slog.NewTextHandler(stderr, nil).WithAttrs([]slog.Attr{slog.String("source", "http")}), slog.LevelWarn),
 	}
-
-	if err := writeServerRecord(d, "http://"+shown, c.token); err != nil {
-		fmt.Fprintf(stderr, "smolvm: %v (the CLI will not find this server by itself; use --url)\n", err)
-	}
-	defer os.Remove(d.Server())
 
 	fmt.Fprintf(stdout, "SmolVM HTTP API listening on http://%s\n", shown)
 	fmt.Fprintf(stdout, "OpenAPI spec: http://%s/openapi.json\n", shown)
@@ -233,11 +265,6 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	}
 	if err := <-served; err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("serve on %s: %w", shown, err)
-	}
-	err = m.Close()
-	m = nil
-	if err != nil {
-		return fmt.Errorf("close sandbox manager: %w", err)
 	}
 	return nil
 }
