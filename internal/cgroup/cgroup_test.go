@@ -118,9 +118,17 @@ func TestRealGroup(t *testing.T) {
 	if err != nil {
 		t.Skipf("no usable cgroups on this host: %v", err)
 	}
+	t.Logf("cgroup v2: %v, controllers at %v", h.V2, h.Mounts)
 	name := "test-" + strconv.Itoa(os.Getpid())
 	l := Limits{MemoryBytes: 64 << 20, Tasks: 16, CPUWeight: 100}
-	major, minor, disk := DiskOf(os.TempDir())
+	// The temporary directory, else the root (a guest's /tmp is tmpfs).
+	var major, minor uint32
+	var disk bool
+	for _, dir := range []string{os.TempDir(), "/"} {
+		if major, minor, disk = DiskOf(dir); disk {
+			break
+		}
+	}
 	if disk {
 		l.IO = []DeviceIO{{Major: major, Minor: minor, ReadBPS: 100 << 20, WriteIOPS: 500}}
 	}
