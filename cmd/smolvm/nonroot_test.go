@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -108,6 +109,23 @@ func TestNonRoot(t *testing.T) {
 	for _, pid := range processesOf(0, dir) {
 		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 		t.Errorf("process %d runs as root for the user's sandbox: %q", pid, cmdline)
+	}
+	// The user's QEMU, with nothing to drop, may not change its ids at
+	// all: its filter refuses set*id calls.
+	qemus := 0
+	for _, pid := range vms {
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if !bytes.Contains(cmdline, []byte("qemu-system")) {
+			continue
+		}
+		qemus++
+		status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if !bytes.Contains(cmdline, []byte("elevateprivileges=deny")) || !bytes.Contains(status, []byte("Seccomp:\t2\n")) {
+			t.Errorf("the user's QEMU %d: command line %q, want elevateprivileges=deny and a filter", pid, cmdline)
+		}
+	}
+	if qemus == 0 {
+		t.Errorf("no QEMU among the user's processes %v", vms)
 	}
 	if out, code := run("sandbox", "exec", created.Data.ID, "--", "echo hello from $(id -un) in the guest"); code != 0 || out != "hello from root in the guest\n" {
 		t.Fatalf("exec as an ordinary user: exit %d %q", code, out)

@@ -382,7 +382,7 @@ func TestMountArgs(t *testing.T) {
 			{Tag: "m0", HostPath: "/home/u/src", GuestPath: "/src", ReadOnly: true},
 			{Tag: "m1", HostPath: "/home/u/a,b,,c", GuestPath: "/out"},
 		}}
-	args := New(Options{}).args(spec, memory{}, false)
+	args := New(Options{}).args(spec, memory{}, false, false)
 	joined := strings.Join(args, "\n")
 	for _, want := range []string{
 		"-fsdev\nlocal,id=fs0,path=/home/u/src,security_model=none,readonly=on\n-device\nvirtio-9p-pci,fsdev=fs0,mount_tag=m0",
@@ -397,7 +397,7 @@ func TestMountArgs(t *testing.T) {
 		t.Errorf("want two -fsdev: %s", joined)
 	}
 	spec.Mounts = nil
-	if plain := strings.Join(New(Options{}).args(spec, memory{}, false), " "); strings.Contains(plain, "9p") || strings.Contains(plain, "fsdev") {
+	if plain := strings.Join(New(Options{}).args(spec, memory{}, false, false), " "); strings.Contains(plain, "9p") || strings.Contains(plain, "fsdev") {
 		t.Errorf("a machine without mounts: %s", plain)
 	}
 

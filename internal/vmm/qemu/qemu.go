@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -377,7 +378,9 @@ const (
 // args builds the QEMU command line for a sandbox. A launched QEMU
 // (launch.go) is handed its sockets rather than naming them, writes no
 // pid file, and refuses the set*id calls too.
-func (d *Driver) args(spec vmm.Spec, mem memory, launched bool) []string {
+// args is spec's QEMU command line. launched: QEMU starts through the
+// jail's launcher; dropsRoot: QEMU drops root itself (-runas).
+func (d *Driver) args(spec vmm.Spec, mem memory, launched, dropsRoot bool) []string {
 	p := paths(spec.Dir)
 	args := append([]string{"-name", spec.ID + ",process=smolvm-" + spec.ID}, machineArgs(spec, d.accel, mem)...)
 	if n := spec.Net; n != nil {
@@ -413,17 +416,21 @@ func (d *Driver) args(spec vmm.Spec, mem memory, launched bool) []string {
 			"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		)
 	}
+	// The seccomp filter: no obsolete system calls, no processes (the
+	// state of a save or restore comes through a passed descriptor), no
+	// scheduling or affinity changes, and no set*id calls. Those are
+	// allowed only to a QEMU that drops root itself: QEMU 7.2 installs
+	// the filter before -runas's setuid, and then has only no_new_privs,
+	// and no privileges left to raise.
+	filter := "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+	if dropsRoot {
+		filter = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+	}
 	return append(args,
 		"-qmp", "unix:"+p.QMPSocket+",server=on,wait=off",
 		"-serial", "file:"+p.Console,
 		"-pidfile", filepath.Join(spec.Dir, filePID),
-		// The seccomp filter: no obsolete system calls, no processes (the
-		// state of a save or restore comes through a passed descriptor),
-		// no scheduling or affinity changes. elevateprivileges=deny would
-		// also refuse the setuid of -runas, which QEMU 7.2 makes after
-		// installing the filter: a QEMU that drops root itself has only
-		// no_new_privs, and no privileges left to raise.
-		"-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+		"-sandbox", filter,
 	)
 }
 
@@ -563,7 +570,7 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	if release != nil {
 		defer release()
 	}
-	args := append(append(d.args(spec, mem, l != nil), extra...), own...)
+	args := append(append(d.args(spec, mem, l != nil, slices.Contains(own, "-runas")), extra...), own...)
 	// QEMU runs in a session of its own, so it outlives this process, and
 	// is not daemonized: its filter forbids the fork -daemonize makes.
 	// Until it answers on QMP it is starting; if it exits first, its log

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -828,12 +829,35 @@ func TestMemoryFileSaveAndResume(t *testing.T) {
 	wantNames(t, g, "qmp_capabilities", "migrate-set-capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status")
 }
 
+// QEMU's filter refuses set*id calls unless QEMU must drop root itself
+// (-runas), which QEMU 7.2 does after installing the filter.
+func TestFilterRefusesSetIDs(t *testing.T) {
+	t.Parallel()
+	spec := vmm.Spec{ID: "vm-1", Dir: "/d", Kernel: "/k", Initrd: "/i", Cmdline: "c", MemoryMiB: 256, VCPUs: 1}
+	filter := func(launched, dropsRoot bool) string {
+		args := New(Options{}).args(spec, memory{}, launched, dropsRoot)
+		i := slices.Index(args, "-sandbox")
+		if i < 0 || i+1 >= len(args) {
+			t.Fatalf("no -sandbox in %q", args)
+		}
+		return args[i+1]
+	}
+	for _, c := range []struct {
+		launched, dropsRoot, deny bool
+	}{{true, false, true}, {false, false, true}, {false, true, false}} {
+		got := filter(c.launched, c.dropsRoot)
+		if strings.Contains(got, "elevateprivileges=deny") != c.deny || !strings.Contains(got, "spawn=deny") {
+			t.Errorf("launched %v, drops root %v: -sandbox %s", c.launched, c.dropsRoot, got)
+		}
+	}
+}
+
 // A template's RAM is a file it maps shared; a clone maps the same file
 // private, and boots with the same devices (and the kernel option ROM).
 func TestMemoryBackendArgs(t *testing.T) {
 	t.Parallel()
 	spec := vmm.Spec{ID: "vm-1", Dir: "/d", Kernel: "/k", Initrd: "/i", Cmdline: "c", MemoryMiB: 256, VCPUs: 1}
-	joined := func(m memory) string { return strings.Join(New(Options{}).args(spec, m, false), " ") }
+	joined := func(m memory) string { return strings.Join(New(Options{}).args(spec, m, false, false), " ") }
 	tpl := joined(memory{file: "/t/memory", shared: true})
 	if !strings.Contains(tpl, "memory-backend-file,id=ram0,size=256M,mem-path=/t/memory,share=on") || !strings.Contains(tpl, "-machine q35,memory-backend=ram0") {
 		t.Errorf("template args: %s", tpl)
