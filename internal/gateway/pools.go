@@ -14,10 +14,12 @@ import (
 	"github.com/smolvm/smolvm/internal/kubenode"
 )
 
-// warmPool is a SandboxWarmPool with a sandbox ready whose template
-// makes the same VM as want, or "" when there is none. A request with
-// its own environment or ports cannot take a pooled VM: those are set
-// when the VM is made.
+// warmPool is a SandboxWarmPool whose template makes the same VM as
+// want, one with a sandbox ready if there is such, or "" when there is
+// none. A claim on a pool with none ready is made from its template as a
+// Sandbox would be, and the pool's controller fills the pool again. A
+// request with its own environment or ports cannot take a pooled VM:
+// those are set when the VM is made.
 func (g *Gateway) warmPool(ctx context.Context, b api.CreateSandboxRequest, want *corev1.PodTemplateSpec) (string, error) {
 	if len(b.Env) > 0 || len(b.Ports) > 0 {
 		return "", nil
@@ -29,10 +31,11 @@ func (g *Gateway) warmPool(ctx context.Context, b api.CreateSandboxRequest, want
 	if err != nil {
 		return "", fmt.Errorf("listing warm pools: %w", err)
 	}
+	found := ""
 	for _, pool := range pools.Items {
 		ready, _, _ := unstructured.NestedInt64(pool.Object, "status", "readyReplicas")
 		name, _, _ := unstructured.NestedString(pool.Object, "spec", "sandboxTemplateRef", "name")
-		if ready == 0 || name == "" {
+		if name == "" || (found != "" && ready == 0) {
 			continue
 		}
 		tpl, err := g.dyn.Resource(templatesGVR).Namespace(g.ns).Get(ctx, name, metav1.GetOptions{})
@@ -49,10 +52,13 @@ func (g *Gateway) warmPool(ctx context.Context, b api.CreateSandboxRequest, want
 			continue
 		}
 		if sameVM(&have, want) {
-			return pool.GetName(), nil
+			if ready > 0 {
+				return pool.GetName(), nil
+			}
+			found = pool.GetName()
 		}
 	}
-	return "", nil
+	return found, nil
 }
 
 // sameVM reports whether two pod templates make the same VM on a smolvm
