@@ -132,9 +132,26 @@ func (g *Gateway) Handler() http.Handler {
 	mux.HandleFunc("GET /sandboxes/{id}", g.get)
 	mux.HandleFunc("DELETE /sandboxes/{id}", g.delete)
 	mux.HandleFunc("/sandboxes/{id}/{rest...}", g.proxy)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	// A time limit is the Sandbox's shutdownTime, set when it is made.
+	mux.HandleFunc("PATCH /sandboxes/{id}", func(w http.ResponseWriter, r *http.Request) {
+		api.WriteProblem(w, r, http.StatusNotImplemented, CodeNotInCluster, "a sandbox's time limit is set when it is created, in a cluster")
+	})
+	notAllowed := func(w http.ResponseWriter, r *http.Request) {
+		api.WriteProblem(w, r, http.StatusMethodNotAllowed, api.CodeMethodNotAllowed, r.Method+" is not served on "+r.URL.Path)
+	}
+	mux.HandleFunc("/sandboxes", notAllowed)
+	mux.HandleFunc("/sandboxes/{id}", notAllowed)
+	hostRoute := func(w http.ResponseWriter, r *http.Request) {
 		api.WriteProblem(w, r, http.StatusNotImplemented, CodeNotInCluster,
 			"the gateway serves /sandboxes and each sandbox's routes; "+r.URL.Path+" is served by a plain `smolvm server` only")
+	}
+	// The single server's other routes: about its host, which a cluster
+	// is not.
+	for _, p := range []string{"/capabilities", "/diagnostics", "/events", "/snapshots", "/snapshots/", "/mcp", "/docs", "/openapi.yaml", "/ui", "/ui/"} {
+		mux.HandleFunc(p, hostRoute)
+	}
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		api.WriteProblem(w, r, http.StatusNotFound, api.CodeNotFound, "no route "+r.Method+" "+r.URL.Path)
 	})
 	return mux
 }

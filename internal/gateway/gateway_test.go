@@ -285,6 +285,11 @@ func TestRoutesWithoutACluster(t *testing.T) {
 		{"POST", "/sandboxes", `{"name":"vm-1"}`, 422, "invalid_name", "name"},
 		{"POST", "/sandboxes", `{"env":{"1X":"y"}}`, 422, "invalid_env", "env"},
 		{"GET", "/snapshots", "", 501, "not_supported_in_cluster", ""},
+		{"GET", "/snapshots/snap-1", "", 501, "not_supported_in_cluster", ""},
+		{"GET", "/nowhere", "", 404, "not_found", ""},
+		{"PUT", "/sandboxes", "", 405, "method_not_allowed", ""},
+		{"POST", "/sandboxes/vm-1234abcd", "", 405, "method_not_allowed", ""},
+		{"PATCH", "/sandboxes/vm-1234abcd", `{"timeout":60}`, 501, "not_supported_in_cluster", ""},
 		{"GET", "/sandboxes/vm-1234abcd", "", 502, "kubernetes_error", ""},
 		{"POST", "/sandboxes/vm-1234abcd/exec", `{"command":"true"}`, 502, "kubernetes_error", ""},
 	} {

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -85,9 +86,9 @@ func (f *found) view() api.Sandbox {
 		Status:    f.status(),
 		OS:        r.OS,
 		Image:     r.Image,
-		Memory:    cmpOr(r.Memory, 512),
-		DiskSize:  cmpOr(r.DiskSize, 1024),
-		VCPUs:     cmpOr(r.VCPUs, 1),
+		Memory:    cmp.Or(r.Memory, 512),
+		DiskSize:  cmp.Or(r.DiskSize, 1024),
+		VCPUs:     cmp.Or(r.VCPUs, 1),
 		CreatedAt: f.obj.GetCreationTimestamp().UTC(),
 		Ports:     []api.Port{},
 		Name:      r.Name,
@@ -95,6 +96,9 @@ func (f *found) view() api.Sandbox {
 		Env:       r.Env,
 		Timeout:   r.Timeout,
 		OnTimeout: r.OnTimeout,
+	}
+	if s.OS == "" && s.Image == "" {
+		s.OS = "debian" // the default sandbox, as the pod asks for it
 	}
 	if s.Status == "error" || s.Status == "creating" {
 		s.Error = f.errorText()
@@ -114,13 +118,6 @@ func (f *found) view() api.Sandbox {
 		s.ExpiresAt = &exp
 	}
 	return s
-}
-
-func cmpOr(v, def int) int {
-	if v == 0 {
-		return def
-	}
-	return v
 }
 
 // detail is the sandbox as its node tells, with the gateway's id, name
@@ -597,8 +594,8 @@ func podTemplate(b api.CreateSandboxRequest, class string) (*corev1.PodTemplateS
 	if len(req.Network.Allow) > 0 {
 		ann[kubenode.AnnotationAllow] = joinPrefixes(req.Network.Allow)
 	}
-	memory := resource.MustParse(strconv.Itoa(cmpOr(b.Memory, 512)) + "Mi")
-	cpus := resource.MustParse(strconv.Itoa(cmpOr(b.VCPUs, 1)))
+	memory := *resource.NewQuantity(int64(cmp.Or(b.Memory, 512))<<20, resource.BinarySI)
+	cpus := *resource.NewQuantity(int64(cmp.Or(b.VCPUs, 1)), resource.DecimalSI)
 	c := corev1.Container{
 		Name:  "vm",
 		Image: image,

@@ -140,6 +140,9 @@ func TestPodLifecycle(t *testing.T) {
 	if code, body := call("GET", SandboxAPIPrefix+"team/web", ""); code != 200 || !strings.Contains(body, `"id":"`+id+`"`) {
 		t.Errorf("the sandbox through the sandbox API: %d %s", code, body)
 	}
+	if code, body := call("POST", SandboxAPIPrefix+"team/web/stop", ""); code != 501 || !strings.Contains(body, "not_supported_in_cluster") {
+		t.Errorf("stop through the sandbox API: %d %s", code, body)
+	}
 	if code, body := call("DELETE", SandboxAPIPrefix+"team/web", ""); code != 405 || !strings.Contains(body, "method_not_allowed") {
 		t.Errorf("delete through the sandbox API: %d %s", code, body)
 	}

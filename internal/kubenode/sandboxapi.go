@@ -39,5 +39,13 @@ func (p *Provider) sandboxAPI(inner http.Handler) http.Handler {
 	mux.HandleFunc(SandboxAPIPrefix+"{namespace}/{name}/{rest...}", func(w http.ResponseWriter, r *http.Request) {
 		serve(w, r, "/"+r.PathValue("rest"))
 	})
+	// A stopped VM is a finished pod, which Kubernetes does not let run
+	// again; and a snapshot would stay on this node, where no create
+	// through the cluster could use it.
+	for _, route := range []string{"stop", "start", "snapshots"} {
+		mux.HandleFunc("POST "+SandboxAPIPrefix+"{namespace}/{name}/"+route, func(w http.ResponseWriter, r *http.Request) {
+			api.WriteProblem(w, r, http.StatusNotImplemented, "not_supported_in_cluster", "a pod's sandbox cannot be stopped, started or snapshotted: delete the pod (or its Sandbox) to end it")
+		})
+	}
 	return mux
 }
