@@ -309,3 +309,20 @@ func TestRoutesWithoutACluster(t *testing.T) {
 		t.Errorf("/openapi.json: %d, %d bytes, want the single server's document", res.StatusCode, len(b))
 	}
 }
+
+// A browser's token, sent as a WebSocket subprotocol, stays with the
+// gateway; the terminal's own subprotocol goes on to the node.
+func TestTokenSubprotocolDropped(t *testing.T) {
+	h := http.Header{}
+	h.Add("Sec-WebSocket-Protocol", "terminal.smolvm.dev, bearer.token.smolvm.dev.c2VrcmV0")
+	withoutToken(h)
+	if got := h.Values("Sec-WebSocket-Protocol"); len(got) != 1 || got[0] != "terminal.smolvm.dev" {
+		t.Errorf("subprotocols passed on: %q", got)
+	}
+	h = http.Header{}
+	h.Add("Sec-WebSocket-Protocol", "bearer.token.smolvm.dev.c2VrcmV0")
+	withoutToken(h)
+	if got := h.Values("Sec-WebSocket-Protocol"); len(got) != 0 {
+		t.Errorf("subprotocols passed on: %q", got)
+	}
+}

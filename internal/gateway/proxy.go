@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -135,6 +136,7 @@ func (g *Gateway) proxy(w http.ResponseWriter, r *http.Request) {
 			// not the node's.
 			pr.Out.Header.Del("Authorization")
 			pr.Out.Header.Del("Origin")
+			withoutToken(pr.Out.Header)
 		},
 		Transport:      g.nodes,
 		FlushInterval:  -1,
@@ -148,6 +150,26 @@ func (g *Gateway) proxy(w http.ResponseWriter, r *http.Request) {
 		},
 	}
 	rp.ServeHTTP(w, r)
+}
+
+// wsTokenPrefix starts the WebSocket subprotocol a browser sends its
+// token in (it cannot set Authorization on a WebSocket).
+const wsTokenPrefix = "bearer.token.smolvm.dev."
+
+// withoutToken drops that subprotocol: the token is the gateway's.
+func withoutToken(h http.Header) {
+	var keep []string
+	for _, v := range h.Values("Sec-WebSocket-Protocol") {
+		for _, p := range strings.Split(v, ",") {
+			if p = strings.TrimSpace(p); p != "" && !strings.HasPrefix(p, wsTokenPrefix) {
+				keep = append(keep, p)
+			}
+		}
+	}
+	h.Del("Sec-WebSocket-Protocol")
+	if len(keep) > 0 {
+		h.Set("Sec-WebSocket-Protocol", strings.Join(keep, ", "))
+	}
 }
 
 // renameInstance makes a node's problem name the path the caller asked

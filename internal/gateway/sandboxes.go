@@ -254,6 +254,32 @@ func (g *Gateway) complete(ctx context.Context, obj *unstructured.Unstructured, 
 	return f, nil
 }
 
+// firstNamed is the oldest of the sandboxes named name (ties go by id).
+func (g *Gateway) firstNamed(ctx context.Context, name string) (string, error) {
+	sel := labels.Set{LabelManagedBy: managedBy, LabelName: name}.String()
+	var all []unstructured.Unstructured
+	for _, claim := range []bool{false, true} {
+		list, err := g.objects(claim).List(ctx, metav1.ListOptions{LabelSelector: sel})
+		if claim && apierrors.IsNotFound(err) {
+			break
+		}
+		if err != nil {
+			return "", fmt.Errorf("looking up the sandboxes named %s: %w", name, err)
+		}
+		all = append(all, list.Items...)
+	}
+	if len(all) == 0 {
+		return "", nil
+	}
+	first := slices.MinFunc(all, func(a, b unstructured.Unstructured) int {
+		if c := a.GetCreationTimestamp().Compare(b.GetCreationTimestamp().Time); c != 0 {
+			return c
+		}
+		return strings.Compare(a.GetName(), b.GetName())
+	})
+	return first.GetName(), nil
+}
+
 // objects are the gateway's Sandboxes, or its claims.
 func (g *Gateway) objects(claim bool) dynamic.ResourceInterface {
 	if claim {
@@ -432,6 +458,19 @@ func (g *Gateway) create(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		g.writeError(w, r, fmt.Errorf("creating the sandbox's object: %w", err))
 		return
+	}
+	if body.Name != "" {
+		// Two gateways may both have found the name free: the first
+		// made keeps it.
+		if first, err := g.firstNamed(ctx, body.Name); err != nil || first != id {
+			g.remove(context.WithoutCancel(ctx), id, pool != "")
+			if err != nil {
+				g.writeError(w, r, err)
+				return
+			}
+			api.WriteProblem(w, r, http.StatusConflict, api.CodeConflict, fmt.Sprintf("the name %q is taken by sandbox %s", body.Name, first))
+			return
+		}
 	}
 	g.log.Info("sandbox created", "sandbox", id, "kind", obj.GetKind(), "warm_pool", pool)
 	w.Header().Set("Location", "/sandboxes/"+id)

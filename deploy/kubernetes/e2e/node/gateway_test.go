@@ -213,6 +213,10 @@ func TestGatewayOverTwoNodes(t *testing.T) {
 		t.Errorf("ports %+v, want guest 8080 on %s", sb.Ports, first.addr)
 	}
 
+	if code := gw.do(t, "POST", "/sandboxes", `{"name":"box"}`, nil, &problem); code != http.StatusConflict || problem.Code != "conflict" {
+		t.Errorf("a second sandbox named box: %d %+v", code, problem)
+	}
+
 	// Exec, by id and by name, through the node.
 	var res execResult
 	if code := gw.do(t, "POST", "/sandboxes/box/exec", `{"command":"echo $GREETING; cat","stdin":"sent in"}`, nil, &res); code != 200 || res.Stdout != "hello\nsent in" || res.ExitCode != 0 {
