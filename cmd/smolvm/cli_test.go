@@ -199,6 +199,17 @@ func TestCLI(t *testing.T) {
 			t.Errorf("--disk-mibps -1: exit %d stderr %q", code, errOut)
 		}
 
+		// Gateway flags without --kubeconfig, and a kubeconfig that is
+		// not there, are refused before anything starts.
+		_, errOut, code = c.run("server", "start", "--port", "0", "--namespace", "agents")
+		if code == 0 || !strings.Contains(errOut, "--kubeconfig") {
+			t.Errorf("--namespace alone: exit %d stderr %q", code, errOut)
+		}
+		_, errOut, code = c.run("server", "start", "--port", "0", "--kubeconfig", "/nonexistent/kubeconfig")
+		if code == 0 || !strings.Contains(errOut, "/nonexistent/kubeconfig") {
+			t.Errorf("a missing kubeconfig: exit %d stderr %q", code, errOut)
+		}
+
 		// The CLI finds the running server and goes through it, rather
 		// than waiting on the agent connection the server holds.
 		start := time.Now()

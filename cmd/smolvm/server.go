@@ -125,6 +125,9 @@ func runServer(cmd *cobra.Command, c serverConfig) error {
 	if c.port < 0 || c.port > 65535 {
 		return fmt.Errorf("--port %d is not a TCP port (0 to 65535)", c.port)
 	}
+	if c.kubeconfig == "" && (c.namespace != "" || c.nodeCA != "") {
+		return errors.New("--namespace and --node-ca go with --kubeconfig, which serves a Kubernetes cluster's sandboxes")
+	}
 	if !api.IsLoopback(c.host) && c.token == "" {
 		return fmt.Errorf("--host %s is reachable from other machines: set --token or $SMOLVM_TOKEN so that only holders of the token can create sandboxes and run commands, or use --host 127.0.0.1", c.host)
 	}
