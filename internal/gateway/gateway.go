@@ -16,7 +16,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"time"
 
@@ -176,9 +175,4 @@ func newID() string {
 	b := make([]byte, 4)
 	rand.Read(b)
 	return "vm-" + hex.EncodeToString(b)
-}
-
-// hostPort joins a node's address and port.
-func hostPort(addr string, port int32) string {
-	return net.JoinHostPort(addr, fmt.Sprint(port))
 }

@@ -101,7 +101,7 @@ func (g *Gateway) targetOf(ctx context.Context, pod *corev1.Pod) (target, error)
 		return target{}, fmt.Errorf("node %s reports no internal address and port", node.Name)
 	}
 	return target{
-		base: &url.URL{Scheme: "https", Host: hostPort(addr, port)},
+		base: &url.URL{Scheme: "https", Host: net.JoinHostPort(addr, strconv.Itoa(int(port)))},
 		path: kubenode.SandboxAPIPrefix + url.PathEscape(pod.Namespace) + "/" + url.PathEscape(pod.Name),
 		node: node.Name,
 	}, nil

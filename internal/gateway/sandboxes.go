@@ -187,21 +187,13 @@ func (g *Gateway) lookup(ctx context.Context, id string) (*found, error) {
 	if strings.HasPrefix(id, "vm-") || sandbox.CheckName("name", id) != nil {
 		return nil, nil
 	}
-	// A name: the label of the object that has it.
-	sel := labels.Set{LabelManagedBy: managedBy, LabelName: id}.String()
-	for _, claim := range []bool{false, true} {
-		list, err := g.objects(claim).List(ctx, metav1.ListOptions{LabelSelector: sel})
-		if claim && apierrors.IsNotFound(err) {
-			break // agent-sandbox's extensions are not installed
-		}
-		if err != nil {
-			return nil, fmt.Errorf("looking up the sandbox named %s: %w", id, err)
-		}
-		if len(list.Items) > 0 {
-			return g.complete(ctx, &list.Items[0], claim, nil)
-		}
+	// A name: the label of the object that has it, the first made if a
+	// race left two.
+	named, err := g.named(ctx, id)
+	if err != nil || len(named) == 0 {
+		return nil, err
 	}
-	return nil, nil
+	return g.complete(ctx, named[0].obj, named[0].claim, nil)
 }
 
 // listed is a namespace's Sandboxes and pods, read once for a list.
@@ -221,63 +213,91 @@ func (g *Gateway) complete(ctx context.Context, obj *unstructured.Unstructured, 
 	}
 	f.sandbox = obj
 	if claim {
-		f.sandbox = nil
 		name, _, _ := unstructured.NestedString(obj.Object, "status", "sandbox", "name")
 		if name == "" {
+			f.sandbox = nil
 			return f, nil
 		}
-		if ns != nil {
-			if f.sandbox = ns.sandboxes[name]; f.sandbox != nil {
-				f.pod = ns.pods[podName(f.sandbox)]
-			}
-			return f, nil
-		}
-		sb, err := g.dyn.Resource(sandboxesGVR).Namespace(g.ns).Get(ctx, name, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			return f, nil
-		}
-		if err != nil {
-			return nil, fmt.Errorf("reading Sandbox %s of claim %s: %w", name, f.id, err)
+		sb, err := g.sandboxNamed(ctx, ns, name)
+		if err != nil || sb == nil {
+			f.sandbox = nil
+			return f, err
 		}
 		f.sandbox = sb
 	}
-	if ns != nil {
-		f.pod = ns.pods[podName(f.sandbox)]
-		return f, nil
-	}
-	pod, err := g.core.CoreV1().Pods(g.ns).Get(ctx, podName(f.sandbox), metav1.GetOptions{})
-	if err == nil {
-		f.pod = pod
-	} else if !apierrors.IsNotFound(err) {
-		return nil, fmt.Errorf("reading the pod of sandbox %s: %w", f.id, err)
-	}
-	return f, nil
+	pod, err := g.podNamed(ctx, ns, podName(f.sandbox))
+	f.pod = pod
+	return f, err
 }
 
-// firstNamed is the oldest of the sandboxes named name (ties go by id).
-func (g *Gateway) firstNamed(ctx context.Context, name string) (string, error) {
-	sel := labels.Set{LabelManagedBy: managedBy, LabelName: name}.String()
-	var all []unstructured.Unstructured
+// sandboxNamed is the Sandbox name, from ns when given; nil if there is
+// none.
+func (g *Gateway) sandboxNamed(ctx context.Context, ns *listed, name string) (*unstructured.Unstructured, error) {
+	if ns != nil {
+		return ns.sandboxes[name], nil
+	}
+	sb, err := g.objects(false).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading Sandbox %s: %w", name, err)
+	}
+	return sb, nil
+}
+
+// podNamed is the pod name, from ns when given; nil if there is none.
+func (g *Gateway) podNamed(ctx context.Context, ns *listed, name string) (*corev1.Pod, error) {
+	if ns != nil {
+		return ns.pods[name], nil
+	}
+	pod, err := g.core.CoreV1().Pods(g.ns).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading pod %s: %w", name, err)
+	}
+	return pod, nil
+}
+
+// object is one of the gateway's Sandboxes or claims.
+type object struct {
+	obj   *unstructured.Unstructured
+	claim bool
+}
+
+// managed is the gateway's Sandboxes, then its claims, with the labels
+// in sel besides its own.
+func (g *Gateway) managed(ctx context.Context, sel labels.Set) ([]object, error) {
+	sel = labels.Merge(sel, labels.Set{LabelManagedBy: managedBy})
+	var out []object
 	for _, claim := range []bool{false, true} {
-		list, err := g.objects(claim).List(ctx, metav1.ListOptions{LabelSelector: sel})
+		list, err := g.objects(claim).List(ctx, metav1.ListOptions{LabelSelector: sel.String()})
 		if claim && apierrors.IsNotFound(err) {
-			break
+			break // agent-sandbox's extensions are not installed
 		}
 		if err != nil {
-			return "", fmt.Errorf("looking up the sandboxes named %s: %w", name, err)
+			return nil, fmt.Errorf("listing sandboxes: %w", err)
 		}
-		all = append(all, list.Items...)
+		for i := range list.Items {
+			out = append(out, object{&list.Items[i], claim})
+		}
 	}
-	if len(all) == 0 {
-		return "", nil
-	}
-	first := slices.MinFunc(all, func(a, b unstructured.Unstructured) int {
-		if c := a.GetCreationTimestamp().Compare(b.GetCreationTimestamp().Time); c != 0 {
+	return out, nil
+}
+
+// named is the sandboxes named name, the first made first (ties go by
+// id): two gateways may both have found the name free.
+func (g *Gateway) named(ctx context.Context, name string) ([]object, error) {
+	all, err := g.managed(ctx, labels.Set{LabelName: name})
+	slices.SortFunc(all, func(a, b object) int {
+		if c := a.obj.GetCreationTimestamp().Compare(b.obj.GetCreationTimestamp().Time); c != 0 {
 			return c
 		}
-		return strings.Compare(a.GetName(), b.GetName())
+		return strings.Compare(a.obj.GetName(), b.obj.GetName())
 	})
-	return first.GetName(), nil
+	return all, err
 }
 
 // objects are the gateway's Sandboxes, or its claims.
@@ -315,22 +335,17 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request) {
 		}
 		want[k] = v
 	}
-	// Three lists, whatever the number of sandboxes: every Sandbox (a
+	// A few lists, whatever the number of sandboxes: every Sandbox (a
 	// claim's was made by its pool, not by the gateway), every pod, and
-	// the gateway's claims.
+	// the gateway's own Sandboxes and claims.
 	ns := &listed{sandboxes: map[string]*unstructured.Unstructured{}, pods: map[string]*corev1.Pod{}}
 	sbs, err := g.objects(false).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		g.writeError(w, r, fmt.Errorf("listing sandboxes: %w", err))
 		return
 	}
-	var objs []*unstructured.Unstructured
 	for i := range sbs.Items {
-		sb := &sbs.Items[i]
-		ns.sandboxes[sb.GetName()] = sb
-		if sb.GetLabels()[LabelManagedBy] == managedBy {
-			objs = append(objs, sb)
-		}
+		ns.sandboxes[sbs.Items[i].GetName()] = &sbs.Items[i]
 	}
 	pods, err := g.core.CoreV1().Pods(g.ns).List(ctx, metav1.ListOptions{})
 	if err != nil {
@@ -340,20 +355,14 @@ func (g *Gateway) list(w http.ResponseWriter, r *http.Request) {
 	for i := range pods.Items {
 		ns.pods[pods.Items[i].Name] = &pods.Items[i]
 	}
-	claims, err := g.objects(true).List(ctx, metav1.ListOptions{LabelSelector: labels.Set{LabelManagedBy: managedBy}.String()})
-	if err != nil && !apierrors.IsNotFound(err) { // not found: agent-sandbox's extensions are not installed
-		g.writeError(w, r, fmt.Errorf("listing sandbox claims: %w", err))
+	objs, err := g.managed(ctx, nil)
+	if err != nil {
+		g.writeError(w, r, err)
 		return
 	}
-	nSandboxes := len(objs)
-	if claims != nil {
-		for i := range claims.Items {
-			objs = append(objs, &claims.Items[i])
-		}
-	}
 	var all []*found
-	for i, obj := range objs {
-		f, err := g.complete(ctx, obj, i >= nSandboxes, ns)
+	for _, o := range objs {
+		f, err := g.complete(ctx, o.obj, o.claim, ns)
 		if err != nil {
 			g.writeError(w, r, err)
 			return
@@ -402,11 +411,11 @@ func (g *Gateway) create(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if body.Name != "" {
-		if f, err := g.lookup(ctx, body.Name); err != nil {
+		if taken, err := g.named(ctx, body.Name); err != nil {
 			g.writeError(w, r, err)
 			return
-		} else if f != nil {
-			api.WriteProblem(w, r, http.StatusConflict, api.CodeConflict, fmt.Sprintf("the name %q is taken by sandbox %s", body.Name, f.id))
+		} else if len(taken) > 0 {
+			api.WriteProblem(w, r, http.StatusConflict, api.CodeConflict, fmt.Sprintf("the name %q is taken by sandbox %s", body.Name, taken[0].obj.GetName()))
 			return
 		}
 	}
@@ -462,13 +471,17 @@ func (g *Gateway) create(w http.ResponseWriter, r *http.Request) {
 	if body.Name != "" {
 		// Two gateways may both have found the name free: the first
 		// made keeps it.
-		if first, err := g.firstNamed(ctx, body.Name); err != nil || first != id {
+		if taken, err := g.named(ctx, body.Name); err != nil || len(taken) == 0 || taken[0].obj.GetName() != id {
 			g.remove(context.WithoutCancel(ctx), id, pool != "")
 			if err != nil {
 				g.writeError(w, r, err)
 				return
 			}
-			api.WriteProblem(w, r, http.StatusConflict, api.CodeConflict, fmt.Sprintf("the name %q is taken by sandbox %s", body.Name, first))
+			other := "another sandbox"
+			if len(taken) > 0 {
+				other = "sandbox " + taken[0].obj.GetName()
+			}
+			api.WriteProblem(w, r, http.StatusConflict, api.CodeConflict, fmt.Sprintf("the name %q is taken by %s", body.Name, other))
 			return
 		}
 	}
