@@ -9,7 +9,10 @@
 //
 //	smolvm-krun -config DIR/krun.json [-lib /usr/lib64/libkrun.so.1] [-status-fd 3]
 //
-// The config is krunconf.Config as JSON. With -status-fd, the helper
+// The config is krunconf.Config as JSON. With its jail set, the helper,
+// started as root in a mount namespace of its own, moves into a root of
+// its own and drops root before it loads libkrun (jail.go). With
+// -status-fd, the helper
 // writes one line there: krunconf.Ready once libkrun has taken every
 // setting, just before krun_start_enter, or krunconf.ErrorPrefix and the
 // failure (naming the libkrun call that failed and its error number).
@@ -52,6 +55,11 @@ func main() {
 	cfg, err := krunconf.Read(*configPath)
 	if err != nil {
 		fail(err)
+	}
+	if cfg.Jail != nil {
+		if err := enterJail(cfg, *libPath); err != nil {
+			fail(err)
+		}
 	}
 	// libkrun writes to sockets (the agent's, the network's) from threads
 	// of its own; a peer that goes away must be an EPIPE there, not a

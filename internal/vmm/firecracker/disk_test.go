@@ -45,3 +45,20 @@ func TestCopyDiskIsSparseAndGrown(t *testing.T) {
 		t.Error("writing the copy changed the base")
 	}
 }
+
+func TestDynamicIsToldApart(t *testing.T) {
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]bool{exe: false, "/bin/sh": true, "/etc/passwd": false} {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := dynamic(f); got != want {
+			t.Errorf("dynamic(%s) = %v, want %v", path, got, want)
+		}
+		f.Close()
+	}
+}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/jail"
+	"github.com/smolvm/smolvm/internal/jail/jailtest"
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
@@ -42,28 +43,18 @@ func newEnv(t *testing.T, jailed bool) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The fake runs as a jail user: its log must be reachable and
-	// writable by anyone.
-	logDir, err := os.MkdirTemp("", "fcfake")
-	if err != nil {
+	// The fake runs in its VM's root, as a jail user: it reaches its
+	// records through a link in each VM's directory (fakeRecords), all
+	// to this one file, which anyone may write.
+	e := &env{t: t, work: t.TempDir()}
+	e.log = filepath.Join(e.work, "records.jsonl")
+	if err := os.WriteFile(e.log, nil, 0o666); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(logDir) })
-	log := filepath.Join(logDir, "records.jsonl")
-	if err := os.WriteFile(log, nil, 0o666); err != nil {
+	if err := os.Chmod(e.log, 0o666); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{logDir, log} {
-		mode := os.FileMode(0o755)
-		if p == log {
-			mode = 0o666
-		}
-		if err := os.Chmod(p, mode); err != nil {
-			t.Fatal(err)
-		}
-	}
-	e := &env{t: t, log: log, work: t.TempDir()}
-	e.d = New(Options{Binary: exe, HelperPath: exe, NoJail: !jailed, Env: []string{fakeEnv + "=1", fakeLogEnv + "=" + log}})
+	e.d = New(Options{Binary: exe, HelperPath: exe, NoJail: !jailed, Env: []string{fakeEnv + "=1", fakeLogEnv + "=" + fakeRecords, fakeSeeEnv + "=" + strings.Join(hostFiles, ":")}})
 	if jailed && e.d.jail == nil {
 		t.Fatal("a root driver without NoJail has no jail")
 	}
@@ -78,6 +69,13 @@ func newEnv(t *testing.T, jailed bool) *env {
 	makeSparse(t, e.base, 64<<20, baseData)
 	return e
 }
+
+// hostFiles are files of the host anyone may read, which no Firecracker
+// may see.
+var hostFiles = []string{"/etc/passwd", "/proc/1/status", "/sys/kernel/mm/transparent_hugepage/enabled"}
+
+// fakeRecords is the name, in each VM's directory, of the fakes' records.
+const fakeRecords = "fake-records.jsonl"
 
 // baseData is what the base image holds, by offset; the rest is holes.
 var baseData = map[int64]string{0: "superblock", 8 << 20: "inode table", 40 << 20: "a file"}
@@ -104,6 +102,9 @@ func (e *env) spec(name string) vmm.Spec {
 	e.t.Helper()
 	dir := filepath.Join(e.work, name)
 	if err := os.Mkdir(dir, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := os.Link(e.log, filepath.Join(dir, fakeRecords)); err != nil {
 		e.t.Fatal(err)
 	}
 	return vmm.Spec{
@@ -221,6 +222,7 @@ func checkJailed(t *testing.T, recs []record, pid int, spec vmm.Spec) int {
 	if ev["cwd"] != vmDir {
 		t.Errorf("firecracker's working directory is %v", ev["cwd"])
 	}
+	checkRoot(t, ev, pid)
 	wantArgs := []any{"firecracker", "--api-sock", vmDir + "/run/fc.sock", "--id", marker(spec.Dir)}
 	if args, _ := ev["args"].([]any); !slices.Equal(args, wantArgs) {
 		t.Errorf("firecracker's arguments %q, want %q", ev["args"], wantArgs)
@@ -231,6 +233,29 @@ func checkJailed(t *testing.T, recs []record, pid int, spec vmm.Spec) int {
 		}
 	}
 	return uid
+}
+
+// checkRoot checks, from what the fake recorded, that Firecracker (pid)
+// ran in a root of its own: only /dev, /proc and its directory, its
+// own process alone in /proc, and none of the host's files.
+func checkRoot(t *testing.T, ev map[string]any, pid int) {
+	t.Helper()
+	var root []string
+	for _, n := range ev["root"].([]any) {
+		root = append(root, n.(string))
+	}
+	if !slices.Equal(root, []string{"dev", "proc", "run"}) {
+		t.Errorf("firecracker's root holds %q, want dev, proc and run", root)
+	}
+	if procs, _ := ev["procs"].([]any); len(procs) != 1 || procs[0] != strconv.Itoa(pid) {
+		t.Errorf("firecracker's /proc shows processes %v, want its own (%d) alone", procs, pid)
+	}
+	opened, _ := ev["opened"].(map[string]any)
+	for _, p := range hostFiles {
+		if got, ok := opened[p].(string); !ok || !strings.Contains(got, "no such file") {
+			t.Errorf("firecracker opening the host's %s: %v, want no such file", p, opened[p])
+		}
+	}
 }
 
 // groupGone checks that spec's control group was removed.
@@ -259,7 +284,9 @@ func entries(t *testing.T, dir string) []string {
 	}
 	var out []string
 	for _, e := range es {
-		out = append(out, e.Name())
+		if e.Name() != fakeRecords { // the test's, not the driver's
+			out = append(out, e.Name())
+		}
 	}
 	return out
 }
@@ -295,6 +322,9 @@ func TestStartConfiguresJailsAndKills(t *testing.T) {
 	recs := e.records()
 	wantRequests(t, recs, m.PID(), bootRequests(spec, false))
 	uid := checkJailed(t, recs, m.PID(), spec)
+	if got := jailtest.CheckWalls(t, m.PID(), "firecracker"); got != uid {
+		t.Errorf("firecracker runs as %d, and recorded %d", got, uid)
+	}
 	// Firecracker's environment is the driver's Env and nothing else.
 	var env []string
 	for _, v := range startedEvent(t, recs, m.PID())["env"].([]any) {
@@ -343,6 +373,13 @@ func TestStartConfiguresJailsAndKills(t *testing.T) {
 		t.Fatal("firecracker outlived Kill")
 	}
 	groupGone(t, spec)
+	// What the jail's user was given is root's again: the user may go to
+	// another VM.
+	for _, p := range []string{spec.Dir, filepath.Join(spec.Dir, dirRun), filepath.Join(spec.Dir, fileDisk)} {
+		if err := syscall.Stat(p, &st); err != nil || st.Uid != 0 || st.Gid != 0 {
+			t.Errorf("%s after the VM ended: uid %d gid %d (%v), want root's", p, st.Uid, st.Gid, err)
+		}
+	}
 	if err := e.d.Clear(spec.Dir); err != nil {
 		t.Fatal(err)
 	}

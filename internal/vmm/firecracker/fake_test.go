@@ -39,6 +39,7 @@ const (
 	fakeEnv     = "SMOLVM_TEST_FAKE_FIRECRACKER" // "1": this binary is a fake Firecracker
 	fakeLogEnv  = "SMOLVM_TEST_FAKE_FC_LOG"      // the file it appends its records to
 	fakeFailEnv = "SMOLVM_TEST_FAKE_FC_FAIL"     // "METHOD /path": answer that request 400
+	fakeSeeEnv  = "SMOLVM_TEST_FAKE_FC_SEE"      // host paths, ":"-separated, it tries to open
 	fakeVersion = "v1.17.0-dev"
 )
 
@@ -422,11 +423,40 @@ func (f *fakeVM) recordStart() {
 	ns := func(kind string) string { s, _ := os.Readlink("/proc/self/ns/" + kind); return s }
 	cg, _ := os.ReadFile("/proc/self/cgroup")
 	cwd, _ := os.Getwd()
+	// What of the file system it can reach: the names in its root and
+	// in its /proc, and what opening each path it was told to try says.
+	var root, procs []string
+	if ents, err := os.ReadDir("/"); err == nil {
+		for _, e := range ents {
+			root = append(root, e.Name())
+		}
+	}
+	if ents, err := os.ReadDir("/proc"); err == nil {
+		for _, e := range ents {
+			if _, err := strconv.Atoi(e.Name()); err == nil {
+				procs = append(procs, e.Name())
+			}
+		}
+	}
+	opened := map[string]string{}
+	for _, p := range strings.Split(os.Getenv(fakeSeeEnv), ":") {
+		if p == "" {
+			continue
+		}
+		fh, err := os.Open(p)
+		if err != nil {
+			opened[p] = err.Error()
+			continue
+		}
+		fh.Close()
+		opened[p] = "opened"
+	}
 	f.event("started", map[string]any{
 		"uid": os.Getuid(), "gid": os.Getgid(), "groups": field("Groups"),
 		"no_new_privs": field("NoNewPrivs"), "cap_eff": field("CapEff"),
 		"mnt_ns": ns("mnt"), "net_ns": ns("net"), "cgroup": string(cg), "cwd": cwd,
 		"args": os.Args, "env": os.Environ(),
+		"root": root, "procs": procs, "opened": opened,
 	})
 }
 

@@ -17,6 +17,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -361,7 +362,23 @@ func (m *machine) ended(ctx context.Context, err error) error {
 			}
 		}
 	}
-	return dropGroup(m.cgroups, m.rt.Cgroup)
+	return errors.Join(m.giveBack(), dropGroup(m.cgroups, m.rt.Cgroup))
+}
+
+// giveBack makes root the owner again of what the jail's user was given
+// to run: its user may be handed to another VM next. The user could
+// create nothing in these directories, so none of the names is its link.
+func (m *machine) giveBack() error {
+	if m.rt.UID == 0 {
+		return nil
+	}
+	var errs []error
+	for _, p := range []string{m.rt.Disk, filepath.Join(m.rt.Dir, dirRun), m.rt.Dir} {
+		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // dropGroup removes a control group once its processes have ended.
@@ -625,9 +642,6 @@ func (d *Driver) launch(ctx context.Context, spec vmm.Spec, inputs []string, set
 	if err := os.Mkdir(run, 0o700); err != nil {
 		return nil, fmt.Errorf("start firecracker: %w", err)
 	}
-	if err := os.MkdirAll(runRoot, 0o755); err != nil {
-		return nil, fmt.Errorf("start firecracker: %w", err)
-	}
 
 	uid := 0
 	if d.jail != nil {
@@ -691,6 +705,9 @@ func (d *Driver) launch(ctx context.Context, spec vmm.Spec, inputs []string, set
 	}
 	if spec.Net != nil {
 		args = append(args, "--tap="+tapName)
+	}
+	if dynamic(files[0]) {
+		args = append(args, "--host-libs")
 	}
 	args = append(args, "--", "firecracker", "--api-sock", inVM(dirRun, fileAPI), "--id", rt.Marker)
 	cmd := exec.Command(helper, args...)
@@ -777,6 +794,22 @@ func (d *Driver) launch(ctx context.Context, spec vmm.Spec, inputs []string, set
 	}
 	slog.Debug("firecracker started", "dir", spec.Dir, "pid", rt.PID, "uid", uid)
 	return m, nil
+}
+
+// dynamic reports whether the executable bin names an ELF interpreter:
+// Firecracker's releases are linked statically and need nothing of the
+// host's in their root; a build that is not gets the host's libraries.
+func dynamic(bin *os.File) bool {
+	f, err := elf.NewFile(bin)
+	if err != nil {
+		return false
+	}
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return true
+		}
+	}
+	return false
 }
 
 // enterable lets the jail's user into dir (group uid, mode 0710: it may

@@ -50,18 +50,16 @@ func Main(args []string) error {
 	return fmt.Errorf("unknown subcommand %q", args[0])
 }
 
-// Where Firecracker sees its files. Every Firecracker runs in a mount
-// namespace of its own in which a small tmpfs covers runRoot (an empty
-// directory on the host) and the sandbox's directory is bound at vmDir.
-// Every path Firecracker is given, and so every path a snapshot records
-// (the drive, the vsock socket), is under vmDir: a clone restored from a
+// Where Firecracker sees its files. Every Firecracker runs in a root of
+// its own (jail.Root) that holds the sandbox's directory at vmDir, the
+// device nodes it opens and a /proc of its own processes, and nothing
+// else of the host: no binary, library or file it was not given. Every
+// path Firecracker is given, and so every path a snapshot records (the
+// drive, the vsock socket), is under vmDir: a clone restored from a
 // template sees its own disk and socket at the paths the template's
 // recorded, whatever the template's directory was called when it was
 // saved and wherever the clone's is. The host never sees these mounts.
-const (
-	runRoot = "/run/smolvm-firecracker"
-	vmDir   = runRoot + "/vm"
-)
+const vmDir = "/run/smolvm-firecracker/vm"
 
 // tapName is the guest's TAP device in its VM's network namespace: each
 // namespace has its own, so every VM (and every snapshot) names the same.
@@ -74,13 +72,13 @@ const tapName = "tap0"
 const tapMTU = 65521
 
 // launchMain is fc-launch. It is started by the driver, as root, in new
-// mount and network namespaces, with Firecracker's binary
-// open on --exec-fd, and, once the driver opens --gate-fd:
-//   - makes its mount namespace private, mounts a tmpfs on runRoot and
-//     binds --dir at vmDir;
-//   - with --uid, gives that user device nodes of its own for /dev/kvm
-//     (and /dev/net/tun), bound over the host's, which stay root's;
+// mount and network namespaces, with Firecracker's binary open on
+// --exec-fd, and, once the driver opens --gate-fd:
 //   - with --tap, makes the TAP device, owned by --uid;
+//   - moves into a root of its own (jail.Root) with --dir at vmDir,
+//     /dev/kvm (and /dev/net/tun) of --uid's own, and, with --host-libs,
+//     the host's libraries for a Firecracker that is not linked
+//     statically;
 //   - drops root for --uid (no supplementary groups), sets no_new_privs,
 //     and executes Firecracker with the arguments after "--".
 func launchMain(args []string) error {
@@ -94,6 +92,7 @@ func launchMain(args []string) error {
 	tap := fs.String("tap", "", "the TAP device to make in the network namespace")
 	execFD := fs.Int("exec-fd", 4, "Firecracker's binary, open")
 	gateFD := fs.Int("gate-fd", 0, "a pipe to read a byte from before anything else (0: none)")
+	hostLibs := fs.Bool("host-libs", false, "give Firecracker the host's libraries (a dynamically linked build)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -102,7 +101,7 @@ func launchMain(args []string) error {
 	}
 	argv := fs.Args()
 	if *dir == "" || !filepath.IsAbs(*dir) || len(argv) == 0 {
-		return fmt.Errorf("usage: %s --dir=ABSDIR [--uid=N] [--tap=NAME] [--gate-fd=N] [--exec-fd=N] -- firecracker ARGS", LaunchCommand)
+		return fmt.Errorf("usage: %s --dir=ABSDIR [--uid=N] [--tap=NAME] [--host-libs] [--gate-fd=N] [--exec-fd=N] -- firecracker ARGS", LaunchCommand)
 	}
 	// What follows changes mounts and links: they must not be the host's.
 	for _, kind := range []string{"mnt", "net"} {
@@ -110,33 +109,27 @@ func launchMain(args []string) error {
 			return err
 		}
 	}
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make the mount namespace private: %w", err)
-	}
-	if err := unix.Mount("tmpfs", runRoot, "tmpfs", unix.MS_NOSUID|unix.MS_NOEXEC, "mode=0755,size=64k"); err != nil {
-		return fmt.Errorf("mount a tmpfs on %s: %w", runRoot, err)
-	}
-	if err := os.Mkdir(vmDir, 0o755); err != nil {
-		return err
-	}
-	if err := unix.Mount(*dir, vmDir, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind %s at %s: %w", *dir, vmDir, err)
-	}
-	if *uid != 0 {
-		devs := []string{"/dev/kvm"}
-		if *tap != "" {
-			devs = append(devs, "/dev/net/tun")
-		}
-		for _, d := range devs {
-			if err := ownDevice(d, *uid); err != nil {
-				return err
-			}
-		}
-	}
 	if *tap != "" {
+		// Before the root is left: it writes to the namespace's /proc/sys.
 		if err := makeTap(*tap, *uid); err != nil {
 			return err
 		}
+	}
+	var root jail.Root
+	if *hostLibs {
+		if err := root.HostLibraries(); err != nil {
+			return err
+		}
+	}
+	if err := root.Bind(*dir, vmDir, true); err != nil {
+		return err
+	}
+	devs := append(jail.StandardDevices(), jail.Device{Name: "kvm", Owner: *uid, Optional: true})
+	if *tap != "" {
+		devs = append(devs, jail.Device{Name: "net/tun", Owner: *uid})
+	}
+	if err := root.Enter(LaunchCommand, devs); err != nil {
+		return err
 	}
 	if err := os.Chdir(vmDir); err != nil {
 		return err
@@ -149,36 +142,10 @@ func launchMain(args []string) error {
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}
-	// Through the descriptor: the binary may sit where the user cannot
-	// reach (under a home of mode 0700). The environment is the one the
-	// driver gave fc-launch (Options.Env).
+	// Through the descriptor: the root holds no binary. The environment
+	// is the one the driver gave fc-launch (Options.Env).
 	bin := "/proc/self/fd/" + strconv.Itoa(*execFD)
 	return fmt.Errorf("exec firecracker: %w", unix.Exec(bin, argv, os.Environ()))
-}
-
-// ownDevice covers the host's device node path with a node of the same
-// device owned by uid (mode 0600), made on the private tmpfs: Firecracker
-// opens it as that user, and the host's node, and its mode, stay as they
-// are. A device the host lacks is left missing; Firecracker says so.
-func ownDevice(path string, uid int) error {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil
-		}
-		return err
-	}
-	node := filepath.Join(runRoot, filepath.Base(path))
-	if err := unix.Mknod(node, unix.S_IFCHR|0o600, int(st.Rdev)); err != nil {
-		return fmt.Errorf("device node for %s: %w", path, err)
-	}
-	if err := os.Chown(node, uid, uid); err != nil {
-		return err
-	}
-	if err := unix.Mount(node, path, "", unix.MS_BIND, ""); err != nil {
-		return fmt.Errorf("bind user %d's node over %s: %w", uid, path, err)
-	}
-	return nil
 }
 
 // makeTap makes the persistent TAP device name, owned by uid, with no

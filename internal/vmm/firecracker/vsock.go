@@ -47,8 +47,9 @@ func dialVsock(ctx context.Context, path string, port uint32) (net.Conn, error) 
 			return nil, err
 		}
 		// A try the deadline cut short says only that time ran out;
-		// the one before it says why the guest did not answer.
-		if last == nil || ctx.Err() == nil {
+		// the one before it says why the guest did not answer. The
+		// deadline can end a dial a moment before ctx says so.
+		if last == nil || !expired(ctx) {
 			last = err
 		}
 		select {
@@ -57,6 +58,12 @@ func dialVsock(ctx context.Context, path string, port uint32) (net.Conn, error) 
 		case <-time.After(retryEvery):
 		}
 	}
+}
+
+// expired reports whether ctx has ended or its deadline has passed.
+func expired(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	return ctx.Err() != nil || ok && !time.Now().Before(dl)
 }
 
 // badAnswerError is an answer to CONNECT that is not "OK <port>".

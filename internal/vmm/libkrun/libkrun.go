@@ -28,8 +28,11 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/cgroup"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/vmm"
 	"github.com/smolvm/smolvm/internal/vmm/libkrun/krunconf"
 )
@@ -51,6 +54,9 @@ type Options struct {
 	// NoCgroup runs VMMs without a control group of their own; they get
 	// one only when smolvm runs as root.
 	NoCgroup bool
+	// NoJail runs smolvm-krun as the server's user, in the host's root;
+	// it is jailed (krunconf.Jail) only when smolvm runs as root.
+	NoJail bool
 }
 
 // Driver is the libkrun backend.
@@ -61,6 +67,7 @@ type Driver struct {
 	cgroups   *cgroup.Hierarchy
 	cgroupErr error
 	swept     atomic.Int64 // when the groups were last swept, unix ns
+	jail      *jail.Users  // nil: not jailed
 
 	identityMu sync.Mutex
 	identity   string // "" until one is found
@@ -69,6 +76,9 @@ type Driver struct {
 // New returns the libkrun driver.
 func New(o Options) *Driver {
 	d := &Driver{opts: o}
+	if !o.NoJail && os.Geteuid() == 0 {
+		d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+	}
 	if !o.NoCgroup && os.Geteuid() == 0 {
 		if h, err := cgroup.Detect(cgroup.Root); err == nil {
 			d.cgroups = &h
@@ -143,10 +153,13 @@ func (d *Driver) helper() (string, error) {
 // The files of a machine in its directory. They are this driver's alone.
 const (
 	fileDisk    = "disk.raw"
-	fileAgent   = "agent.sock"
+	fileAgent   = "agent.sock" // in dirRun
 	fileConfig  = "krun.json"
 	fileLog     = "krun.log"
 	fileConsole = "console.log"
+	// dirRun is where libkrun makes the agent's socket: the jail's user
+	// may create nothing in the sandbox's directory itself.
+	dirRun = "run"
 )
 
 // maxSocketPath is sun_path's size less its terminating NUL.
@@ -155,7 +168,7 @@ const maxSocketPath = 107
 func paths(dir string) runtime {
 	return runtime{
 		Dir:         dir,
-		AgentSocket: filepath.Join(dir, fileAgent),
+		AgentSocket: filepath.Join(dir, dirRun, fileAgent),
 		Console:     filepath.Join(dir, fileConsole),
 		Disk:        filepath.Join(dir, fileDisk),
 		Config:      filepath.Join(dir, fileConfig),
@@ -174,6 +187,8 @@ type runtime struct {
 	Config string `json:"config"`
 	// Cgroup names the process's control group, if it has one.
 	Cgroup string `json:"cgroup,omitempty"`
+	// UID is the jail's user the helper runs as; 0 for none.
+	UID int `json:"uid,omitempty"`
 }
 
 // machine is one smolvm-krun process.
@@ -195,11 +210,20 @@ func (m *machine) marker() string { return m.rt.Config }
 func (m *machine) Alive() bool { return vmm.ProcessAlive(m.rt.PID, m.marker()) }
 
 func (m *machine) Kill(ctx context.Context) error {
-	return m.dropGroup(vmm.KillProcess(ctx, m.rt.PID, m.marker()))
+	return m.ended(vmm.KillProcess(ctx, m.rt.PID, m.marker()))
 }
 
 func (m *machine) Wait(ctx context.Context) error {
-	return m.dropGroup(vmm.WaitGone(ctx, m.rt.PID, m.marker()))
+	return m.ended(vmm.WaitGone(ctx, m.rt.PID, m.marker()))
+}
+
+// ended cleans up after the helper has gone: its control group, and what
+// its jail's user was given, which becomes root's again.
+func (m *machine) ended(err error) error {
+	if err != nil {
+		return err
+	}
+	return errors.Join(giveBack(m.rt), m.dropGroup(nil))
 }
 
 // dialRetry is how often DialAgent tries again while the socket is not
@@ -213,9 +237,8 @@ const dialRetry = 10 * time.Millisecond
 // listening shows as the connection closing, which the caller's handshake
 // retries.
 func (m *machine) DialAgent(ctx context.Context) (net.Conn, error) {
-	var d net.Dialer
 	for {
-		c, err := d.DialContext(ctx, "unix", m.rt.AgentSocket)
+		c, err := dialNoFollow(ctx, m.rt.AgentSocket)
 		if err == nil {
 			return c, nil
 		}
@@ -231,6 +254,27 @@ func (m *machine) DialAgent(ctx context.Context) (net.Conn, error) {
 		case <-time.After(dialRetry):
 		}
 	}
+}
+
+// dialNoFollow connects to the Unix socket at path, which must be one and
+// not a link to one: the jail's user makes what is in dirRun, and could
+// otherwise point the server at any socket of the host. The socket is
+// opened without following a link and reached through its descriptor.
+func dialNoFollow(ctx context.Context, path string) (net.Conn, error) {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("%s is not a socket", path)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", "/proc/self/fd/"+strconv.Itoa(fd))
 }
 
 // dropGroup removes the process's control group once it has ended.
@@ -261,6 +305,9 @@ func (d *Driver) Clear(dir string) error {
 			errs = append(errs, err)
 		}
 	}
+	if err := os.RemoveAll(filepath.Join(dir, dirRun)); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -278,6 +325,9 @@ func (d *Driver) Reap(ctx context.Context, dir string) error {
 		m.rt.PID = pid
 		if d.cgroups != nil {
 			m.rt.Cgroup = cgroup.Of(pid)
+		}
+		if d.jail != nil {
+			m.rt.UID = vmm.ProcessUID(pid)
 		}
 		slog.Warn("ending a VM whose start was cut short", "dir", dir, "pid", pid)
 		errs = append(errs, m.Kill(ctx))
@@ -440,20 +490,41 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, cfg krunconf.Config, 
 	rt := paths(spec.Dir)
 	// libkrun refuses to listen on a socket path that exists, and a
 	// console left from an earlier boot would be read as this one's.
-	for _, f := range []string{rt.AgentSocket, rt.Console} {
-		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+	run := filepath.Join(spec.Dir, dirRun)
+	for _, f := range []string{run, rt.Console} {
+		if err := os.RemoveAll(f); err != nil {
 			return nil, fmt.Errorf("remove stale %s: %w", f, err)
+		}
+	}
+	if err := os.Mkdir(run, 0o700); err != nil {
+		return nil, fmt.Errorf("start libkrun: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			os.Remove(rt.Config)
+			os.RemoveAll(run)
+		}
+	}()
+	if d.jail != nil {
+		uid, release, err := d.jail.Allocate()
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+		rt.UID = uid
+		cfg.Jail = &krunconf.Jail{UID: uid, Dir: spec.Dir}
+		defer func() {
+			if err != nil {
+				err = errors.Join(err, giveBack(rt))
+			}
+		}()
+		if err := jailFiles(spec, rt); err != nil {
+			return nil, err
 		}
 	}
 	if err := cfg.Write(rt.Config); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			os.Remove(rt.Config)
-			os.Remove(rt.AgentSocket)
-		}
-	}()
 	logPath := filepath.Join(spec.Dir, fileLog)
 	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
@@ -495,6 +566,10 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, cfg krunconf.Config, 
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{statusW}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if cfg.Jail != nil {
+		// The helper builds its root in a mount namespace of its own.
+		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWNS
+	}
 	err = cmd.Start()
 	statusW.Close() // the helper's copy is the only one left
 	if err == nil && group != nil {
@@ -532,6 +607,55 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, cfg krunconf.Config, 
 		return nil, fmt.Errorf("start libkrun: %w", withLog(err, logPath))
 	}
 	return m, nil
+}
+
+// jailFiles gives the jail's user rt.UID what it opens in the sandbox's
+// directory: a way in (group, mode 0710: it may open what it has a name
+// for and make nothing), the disk, the console and the directory libkrun
+// makes the agent's socket in, and the network process's socket. The
+// directory stays root's, so it cannot plant a name the server follows.
+func jailFiles(spec vmm.Spec, rt runtime) error {
+	uid := rt.UID
+	if err := os.Chown(spec.Dir, 0, uid); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	if err := os.Chmod(spec.Dir, 0o710); err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	console, err := os.OpenFile(rt.Console, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o640)
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	err = errors.Join(console.Chown(uid, uid), console.Close())
+	if err != nil {
+		return fmt.Errorf("jail: %w", err)
+	}
+	owned := []string{rt.Disk, filepath.Join(spec.Dir, dirRun)}
+	if spec.Net != nil {
+		owned = append(owned, spec.Net.Socket)
+	}
+	for _, p := range owned {
+		if err := os.Lchown(p, uid, uid); err != nil {
+			return fmt.Errorf("jail: give %s to the jail's user: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// giveBack makes root the owner again of what the jail's user was given:
+// the user may go to another VM next. The user could create no name in
+// the sandbox's directory, so none of these is its link.
+func giveBack(rt runtime) error {
+	if rt.UID == 0 {
+		return nil
+	}
+	var errs []error
+	for _, p := range []string{rt.Disk, rt.Console, filepath.Join(rt.Dir, dirRun), rt.Dir} {
+		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // killTimeout bounds the wait for a helper killed on a failed start.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/cgroup"
+	"github.com/smolvm/smolvm/internal/jail/jailtest"
 	"github.com/smolvm/smolvm/internal/vmm"
 	"github.com/smolvm/smolvm/internal/vmm/libkrun/libkruntest"
 )
@@ -59,8 +60,7 @@ func setup(t *testing.T, omit ...string) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{lib: lib, calls: filepath.Join(work, "calls.jsonl")}
-	t.Setenv(libkruntest.EnvLog, f.calls)
+	f := &fixture{lib: lib}
 	t.Setenv(libkruntest.EnvFail, "")
 
 	// A base image with data, a hole and more data, as an ext4 image has.
@@ -81,6 +81,14 @@ func setup(t *testing.T, omit ...string) *fixture {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// The stub records from inside the helper's jail, where of the host's
+	// files only the sandbox's directory is there to write to: its record
+	// is made there beforehand, for anyone to write.
+	f.calls = filepath.Join(dir, stubRecord)
+	if err := errors.Join(os.WriteFile(f.calls, nil, 0o666), os.Chmod(f.calls, 0o666)); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(libkruntest.EnvLog, f.calls)
 	f.spec = vmm.Spec{
 		ID:        "vm-test",
 		Dir:       dir,
@@ -93,6 +101,12 @@ func setup(t *testing.T, omit ...string) *fixture {
 		VCPUs:     testVCPUs,
 		Net:       &vmm.NetAttachment{Kind: vmm.NetStream, Socket: filepath.Join(dir, "net.sock"), MAC: testMAC},
 	}
+	// The network process's socket, as it listens before a VM starts.
+	ln, err := net.Listen("unix", f.spec.Net.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
 	f.drv = New(Options{Helper: helper, Library: lib, NoCgroup: true})
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -103,6 +117,10 @@ func setup(t *testing.T, omit ...string) *fixture {
 	})
 	return f
 }
+
+// stubRecord is the stub's record in the sandbox's directory: the test's
+// file, not the driver's.
+const stubRecord = "calls.jsonl"
 
 // writeSparse writes b to path, leaving its 4 KiB blocks of zeros as holes.
 func writeSparse(t *testing.T, path string, b []byte) {
@@ -232,7 +250,7 @@ func TestStartConfiguresLibkrunAsTheSpecSays(t *testing.T) {
 		fmt.Sprintf("krun_add_disk(7, \"root\", %s, false)", q(filepath.Join(dir, "disk.raw"))),
 		"krun_disable_implicit_vsock(7)",
 		"krun_add_vsock(7, 0)",
-		fmt.Sprintf("krun_add_vsock_port2(7, %d, %s, true)", wire.VsockPort, q(filepath.Join(dir, "agent.sock"))),
+		fmt.Sprintf("krun_add_vsock_port2(7, %d, %s, true)", wire.VsockPort, q(filepath.Join(dir, "run", "agent.sock"))),
 		fmt.Sprintf("krun_add_net_unixstream(7, %s, -1, %s, 0, 0)", q(f.spec.Net.Socket), q(testMAC)),
 		fmt.Sprintf("krun_set_console_output(7, %s)", q(filepath.Join(dir, "console.log"))),
 		"krun_start_enter(7)",
@@ -328,7 +346,7 @@ func TestStartConfiguresLibkrunAsTheSpecSays(t *testing.T) {
 	}
 	left, _ := os.ReadDir(dir)
 	for _, e := range left {
-		if e.Name() != "net.sock" {
+		if e.Name() != "net.sock" && e.Name() != stubRecord {
 			t.Errorf("%s left after Clear", e.Name())
 		}
 	}
@@ -378,7 +396,9 @@ func TestStartFailureNamesTheCallAndLeavesNothing(t *testing.T) {
 		"krun_add_net_unixstream", "krun_set_console_output", "krun_start_enter",
 	} {
 		t.Run(name, func(t *testing.T) {
-			os.Remove(f.calls)
+			if err := os.Truncate(f.calls, 0); err != nil {
+				t.Fatal(err)
+			}
 			t.Setenv(libkruntest.EnvFail, name)
 			if name == "krun_start_enter" {
 				// Start takes a helper still in krun_start_enter after
@@ -400,7 +420,7 @@ func TestStartFailureNamesTheCallAndLeavesNothing(t *testing.T) {
 			if pids := vmm.ProcessesWith(f.spec.Dir); len(pids) > 0 {
 				t.Errorf("processes %v left after a failed Start", pids)
 			}
-			for _, file := range []string{"krun.json", "agent.sock", "disk.raw"} {
+			for _, file := range []string{"krun.json", "run", "disk.raw"} {
 				if _, err := os.Stat(filepath.Join(f.spec.Dir, file)); err == nil {
 					t.Errorf("%s left after a failed Start", file)
 				}
@@ -688,5 +708,105 @@ func TestCreateDisk(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
 			t.Errorf("%s left after a failed createDisk", name)
 		}
+	}
+}
+
+// As root the helper, and so libkrun and its VM, runs jailed: a user of
+// its own with no capabilities and no new privileges, in a root of its
+// own holding the host's libraries, the kernel, initramfs and library it
+// was given and the sandbox's directory. What the user was given is
+// root's again once the VM ends.
+func TestStartJailsTheHelper(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the jail needs root")
+	}
+	f := setup(t)
+	if f.drv.jail == nil {
+		t.Fatal("a root driver without NoJail has no jail")
+	}
+	m := f.start(t)
+	dir := f.spec.Dir
+	proc := fmt.Sprintf("/proc/%d", m.PID())
+	uid := jailtest.CheckWalls(t, m.PID(), "the helper")
+	// Its root, seen from here.
+	names := func(d string) []string {
+		ents, err := os.ReadDir(proc + "/root" + d)
+		if err != nil {
+			t.Errorf("the helper's %s: %v", d, err)
+		}
+		var out []string
+		for _, e := range ents {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	top := "/" + strings.Split(strings.TrimPrefix(dir, "/"), "/")[0]
+	for _, n := range names("/") {
+		if !slices.Contains([]string{"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc"}, n) && "/"+n != top {
+			t.Errorf("the helper sees /%s", n)
+		}
+	}
+	if got := names("/etc"); !slices.Equal(got, []string{"ld.so.cache"}) {
+		t.Errorf("the helper's /etc holds %q", got)
+	}
+	// The test's work directory holds the kernel, initramfs, library and
+	// base image beside the sandbox's: of those it sees only what it reads.
+	want := []string{filepath.Base(f.lib), filepath.Base(f.spec.Initrd), "sb", filepath.Base(f.spec.Kernel)}
+	slices.Sort(want)
+	if got := names(filepath.Dir(dir)); !slices.Equal(got, want) {
+		t.Errorf("the helper sees %q in %s, want %q", got, filepath.Dir(dir), want)
+	}
+	var st syscall.Stat_t
+	owner := func(p string) (int, int, uint32) {
+		t.Helper()
+		if err := syscall.Lstat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		return int(st.Uid), int(st.Gid), st.Mode & 0o7777
+	}
+	if u, g, mode := owner(dir); u != 0 || g != uid || mode != 0o710 {
+		t.Errorf("the sandbox's directory is %d:%d %o, want 0:%d 0710", u, g, mode, uid)
+	}
+	for _, p := range []string{filepath.Join(dir, "disk.raw"), filepath.Join(dir, "run"), filepath.Join(dir, "console.log"), f.spec.Net.Socket} {
+		if u, _, _ := owner(p); u != uid {
+			t.Errorf("%s is %d's, not the jail user's", p, u)
+		}
+	}
+	if err := m.Kill(ctxFor(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{dir, filepath.Join(dir, "disk.raw"), filepath.Join(dir, "run"), filepath.Join(dir, "console.log")} {
+		if u, g, _ := owner(p); u != 0 || g != 0 {
+			t.Errorf("%s is %d:%d after the VM ended, want root's", p, u, g)
+		}
+	}
+}
+
+// The jail's user makes what is in the directory of the agent's socket:
+// a link there must not lead the server to another socket of the host.
+func TestDialAgentFollowsNoLink(t *testing.T) {
+	dir := t.TempDir()
+	other := filepath.Join(dir, "other.sock")
+	ln, err := net.Listen("unix", other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	sock := filepath.Join(dir, "agent.sock")
+	if err := os.Symlink(other, sock); err != nil {
+		t.Fatal(err)
+	}
+	self := &machine{rt: runtime{PID: os.Getpid(), AgentSocket: sock, Config: os.Args[0]}}
+	if c, err := self.DialAgent(ctxFor(t, 5*time.Second)); err == nil {
+		c.Close()
+		t.Fatal("DialAgent followed a link to another socket")
+	} else if !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("DialAgent through a link: %v, want it refused as not a socket", err)
+	}
+	// The socket itself is reached.
+	if c, err := (&machine{rt: runtime{PID: os.Getpid(), AgentSocket: other, Config: os.Args[0]}}).DialAgent(ctxFor(t, 5*time.Second)); err != nil {
+		t.Errorf("DialAgent to the socket: %v", err)
+	} else {
+		c.Close()
 	}
 }

@@ -53,11 +53,6 @@ func Main(args []string) error {
 	return launchMain(args[1:])
 }
 
-// launchRoot is where the root is put together: any directory every host
-// has does, as the tmpfs covers it in the launcher's namespace only, and
-// what is bound into it is opened first, through descriptors.
-const launchRoot = "/tmp"
-
 type pathList []string
 
 func (p *pathList) String() string     { return strings.Join(*p, ",") }
@@ -85,127 +80,25 @@ func launchMain(args []string) error {
 	if err := jail.WaitGate(*gateFD); err != nil {
 		return err
 	}
-	if err := jail.OwnNamespace(LaunchCommand, "mnt"); err != nil {
+	var root jail.Root
+	if err := root.HostLibraries(); err != nil {
 		return err
-	}
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make the mount namespace private: %w", err)
-	}
-	// Everything to bind, opened before the tmpfs hides any of it.
-	type bind struct {
-		path string
-		fd   int
-		dir  bool
-		rw   bool
-	}
-	var binds []bind
-	add := func(path string, rw bool) error {
-		fd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		var st unix.Stat_t
-		if err := unix.Fstat(fd, &st); err != nil {
-			return err
-		}
-		binds = append(binds, bind{path: path, fd: fd, dir: st.Mode&unix.S_IFMT == unix.S_IFDIR, rw: rw})
-		return nil
-	}
-	if err := add("/usr", false); err != nil {
-		return err
-	}
-	if _, err := os.Stat("/etc/ld.so.cache"); err == nil {
-		if err := add("/etc/ld.so.cache", false); err != nil {
-			return err
-		}
 	}
 	for _, p := range ro {
-		if err := add(p, false); err != nil {
+		if err := root.Bind(p, p, false); err != nil {
 			return err
 		}
 	}
-	if err := add(*dir, true); err != nil {
+	if err := root.Bind(*dir, *dir, true); err != nil {
 		return err
 	}
-	if err := unix.Mount("tmpfs", launchRoot, "tmpfs", unix.MS_NOSUID, "mode=0755,size=1m"); err != nil {
-		return fmt.Errorf("mount the root: %w", err)
+	devs := jail.StandardDevices()
+	if *kvm {
+		// QEMU says so if the host has none.
+		devs = append(devs, jail.Device{Name: "kvm", Owner: *uid, Optional: true})
 	}
-	// The merged-/usr links (bin -> usr/bin...), as the host has them; a
-	// host with real directories there gets them bound.
-	for _, name := range []string{"bin", "sbin", "lib", "lib32", "lib64", "libx32"} {
-		target, err := os.Readlink("/" + name)
-		if err == nil {
-			if err := os.Symlink(target, filepath.Join(launchRoot, name)); err != nil {
-				return err
-			}
-			continue
-		}
-		if st, err := os.Stat("/" + name); err == nil && st.IsDir() {
-			fd, err := unix.Open("/"+name, unix.O_PATH|unix.O_CLOEXEC, 0)
-			if err != nil {
-				return err
-			}
-			binds = append(binds, bind{path: "/" + name, fd: fd, dir: true})
-		}
-	}
-	for _, b := range binds {
-		dst := filepath.Join(launchRoot, b.path)
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return err
-		}
-		if b.dir {
-			err := os.Mkdir(dst, 0o755)
-			if err != nil && !errors.Is(err, os.ErrExist) {
-				return err
-			}
-		} else if err := os.WriteFile(dst, nil, 0o644); err != nil {
-			return err
-		}
-		src := "/proc/self/fd/" + strconv.Itoa(b.fd)
-		if err := unix.Mount(src, dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return fmt.Errorf("bind %s: %w", b.path, err)
-		}
-		flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_NOSUID | unix.MS_NODEV)
-		if !b.rw {
-			flags |= unix.MS_RDONLY
-		}
-		if err := unix.Mount("", dst, "", flags, ""); err != nil {
-			return fmt.Errorf("bind %s: %w", b.path, err)
-		}
-		unix.Close(b.fd)
-	}
-	if err := makeDevices(filepath.Join(launchRoot, "dev"), *uid, *kvm); err != nil {
+	if err := root.Enter(LaunchCommand, devs); err != nil {
 		return err
-	}
-	proc := filepath.Join(launchRoot, "proc")
-	if err := os.Mkdir(proc, 0o555); err != nil {
-		return err
-	}
-	// Its own processes only, and no /proc/sys and the like (subset=pid,
-	// Linux 5.8); an older kernel hides the others' at least.
-	if err := unix.Mount("proc", proc, "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "hidepid=invisible,subset=pid"); err != nil {
-		if err := unix.Mount("proc", proc, "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "hidepid=2"); err != nil {
-			return fmt.Errorf("mount /proc: %w", err)
-		}
-	}
-	old := filepath.Join(launchRoot, ".old")
-	if err := os.Mkdir(old, 0o700); err != nil {
-		return err
-	}
-	if err := unix.PivotRoot(launchRoot, old); err != nil {
-		return fmt.Errorf("pivot_root: %w", err)
-	}
-	if err := unix.Chdir("/"); err != nil {
-		return err
-	}
-	if err := unix.Unmount("/.old", unix.MNT_DETACH); err != nil {
-		return fmt.Errorf("let go of the host's root: %w", err)
-	}
-	if err := os.Remove("/.old"); err != nil {
-		return err
-	}
-	if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID, ""); err != nil {
-		return fmt.Errorf("make the root read-only: %w", err)
 	}
 	if err := os.Chdir(*dir); err != nil {
 		return err
@@ -217,40 +110,6 @@ func launchMain(args []string) error {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}
 	return fmt.Errorf("exec %s: %w", argv[0], unix.Exec(argv[0], argv, os.Environ()))
-}
-
-// makeDevices makes dir with the device nodes QEMU opens, of the same
-// devices as the host's; /dev/kvm belongs to uid alone.
-func makeDevices(dir string, uid int, kvm bool) error {
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		return err
-	}
-	nodes := []string{"null", "zero", "full", "random", "urandom"}
-	if kvm {
-		nodes = append(nodes, "kvm")
-	}
-	for _, n := range nodes {
-		var st unix.Stat_t
-		if err := unix.Stat("/dev/"+n, &st); err != nil {
-			if n == "kvm" {
-				continue // QEMU says what is missing
-			}
-			return fmt.Errorf("/dev/%s: %w", n, err)
-		}
-		node := filepath.Join(dir, n)
-		if err := unix.Mknod(node, unix.S_IFCHR|0o666, int(st.Rdev)); err != nil {
-			return fmt.Errorf("device node %s: %w", n, err)
-		}
-		// mknod's mode passes through the umask.
-		mode, owner := uint32(0o666), 0
-		if n == "kvm" {
-			mode, owner = 0o600, uid
-		}
-		if err := errors.Join(unix.Chmod(node, mode), os.Chown(node, owner, owner)); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // launch is what the driver prepares to start QEMU through qemu-launch.

@@ -33,6 +33,19 @@ type Config struct {
 	Console string `json:"console"`
 	// Net, if set, is the guest's one network interface.
 	Net *Net `json:"net,omitempty"`
+	// Jail, if set, has the helper, started as root in a mount namespace
+	// of its own, move into a root holding only what the VM needs and
+	// drop root before it loads libkrun.
+	Jail *Jail `json:"jail,omitempty"`
+}
+
+// Jail is where a jailed helper runs.
+type Jail struct {
+	// UID is the user (and group) it runs as.
+	UID int `json:"uid"`
+	// Dir is the sandbox's directory, the one read-write part of its
+	// root.
+	Dir string `json:"dir"`
 }
 
 // Net is a virtio-net device whose frames go over a Unix stream socket,
@@ -73,6 +86,14 @@ func (c Config) Check() error {
 	}
 	if c.AgentPort == 0 {
 		errs = append(errs, errors.New("no agent vsock port"))
+	}
+	if j := c.Jail; j != nil {
+		if j.UID <= 0 {
+			errs = append(errs, fmt.Errorf("jail user %d: want one that is not root", j.UID))
+		}
+		if !filepath.IsAbs(j.Dir) || filepath.Clean(j.Dir) != j.Dir || j.Dir == "/" {
+			errs = append(errs, fmt.Errorf("jail directory %q is not a clean absolute path", j.Dir))
+		}
 	}
 	if c.Net != nil {
 		if !filepath.IsAbs(c.Net.Socket) {
