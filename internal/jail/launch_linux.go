@@ -48,12 +48,16 @@ func OwnNamespace(command, kind string) error {
 
 // DropTo makes the whole process, every thread, uid (user and group) with
 // no supplementary groups, which leaves it no capabilities.
-func DropTo(uid int) error {
+func DropTo(uid int) error { return DropToGroup(uid, uid) }
+
+// DropToGroup makes the whole process, every thread, user uid and group
+// gid with no supplementary groups, which leaves it no capabilities.
+func DropToGroup(uid, gid int) error {
 	if err := syscall.Setgroups(nil); err != nil {
 		return fmt.Errorf("drop groups: %w", err)
 	}
-	if err := syscall.Setgid(uid); err != nil {
-		return fmt.Errorf("setgid %d: %w", uid, err)
+	if err := syscall.Setgid(gid); err != nil {
+		return fmt.Errorf("setgid %d: %w", gid, err)
 	}
 	if err := syscall.Setuid(uid); err != nil {
 		return fmt.Errorf("setuid %d: %w", uid, err)

@@ -32,9 +32,8 @@ func Status(t testing.TB, pid int) map[string]string {
 
 // CheckWalls checks that pid (what names it in errors) runs as one user
 // of the VMMs' jail range, not root, with no supplementary group, no
-// capabilities and no_new_privs, in a mount namespace other than this
-// process's whose /proc shows a user's own processes alone. It returns
-// the user.
+// capabilities and no_new_privs, in a root of its own (CheckRoot). It
+// returns the user.
 func CheckWalls(t testing.TB, pid int, what string) int {
 	t.Helper()
 	st := Status(t, pid)
@@ -51,6 +50,15 @@ func CheckWalls(t testing.TB, pid int, what string) int {
 			t.Errorf("%s's %s is %q, want %q", what, name, got, want)
 		}
 	}
+	CheckRoot(t, pid, what)
+	return uid
+}
+
+// CheckRoot checks that pid (what names it in errors) runs in a mount
+// namespace other than this process's, whose /proc shows a user's own
+// processes alone.
+func CheckRoot(t testing.TB, pid int, what string) {
+	t.Helper()
 	proc := fmt.Sprintf("/proc/%d", pid)
 	ours, _ := os.Readlink("/proc/self/ns/mnt")
 	if theirs, err := os.Readlink(proc + "/ns/mnt"); err != nil || theirs == ours {
@@ -68,5 +76,4 @@ func CheckWalls(t testing.TB, pid int, what string) int {
 	if !strings.Contains(procOpts, "hidepid=invisible") || !strings.Contains(procOpts, "subset=pid") {
 		t.Errorf("%s's /proc is mounted %q, want hidepid=invisible and subset=pid", what, procOpts)
 	}
-	return uid
 }

@@ -10,11 +10,12 @@ import (
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
-// The jail: each QEMU drops root for a user of its own before the guest
-// runs (-runas), with its sandbox directory as its root (-chroot), so a
-// guest that escapes into QEMU is an unprivileged user, without
-// capabilities and under QEMU's seccomp filter, that sees only that
-// directory and can write nothing in it (the directory stays root's:
+// The jail without its launcher (launch.go), when smolvm-net is not to be
+// found or QEMU is not under /usr: QEMU drops root for a user of its own
+// before the guest runs (-runas), with its sandbox directory as its root
+// (-chroot), so a guest that escapes into QEMU is an unprivileged user,
+// without capabilities and under QEMU's seccomp filter, that sees only
+// that directory and can write nothing in it (the directory stays root's:
 // QEMU opened every file it needs before it dropped root). No two running
 // VMMs share a user, so one cannot signal or trace another; the exception
 // is a VM sharing a user's directories, which runs as that user.

@@ -64,17 +64,22 @@ func launchMain(args []string) error {
 	goruntime.LockOSThread()
 	fs := flag.NewFlagSet(LaunchCommand, flag.ContinueOnError)
 	dir := fs.String("dir", "", "the sandbox directory: bound read-write, the working directory")
-	uid := fs.Int("uid", 0, "the user (and group) QEMU runs as")
+	uid := fs.Int("uid", 0, "the user QEMU runs as")
+	gid := fs.Int("gid", -1, "the group QEMU runs as (default: the user's number)")
 	kvm := fs.Bool("kvm", false, "give the user a /dev/kvm")
 	gateFD := fs.Int("gate-fd", 0, "a pipe to read a byte from before anything else (0: none)")
-	var ro pathList
+	var ro, rw pathList
 	fs.Var(&ro, "ro", "a file or directory bound read-only at its own path (repeatable)")
+	fs.Var(&rw, "rw", "a directory shared with the guest, bound read-write at its own path (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	argv := fs.Args()
-	if *dir == "" || !filepath.IsAbs(*dir) || *uid <= 0 || len(argv) == 0 || !filepath.IsAbs(argv[0]) {
-		return fmt.Errorf("usage: %s --dir=ABSDIR --uid=N [--kvm] [--ro=PATH]... [--gate-fd=N] -- /ABS/qemu ARGS", LaunchCommand)
+	if *gid < 0 {
+		*gid = *uid
+	}
+	if *dir == "" || !filepath.IsAbs(*dir) || *uid <= 0 || *gid <= 0 || len(argv) == 0 || !filepath.IsAbs(argv[0]) {
+		return fmt.Errorf("usage: %s --dir=ABSDIR --uid=N [--gid=N] [--kvm] [--ro=PATH]... [--rw=PATH]... [--gate-fd=N] -- /ABS/qemu ARGS", LaunchCommand)
 	}
 	// The driver puts this process in its control group first.
 	if err := jail.WaitGate(*gateFD); err != nil {
@@ -86,6 +91,11 @@ func launchMain(args []string) error {
 	}
 	for _, p := range ro {
 		if err := root.Bind(p, p, false); err != nil {
+			return err
+		}
+	}
+	for _, p := range rw {
+		if err := root.Bind(p, p, true); err != nil {
 			return err
 		}
 	}
@@ -103,7 +113,7 @@ func launchMain(args []string) error {
 	if err := os.Chdir(*dir); err != nil {
 		return err
 	}
-	if err := jail.DropTo(*uid); err != nil {
+	if err := jail.DropToGroup(*uid, *gid); err != nil {
 		return err
 	}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
@@ -123,7 +133,7 @@ type launch struct {
 // made for it: the files it writes, owned by uid; its sockets, listening;
 // the list of what it reads. It returns nil when this host's QEMU is not
 // under /usr, which the jail's root holds.
-func (d *Driver) prepareLaunch(spec vmm.Spec, rt runtime, mem memory, uid int) (_ *launch, err error) {
+func (d *Driver) prepareLaunch(spec vmm.Spec, rt runtime, mem memory, uid, gid int) (_ *launch, err error) {
 	qemu, err := exec.LookPath(qemuBinary)
 	if err != nil {
 		return nil, err
@@ -148,14 +158,14 @@ func (d *Driver) prepareLaunch(spec vmm.Spec, rt runtime, mem memory, uid int) (
 		if err != nil {
 			return nil, fmt.Errorf("start qemu: %w", err)
 		}
-		err = errors.Join(fh.Chown(uid, uid), fh.Close())
+		err = errors.Join(fh.Chown(uid, gid), fh.Close())
 		if err != nil {
 			return nil, fmt.Errorf("start qemu: %w", err)
 		}
 	}
 	if spec.Net != nil {
 		// QEMU connects to the network process's socket as uid.
-		if err := os.Chown(spec.Net.Socket, uid, uid); err != nil {
+		if err := os.Chown(spec.Net.Socket, uid, gid); err != nil {
 			return nil, fmt.Errorf("start qemu: %w", err)
 		}
 	}
@@ -183,7 +193,7 @@ func (d *Driver) prepareLaunch(spec vmm.Spec, rt runtime, mem memory, uid int) (
 		return nil, err
 	}
 	l.files, l.gate = append(l.files, r), w
-	l.argv = []string{LaunchCommand, "--dir=" + spec.Dir, "--uid=" + strconv.Itoa(uid), "--gate-fd=" + strconv.Itoa(gateFD)}
+	l.argv = []string{LaunchCommand, "--dir=" + spec.Dir, "--uid=" + strconv.Itoa(uid), "--gid=" + strconv.Itoa(gid), "--gate-fd=" + strconv.Itoa(gateFD)}
 	if d.accel == "kvm" {
 		l.argv = append(l.argv, "--kvm")
 	}
@@ -192,6 +202,13 @@ func (d *Driver) prepareLaunch(spec vmm.Spec, rt runtime, mem memory, uid int) (
 		ro = append(ro, spec.Initrd)
 	}
 	ro = append(ro, backingChain(rt.Disk)...)
+	for _, m := range spec.Mounts {
+		if m.ReadOnly {
+			ro = append(ro, m.HostPath)
+		} else {
+			l.argv = append(l.argv, "--rw="+m.HostPath)
+		}
+	}
 	for _, p := range ro {
 		l.argv = append(l.argv, "--ro="+p)
 	}

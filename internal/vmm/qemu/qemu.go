@@ -532,39 +532,47 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 	var release func()
 	var l *launch    // QEMU starts through the launcher, into its jail
 	var own []string // or drops root itself, with these arguments
-	if d.jail != nil && len(spec.Mounts) == 0 {
-		uid, rel, err := d.jail.Allocate()
-		if err != nil {
-			return nil, err
-		}
-		release = rel
-		if err := enterable(spec.Dir, rt.Disk, uid, uid); err != nil {
-			rel()
-			return nil, err
-		}
-		if d.helper != "" {
-			if l, err = d.prepareLaunch(spec, rt, mem, uid); err != nil {
-				rel()
-				return nil, err
-			}
-		}
-		if l == nil {
-			own = jailArgs(uid, uid, spec.Dir)
-		} else {
-			defer l.close()
-		}
-	} else if d.jail != nil {
+	if d.jail != nil {
 		// A VM that shares host directories needs their owner's rights
-		// on them: it runs as that user. It is not chrooted: QEMU's 9p
-		// server sets modes through /proc/self/fd. Shares of root's, or
-		// of several owners, leave it unjailed but for its filter.
-		if uid, gid, ok := sharesOwner(spec.Mounts); ok {
-			own = []string{"-runas", strconv.Itoa(uid) + ":" + strconv.Itoa(gid)}
-			if err := enterable(spec.Dir, rt.Disk, uid, gid); err != nil {
+		// on them: it runs as that user, with the shares in its root.
+		// Shares of root's, or of several owners, leave it unjailed but
+		// for its filter.
+		uid, gid, ok := sharesOwner(spec.Mounts)
+		if len(spec.Mounts) == 0 {
+			var err error
+			if uid, release, err = d.jail.Allocate(); err != nil {
 				return nil, err
 			}
-		} else {
+			gid, ok = uid, true
+		}
+		if !ok {
 			slog.Warn("a sandbox sharing directories of root's, or of more than one user, runs its QEMU as root", "sandbox", spec.ID)
+		} else {
+			if err := enterable(spec.Dir, rt.Disk, uid, gid); err != nil {
+				if release != nil {
+					release()
+				}
+				return nil, err
+			}
+			if d.helper != "" {
+				var err error
+				if l, err = d.prepareLaunch(spec, rt, mem, uid, gid); err != nil {
+					if release != nil {
+						release()
+					}
+					return nil, err
+				}
+			}
+			switch {
+			case l != nil:
+				defer l.close()
+			case len(spec.Mounts) > 0:
+				// Not chrooted: QEMU's 9p server sets modes through
+				// /proc/self/fd, which the sandbox directory lacks.
+				own = []string{"-runas", strconv.Itoa(uid) + ":" + strconv.Itoa(gid)}
+			default:
+				own = jailArgs(uid, gid, spec.Dir)
+			}
 		}
 	}
 	if release != nil {

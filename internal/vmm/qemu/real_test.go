@@ -473,6 +473,26 @@ func TestRealMounts(t *testing.T) {
 				t.Errorf("QEMU sharing a user's directories: status lacks %q:\n%s", want, status)
 			}
 		}
+		// In a root of its own that holds the shares and its own
+		// directory, and nothing else of the test's.
+		jailtest.CheckRoot(t, m.PID(), "QEMU sharing a user's directories")
+		if st := jailtest.Status(t, m.PID()); st["NoNewPrivs"] != "1" || st["Groups"] != "" {
+			t.Errorf("QEMU sharing a user's directories: NoNewPrivs %q Groups %q", st["NoNewPrivs"], st["Groups"])
+		}
+		seen, err := os.ReadDir(fmt.Sprintf("/proc/%d/root%s", m.PID(), host))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range seen {
+			names = append(names, e.Name())
+		}
+		if !slices.Equal(names, []string{"read,only", "rw"}) {
+			t.Errorf("QEMU sharing a user's directories sees %q in %s, want the two shares", names, host)
+		}
+		if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", m.PID())); !bytes.Contains(cmdline, []byte("elevateprivileges=deny")) || bytes.Contains(cmdline, []byte("-runas")) {
+			t.Errorf("QEMU sharing a user's directories: command line %q, want elevateprivileges=deny and no -runas", cmdline)
+		}
 		// What the guest makes in a share belongs to the share's owner.
 		var st syscall.Stat_t
 		if err := syscall.Stat(filepath.Join(rw, "out"), &st); err != nil || st.Uid != owner {
