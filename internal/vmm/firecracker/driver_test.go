@@ -231,6 +231,7 @@ func checkJailed(t *testing.T, recs []record, pid int, spec vmm.Spec) int {
 		if !strings.Contains(ev["cgroup"].(string), "/smolvm/"+vmm.GroupName(spec)) {
 			t.Errorf("firecracker is not in its control group %s: %s", vmm.GroupName(spec), ev["cgroup"])
 		}
+		t.Logf("firecracker's control groups: %q", ev["cgroup"])
 	}
 	return uid
 }
