@@ -24,3 +24,6 @@ func SpareKey(s *Server) string {
 func ListenWithoutSerial(timeout time.Duration, port uint32) (net.Listener, error) {
 	return listenAt(timeout, func() (string, bool) { return "", false }, port)
 }
+
+// WriteIfChanged is writeIfChanged.
+var WriteIfChanged = writeIfChanged

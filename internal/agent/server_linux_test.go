@@ -779,3 +779,13 @@ func tarOf(t *testing.T, entries []tarEntry) io.Reader {
 	tw.Close()
 	return &b
 }
+
+func TestWriteIfChangedRewritesInPlace(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "hostname")
+	for _, content := range []string{"vm-longer-name\n", "vm-a\n", "vm-a\n", "vm-much-longer-name\n", ""} {
+		agent.WriteIfChanged(p, content)
+		if b, err := os.ReadFile(p); err != nil || string(b) != content {
+			t.Fatalf("after writing %q the file holds %q (%v)", content, b, err)
+		}
+	}
+}
