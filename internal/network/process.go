@@ -88,11 +88,36 @@ func groupName(dir string) string {
 // it outlives the caller: it ends when the VM disconnects, or after
 // attachTimeout if none ever connects.
 func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) {
+	s, err := Launch(ctx, bin, dir, p, j)
+	if err != nil {
+		return 0, err
+	}
+	if err := s.Ready(ctx); err != nil {
+		return 0, err
+	}
+	return s.PID, nil
+}
+
+// Started is a network process launched and perhaps not answering yet.
+// Its link socket listens from the moment Launch returns (it is made
+// there), so a VM may connect to it at once: the connection waits in the
+// socket's queue while the process starts.
+type Started struct {
+	PID    int
+	dir    string
+	cmd    *exec.Cmd
+	exited chan error
+	group  *cgroup.Group
+}
+
+// Launch starts the network process for the sandbox in dir, with policy p,
+// and returns once it runs; Ready waits until it answers.
+func Launch(ctx context.Context, bin, dir string, p Policy, j Jail) (*Started, error) {
 	uid := j.UID
 	f := Files{Dir: dir}
 	// sun_path holds 107 bytes and a NUL.
 	if len(f.Link()) > 107 || len(f.Control()) > 107 {
-		return 0, fmt.Errorf("socket path %s is longer than 107 bytes: use a shorter data directory (SMOLVM_DATA_DIR): %w", f.Link(), ErrPathTooLong)
+		return nil, fmt.Errorf("socket path %s is longer than 107 bytes: use a shorter data directory (SMOLVM_DATA_DIR): %w", f.Link(), ErrPathTooLong)
 	}
 	Stop(ctx, dir)
 	for _, s := range []string{f.Link(), f.Control(), f.pidFile()} {
@@ -100,21 +125,21 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 	}
 	pj, err := json.Marshal(p)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	logf, err := os.OpenFile(f.logFile(), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
-		return 0, fmt.Errorf("network log: %w", err)
+		return nil, fmt.Errorf("network log: %w", err)
 	}
 	defer logf.Close()
 	link, err := listenUnix(f.Link())
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer link.Close()
 	ctl, err := listenUnix(f.Control())
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer ctl.Close()
 	var files []*os.File
@@ -124,7 +149,7 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 		l.SetUnlinkOnClose(false)
 		lf, err := l.File()
 		if err != nil {
-			return 0, fmt.Errorf("network sockets: %w", err)
+			return nil, fmt.Errorf("network sockets: %w", err)
 		}
 		defer lf.Close()
 		files = append(files, lf)
@@ -142,7 +167,7 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 		// of its descriptor, as fexecve does.
 		bf, err := os.Open(bin)
 		if err != nil {
-			return 0, fmt.Errorf("network process %s: %w", bin, err)
+			return nil, fmt.Errorf("network process %s: %w", bin, err)
 		}
 		defer bf.Close()
 		cmd.ExtraFiles = append(cmd.ExtraFiles, bf)
@@ -162,7 +187,7 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 	if j.Cgroups != nil {
 		g, err := cgroup.New(*j.Cgroups, groupName(dir), netLimits)
 		if err != nil {
-			return 0, fmt.Errorf("start network process: %w", err)
+			return nil, fmt.Errorf("start network process: %w", err)
 		}
 		group = &g
 	}
@@ -170,22 +195,31 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 		if group != nil {
 			err = errors.Join(err, group.Remove())
 		}
-		return 0, fmt.Errorf("start network process %s: %w", bin, err)
+		return nil, fmt.Errorf("start network process %s: %w", bin, err)
 	}
 	pid := cmd.Process.Pid
 	if group != nil {
 		if err := group.Add(pid); err != nil {
 			cmd.Process.Kill()
 			cmd.Wait()
-			return 0, errors.Join(fmt.Errorf("start network process: %w", err), group.Remove())
+			return nil, errors.Join(fmt.Errorf("start network process: %w", err), group.Remove())
 		}
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reaps it while the caller lives
 	if err := os.WriteFile(f.pidFile(), []byte(strconv.Itoa(pid)+"\n"), 0o644); err != nil {
 		cmd.Process.Kill()
-		return 0, err
+		<-exited
+		return nil, errors.Join(err, dropStarted(ctx, dir, group))
 	}
+	return &Started{PID: pid, dir: dir, cmd: cmd, exited: exited, group: group}, nil
+}
+
+// Ready waits until the process answers on its control socket. A process
+// that exits first, or does not answer within startTimeout, is ended and
+// its control group removed.
+func (s *Started) Ready(ctx context.Context) error {
+	f := Files{Dir: s.dir}
 	c := Dial(f.Control())
 	sctx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
@@ -197,15 +231,15 @@ func Start(ctx context.Context, bin, dir string, p Policy, j Jail) (int, error) 
 		_, err := c.Status(actx)
 		cancel()
 		if err == nil {
-			return pid, nil
+			return nil
 		}
 		select {
-		case err := <-exited:
-			return 0, errors.Join(fmt.Errorf("network process exited at start (%v): %s", err, tail(f.logFile())), dropStarted(ctx, dir, group))
+		case err := <-s.exited:
+			return errors.Join(fmt.Errorf("network process exited at start (%v): %s", err, tail(f.logFile())), dropStarted(ctx, s.dir, s.group))
 		case <-sctx.Done():
-			cmd.Process.Kill()
-			<-exited
-			return 0, errors.Join(fmt.Errorf("network process did not answer within %s: %s", startTimeout, tail(f.logFile())), dropStarted(ctx, dir, group))
+			s.cmd.Process.Kill()
+			<-s.exited
+			return errors.Join(fmt.Errorf("network process did not answer within %s: %s", startTimeout, tail(f.logFile())), dropStarted(ctx, s.dir, s.group))
 		case <-time.After(5 * time.Millisecond):
 		}
 	}

@@ -445,44 +445,62 @@ func (l *launcher) netPath() (string, error) {
 		Message: "the sandbox network helper smolvm-net was not found next to smolvm: build it with scripts/setup.sh (or set SMOLVM_NET), or create the sandbox with network mode \"off\""}
 }
 
-// startNetwork starts the network process for a VM about to boot in dir and
-// points spec at it; with the network off it does nothing.
-func (l *launcher) startNetwork(ctx context.Context, dir string, p network.Policy, spec *vmm.Spec) error {
+// startNetwork launches the network process for a VM about to boot in dir
+// and points spec at it; with the network off it does nothing. ready waits
+// until the process answers: its socket listens at once, so the VM may
+// start meanwhile, and the two start side by side.
+func (l *launcher) startNetwork(ctx context.Context, dir string, p network.Policy, spec *vmm.Spec) (ready func(context.Context) error, err error) {
 	if !p.Enabled() {
-		return nil
+		return func(context.Context) error { return nil }, nil
 	}
 	bin, err := l.netPath()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var j network.Jail
 	if l.netUsers != nil {
 		u, release, err := l.netUsers.Allocate()
 		if err != nil {
-			return err
+			return nil, err
 		}
 		defer release()
 		j.UID, j.Cgroups = u, l.cgroups
 	}
-	if _, err := network.Start(ctx, bin, dir, p, j); err != nil {
+	started, err := network.Launch(ctx, bin, dir, p, j)
+	if err != nil {
 		if errors.Is(err, network.ErrPathTooLong) {
-			return &Error{Kind: KindUnavailable, Code: "data_dir_too_long", Message: err.Error()}
+			return nil, &Error{Kind: KindUnavailable, Code: "data_dir_too_long", Message: err.Error()}
 		}
-		return fmt.Errorf("start the sandbox network: %w", err)
+		return nil, fmt.Errorf("start the sandbox network: %w", err)
 	}
 	spec.Net = &vmm.NetAttachment{Kind: vmm.NetStream, Socket: network.Files{Dir: dir}.Link(), MAC: network.GuestMAC}
-	return nil
+	return func(ctx context.Context) error {
+		if err := started.Ready(ctx); err != nil {
+			return fmt.Errorf("start the sandbox network: %w", err)
+		}
+		return nil
+	}, nil
 }
 
 // startVM starts rec's network, if it has one, then its VM with start; if
 // the VM does not start, the network goes too.
 func (l *launcher) startVM(ctx context.Context, rec *store.Record, spec vmm.Spec, start func(vmm.Spec) (vmm.Machine, error)) (vmm.Machine, error) {
 	t := time.Now()
-	if err := l.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec); err != nil {
+	ready, err := l.startNetwork(ctx, rec.Dir, readNet(*rec).Policy, &spec)
+	if err != nil {
 		return nil, err
 	}
 	vmm.Step(ctx, "network process", t)
 	mach, err := start(spec)
+	if err == nil {
+		t = time.Now()
+		if err = ready(ctx); err != nil {
+			if kerr := mach.Kill(context.WithoutCancel(ctx)); kerr != nil {
+				l.opts.Logger.Error("stop a VM whose network did not start", "sandbox", rec.ID, "err", kerr)
+			}
+		}
+		vmm.Step(ctx, "network answers", t)
+	}
 	if err != nil {
 		if nerr := network.Stop(context.WithoutCancel(ctx), rec.Dir); nerr != nil {
 			l.opts.Logger.Error("stop the network of a VM that did not start", "sandbox", rec.ID, "err", nerr)

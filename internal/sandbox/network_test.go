@@ -494,3 +494,38 @@ func TestNetworkPool(t *testing.T) {
 		t.Fatal("a sandbox without network came from the pool, whose members have a NIC")
 	}
 }
+
+// The network process starts beside the VM; one that dies at start fails
+// the create with what it said, and leaves no VM or network process.
+func TestNetworkThatDiesAtStart(t *testing.T) {
+	t.Parallel()
+	d := testenv.DataDir(t)
+	ctx := context.Background()
+	// The same binary launches jailed QEMUs: that part of it works.
+	bad := filepath.Join(t.TempDir(), "smolvm-net")
+	script := "#!/bin/sh\n[ \"$1\" = qemu-launch ] && exec " + testenv.NetPath(t) + " \"$@\"\necho the network broke >&2\nexit 3\n"
+	if err := os.WriteFile(bad, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m, err := sandbox.Open(ctx, sandbox.Options{DataDir: d, AgentPath: testenv.AgentPath(t), NetPath: bad, NoTemplates: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	_, err = m.Create(ctx, sandbox.CreateRequest{})
+	if err == nil || !strings.Contains(err.Error(), "network process exited at start") || !strings.Contains(err.Error(), "the network broke") {
+		t.Fatalf("create with a network that dies: %v", err)
+	}
+	if pids := vmm.ProcessesWith(d.Path()); len(pids) > 0 {
+		t.Errorf("processes %v left under the data directory", pids)
+	}
+	list, err := m.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		if s.Status == sandbox.StatusRunning {
+			t.Errorf("sandbox %s is running after its create failed", s.ID)
+		}
+	}
+}

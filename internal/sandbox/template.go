@@ -283,10 +283,14 @@ func (tc *templates) buildTemplate(ctx context.Context, drv vmm.Driver, snap vmm
 	}
 	if t.Network {
 		// The template runs no commands; its network refuses everything.
-		if err := tc.l.startNetwork(ctx, tmp, network.Policy{Mode: network.ModeRestricted}, &spec); err != nil {
+		ready, err := tc.l.startNetwork(ctx, tmp, network.Policy{Mode: network.ModeRestricted}, &spec)
+		if err != nil {
 			return err
 		}
 		defer network.Stop(context.WithoutCancel(ctx), tmp)
+		if err := ready(ctx); err != nil {
+			return err
+		}
 	}
 	mach, err := drv.Start(ctx, spec)
 	if err != nil {
