@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian host to build and run smolvm: installs what the
-# build needs, builds bin/smolvm, bin/smolvm-agent and bin/smolvm-net, then runs
+# build needs, builds bin/smolvm, bin/smolvm-agent, bin/smolvm-net and bin/smolvm-jail, then runs
 # `bin/smolvm setup`, which installs QEMU and the filesystem tools, imports the
 # guest kernel and builds the default image. Safe to run again; a second run
 # only rebuilds the binaries.
@@ -55,7 +55,7 @@ if ! git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
 fi
 
 mkdir -p bin
-echo "building bin/smolvm, bin/smolvm-agent, bin/smolvm-net and bin/smolvm-krun"
+echo "building bin/smolvm, bin/smolvm-agent, bin/smolvm-net, bin/smolvm-jail and bin/smolvm-krun"
 # Without symbol tables: the agent rides in every guest's initramfs, and
 # panics still name their functions.
 CGO_ENABLED=0 go build "${buildflags[@]}" -ldflags="-s -w" -o bin/ ./cmd/...

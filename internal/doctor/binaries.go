@@ -20,13 +20,22 @@ type Helper struct {
 var (
 	Agent   = Helper{Name: "smolvm-agent", Env: "SMOLVM_AGENT", Purpose: "runs as PID 1 in every guest"}
 	Net     = Helper{Name: "smolvm-net", Env: "SMOLVM_NET", InPath: true, Purpose: "the network of every sandbox that has one"}
-	Helpers = []Helper{Agent, Net}
+	Jail    = Helper{Name: "smolvm-jail", Env: "SMOLVM_JAIL", InPath: true, Purpose: "starts every VMM in its jail"}
+	Helpers = []Helper{Agent, Net, Jail}
 )
 
 // Locate finds h: override if set, then $Env, then next to the running
 // executable, then (if h.InPath) $PATH. It returns "" when none is a file.
-func (h Helper) Locate(override string) string {
+func (h Helper) Locate(override string) string { return h.LocateBeside(override, "") }
+
+// LocateBeside is Locate that also looks in the directory of sibling,
+// another helper found (the helpers are built and installed together),
+// after $Env.
+func (h Helper) LocateBeside(override, sibling string) string {
 	candidates := []string{override, os.Getenv(h.Env)}
+	if sibling != "" {
+		candidates = append(candidates, filepath.Join(filepath.Dir(sibling), h.Name))
+	}
 	if exe, err := os.Executable(); err == nil {
 		candidates = append(candidates, filepath.Join(filepath.Dir(exe), h.Name))
 	}

@@ -95,7 +95,13 @@ func Run(ctx context.Context, d datadir.Dir, located ...map[string]string) []Che
 	checks = append(checks, checkQboot(qbootPath))
 	checks = append(checks, checkAccelerator())
 	_, cgErr := cgroup.Detect(cgroup.Root)
-	checks = append(checks, jailCheck(os.Geteuid(), cgErr, Net.Locate("") != ""))
+	jail := ""
+	for _, l := range located {
+		if p := l[Jail.Name]; p != "" {
+			jail = p
+		}
+	}
+	checks = append(checks, jailCheck(os.Geteuid(), cgErr, Jail.Locate(jail) != ""))
 	checks = append(checks, checkKernel(d))
 	checks = append(checks, imageCheck)
 	checks = append(checks, checkDataDir(d))
@@ -361,8 +367,8 @@ func jailCheck(euid int, cgErr error, launcher bool) Check {
 		c.Fix = "run the server as root (sudo) for the full jail"
 	case !launcher:
 		c.Status = StatusWarn
-		c.Detail = "smolvm-net is missing: each QEMU starts as root and drops root itself (-runas, -chroot to its sandbox directory), and its filter allows set*id calls"
-		c.Fix = "build smolvm-net beside smolvm (scripts/setup.sh)"
+		c.Detail = "smolvm-jail is missing: each QEMU starts as root and drops root itself (-runas, -chroot to its sandbox directory), and its filter allows set*id calls; Firecracker cannot start"
+		c.Fix = "build smolvm-jail beside smolvm (scripts/setup.sh)"
 	case cgErr != nil:
 		c.Status = StatusWarn
 		c.Detail = "each QEMU runs as a user of its own in a root of its own, under its seccomp filter, but without limits: " + cgErr.Error()

@@ -153,7 +153,7 @@ func TestJailCheck(t *testing.T) {
 	if c := jailCheck(0, nil, true); c.Status != StatusOK || !strings.Contains(c.Detail, "root of its own") || !strings.Contains(c.Detail, "control group") {
 		t.Errorf("as root: %+v", c)
 	}
-	if c := jailCheck(0, nil, false); c.Status != StatusWarn || !strings.Contains(c.Detail, "smolvm-net") || c.Fix == "" {
+	if c := jailCheck(0, nil, false); c.Status != StatusWarn || !strings.Contains(c.Detail, "smolvm-jail") || c.Fix == "" {
 		t.Errorf("jail without the launcher: %+v", c)
 	}
 	if c := jailCheck(1000, nil, true); c.Status != StatusWarn || c.Fix == "" || !strings.Contains(c.Detail, "seccomp") {

@@ -963,5 +963,5 @@ func (m *Manager) DataDir() datadir.Dir { return m.opts.DataDir }
 // Helpers are the helper binaries (by name) this Manager was configured
 // with, for host checks.
 func (m *Manager) Helpers() map[string]string {
-	return map[string]string{doctor.Agent.Name: m.opts.AgentPath, doctor.Net.Name: m.opts.NetPath}
+	return map[string]string{doctor.Agent.Name: m.opts.AgentPath, doctor.Net.Name: m.opts.NetPath, doctor.Jail.Name: drivers.JailPath(m.opts.NetPath)}
 }

@@ -46,7 +46,9 @@ func build(t testing.TB) {
 		}
 		builds.agent = filepath.Join(dir, "smolvm-agent")
 		builds.net = filepath.Join(dir, "smolvm-net")
-		for out, pkg := range map[string]string{builds.agent: "./cmd/smolvm-agent", builds.net: "./cmd/smolvm-net"} {
+		// smolvm-jail beside smolvm-net, where the drivers find it.
+		jail := filepath.Join(dir, "smolvm-jail")
+		for out, pkg := range map[string]string{builds.agent: "./cmd/smolvm-agent", builds.net: "./cmd/smolvm-net", jail: "./cmd/smolvm-jail"} {
 			// Stripped as scripts/setup.sh builds them.
 			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", out, pkg)
 			cmd.Dir = RepoRoot()

@@ -15,17 +15,23 @@ import (
 // Default is every driver, in order of preference: a sandbox that names
 // no backend gets the first this host can run. accel forces QEMU's
 // accelerator ("kvm" or "tcg"); "" picks KVM only where it really works
-// ($SMOLVM_ACCEL overrides). net is smolvm-net's binary, the helper that
-// launches Firecracker and jailed QEMUs; "" finds it as the Manager does:
-// $SMOLVM_NET, beside this executable, then $PATH.
+// ($SMOLVM_ACCEL overrides). net is smolvm-net's binary ("" finds it as
+// the Manager does); smolvm-jail, which launches Firecracker and jailed
+// QEMUs, is found as JailPath says.
 func Default(accel, net string) *vmm.Registry {
 	if accel == "" {
 		accel, _ = doctor.Accelerator()
 	}
-	helper := doctor.Net.Locate(net)
+	helper := JailPath(net)
 	return vmm.NewRegistry(
 		firecracker.New(firecracker.Options{HelperPath: helper}),
 		qemu.New(qemu.Options{Accel: accel, HelperPath: helper}),
 		libkrun.New(libkrun.Options{Library: os.Getenv("SMOLVM_LIBKRUN")}),
 	)
+}
+
+// JailPath finds smolvm-jail: $SMOLVM_JAIL, beside smolvm-net (net, or
+// where it is found), beside this executable, then $PATH; "" if nowhere.
+func JailPath(net string) string {
+	return doctor.Jail.LocateBeside("", doctor.Net.Locate(net))
 }

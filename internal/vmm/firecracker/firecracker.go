@@ -50,8 +50,8 @@ type Options struct {
 	// $PATH.
 	Binary string
 	// HelperPath is the binary whose fc-launch and tap-relay subcommands
-	// (Main) the driver runs: smolvm-net. "" finds smolvm-net beside this
-	// executable, then on $PATH.
+	// (Main) the driver runs: smolvm-jail. "" finds smolvm-jail beside
+	// this executable, then on $PATH.
 	HelperPath string
 	// NoJail runs Firecracker as root (still in its namespaces), without
 	// a user of its own or a control group.
@@ -119,9 +119,9 @@ func (d *Driver) helper() (string, error) {
 	}
 	var candidates []string
 	if exe, err := os.Executable(); err == nil {
-		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "smolvm-net"))
+		candidates = append(candidates, filepath.Join(filepath.Dir(exe), "smolvm-jail"))
 	}
-	if p, err := exec.LookPath("smolvm-net"); err == nil {
+	if p, err := exec.LookPath("smolvm-jail"); err == nil {
 		candidates = append(candidates, p)
 	}
 	for _, p := range candidates {
@@ -129,7 +129,7 @@ func (d *Driver) helper() (string, error) {
 			return p, nil
 		}
 	}
-	return "", errors.New("smolvm-net was not found beside smolvm or on $PATH: the firecracker backend starts each VM through it (build it with scripts/setup.sh)")
+	return "", errors.New("smolvm-jail was not found beside smolvm or on $PATH: the firecracker backend starts each VM through it (build it with scripts/setup.sh)")
 }
 
 // Available says what this host lacks to run Firecracker: root (for the

@@ -19,7 +19,7 @@ import (
 )
 
 // The driver's two helper processes are subcommands of a helper binary
-// (smolvm-net), since a process must be running to hold a namespace or a
+// (smolvm-jail), since a process must be running to hold a namespace or a
 // relay after the server that started it is gone:
 //
 //	fc-launch  sets up one VM's namespaces and becomes its Firecracker

@@ -10,7 +10,7 @@ import (
 	"github.com/smolvm/smolvm/internal/vmm"
 )
 
-// The jail without its launcher (launch.go), when smolvm-net is not to be
+// The jail without its launcher (launch.go), when smolvm-jail is not to be
 // found or QEMU is not under /usr: QEMU drops root for a user of its own
 // before the guest runs (-runas), with its sandbox directory as its root
 // (-chroot), so a guest that escapes into QEMU is an unprivileged user,

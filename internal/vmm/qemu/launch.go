@@ -20,7 +20,7 @@ import (
 )
 
 // The jail's launcher. A jailed QEMU never runs as root: qemu-launch, a
-// subcommand of the helper binary (smolvm-net) started by the driver as
+// subcommand of the helper binary (smolvm-jail) started by the driver as
 // root in a mount namespace of its own, builds a root holding only what
 // QEMU needs, moves into it, drops root for the VM's own user and
 // executes QEMU, which then installs its filter with

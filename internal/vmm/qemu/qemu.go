@@ -46,7 +46,7 @@ type Options struct {
 	// needs root; without it QEMU keeps only its seccomp filter.
 	NoJail bool
 	// HelperPath is the binary with the qemu-launch subcommand
-	// (smolvm-net), through which a jailed QEMU starts (launch.go).
+	// (smolvm-jail), through which a jailed QEMU starts (launch.go).
 	// Without it a jailed QEMU starts as root and drops root itself
 	// (-runas, -chroot).
 	HelperPath string

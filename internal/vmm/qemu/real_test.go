@@ -35,12 +35,12 @@ import (
 // realGuest is what booting a sandbox's guest takes.
 type realGuest struct {
 	kernel, initrd, base string
-	// net is smolvm-net, whose qemu-launch starts jailed QEMUs.
-	net string
+	// jail is smolvm-jail, whose qemu-launch starts jailed QEMUs.
+	jail string
 }
 
 // driver is the driver as the server makes it, with its launcher.
-func (g realGuest) driver() *Driver { return New(Options{HelperPath: g.net}) }
+func (g realGuest) driver() *Driver { return New(Options{HelperPath: g.jail}) }
 
 var realBuild struct {
 	once sync.Once
@@ -89,9 +89,9 @@ func needGuest(t *testing.T) realGuest {
 			return
 		}
 		realBuild.dir = dir
-		agent, net := filepath.Join(dir, "smolvm-agent"), filepath.Join(dir, "smolvm-net")
+		agent, jail := filepath.Join(dir, "smolvm-agent"), filepath.Join(dir, "smolvm-jail")
 		_, file, _, _ := goruntime.Caller(0)
-		for out, pkg := range map[string]string{agent: "./cmd/smolvm-agent", net: "./cmd/smolvm-net"} {
+		for out, pkg := range map[string]string{agent: "./cmd/smolvm-agent", jail: "./cmd/smolvm-jail"} {
 			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", out, pkg)
 			cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..", "..")
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
@@ -105,7 +105,7 @@ func needGuest(t *testing.T) realGuest {
 			realBuild.err = err
 			return
 		}
-		realBuild.g = realGuest{kernel: k.Vmlinux, initrd: initrd, base: base.Path, net: net}
+		realBuild.g = realGuest{kernel: k.Vmlinux, initrd: initrd, base: base.Path, jail: jail}
 	})
 	if realBuild.skip != "" {
 		msg := realBuild.skip + ": run `scripts/setup.sh` (or `smolvm setup`) first"

@@ -65,7 +65,7 @@ func repoRoot(t *testing.T) string {
 func binaries(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", dir+"/", "./cmd/smolvm", "./cmd/smolvm-agent", "./cmd/smolvm-net")
+	cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", dir+"/", "./cmd/smolvm", "./cmd/smolvm-agent", "./cmd/smolvm-net", "./cmd/smolvm-jail")
 	cmd.Dir = repoRoot(t)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
