@@ -463,11 +463,28 @@ func TestStartFailureLeavesNothing(t *testing.T) {
 		if err := copyDisk(e.base, disk, spec.DiskMiB); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.d.Start(ctx, spec); err == nil {
-			t.Fatal("Start succeeded")
+		// Failing in Firecracker, and failing to start the launcher at all.
+		noExec := filepath.Join(e.work, "not-a-launcher")
+		if err := os.WriteFile(noExec, []byte("not a program"), 0o644); err != nil {
+			t.Fatal(err)
 		}
-		if left := entries(t, spec.Dir); !slices.Equal(left, []string{fileDisk}) {
-			t.Errorf("files left: %q, want only the disk that was there", left)
+		for name, d := range map[string]*Driver{
+			"in firecracker":   e.d,
+			"no launcher runs": New(Options{Binary: e.d.opts.Binary, HelperPath: noExec, Env: e.d.opts.Env}),
+		} {
+			if _, err := d.Start(ctx, spec); err == nil {
+				t.Fatalf("%s: Start succeeded", name)
+			}
+			if left := entries(t, spec.Dir); !slices.Equal(left, []string{fileDisk}) {
+				t.Errorf("%s: files left: %q, want only the disk that was there", name, left)
+			}
+			// And root's again, as the directory.
+			for _, p := range []string{spec.Dir, disk} {
+				var st syscall.Stat_t
+				if err := syscall.Stat(p, &st); err != nil || st.Uid != 0 || st.Gid != 0 {
+					t.Errorf("%s: %s after a failed start: %d:%d (%v), want root's", name, p, st.Uid, st.Gid, err)
+				}
+			}
 		}
 	})
 }

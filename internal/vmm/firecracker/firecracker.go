@@ -645,13 +645,22 @@ func (d *Driver) launch(ctx context.Context, spec vmm.Spec, inputs []string, set
 
 	uid := 0
 	if d.jail != nil {
-		u, release, err := d.jail.Allocate()
-		if err != nil {
-			return nil, err
+		u, release, aerr := d.jail.Allocate()
+		if aerr != nil {
+			return nil, aerr
 		}
 		defer release()
 		uid = u
-		if err := enterable(spec.Dir, run, rt.Disk, uid); err != nil {
+		// On any failure from here, what the user was given is root's
+		// again (a disk that was there stays, and is the sandbox's).
+		defer func() {
+			if err != nil {
+				given := rt
+				given.UID = uid
+				err = errors.Join(err, (&machine{rt: given}).giveBack())
+			}
+		}()
+		if err = enterable(spec.Dir, run, rt.Disk, uid); err != nil {
 			return nil, err
 		}
 	}

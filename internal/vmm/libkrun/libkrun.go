@@ -506,19 +506,21 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, cfg krunconf.Config, 
 		}
 	}()
 	if d.jail != nil {
-		uid, release, err := d.jail.Allocate()
-		if err != nil {
-			return nil, err
+		uid, release, aerr := d.jail.Allocate()
+		if aerr != nil {
+			return nil, aerr
 		}
 		defer release()
 		rt.UID = uid
 		cfg.Jail = &krunconf.Jail{UID: uid, Dir: spec.Dir}
+		// On any failure from here, what the user was given is root's
+		// again (a disk that was there stays, and is the sandbox's).
 		defer func() {
 			if err != nil {
 				err = errors.Join(err, giveBack(rt))
 			}
 		}()
-		if err := jailFiles(spec, rt); err != nil {
+		if err = jailFiles(spec, rt); err != nil {
 			return nil, err
 		}
 	}

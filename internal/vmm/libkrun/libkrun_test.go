@@ -434,6 +434,42 @@ func TestStartFailureNamesTheCallAndLeavesNothing(t *testing.T) {
 	}
 }
 
+// A start that fails leaves a disk that was there, and the directory,
+// root's again, as they were.
+func TestStartFailureGivesBackTheDisk(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the jail needs root")
+	}
+	f := setup(t)
+	disk := filepath.Join(f.spec.Dir, "disk.raw")
+	if err := os.WriteFile(disk, []byte("the sandbox's own disk"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Failing in the helper, and failing to start the helper at all.
+	noExec := filepath.Join(t.TempDir(), "smolvm-krun")
+	if err := os.WriteFile(noExec, []byte("not a program"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for name, drv := range map[string]*Driver{
+		"in the helper":  f.drv,
+		"no helper runs": New(Options{Helper: noExec, Library: f.lib, NoCgroup: true}),
+	} {
+		t.Setenv(libkruntest.EnvFail, "krun_set_vm_config")
+		if _, err := drv.Start(ctxFor(t, 30*time.Second), f.spec); err == nil {
+			t.Fatalf("%s: Start succeeded", name)
+		}
+		for _, p := range []string{f.spec.Dir, disk} {
+			var st syscall.Stat_t
+			if err := syscall.Stat(p, &st); err != nil || st.Uid != 0 || st.Gid != 0 {
+				t.Errorf("%s: %s after a failed start: %d:%d (%v), want root's", name, p, st.Uid, st.Gid, err)
+			}
+		}
+	}
+	if b, _ := os.ReadFile(disk); string(b) != "the sandbox's own disk" {
+		t.Errorf("the disk holds %q", b)
+	}
+}
+
 func TestStartFailsOnALibkrunTooOld(t *testing.T) {
 	f := setup(t, "krun_add_vsock_port2")
 	_, err := f.drv.Start(ctxFor(t, 30*time.Second), f.spec)

@@ -160,6 +160,9 @@ type runtime struct {
 	MemoryFile string `json:"memory_file,omitempty"`
 	// Cgroup names the process's control group, if it has one.
 	Cgroup string `json:"cgroup,omitempty"`
+	// UID is the user QEMU runs as when jailed (its own, or a share's
+	// owner), who was given the disk and console; 0 for none.
+	UID int `json:"uid,omitempty"`
 }
 
 // machine is one QEMU process.
@@ -200,11 +203,36 @@ func consoleMarker(rt runtime) string {
 func (m *machine) Alive() bool { return vmm.ProcessAlive(m.rt.PID, m.marker()) }
 
 func (m *machine) Kill(ctx context.Context) error {
-	return m.dropGroup(vmm.KillProcess(ctx, m.rt.PID, m.marker()))
+	return m.ended(vmm.KillProcess(ctx, m.rt.PID, m.marker()))
 }
 
 func (m *machine) Wait(ctx context.Context) error {
-	return m.dropGroup(vmm.WaitGone(ctx, m.rt.PID, m.marker()))
+	return m.ended(vmm.WaitGone(ctx, m.rt.PID, m.marker()))
+}
+
+// ended cleans up after QEMU has gone: what its user was given becomes
+// root's again (the user may go to another VM), and its group goes.
+func (m *machine) ended(err error) error {
+	if err != nil {
+		return err
+	}
+	return errors.Join(giveBack(m.rt), m.dropGroup(nil))
+}
+
+// giveBack makes root the owner again of the directory, disk and console
+// that rt's jail user was given. That user could create no name in the
+// directory, so none of them is its link.
+func giveBack(rt runtime) error {
+	if rt.UID == 0 {
+		return nil
+	}
+	var errs []error
+	for _, p := range []string{rt.Disk, rt.Console, filepath.Dir(rt.Disk)} {
+		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // DialAgent connects to the virtio-serial port's chardev socket.
@@ -519,7 +547,7 @@ func (d *Driver) Start(ctx context.Context, spec vmm.Spec) (vmm.Machine, error) 
 	return d.start(ctx, spec, mem)
 }
 
-func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...string) (*machine, error) {
+func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...string) (_ *machine, err error) {
 	rt := paths(spec.Dir)
 	if len(rt.AgentSocket) > maxSocketPath {
 		return nil, fmt.Errorf("socket path %s is longer than %d bytes: use a shorter data directory (SMOLVM_DATA_DIR)", rt.AgentSocket, maxSocketPath)
@@ -548,6 +576,14 @@ func (d *Driver) start(ctx context.Context, spec vmm.Spec, mem memory, extra ...
 		if !ok {
 			slog.Warn("a sandbox sharing directories of root's, or of more than one user, runs its QEMU as root", "sandbox", spec.ID)
 		} else {
+			rt.UID = uid
+			// On any failure from here, what the user was given is
+			// root's again.
+			defer func() {
+				if err != nil {
+					err = errors.Join(err, giveBack(rt))
+				}
+			}()
 			if err := enterable(spec.Dir, rt.Disk, uid, gid); err != nil {
 				if release != nil {
 					release()

@@ -525,6 +525,19 @@ func TestRealMounts(t *testing.T) {
 	if got := mustSh(t, ctx, c, "cat /work/out"); got != "from the guest\n" {
 		t.Errorf("after the failed checkpoint: %q", got)
 	}
+
+	// Once QEMU has ended, what its user was given is root's again.
+	if err := m.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if jailed {
+		for _, p := range []string{spec.Dir, filepath.Join(spec.Dir, fileDisk), m.ConsoleLog()} {
+			var st syscall.Stat_t
+			if err := syscall.Stat(p, &st); err != nil || st.Uid != 0 || st.Gid != 0 {
+				t.Errorf("%s after QEMU ended: %d:%d (%v), want root's", p, st.Uid, st.Gid, err)
+			}
+		}
+	}
 }
 
 // A VMM is held to its memory limit: a guest that touches more memory
