@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/smolvm/smolvm/internal/doctor"
+	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/vmm"
 	"github.com/smolvm/smolvm/internal/vmm/firecracker"
 	"github.com/smolvm/smolvm/internal/vmm/libkrun"
@@ -23,10 +24,12 @@ func Default(accel, net string) *vmm.Registry {
 		accel, _ = doctor.Accelerator()
 	}
 	helper := JailPath(net)
+	// One set of jail users for every backend: no two VMs share one.
+	users := jail.NewUsers(jail.VMMBase, jail.PerRange)
 	return vmm.NewRegistry(
-		firecracker.New(firecracker.Options{HelperPath: helper}),
-		qemu.New(qemu.Options{Accel: accel, HelperPath: helper}),
-		libkrun.New(libkrun.Options{Library: os.Getenv("SMOLVM_LIBKRUN")}),
+		firecracker.New(firecracker.Options{HelperPath: helper, Users: users}),
+		qemu.New(qemu.Options{Accel: accel, HelperPath: helper, Users: users}),
+		libkrun.New(libkrun.Options{Library: os.Getenv("SMOLVM_LIBKRUN"), Users: users}),
 	)
 }
 

@@ -61,6 +61,10 @@ type Options struct {
 	// environment (credentials among it) reaches a process a guest may
 	// take over.
 	Env []string
+	// Users hands out the jail's users. The drivers of one server share
+	// one, so that VMs of two backends starting at once never get the
+	// same user; nil makes the driver its own.
+	Users *jail.Users
 }
 
 // Driver is the Firecracker backend.
@@ -80,7 +84,10 @@ type Driver struct {
 func New(o Options) *Driver {
 	d := &Driver{opts: o}
 	if !o.NoJail && os.Geteuid() == 0 {
-		d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+		d.jail = o.Users
+		if d.jail == nil {
+			d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+		}
 		// Without a usable hierarchy VMs get no group, as under QEMU.
 		if h, err := cgroup.Detect(cgroup.Root); err == nil {
 			d.cgroups = &h

@@ -57,6 +57,10 @@ type Options struct {
 	// NoJail runs smolvm-krun as the server's user, in the host's root;
 	// it is jailed (krunconf.Jail) only when smolvm runs as root.
 	NoJail bool
+	// Users hands out the jail's users. The drivers of one server share
+	// one, so that VMs of two backends starting at once never get the
+	// same user; nil makes the driver its own.
+	Users *jail.Users
 }
 
 // Driver is the libkrun backend.
@@ -77,7 +81,10 @@ type Driver struct {
 func New(o Options) *Driver {
 	d := &Driver{opts: o}
 	if !o.NoJail && os.Geteuid() == 0 {
-		d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+		d.jail = o.Users
+		if d.jail == nil {
+			d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+		}
 	}
 	if !o.NoCgroup && os.Geteuid() == 0 {
 		if h, err := cgroup.Detect(cgroup.Root); err == nil {

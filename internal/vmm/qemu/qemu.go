@@ -50,6 +50,10 @@ type Options struct {
 	// Without it a jailed QEMU starts as root and drops root itself
 	// (-runas, -chroot).
 	HelperPath string
+	// Users hands out the jail's users. The drivers of one server share
+	// one, so that VMs of two backends starting at once never get the
+	// same user; nil makes the driver its own.
+	Users *jail.Users
 }
 
 // Driver is the QEMU backend.
@@ -80,7 +84,10 @@ func New(o Options) *Driver {
 	}
 	d := &Driver{accel: accel, helper: o.HelperPath}
 	if !o.NoJail && os.Geteuid() == 0 {
-		d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+		d.jail = o.Users
+		if d.jail == nil {
+			d.jail = jail.NewUsers(jail.VMMBase, jail.PerRange)
+		}
 		if h, err := cgroup.Detect(cgroup.Root); err == nil {
 			d.cgroups = &h
 		} else {
