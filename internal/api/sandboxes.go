@@ -167,7 +167,7 @@ func registerSandboxes(hapi huma.API, h *handlers) {
 		Summary:     "Create a sandbox",
 		Description: "Creates, boots and registers a sandbox, and answers 201 with a Location header once the sandbox runs commands. Omitted fields take their defaults. " +
 			"With the header `Prefer: respond-async` it answers 202 at once with the sandbox in status creating; GET /sandboxes/{id} then shows the image preparation's progress until the status is running, or error with the reason. " +
-			"When the host's data directory runs out of space it answers 507 host_disk_full, and nothing of the sandbox or the image is kept.",
+			"When the host's data directory has less than 32 MiB free, or runs out of space during the create, it answers 507 host_disk_full, and nothing of the sandbox or the image is kept.",
 		Tags:          []string{"sandboxes"},
 		DefaultStatus: http.StatusCreated,
 		Errors:        errs(withBody, common, []int{http.StatusNotFound, http.StatusConflict, http.StatusBadGateway, http.StatusInsufficientStorage}),

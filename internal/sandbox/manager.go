@@ -300,6 +300,9 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status Status) 
 	if err != nil {
 		return Info{}, err
 	}
+	if err := m.roomToStart(); err != nil {
+		return Info{}, err
+	}
 	if status == StatusRunning && poolable(req, m.drivers.Default().Name()) {
 		if info, ok, err := m.pool.takePooled(ctx, req); ok || err != nil {
 			return info, err
@@ -320,6 +323,9 @@ func (m *Manager) create(ctx context.Context, req CreateRequest, status Status) 
 func (m *Manager) CreateAsync(ctx context.Context, req CreateRequest) (Info, error) {
 	drv, err := m.normalize(&req)
 	if err != nil {
+		return Info{}, err
+	}
+	if err := m.roomToStart(); err != nil {
 		return Info{}, err
 	}
 	if poolable(req, m.drivers.Default().Name()) {

@@ -50,6 +50,19 @@ func (m *Manager) storageError(err error) error {
 		Message: fmt.Sprintf("the filesystem of smolvm's data directory %s is full (%d MiB free): free some space and try again", dir, max(free, 0)>>20)}
 }
 
+// roomToStart refuses a new sandbox while the data directory's filesystem
+// has less than lowSpace free. Whether such a create failed used to depend
+// on whether something it wrote found the last free block: a clone may
+// well start, and then stop at its guest's first writes to its disk.
+func (m *Manager) roomToStart() error {
+	dir := m.opts.DataDir.Path()
+	if free := freeSpace(dir); free >= 0 && free < lowSpace {
+		return &Error{Kind: KindInsufficientStorage, Code: "host_disk_full",
+			Message: fmt.Sprintf("the filesystem of smolvm's data directory %s is full (%d MiB free, less than the %d MiB a new sandbox needs): free some space and try again", dir, free>>20, lowSpace>>20)}
+	}
+	return nil
+}
+
 // explainsFull reports whether err is, or may well be, dir's filesystem
 // running out of space, and what is free there (-1 if unknown).
 func explainsFull(dir string, err error) (bool, int64) {
