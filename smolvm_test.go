@@ -26,6 +26,9 @@ import (
 	"github.com/smolvm/smolvm/internal/testenv"
 )
 
+// TestMain removes the binaries the tests built once they have run.
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+
 func hostOptions(t *testing.T, d datadir.Dir) smolvm.Options {
 	return smolvm.Options{DataDir: d.Path(), AgentPath: testenv.AgentPath(t), NetPath: testenv.NetPath(t)}
 }

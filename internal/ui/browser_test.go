@@ -257,6 +257,14 @@ func serve(t *testing.T, m *sandbox.Manager, token string) string {
 // test, whichever ends first, and opens a tab in it.
 func openBrowser(t *testing.T, ctx context.Context) *browser {
 	t.Helper()
+	// Chromium keeps its profile and, in $TMPDIR, its singleton's socket:
+	// both in the test's directory, which goes with the test, since a
+	// browser ended at the test's end does not always remove them.
+	dir := t.TempDir()
+	tmp := filepath.Join(dir, "tmp")
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chromium),
 		chromedp.Headless,
@@ -272,7 +280,8 @@ func openBrowser(t *testing.T, ctx context.Context) *browser {
 		// Whatever Chromium might still fetch from elsewhere goes to a
 		// port nothing listens on; loopback bypasses any proxy.
 		chromedp.ProxyServer("http://127.0.0.1:9"),
-		chromedp.UserDataDir(filepath.Join(t.TempDir(), "chromium")),
+		chromedp.UserDataDir(filepath.Join(dir, "chromium")),
+		chromedp.Env("TMPDIR="+tmp),
 		chromedp.WindowSize(1280, 900),
 	)
 	allocCtx, cancelAlloc := chromedp.NewExecAllocator(ctx, opts...)
