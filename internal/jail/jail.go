@@ -69,23 +69,32 @@ func inUse(base, count int) (map[int]bool, error) {
 	}
 	used := map[int]bool{}
 	for _, e := range ents {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
-		if err != nil {
-			continue // gone meanwhile
-		}
-		for _, line := range strings.Split(string(b), "\n") {
-			if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
-				if f := strings.Fields(rest); len(f) > 0 {
-					if uid, err := strconv.Atoi(f[0]); err == nil && uid >= base && uid < base+count {
-						used[uid] = true
-					}
-				}
-				break
-			}
+		if uid, ok := ProcessUID(pid); ok && uid >= base && uid < base+count {
+			used[uid] = true
 		}
 	}
 	return used, nil
+}
+
+// ProcessUID is the real user pid runs as; ok is false when that cannot
+// be read (the process is gone).
+func ProcessUID(pid int) (uid int, ok bool) {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, found := strings.CutPrefix(line, "Uid:"); found {
+			if f := strings.Fields(rest); len(f) > 0 {
+				uid, err := strconv.Atoi(f[0])
+				return uid, err == nil
+			}
+			break
+		}
+	}
+	return 0, false
 }

@@ -1,6 +1,7 @@
 package jail
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -63,4 +64,18 @@ func DropToGroup(uid, gid int) error {
 		return fmt.Errorf("setuid %d: %w", uid, err)
 	}
 	return nil
+}
+
+// GiveBack makes root the owner again of paths, which a jail's user was
+// given to run a VM; those missing are skipped. The user must not have
+// been able to create these names (their directories stayed root's), so
+// none is its link.
+func GiveBack(paths ...string) error {
+	var errs []error
+	for _, p := range paths {
+		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
 }

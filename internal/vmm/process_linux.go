@@ -79,21 +79,3 @@ func ProcessesWith(marker string) []int {
 	}
 	return pids
 }
-
-// ProcessUID is the real user pid runs as, or 0 if that cannot be read
-// (it is gone).
-func ProcessUID(pid int) int {
-	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(status), "\n") {
-		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
-			if f := strings.Fields(rest); len(f) > 0 {
-				uid, _ := strconv.Atoi(f[0])
-				return uid
-			}
-		}
-	}
-	return 0
-}

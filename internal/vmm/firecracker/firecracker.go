@@ -379,13 +379,7 @@ func (m *machine) giveBack() error {
 	if m.rt.UID == 0 {
 		return nil
 	}
-	var errs []error
-	for _, p := range []string{m.rt.Disk, filepath.Join(m.rt.Dir, dirRun), m.rt.Dir} {
-		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
-		}
-	}
-	return errors.Join(errs...)
+	return jail.GiveBack(m.rt.Disk, filepath.Join(m.rt.Dir, dirRun), m.rt.Dir)
 }
 
 // dropGroup removes a control group once its processes have ended.

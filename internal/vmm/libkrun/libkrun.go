@@ -334,7 +334,7 @@ func (d *Driver) Reap(ctx context.Context, dir string) error {
 			m.rt.Cgroup = cgroup.Of(pid)
 		}
 		if d.jail != nil {
-			m.rt.UID = vmm.ProcessUID(pid)
+			m.rt.UID, _ = jail.ProcessUID(pid)
 		}
 		slog.Warn("ending a VM whose start was cut short", "dir", dir, "pid", pid)
 		errs = append(errs, m.Kill(ctx))
@@ -658,13 +658,7 @@ func giveBack(rt runtime) error {
 	if rt.UID == 0 {
 		return nil
 	}
-	var errs []error
-	for _, p := range []string{rt.Disk, rt.Console, filepath.Join(rt.Dir, dirRun), rt.Dir} {
-		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
-		}
-	}
-	return errors.Join(errs...)
+	return jail.GiveBack(rt.Disk, rt.Console, filepath.Join(rt.Dir, dirRun), rt.Dir)
 }
 
 // killTimeout bounds the wait for a helper killed on a failed start.

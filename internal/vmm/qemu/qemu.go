@@ -233,13 +233,7 @@ func giveBack(rt runtime) error {
 	if rt.UID == 0 {
 		return nil
 	}
-	var errs []error
-	for _, p := range []string{rt.Disk, rt.Console, filepath.Dir(rt.Disk)} {
-		if err := os.Lchown(p, 0, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("give %s back to root: %w", p, err))
-		}
-	}
-	return errors.Join(errs...)
+	return jail.GiveBack(rt.Disk, rt.Console, filepath.Dir(rt.Disk))
 }
 
 // DialAgent connects to the virtio-serial port's chardev socket.
