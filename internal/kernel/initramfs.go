@@ -36,45 +36,46 @@ const (
 // content-addressed under d.Initramfs(), so a second call with the same
 // agent, kernel and modules returns the cached file without rebuilding.
 func BuildInitramfs(ctx context.Context, d datadir.Dir, k *Kernel, agentPath string) (string, error) {
-	p, err := buildInitramfs(ctx, d, k, agentPath)
+	p, _, err := buildInitramfs(ctx, d, k, agentPath)
 	if err != nil {
 		return "", fmt.Errorf("build initramfs for kernel %s: %w", k.Version, err)
 	}
 	return p, nil
 }
 
-func buildInitramfs(ctx context.Context, d datadir.Dir, k *Kernel, agentPath string) (string, error) {
+// buildInitramfs returns the archive's path and the module files in it.
+func buildInitramfs(ctx context.Context, d datadir.Dir, k *Kernel, agentPath string) (string, []string, error) {
 	agent, err := os.ReadFile(agentPath)
 	if err != nil {
-		return "", fmt.Errorf("read agent: %w", err)
+		return "", nil, fmt.Errorf("read agent: %w", err)
 	}
 	if len(agent) == 0 {
-		return "", fmt.Errorf("agent %s is empty", agentPath)
+		return "", nil, fmt.Errorf("agent %s is empty", agentPath)
 	}
 	mods, err := resolveModules(k.Modules, BaseModules(), optionalModule)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	key, err := initramfsKey(agent, k.Version, mods)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	dst := filepath.Join(d.Initramfs(), key+".cpio")
 	if fi, err := os.Stat(dst); err == nil && fi.Mode().IsRegular() {
-		return dst, nil
+		return dst, mods, nil
 	}
 	if err := ctx.Err(); err != nil {
-		return "", err
+		return "", nil, err
 	}
 
 	for _, dir := range []string{d.Initramfs(), d.Tmp()} {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return "", err
+			return "", nil, err
 		}
 	}
 	f, err := os.CreateTemp(d.Tmp(), "initramfs-*.cpio")
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	tmp := f.Name()
 	err = writeInitramfs(ctx, f, agent, mods)
@@ -94,9 +95,9 @@ func buildInitramfs(ctx context.Context, d datadir.Dir, k *Kernel, agentPath str
 	}
 	if err != nil {
 		_ = os.Remove(tmp)
-		return "", err
+		return "", nil, err
 	}
-	return dst, nil
+	return dst, mods, nil
 }
 
 // initramfsKey hashes everything the archive is made of. Modules are hashed

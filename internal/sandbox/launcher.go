@@ -45,6 +45,8 @@ type launcher struct {
 	// cgroups is where network processes get control groups of their
 	// own; nil when this process is not root or the host has none.
 	cgroups *cgroup.Hierarchy
+	// initramfs finds each create's archive without reading it again.
+	initramfs kernel.Initramfses
 
 	// afterRestore, set only by tests, runs when a clone's agent has
 	// answered and before it is given its identity, with a way to run a
@@ -69,7 +71,7 @@ func (l *launcher) assets(ctx context.Context, src image.Source, diskMiB int, pr
 	if err != nil {
 		return a, err
 	}
-	initrd, err := kernel.BuildInitramfs(ctx, l.opts.DataDir, k, agent)
+	initrd, err := l.initramfs.Build(ctx, l.opts.DataDir, k, agent)
 	if err != nil {
 		return a, fmt.Errorf("build initramfs: %w", err)
 	}
