@@ -164,7 +164,7 @@ func (d *Driver) Checkpoint(ctx context.Context, vm vmm.Machine, dir string) (er
 	}
 	// The completed migration flushed the disk and let go of it; nothing
 	// writes it until cont.
-	if err := copySparse(qm.rt.Disk, diskPath); err != nil {
+	if err := copySparse(qm.rt.Disk, diskPath, 0o444); err != nil {
 		return fmt.Errorf("checkpoint: copy the disk: %w", err)
 	}
 	// cont takes the disks back (QEMU gave them up for the migration's
@@ -268,17 +268,17 @@ func cancelMigration(ctx context.Context, m *monitor) error {
 	}
 }
 
-// copySparse copies the file src to a new file dst, read-only as a
-// snapshot's disk is: a reflink where the filesystem shares extents (no
-// data is copied), else a copy of src's data that leaves its holes holes.
-func copySparse(src, dst string) (err error) {
+// copySparse copies the file src to a new file dst of mode (0444 for a
+// snapshot's disk): a reflink where the filesystem shares extents (no data
+// is copied), else a copy of src's data that leaves its holes holes.
+func copySparse(src, dst string, mode os.FileMode) (err error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
-	// Mode 0444 from the start; the descriptor still writes.
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o444)
+	// The mode from the start; the descriptor still writes.
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
 	if err != nil {
 		return err
 	}

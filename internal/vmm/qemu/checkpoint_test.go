@@ -349,7 +349,7 @@ func TestCopyDataSparse(t *testing.T) {
 
 	// copySparse: the same bytes, read-only, and never over a file.
 	cp := filepath.Join(dir, "cp")
-	if err := copySparse(src, cp); err != nil {
+	if err := copySparse(src, cp, 0o444); err != nil {
 		t.Fatalf("copySparse: %v", err)
 	}
 	if c, _ := os.ReadFile(cp); !bytes.Equal(a, c) {
@@ -358,7 +358,7 @@ func TestCopyDataSparse(t *testing.T) {
 	if st, _ := os.Stat(cp); st.Mode().Perm() != 0o444 {
 		t.Errorf("copySparse made mode %v", st.Mode())
 	}
-	if err := copySparse(src, cp); !errors.Is(err, os.ErrExist) {
+	if err := copySparse(src, cp, 0o444); !errors.Is(err, os.ErrExist) {
 		t.Errorf("copySparse over a file: %v", err)
 	}
 	if c, _ := os.ReadFile(cp); !bytes.Equal(a, c) {
@@ -478,7 +478,7 @@ func TestUsesChain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := copySparse(disk("clone"), disk("checkpoint")); err != nil {
+	if err := copySparse(disk("clone"), disk("checkpoint"), 0o444); err != nil {
 		t.Fatal(err)
 	}
 	if err := createDisk(ctx, disk("checkpoint"), disk("fork"), 0); err != nil {

@@ -159,7 +159,7 @@ func (d *Driver) Restore(ctx context.Context, spec vmm.Spec, snapDir string) (vm
 		return nil, fmt.Errorf("restore: a VM with shared directories cannot be restored from a snapshot; boot it instead")
 	}
 	t := time.Now()
-	if err := createDisk(ctx, filepath.Join(snapDir, fileDisk), filepath.Join(spec.Dir, fileDisk), 0); err != nil {
+	if err := overlay(ctx, snapDir, filepath.Join(spec.Dir, fileDisk)); err != nil {
 		return nil, err
 	}
 	t = vmm.Step(ctx, "disk overlay", t)
