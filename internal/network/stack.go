@@ -16,7 +16,6 @@ import (
 
 	"github.com/containers/gvisor-tap-vsock/pkg/services/dns"
 	"github.com/containers/gvisor-tap-vsock/pkg/services/forwarder"
-	"github.com/containers/gvisor-tap-vsock/pkg/tap"
 	"github.com/containers/gvisor-tap-vsock/pkg/types"
 	"golang.org/x/net/netutil"
 	"golang.org/x/time/rate"
@@ -51,7 +50,7 @@ const udpIdle = 90 * time.Second
 // the Policy first.
 type Network struct {
 	stack *stack.Stack
-	sw    *tap.Switch
+	link  *link
 	log   *log.Logger
 	dial  DialFunc
 
@@ -103,13 +102,10 @@ func New(policy Policy, o Options) (*Network, error) {
 	if dial == nil {
 		dial = (&net.Dialer{}).DialContext
 	}
-	ep, err := tap.NewLinkEndpoint(false, MTU, GatewayMAC, GatewayIP.String(), []string{HostIP.String()})
+	ep, err := newLink(GatewayMAC, tcpip.AddrFrom4(GatewayIP.As4()), tcpip.AddrFrom4(HostIP.As4()))
 	if err != nil {
 		return nil, fmt.Errorf("network link: %w", err)
 	}
-	sw := tap.NewSwitch(false)
-	ep.Connect(sw)
-	sw.Connect(ep)
 
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, arp.NewProtocol},
@@ -132,7 +128,7 @@ func New(policy Policy, o Options) (*Network, error) {
 	sub, _ := tcpip.NewSubnet(tcpip.AddrFrom4(Subnet.Addr().As4()), tcpip.MaskFromBytes(net.CIDRMask(Subnet.Bits(), 32)))
 	s.SetRouteTable([]tcpip.Route{{Destination: sub, NIC: nicID}})
 
-	n := &Network{stack: s, sw: sw, log: logger, dial: dial, policy: policy, forwards: make(map[int]*forward)}
+	n := &Network{stack: s, link: ep, log: logger, dial: dial, policy: policy, forwards: make(map[int]*forward)}
 	s.SetTransportProtocolHandler(tcp.ProtocolNumber, tcp.NewForwarder(s, 0, 64, n.forwardTCP).HandlePacket)
 	s.SetTransportProtocolHandler(udp.ProtocolNumber, udp.NewForwarder(s, n.forwardUDP).HandlePacket)
 	if err := n.serveDNS(); err != nil {
@@ -173,7 +169,7 @@ func (f *echoFilter) DeliverNetworkPacket(proto tcpip.NetworkProtocolNumber, pkt
 // framing (a 32-bit big-endian length before each frame), until conn
 // closes or ctx ends.
 func (n *Network) ServeQEMU(ctx context.Context, conn net.Conn) error {
-	return n.sw.Accept(ctx, conn, types.QemuProtocol)
+	return n.link.serve(ctx, conn)
 }
 
 // Policy is the policy in force.

@@ -1,0 +1,147 @@
+package network_test
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/smolvm/smolvm/internal/network"
+)
+
+// rawGuest is the VM's end of a network's link, spoken frame by frame.
+type rawGuest struct {
+	t      *testing.T
+	conn   net.Conn
+	mac    tcpip.LinkAddress
+	frames chan []byte // what the network sent, in order
+}
+
+func attachRaw(t *testing.T) (*rawGuest, <-chan error) {
+	t.Helper()
+	n, err := network.New(network.Policy{Mode: network.ModeOpen}, network.Options{Dial: (&recorder{}).dial})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	hostEnd, guestEnd := net.Pipe()
+	t.Cleanup(func() { guestEnd.Close() })
+	done := make(chan error, 1)
+	go func() { done <- n.ServeQEMU(ctx, hostEnd) }()
+	hw, _ := net.ParseMAC(network.GuestMAC)
+	g := &rawGuest{t: t, conn: guestEnd, mac: tcpip.LinkAddress(hw), frames: make(chan []byte, 64)}
+	// Read all the time, as a VM does: the pipe holds nothing unread.
+	go func() {
+		defer close(g.frames)
+		var size [4]byte
+		for {
+			if _, err := io.ReadFull(guestEnd, size[:]); err != nil {
+				return
+			}
+			frame := make([]byte, binary.BigEndian.Uint32(size[:]))
+			if _, err := io.ReadFull(guestEnd, frame); err != nil {
+				return
+			}
+			g.frames <- frame
+		}
+	}()
+	return g, done
+}
+
+func (g *rawGuest) send(frame []byte) {
+	g.t.Helper()
+	var size [4]byte
+	binary.BigEndian.PutUint32(size[:], uint32(len(frame)))
+	g.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if _, err := g.conn.Write(append(size[:], frame...)); err != nil {
+		g.t.Fatalf("send a frame: %v", err)
+	}
+}
+
+func (g *rawGuest) receive() []byte {
+	g.t.Helper()
+	select {
+	case f, ok := <-g.frames:
+		if !ok {
+			g.t.Fatal("the link closed")
+		}
+		return f
+	case <-time.After(10 * time.Second):
+		g.t.Fatal("no frame within 10 s")
+		return nil
+	}
+}
+
+// arpRequest asks, from the guest, who has ip.
+func (g *rawGuest) arpRequest(ip string) []byte {
+	frame := make([]byte, header.EthernetMinimumSize+header.ARPSize)
+	header.Ethernet(frame).Encode(&header.EthernetFields{
+		SrcAddr: g.mac, DstAddr: header.EthernetBroadcastAddress, Type: header.ARPProtocolNumber,
+	})
+	a := header.ARP(frame[header.EthernetMinimumSize:])
+	a.SetIPv4OverEthernet()
+	a.SetOp(header.ARPRequest)
+	copy(a.HardwareAddressSender(), g.mac)
+	copy(a.ProtocolAddressSender(), network.GuestIP.AsSlice())
+	copy(a.ProtocolAddressTarget(), net.ParseIP(ip).To4())
+	return frame
+}
+
+// The gateway answers ARP for itself and the host's address only. Its
+// stack takes every address as its own (so that it sees every flow) and
+// would claim any address the guest asks about.
+func TestLinkAnswersARPForItsOwnAddressesOnly(t *testing.T) {
+	g, _ := attachRaw(t)
+	for _, tc := range []struct{ ip, claimed string }{
+		{network.GatewayIP.String(), network.GatewayIP.String()},
+		{network.HostIP.String(), network.HostIP.String()},
+	} {
+		// Asked first about addresses no one there has: the first
+		// reply must be the one about tc.ip.
+		g.send(g.arpRequest("10.1.2.3"))
+		g.send(g.arpRequest("192.168.127.77"))
+		g.send(g.arpRequest(tc.ip))
+		frame := g.receive()
+		eth := header.Ethernet(frame)
+		if eth.Type() != header.ARPProtocolNumber || eth.DestinationAddress() != g.mac {
+			t.Fatalf("asked for %s: a frame of type %#x to %s", tc.ip, eth.Type(), eth.DestinationAddress())
+		}
+		a := header.ARP(frame[header.EthernetMinimumSize:])
+		if !a.IsValid() || a.Op() != header.ARPReply {
+			t.Fatalf("asked for %s: not an ARP reply: % x", tc.ip, frame)
+		}
+		if got := net.IP(a.ProtocolAddressSender()).String(); got != tc.claimed {
+			t.Errorf("asked for %s: the first reply claims %s", tc.ip, got)
+		}
+		if got := tcpip.LinkAddress(a.HardwareAddressSender()).String(); got != network.GatewayMAC {
+			t.Errorf("asked for %s: answered with %s, want the gateway's %s", tc.ip, got, network.GatewayMAC)
+		}
+	}
+}
+
+// A length that no frame has ends the link with an error, not a panic or
+// an allocation of gigabytes.
+func TestLinkRefusesImpossibleFrames(t *testing.T) {
+	for _, size := range []uint32{0, 13, 128<<10 + 1, 1 << 31} {
+		g, done := attachRaw(t)
+		var b [4]byte
+		binary.BigEndian.PutUint32(b[:], size)
+		g.conn.Write(b[:])
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "frame") {
+				t.Errorf("a frame of %d bytes: ServeQEMU returned %v", size, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("a frame of %d bytes: the link still runs", size)
+		}
+	}
+}
