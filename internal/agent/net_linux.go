@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -63,6 +64,14 @@ func configureNetwork(p *netParams) error {
 	addr := &netlink.Addr{IPNet: &net.IPNet{IP: p.addr.Addr().AsSlice(), Mask: net.CIDRMask(p.addr.Bits(), 32)}}
 	if err := netlink.AddrReplace(link, addr); err != nil {
 		return fmt.Errorf("eth0 address %s: %w", p.addr, err)
+	}
+	// The network behind eth0 carries IPv4 alone. With IPv6 on, the
+	// guest sends router solicitations, neighbour discovery and multicast
+	// reports for seconds after the link comes up, to nobody, and a clone
+	// of a template saved meanwhile carries on sending them. Loopback
+	// keeps its ::1.
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("eth0 without IPv6: %w", err)
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("eth0 up: %w", err)

@@ -369,6 +369,12 @@ func TestNetworkClonesRestartAndStopStart(t *testing.T) {
 	}
 	for _, s := range sbs {
 		check(s, s.Ports[0].Host)
+		// The network is IPv4 alone: eth0 has no IPv6 to send into it,
+		// while loopback keeps ::1.
+		v6 := run(t, m, s.ID, "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; awk '{print $6, $1}' /proc/net/if_inet6")
+		if want := "1\nlo 00000000000000000000000000000001\n"; string(v6.Stdout) != want {
+			t.Errorf("%s: eth0's IPv6 switch and the IPv6 addresses are %q, want %q", s.ID, v6.Stdout, want)
+		}
 	}
 
 	// A new process sees the same forwards, still working.

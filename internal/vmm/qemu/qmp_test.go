@@ -629,10 +629,14 @@ func TestResumeSequence(t *testing.T) {
 	if err := New(Options{}).resume(testCtx(t), fakeInstance(f), state); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
-	wantNames(t, f, "qmp_capabilities", "getfd", "migrate-incoming",
+	wantNames(t, f, "qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming",
 		"query-migrate", "query-migrate", "query-status", "query-status", "cont", "query-status")
 	if got := f.args(t, "migrate-incoming", 0)["uri"]; got != "fd:"+stateFD {
 		t.Errorf("migrate-incoming uri %q, want %q", got, "fd:"+stateFD)
+	}
+	// No announcement of the network card after the load.
+	if got, ok := f.args(t, "migrate-set-parameters", 0)["announce-rounds"].(float64); !ok || got != 0 {
+		t.Errorf("migrate-set-parameters %v, want announce-rounds 0", f.args(t, "migrate-set-parameters", 0))
 	}
 	wantPassed(t, f, state, false)
 }
@@ -646,7 +650,7 @@ func TestResumeAlreadyRunning(t *testing.T) {
 	if err := New(Options{}).resume(testCtx(t), fakeInstance(f), stateFile(t)); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
-	wantNames(t, f, "qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status")
+	wantNames(t, f, "qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status")
 }
 
 func TestResumeErrors(t *testing.T) {
@@ -661,7 +665,7 @@ func TestResumeErrors(t *testing.T) {
 			name:   "migrate-incoming refused",
 			script: script{"migrate-incoming": seq(`{"error":{"class":"GenericError","desc":"not in -incoming mode"}}`)},
 			want:   "not in -incoming mode",
-			sent:   []string{"qmp_capabilities", "getfd", "migrate-incoming"},
+			sent:   []string{"qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming"},
 		},
 		{
 			// A state that fails to load ends QEMU, and so the session.
@@ -671,13 +675,13 @@ func TestResumeErrors(t *testing.T) {
 				hangUp,
 			)},
 			want: "load VM state",
-			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-migrate"},
+			sent: []string{"qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming", "query-migrate", "query-migrate"},
 		},
 		{
 			name:   "load failed",
 			script: script{"query-migrate": seq(`{"return":{"status":"failed","error-desc":"bad section"}}`)},
 			want:   "bad section",
-			sent:   []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate"},
+			sent:   []string{"qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming", "query-migrate"},
 		},
 		{
 			name: "cont refused",
@@ -687,7 +691,7 @@ func TestResumeErrors(t *testing.T) {
 				"cont":          seq(`{"error":{"class":"GenericError","desc":"cannot continue"}}`),
 			},
 			want: "cannot continue",
-			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont"},
+			sent: []string{"qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont"},
 		},
 		{
 			name: "still paused after cont",
@@ -696,7 +700,7 @@ func TestResumeErrors(t *testing.T) {
 				"query-status":  seq(`{"return":{"status":"paused"}}`),
 			},
 			want: `it is "paused" after cont`,
-			sent: []string{"qmp_capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status"},
+			sent: []string{"qmp_capabilities", "migrate-set-parameters", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -826,7 +830,7 @@ func TestMemoryFileSaveAndResume(t *testing.T) {
 	if err := New(Options{}).resume(testCtx(t), clone, stateFile(t)); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
-	wantNames(t, g, "qmp_capabilities", "migrate-set-capabilities", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status")
+	wantNames(t, g, "qmp_capabilities", "migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate-incoming", "query-migrate", "query-status", "query-status", "cont", "query-status")
 }
 
 // QEMU's filter refuses set*id calls unless QEMU must drop root itself

@@ -267,6 +267,16 @@ func (d *Driver) resume(ctx context.Context, qm *machine, statePath string) erro
 			return err
 		}
 	}
+	// After a load QEMU announces the VM's network card: the guest is
+	// told to send gratuitous ARP, unsolicited neighbour advertisements
+	// and multicast reports, rounds of them. Nothing hears them (the
+	// network process is the guest's one peer, and knows its addresses),
+	// and in a clone just restored the guest code that sends them runs
+	// for the first time, about a thousand blocks for TCG to translate
+	// while the host waits for the agent.
+	if err := m.run(ctx, "migrate-set-parameters", map[string]any{"announce-rounds": 0}, nil); err != nil {
+		return fmt.Errorf("load VM state: %w", err)
+	}
 	f, err := os.Open(statePath)
 	if err != nil {
 		return fmt.Errorf("load VM state: %w", err)
