@@ -27,8 +27,13 @@ const (
 	// reservedTasks are the kernel's threads and the agent's.
 	reservedTasks = 256
 	// The memory kept from commands: an eighth of the guest's, within
-	// these bounds.
-	minReservedMemory = 32 << 20
+	// these bounds. A fork bomb's hundreds of processes also use kernel
+	// memory no group is charged for: with 32 MiB kept, a 256 MiB guest
+	// ran out of memory as a whole before the group reached its limit
+	// (the kernel's OOM killer woke 15 times, the group's never), and an
+	// agent that then fails to get memory takes the guest down. With 64
+	// MiB the group stops at its limit first.
+	minReservedMemory = 64 << 20
 	maxReservedMemory = 256 << 20
 )
 

@@ -76,6 +76,11 @@ func TestGuestAbuse(t *testing.T) {
 		if n, err := strconv.Atoi(out); err != nil || n > 2 {
 			t.Errorf("%s bash processes a minute after the fork bomb", out)
 		}
+		// It stopped at its group's limits: the guest as a whole never ran
+		// out of memory (the group's own OOM kills say "Memory cgroup").
+		if n := strings.TrimSpace(h.srv.exec(victim.ID, "dmesg | grep -c '] Out of memory: Killed' || true")); n != "0" {
+			t.Errorf("the guest ran out of memory as a whole %s times during the fork bomb", n)
+		}
 	})
 
 	t.Run("memory exhaustion", func(t *testing.T) {
