@@ -125,13 +125,9 @@ func guest(t *testing.T, n *network.Network) *stack.Stack {
 	go func() { // network -> guest
 		defer wg.Done()
 		r := bufio.NewReader(guestEnd)
-		var size [4]byte
 		for {
-			if _, err := io.ReadFull(r, size[:]); err != nil {
-				return
-			}
-			frame := make([]byte, binary.BigEndian.Uint32(size[:]))
-			if _, err := io.ReadFull(r, frame); err != nil {
+			frame, err := readFrame(r)
+			if err != nil {
 				return
 			}
 			pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})

@@ -16,6 +16,24 @@ import (
 	"github.com/smolvm/smolvm/internal/network"
 )
 
+// framed is frame in QEMU's stream framing, its length before it.
+func framed(frame []byte) []byte {
+	var size [4]byte
+	binary.BigEndian.PutUint32(size[:], uint32(len(frame)))
+	return append(size[:], frame...)
+}
+
+// readFrame reads one frame in QEMU's stream framing.
+func readFrame(r io.Reader) ([]byte, error) {
+	var size [4]byte
+	if _, err := io.ReadFull(r, size[:]); err != nil {
+		return nil, err
+	}
+	frame := make([]byte, binary.BigEndian.Uint32(size[:]))
+	_, err := io.ReadFull(r, frame)
+	return frame, err
+}
+
 // rawGuest is the VM's end of a network's link, spoken frame by frame.
 type rawGuest struct {
 	t      *testing.T
@@ -42,13 +60,9 @@ func attachRaw(t *testing.T) (*rawGuest, <-chan error) {
 	// Read all the time, as a VM does: the pipe holds nothing unread.
 	go func() {
 		defer close(g.frames)
-		var size [4]byte
 		for {
-			if _, err := io.ReadFull(guestEnd, size[:]); err != nil {
-				return
-			}
-			frame := make([]byte, binary.BigEndian.Uint32(size[:]))
-			if _, err := io.ReadFull(guestEnd, frame); err != nil {
+			frame, err := readFrame(guestEnd)
+			if err != nil {
 				return
 			}
 			g.frames <- frame
@@ -59,10 +73,8 @@ func attachRaw(t *testing.T) (*rawGuest, <-chan error) {
 
 func (g *rawGuest) send(frame []byte) {
 	g.t.Helper()
-	var size [4]byte
-	binary.BigEndian.PutUint32(size[:], uint32(len(frame)))
 	g.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	if _, err := g.conn.Write(append(size[:], frame...)); err != nil {
+	if _, err := g.conn.Write(framed(frame)); err != nil {
 		g.t.Fatalf("send a frame: %v", err)
 	}
 }
@@ -152,11 +164,7 @@ func TestLinkRefusesImpossibleFrames(t *testing.T) {
 // error. The guest is not trusted; nothing it sends may reach past the
 // injected dialer, which refuses every destination.
 func FuzzLinkFrames(f *testing.F) {
-	frame := func(b []byte) []byte {
-		var size [4]byte
-		binary.BigEndian.PutUint32(size[:], uint32(len(b)))
-		return append(size[:], b...)
-	}
+	frame := framed
 	g := &rawGuest{mac: tcpip.LinkAddress("\x5a\x94\xef\xe4\x0c\xee")}
 	arp := g.arpRequest(network.GatewayIP.String())
 	f.Add(frame(arp))
