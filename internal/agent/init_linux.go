@@ -302,16 +302,19 @@ func hostsFile(hostname string) string {
 }
 
 func writeIfChanged(path, content string) {
-	if b, err := os.ReadFile(path); err == nil && string(b) == content {
+	old, rerr := os.ReadFile(path)
+	if rerr == nil && string(old) == content {
 		return
 	}
 	// Rewritten in place, not truncated to nothing first: in a clone just
 	// restored, the truncating write cost three times as much (about
-	// 20 ms more per file under emulation, timed in the agent).
+	// 20 ms more per file under emulation, timed in the agent). Cut only
+	// what is left over: ext4 runs its whole truncate path (journal,
+	// orphan list, extent walk) even for a size that does not change.
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o644)
 	if err == nil {
 		_, err = f.WriteAt([]byte(content), 0)
-		if err == nil {
+		if err == nil && (rerr != nil || len(content) < len(old)) {
 			err = f.Truncate(int64(len(content)))
 		}
 		err = errors.Join(err, f.Close())
