@@ -26,6 +26,7 @@ import (
 	"github.com/smolvm/smolvm/internal/jail/jailtest"
 	"github.com/smolvm/smolvm/internal/kernel"
 	"github.com/smolvm/smolvm/internal/vmm"
+	"golang.org/x/sys/unix"
 )
 
 // The tests below boot real guests under QEMU with the kernel and base
@@ -313,6 +314,9 @@ func TestRealCheckpoint(t *testing.T) {
 	// emulated CPU does not do.
 	if got := mustSh(t, ctx, cc, "cat /proc/sys/kernel/randomize_va_space; grep -o 'norandmaps mitigations=off tsc=reliable' /proc/cmdline; cut -d';' -f1 /sys/devices/system/cpu/vulnerabilities/spectre_v2"); got != "0\nnorandmaps mitigations=off tsc=reliable\nVulnerable\n" {
 		t.Errorf("emulated guest: randomize_va_space, command line and spectre_v2 say %q, want 0, norandmaps mitigations=off tsc=reliable, Vulnerable", got)
+	}
+	if d.accel != "kvm" {
+		checkEmulatedThreads(t, clone.PID())
 	}
 	// The root filesystem leaves its inode tables as they are and reads
 	// its bitmaps when needed: no kernel thread goes on zeroing and
@@ -736,4 +740,61 @@ func checkSealedRAM(t *testing.T, pid int, tplRAM string) uint64 {
 		t.Fatal(err)
 	}
 	return st.Ino
+}
+
+// checkEmulatedThreads checks how an emulated machine's QEMU runs: its
+// main loop cannot preempt the vCPU thread on waking, the vCPU thread (the
+// one that has run longest) keeps the normal policy, and every virtio
+// device is notified in the vCPU thread, without an ioeventfd.
+func checkEmulatedThreads(t *testing.T, pid int) {
+	t.Helper()
+	policy := func(tid int) uint32 {
+		attr, err := unix.SchedGetAttr(tid, 0)
+		if err != nil {
+			t.Fatalf("sched_getattr %d: %v", tid, err)
+		}
+		return attr.Policy
+	}
+	if p := policy(pid); p != unix.SCHED_BATCH {
+		t.Errorf("QEMU's main loop thread has scheduling policy %d, want SCHED_BATCH (%d)", p, unix.SCHED_BATCH)
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	busiest, most := 0, int64(-1)
+	for _, e := range ents {
+		tid, _ := strconv.Atoi(e.Name())
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/schedstat", pid, tid))
+		if err != nil {
+			continue // a thread that ended meanwhile
+		}
+		var run int64
+		fmt.Sscan(string(b), &run)
+		if tid != pid && run > most {
+			busiest, most = tid, run
+		}
+	}
+	if busiest == 0 {
+		t.Fatal("QEMU has no thread but its main loop")
+	}
+	if p := policy(busiest); p != unix.SCHED_NORMAL {
+		t.Errorf("QEMU's vCPU thread (%d) has scheduling policy %d, want SCHED_OTHER (%d)", busiest, p, unix.SCHED_NORMAL)
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, arg := range strings.Split(string(cmdline), "\x00") {
+		if strings.HasPrefix(arg, "virtio-") && strings.Contains(arg, "-pci") {
+			n++
+			if !strings.Contains(arg, ",ioeventfd=off") {
+				t.Errorf("emulated machine's device %q keeps its ioeventfd", arg)
+			}
+		}
+	}
+	if n < 2 {
+		t.Errorf("QEMU's command line has %d virtio PCI devices, want the disk and the agent's port at least: %q", n, cmdline)
+	}
 }
