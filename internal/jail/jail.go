@@ -4,12 +4,16 @@
 package jail
 
 import (
+	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // The ranges handed out, far above the users and subordinate id ranges a
@@ -29,14 +33,16 @@ type Users struct {
 	next    int
 }
 
-// NewUsers hands out users from [base, base+count).
+// NewUsers hands out users from [base, base+count), starting at a random
+// one: every smolvm process on the host hands out from the same ranges.
 func NewUsers(base, count int) *Users {
-	return &Users{base: base, count: count, pending: map[int]bool{}}
+	return &Users{base: base, count: count, pending: map[int]bool{}, next: rand.IntN(count)}
 }
 
 // Allocate picks a user of the range that no running process has, nor
-// another start under way through u. release is called once the process
-// runs as it (or failed to start).
+// another start under way, through u or any other smolvm process on the
+// host. release is called once the process runs as it (or failed to
+// start).
 func (u *Users) Allocate() (uid int, release func(), err error) {
 	used, err := inUse(u.base, u.count)
 	if err != nil {
@@ -50,14 +56,53 @@ func (u *Users) Allocate() (uid int, release func(), err error) {
 		if used[uid] || u.pending[uid] {
 			continue
 		}
+		unreserve, err := reserve(uid)
+		if errors.Is(err, unix.EADDRINUSE) {
+			continue // another smolvm process is starting one as uid
+		}
+		if err != nil {
+			return 0, nil, err
+		}
+		// Another process may have started one as uid, and let its
+		// reservation go, since the scan.
+		if again, err := inUse(uid, 1); err != nil || again[uid] {
+			unreserve()
+			if err != nil {
+				return 0, nil, err
+			}
+			continue
+		}
 		u.pending[uid] = true
 		return uid, func() {
 			u.mu.Lock()
 			delete(u.pending, uid)
 			u.mu.Unlock()
+			unreserve()
 		}, nil
 	}
 	return 0, nil, fmt.Errorf("all %d jail users from %d are in use", u.count, u.base)
+}
+
+// reserve claims uid for a process about to start as it, among every
+// process on the host, until unreserve: a scan of the running processes
+// cannot see a start still under way in another smolvm process (a server
+// and a CLI, or two tests, starting VMs at once got the same user, and
+// each VMM could then signal and trace the other's). The claim is an
+// abstract unix socket named after uid, which one socket at a time can
+// be bound to and which goes with the process that holds it.
+func reserve(uid int) (unreserve func(), err error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("reserve jail user %d: %w", uid, err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: "@smolvm-jail-user-" + strconv.Itoa(uid)}); err != nil {
+		unix.Close(fd)
+		if errors.Is(err, unix.EADDRINUSE) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("reserve jail user %d: %w", uid, err)
+	}
+	return func() { unix.Close(fd) }, nil
 }
 
 // inUse are the users in [base, base+count) of the processes running now,

@@ -58,3 +58,37 @@ func TestAllocateSkipsUsersHeldAndInUse(t *testing.T) {
 		t.Error("allocated a user from an exhausted range")
 	}
 }
+
+// Two smolvm processes hand out from the same ranges; a user one has
+// handed out for a start still under way is not handed out by the other.
+// Two Users stand for the two processes: the claim is host-wide.
+func TestAllocateSkipsUsersAnotherProcessIsStarting(t *testing.T) {
+	base := NetworkBase + PerRange - 16 // a corner of the range no test or VM uses
+	a, relA, err := NewUsers(base, 2).Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := NewUsers(base, 2)
+	b, relB, err := other.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b == a {
+		t.Fatalf("both handed out %d", a)
+	}
+	if c, _, err := NewUsers(base, 2).Allocate(); err == nil {
+		t.Fatalf("handed out %d while %d and %d, the whole range, were being started as", c, a, b)
+	}
+	// Once released (the process runs as it, or failed to start), a user
+	// is free again for anyone.
+	relA()
+	c, relC, err := other.Allocate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relC()
+	if c != a {
+		t.Errorf("handed out %d, want %d, the only user free", c, a)
+	}
+	relB()
+}
