@@ -44,12 +44,9 @@ func NewUsers(base, count int) *Users {
 // host. release is called once the process runs as it (or failed to
 // start).
 func (u *Users) Allocate() (uid int, release func(), err error) {
-	used, err := inUse(u.base, u.count)
-	if err != nil {
-		return 0, nil, err
-	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	var used map[int]bool // the last scan, taken after a claim
 	for range u.count {
 		uid := u.base + u.next
 		u.next = (u.next + 1) % u.count
@@ -63,13 +60,14 @@ func (u *Users) Allocate() (uid int, release func(), err error) {
 		if err != nil {
 			return 0, nil, err
 		}
-		// Another process may have started one as uid, and let its
-		// reservation go, since the scan.
-		if again, err := inUse(uid, 1); err != nil || again[uid] {
+		// Scanned after the claim, so a process another smolvm process
+		// started as uid before letting its claim go shows too.
+		if used, err = inUse(u.base, u.count); err != nil {
 			unreserve()
-			if err != nil {
-				return 0, nil, err
-			}
+			return 0, nil, err
+		}
+		if used[uid] {
+			unreserve()
 			continue
 		}
 		u.pending[uid] = true

@@ -22,11 +22,12 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm/smolvm/internal/agent/wire"
 	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/jail"
 	"github.com/smolvm/smolvm/internal/vmm"
-	"golang.org/x/sys/unix"
 )
 
 const (

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/smolvm/smolvm/internal/agent/agentpb"
 	"github.com/smolvm/smolvm/internal/cgroup"
 	"github.com/smolvm/smolvm/internal/datadir"
@@ -26,7 +28,6 @@ import (
 	"github.com/smolvm/smolvm/internal/jail/jailtest"
 	"github.com/smolvm/smolvm/internal/kernel"
 	"github.com/smolvm/smolvm/internal/vmm"
-	"golang.org/x/sys/unix"
 )
 
 // The tests below boot real guests under QEMU with the kernel and base
